@@ -1,0 +1,1 @@
+"""Pure tensor math for the pruners: no nn.Module, no torch.distributed, no schedules."""
