@@ -1,0 +1,228 @@
+"""Declarative, validated modifier fields.
+
+A modifier lists its fields once, as ``Field`` objects in a class-level ``FIELDS`` dict. Each
+field has a default (or is required), a converter that validates and normalises a value and
+raises ``FieldValueError`` describing what is allowed, and optional aliases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sparseml.errors import RecipeError
+
+REQUIRED = object()
+
+
+class FieldValueError(ValueError):
+    """Raised by a converter; the message says what values are allowed."""
+
+
+@dataclass(frozen=True)
+class Field:
+    default: Any = REQUIRED
+    convert: Callable[[Any], Any] = lambda v: v
+    doc: str = ""
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise FieldValueError("must be a number, not a boolean")
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-8 (no dot) as a string
+        except ValueError:
+            raise FieldValueError("must be a number") from None
+    if isinstance(value, (int, float)):
+        return float(value)
+    raise FieldValueError(f"must be a number, got {type(value).__name__}")
+
+
+def as_float(
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    allow_inf: bool = False,
+) -> Callable[[Any], float]:
+    """Converter to float within ``[lo, hi]`` (``lo_open``/``hi_open`` make a bound strict)."""
+    left = "(" if lo_open else "["
+    right = ")" if hi_open else "]"
+    rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+
+    def convert(value: Any) -> float:
+        x = _number(value)
+        if math.isnan(x) or (math.isinf(x) and not allow_inf):
+            raise FieldValueError(f"must be a finite number in {rng}")
+        bad_lo = lo is not None and (x < lo or (lo_open and x == lo))
+        bad_hi = hi is not None and (x > hi or (hi_open and x == hi))
+        if bad_lo or bad_hi:
+            raise FieldValueError(f"must be a number in {rng}")
+        return x
+
+    return convert
+
+
+def as_int(lo: int | None = None) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        x = _number(value)
+        if not float(x).is_integer():
+            raise FieldValueError("must be an integer")
+        if lo is not None and x < lo:
+            raise FieldValueError(f"must be an integer >= {lo}")
+        return int(x)
+
+    return convert
+
+
+def as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise FieldValueError("must be true or false")
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise FieldValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return convert
+
+
+def optional(inner: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else inner(value)
+
+
+def as_dict(value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise FieldValueError("must be a mapping")
+    return dict(value)
+
+
+def as_str_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise FieldValueError("must be a list of strings")
+
+
+def as_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise FieldValueError("must be a string")
+    return value
+
+
+class FieldModel:
+    """Base for objects whose constructor keywords are declared ``Field``s.
+
+    Unknown keywords raise ``RecipeError`` naming the closest field names; every value passes
+    through its field's converter, also when set later as an attribute; ``validate()`` checks
+    relations between fields after construction and after each assignment.
+    """
+
+    FIELDS: dict[str, Field] = {}
+    DROPPED_KEYS: tuple[str, ...] = ("log_types",)  # legacy keys accepted and ignored
+    fields: dict[str, Field] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        merged: dict[str, Field] = {}
+        for base in reversed(cls.__mro__[1:]):
+            merged.update(getattr(base, "fields", {}))
+        merged.update(cls.__dict__.get("FIELDS", {}))
+        cls.fields = merged
+
+    def __init__(self, **kwargs: Any) -> None:
+        object.__setattr__(self, "_values", {})
+        values = self._canonical_kwargs(kwargs)
+        for name, field in self.fields.items():
+            if name in values:
+                raw = values[name]
+            elif field.required:
+                raise RecipeError(f"{type(self).__name__}: required field {name!r} is missing")
+            else:
+                raw = field.default
+            self._values[name] = self._convert(name, raw)
+        self.validate()
+
+    @classmethod
+    def _canonical_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        from sparseml.errors import close_matches
+
+        aliases = {a: n for n, f in cls.fields.items() for a in f.aliases}
+        out: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            if key in cls.DROPPED_KEYS:
+                continue
+            name = aliases.get(key, key)
+            if name not in cls.fields:
+                allowed = ", ".join(sorted(cls.fields))
+                raise RecipeError(
+                    f"{cls.__name__}: unknown field {key!r}{close_matches(key, cls.fields)}; "
+                    f"allowed fields: {allowed}"
+                )
+            if name in out:
+                raise RecipeError(f"{cls.__name__}: field {name!r} is given twice (via {key!r})")
+            out[name] = value
+        return out
+
+    def _convert(self, name: str, value: Any) -> Any:
+        if value is REQUIRED:
+            raise RecipeError(f"{type(self).__name__}: required field {name!r} is missing")
+        try:
+            return self.fields[name].convert(value)
+        except FieldValueError as err:
+            raise RecipeError(
+                f"{type(self).__name__}: field {name!r} = {value!r} {err}"
+            ) from None
+
+    def validate(self) -> None:
+        """Check relations between fields; raise ``RecipeError`` naming them."""
+
+    def field_error(self, name: str, message: str) -> RecipeError:
+        return RecipeError(
+            f"{type(self).__name__}: field {name!r} = {self._values.get(name)!r} {message}"
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("_values")
+        if values is not None and name in values:
+            return values[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.fields:
+            old = self._values[name]
+            self._values[name] = self._convert(name, value)
+            try:
+                self.validate()
+            except RecipeError:
+                self._values[name] = old
+                raise
+        else:
+            object.__setattr__(self, name, value)
+
+    def field_values(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self._values == other._values  # type: ignore[attr-defined]
+
+    __hash__ = object.__hash__

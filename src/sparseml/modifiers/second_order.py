@@ -1,0 +1,98 @@
+"""Shared base of the second-order pruners (OBS, CAP, FastCAP, M-FAC).
+
+It adds the gradient-sampling fields, builds the grad sampler from the ``grad_sampler`` kwarg,
+splits one pruning step into ``num_recomputations`` Fisher rebuilds spaced from the model's
+actual sparsity, and offers helpers to stream gradient chunks and write weights back. A
+subclass implements ``prune_step(module, targets)``: draw gradients, build its curvature
+estimate, choose masks (``create_masks`` / ``set_masks``) and write the updated weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sparseml.fields import Field, as_bool, as_dict, as_float, as_int, one_of, optional, as_str
+from sparseml.grad_sampler import GradSampler
+from sparseml.modifiers.pruning import PruningModifier
+from sparseml.schedules import recomputation_targets
+
+SECOND_ORDER_FIELDS = {
+    "num_grads": Field(1024, as_int(1), "m: gradient samples per Fisher estimate"),
+    "damp": Field(1e-7, as_float(0.0, lo_open=True), "lambda: Fisher dampening (> 0)"),
+    "fisher_block_size": Field(50, as_int(1), "B: Fisher block size"),
+    "num_recomputations": Field(1, as_int(1), "Fisher rebuilds per pruning step"),
+    "recomputation_inter_func": Field("linear", one_of("linear", "cubic"), "spacing of rebuilds"),
+    "grad_sampler_kwargs": Field({}, as_dict, "keyword arguments for data_loader_builder"),
+    "fisher_inv_device": Field(None, optional(as_str), "device holding Fisher blocks (default: param's)"),
+    "global_sparsity": Field(True, as_bool, "one threshold over all params"),
+    "inter_func": Field("cubic", one_of("linear", "cubic", "inverse_cubic"), "sparsity schedule shape"),
+}
+
+
+class SecondOrderPruningModifier(PruningModifier):
+    """Base for pruners that need gradient samples (not usable in a recipe by itself)."""
+
+    FIELDS = SECOND_ORDER_FIELDS
+    PRUNES_AT_INITIALIZE = False
+    GRAD_CHUNK = 64  # gradients buffered per GEMM accumulation
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self.grad_sampler: GradSampler | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        spec = self.mask_spec
+        if spec.group > 1 and self._values["fisher_block_size"] % spec.group:
+            raise self.field_error(
+                "fisher_block_size", f"must be a multiple of the mask group size {spec.group}"
+            )
+        if spec.kind == "nm" and self._values["num_recomputations"] != 1:
+            raise self.field_error("num_recomputations", "must be 1 with an N:M mask_type")
+
+    def on_initialize(self, module: nn.Module, **kwargs: Any) -> None:
+        self.grad_sampler = GradSampler.from_kwargs(
+            kwargs.get("grad_sampler"), self.grad_sampler_kwargs, type(self).__name__
+        )
+
+    # ----- pruning step --------------------------------------------------------------------------
+    def prune(self, module: nn.Module, targets: list[float]) -> None:
+        current = self.current_sparsities()
+        plans = [
+            recomputation_targets(c, t, self.num_recomputations, self.recomputation_inter_func)
+            for c, t in zip(current, targets)
+        ]
+        for step in range(self.num_recomputations):
+            self.prune_step(module, [plan[step] for plan in plans])
+            self.enforcer.apply()
+
+    def prune_step(self, module: nn.Module, targets: list[float]) -> None:
+        raise TypeError(f"{type(self).__name__} does not define prune_step")
+
+    # ----- helpers for subclasses ----------------------------------------------------------------
+    def fisher_device(self, param: Tensor) -> torch.device:
+        return torch.device(self.fisher_inv_device) if self.fisher_inv_device else param.device
+
+    def gradient_chunks(self, module: nn.Module, num_grads: int | None = None) -> Iterator[list[Tensor]]:
+        """Chunks of masked gradient samples: per chunk one ``(c, numel)`` tensor per param."""
+        assert self.grad_sampler is not None
+        return self.grad_sampler.iter_chunks(
+            module,
+            [r.param for r in self.refs],
+            self.num_grads if num_grads is None else num_grads,
+            chunk_size=self.GRAD_CHUNK,
+            masks=self.masks,
+            desc=f"{type(self).__name__} gradients",
+        )
+
+    def flat_weights(self) -> list[Tensor]:
+        return [r.param.detach().reshape(-1) for r in self.refs]
+
+    @torch.no_grad()
+    def write_weights(self, index: int, flat: Tensor) -> None:
+        param = self.refs[index].param
+        param.data.copy_(flat.reshape(param.shape).to(param.device, param.dtype))

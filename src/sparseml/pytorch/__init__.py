@@ -1,0 +1,1 @@
+"""SparseML-compatible import paths (``sparseml.pytorch.*``) re-exporting this package."""

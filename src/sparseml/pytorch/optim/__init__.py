@@ -1,0 +1,6 @@
+"""``from sparseml.pytorch.optim import ScheduledModifierManager`` (registers every modifier)."""
+
+import sparseml.modifiers  # noqa: F401  (registers the recipe tags)
+from sparseml.manager import RecipeManagerStepWrapper, ScheduledModifierManager
+
+__all__ = ["RecipeManagerStepWrapper", "ScheduledModifierManager"]

@@ -1,0 +1,42 @@
+"""Modifier registry keyed by the SparseML class names used as recipe tags (``!ClassName``)."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from sparseml.errors import RecipeError, close_matches
+
+_MODIFIERS: dict[str, type] = {}
+T = TypeVar("T", bound=type)
+
+
+def register_modifier(cls: T) -> T:
+    """Class decorator: make ``cls`` constructible from a recipe tag ``!<cls.__name__>``."""
+    name = cls.__name__
+    if name in _MODIFIERS and _MODIFIERS[name] is not cls:
+        raise RuntimeError(f"modifier {name} is registered twice")
+    _MODIFIERS[name] = cls
+    return cls
+
+
+def _ensure_loaded() -> None:
+    import sparseml.modifiers  # noqa: F401  (registers every built-in modifier)
+
+
+def modifier_names() -> list[str]:
+    _ensure_loaded()
+    return sorted(_MODIFIERS)
+
+
+def get_modifier_class(tag: str) -> type:
+    """Class for recipe tag ``tag`` (``Name``, ``!Name`` or ``!pytorch.Name``)."""
+    _ensure_loaded()
+    name = tag.lstrip("!")
+    if name.startswith("pytorch."):
+        name = name[len("pytorch.") :]
+    if name not in _MODIFIERS:
+        raise RecipeError(
+            f"unknown modifier tag !{name}{close_matches(name, _MODIFIERS)}; "
+            f"known modifiers: {', '.join(sorted(_MODIFIERS))}"
+        )
+    return _MODIFIERS[name]
