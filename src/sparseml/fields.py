@@ -134,7 +134,7 @@ class FieldModel:
 
     Unknown keywords raise ``RecipeError`` naming the closest field names; every value passes
     through its field's converter, also when set later as an attribute; ``validate()`` checks
-    relations between fields after construction and after each assignment.
+    relations between fields after construction and again before use.
     """
 
     FIELDS: dict[str, Field] = {}
@@ -189,9 +189,7 @@ class FieldModel:
         try:
             return self.fields[name].convert(value)
         except FieldValueError as err:
-            raise RecipeError(
-                f"{type(self).__name__}: field {name!r} = {value!r} {err}"
-            ) from None
+            raise RecipeError(f"{type(self).__name__}: field {name!r} = {value!r} {err}") from None
 
     def validate(self) -> None:
         """Check relations between fields; raise ``RecipeError`` naming them."""
@@ -208,14 +206,11 @@ class FieldModel:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
+        # Assignments are converted (and range-checked) at once; relations between fields are
+        # checked again when the object is used, so fields may be set in any order
+        # (e.g. init_sparsity before final_sparsity).
         if name in self.fields:
-            old = self._values[name]
             self._values[name] = self._convert(name, value)
-            try:
-                self.validate()
-            except RecipeError:
-                self._values[name] = old
-                raise
         else:
             object.__setattr__(self, name, value)
 

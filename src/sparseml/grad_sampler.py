@@ -56,8 +56,12 @@ class GradSampler:
         """Build from the ``grad_sampler`` kwarg; a clear error when it is missing or malformed."""
         if isinstance(grad_sampler, GradSampler):
             return grad_sampler
-        if not isinstance(grad_sampler, dict) or not {"data_loader_builder", "loss_fn"} <= set(grad_sampler):
-            raise GradSamplerError(f"{owner} needs gradient samples but got no grad sampler: {HOW_TO}")
+        if not isinstance(grad_sampler, dict) or not {"data_loader_builder", "loss_fn"} <= set(
+            grad_sampler
+        ):
+            raise GradSamplerError(
+                f"{owner} needs gradient samples but got no grad sampler: {HOW_TO}"
+            )
         return cls(grad_sampler["data_loader_builder"], grad_sampler["loss_fn"], builder_kwargs)
 
     def _next_batch(self) -> tuple:
@@ -106,7 +110,9 @@ class GradSampler:
         """
         if num_grads < 1:
             raise GradSamplerError(f"num_grads must be >= 1, got {num_grads}")
-        averaging = dist.is_distributed() and not isinstance(module, nn.parallel.DistributedDataParallel)
+        averaging = dist.is_distributed() and not isinstance(
+            module, nn.parallel.DistributedDataParallel
+        )
         was_training = module.training
         module.eval()
         start = last_log = time.monotonic()
@@ -130,7 +136,11 @@ class GradSampler:
                         rate = done / max(now - start, 1e-9)
                         LOG.info(
                             "%s: %d/%d samples (%.1f/s, ETA %.0f s)",
-                            desc, done, num_grads, rate, (num_grads - done) / rate,
+                            desc,
+                            done,
+                            num_grads,
+                            rate,
+                            (num_grads - done) / rate,
                         )
                         last_log = now
                 if not all(torch.isfinite(c).all() for c in chunk):

@@ -32,6 +32,7 @@ class ScheduledModifierManager:
         self.initialized = False
         self.enabled = True
         self.epoch = 0.0
+        self._pending_state: dict[str, Any] = {}
 
     @classmethod
     def from_yaml(
@@ -70,7 +71,12 @@ class ScheduledModifierManager:
         return self._of_type("quantization")
 
     def _epochs(self) -> list[float]:
-        return [e for m in self._modifiers for e in (m.start_epoch, m.end_epoch) if e > -1 and not math.isinf(e)]
+        return [
+            e
+            for m in self._modifiers
+            for e in (m.start_epoch, m.end_epoch)
+            if e > -1 and not math.isinf(e)
+        ]
 
     @property
     def max_epochs(self) -> int:
@@ -92,12 +98,19 @@ class ScheduledModifierManager:
     def _active(self) -> list[Modifier]:
         return [m for m in self._modifiers if m.enabled]
 
-    def initialize(self, module: nn.Module, epoch: float = 0.0, loggers: Any = None, **kwargs: Any) -> None:
+    def initialize(
+        self, module: nn.Module, epoch: float = 0.0, loggers: Any = None, **kwargs: Any
+    ) -> None:
         self.initialized = True
         self.epoch = epoch
-        for mod in self._active():
-            if not mod.initialized:
+        for key, mod in zip(self._keys(), self._modifiers):
+            if mod.enabled and not mod.initialized:
+                state = self._pending_state.pop(key, None)
+                mod.resuming = state is not None
                 mod.initialize(module, epoch, loggers, **kwargs)
+                if state is not None:
+                    mod.load_state_dict(state)
+                    mod.resuming = False
 
     def modify(
         self,
@@ -119,34 +132,51 @@ class ScheduledModifierManager:
             module = unwrap(module)
         if not self.initialized:
             self.initialize(module, epoch, **kwargs)
-        return RecipeManagerStepWrapper(wrap_optim or optimizer, optimizer, module, self, epoch, steps_per_epoch)
+        return RecipeManagerStepWrapper(
+            wrap_optim or optimizer, optimizer, module, self, epoch, steps_per_epoch
+        )
 
     def update(self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int) -> None:
         for mod in self._active():
             if mod.update_ready(epoch, steps_per_epoch):
                 mod.scheduled_update(module, optimizer, epoch, steps_per_epoch)
 
-    def optimizer_pre_step(self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int) -> None:
+    def optimizer_pre_step(
+        self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int
+    ) -> None:
         for mod in self._active():
             mod.optimizer_pre_step(module, optimizer, epoch, steps_per_epoch)
 
-    def optimizer_post_step(self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int) -> None:
+    def optimizer_post_step(
+        self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int
+    ) -> None:
         for mod in self._active():
             mod.optimizer_post_step(module, optimizer, epoch, steps_per_epoch)
 
-    def loss_update(self, loss: Any, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int) -> Any:
+    def loss_update(
+        self, loss: Any, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int
+    ) -> Any:
         for mod in self._active():
             loss = mod.loss_update(loss, module, optimizer, epoch, steps_per_epoch)
         return loss
 
-    def finalize(self, module: nn.Module | None = None, reset_loggers: bool = True, **kwargs: Any) -> None:
+    def finalize(
+        self, module: nn.Module | None = None, reset_loggers: bool = True, **kwargs: Any
+    ) -> None:
         """Apply masks one last time and remove every hook the modifiers added."""
         for mod in self._modifiers:
             if mod.initialized:
                 mod.finalize(module, **kwargs)
         self.enabled = False
 
-    def apply(self, module: nn.Module, epoch: float = math.inf, loggers: Any = None, finalize: bool = True, **kwargs: Any) -> None:
+    def apply(
+        self,
+        module: nn.Module,
+        epoch: float = math.inf,
+        loggers: Any = None,
+        finalize: bool = True,
+        **kwargs: Any,
+    ) -> None:
         """One-shot: run every modifier to its end state (epoch = +inf), then finalize."""
         self.initialize(module, epoch, loggers, **kwargs)
         if finalize:
@@ -166,7 +196,11 @@ class ScheduledModifierManager:
         return {key: mod.state_dict() for key, mod in zip(self._keys(), self._modifiers)}
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        """Restore masks and schedule position saved by ``state_dict`` (after ``modify``)."""
+        """Restore masks and schedule position saved by ``state_dict``.
+
+        Call it before ``modify`` when resuming: the modifiers then install the saved masks at
+        initialize instead of pruning again. After ``modify`` it overwrites the current state.
+        """
         keys = self._keys()
         missing = [k for k in keys if k not in state]
         unexpected = [k for k in state if k not in keys]
@@ -175,6 +209,9 @@ class ScheduledModifierManager:
                 "saved manager state does not match this recipe "
                 f"(missing: {missing}, unexpected: {unexpected}); resume with the same recipe"
             )
+        if not self.initialized:
+            self._pending_state = {k: v for k, v in state.items() if k in keys}
+            return
         for key, mod in zip(keys, self._modifiers):
             if key in state:
                 mod.load_state_dict(state[key])
@@ -187,7 +224,15 @@ class RecipeManagerStepWrapper:
     AMP grad scalers, timm's ``NativeScaler`` and checkpoint code.
     """
 
-    def __init__(self, wrapped: Any, optimizer: Any, module: nn.Module, manager: ScheduledModifierManager, epoch: float, steps_per_epoch: int) -> None:
+    def __init__(
+        self,
+        wrapped: Any,
+        optimizer: Any,
+        module: nn.Module,
+        manager: ScheduledModifierManager,
+        epoch: float,
+        steps_per_epoch: int,
+    ) -> None:
         self._wrapped_optimizer = wrapped
         self._wrapped_real = optimizer
         self._wrapped_module = module
@@ -251,5 +296,9 @@ class RecipeManagerStepWrapper:
 
     def loss_update(self, loss: Any) -> Any:
         return self._wrapped_manager.loss_update(
-            loss, self._wrapped_module, self._wrapped_real, self._wrapped_epoch, self._wrapped_steps_per_epoch
+            loss,
+            self._wrapped_module,
+            self._wrapped_real,
+            self._wrapped_epoch,
+            self._wrapped_steps_per_epoch,
         )

@@ -170,7 +170,9 @@ class MaskEnforcer:
         return bool(self._handles)
 
     def set_masks(self, masks: list[Tensor]) -> None:
-        self.masks = [m.to(device=r.param.device, dtype=torch.bool) for m, r in zip(masks, self.refs)]
+        self.masks = [
+            m.to(device=r.param.device, dtype=torch.bool) for m, r in zip(masks, self.refs)
+        ]
 
     @torch.no_grad()
     def apply(self) -> None:

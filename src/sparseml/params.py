@@ -65,7 +65,9 @@ def _is_token(entry: str, token: str) -> bool:
 def _matches(entry: str, name: str) -> bool:
     if entry.startswith("re:"):
         pattern = entry[3:]
-        return re.match(pattern, name) is not None or re.match(pattern, "module." + name) is not None
+        return (
+            re.match(pattern, name) is not None or re.match(pattern, "module." + name) is not None
+        )
     return entry == name or entry == "module." + name
 
 
@@ -86,8 +88,14 @@ def select_params(model: nn.Module, patterns: list[str], owner: str = "modifier"
             try:
                 re.compile(entry[3:])
             except re.error as err:
-                raise RecipeError(f"{owner}: params entry {entry!r} is not a valid regex: {err}")
-        hits = [r for r in refs if (is_prunable(r) if _is_token(entry, ALL_PRUNABLE) else _matches(entry, r.name))]
+                raise RecipeError(
+                    f"{owner}: params entry {entry!r} is not a valid regex: {err}"
+                ) from None
+        hits = [
+            r
+            for r in refs
+            if (is_prunable(r) if _is_token(entry, ALL_PRUNABLE) else _matches(entry, r.name))
+        ]
         if not hits:
             unmatched.append(entry)
         for ref in hits:

@@ -140,7 +140,9 @@ def _eval_string(value: str, numeric: dict, other: dict, where: str) -> Any:
 
 
 def _resolve_variables(data: dict, name: str) -> tuple[dict, dict]:
-    numeric = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numeric = {
+        k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     pending = {k: v for k, v in data.items() if isinstance(v, str) and _EVAL.match(v)}
     while pending:
         progressed = False
@@ -157,7 +159,9 @@ def _resolve_variables(data: dict, name: str) -> tuple[dict, dict]:
             _eval_string(text, numeric, {}, f"recipe {name}, variable {key}")  # raises the reason
             raise RecipeError(f"recipe {name}: variable {key} = {text} cannot be resolved (cycle?)")
     other = {
-        k: v for k, v in data.items() if k not in numeric and not _is_group_key(k, v) and not isinstance(v, TaggedNode)
+        k: v
+        for k, v in data.items()
+        if k not in numeric and not _is_group_key(k, v) and not isinstance(v, TaggedNode)
     }
     return numeric, other
 
@@ -170,7 +174,9 @@ def _eval_tree(value: Any, numeric: dict, other: dict, where: str) -> Any:
     if isinstance(value, dict):
         return {k: _eval_tree(v, numeric, other, f"{where}.{k}") for k, v in value.items()}
     if isinstance(value, TaggedNode):
-        value.args = {k: _eval_tree(v, numeric, other, f"{where} field {k}") for k, v in value.args.items()}
+        value.args = {
+            k: _eval_tree(v, numeric, other, f"{where} field {k}") for k, v in value.args.items()
+        }
     return value
 
 
@@ -192,12 +198,16 @@ def _collect_nodes(data: Any, name: str) -> list[TaggedNode]:
                     "top-level key whose name contains 'modifiers' (e.g. pruning_modifiers)"
                 )
             elif isinstance(value, dict) and any(_is_group_key(k, v) for k, v in value.items()):
-                raise RecipeError(f"recipe {name}: staged recipes (stage {key!r}) are not supported")
+                raise RecipeError(
+                    f"recipe {name}: staged recipes (stage {key!r}) are not supported"
+                )
     else:
         nodes = []
     bad = [n for n in nodes if not isinstance(n, TaggedNode)]
     if bad:
-        raise RecipeError(f"recipe {name}: modifier list entry {bad[0]!r} is not a !Modifier mapping")
+        raise RecipeError(
+            f"recipe {name}: modifier list entry {bad[0]!r} is not a !Modifier mapping"
+        )
     if not nodes:
         raise RecipeError(f"recipe {name}: no modifiers found")
     return nodes

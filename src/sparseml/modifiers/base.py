@@ -51,6 +51,9 @@ class Modifier(FieldModel):
         self.started = False
         self.ended = False
         self.last_update: float | None = None
+        # True while the manager initializes this modifier to restore a saved state: no
+        # pruning at initialize, the saved masks are installed right after.
+        self.resuming = False
 
     # ----- validation and identity -----------------------------------------------------------
     def validate(self) -> None:
@@ -105,10 +108,15 @@ class Modifier(FieldModel):
         return epoch >= self.last_update + freq - _TOL
 
     # ----- lifecycle -------------------------------------------------------------------------
-    def initialize(self, module: nn.Module, epoch: float = 0.0, loggers: Any = None, **kwargs: Any) -> None:
+    def initialize(
+        self, module: nn.Module, epoch: float = 0.0, loggers: Any = None, **kwargs: Any
+    ) -> None:
+        self.validate()
         self.initialized = True
 
-    def scheduled_update(self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int) -> None:
+    def scheduled_update(
+        self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int
+    ) -> None:
         starting = self.start_pending(epoch)
         self.update(module, optimizer, epoch, steps_per_epoch)
         if starting:
@@ -123,13 +131,19 @@ class Modifier(FieldModel):
     def on_end(self, module: nn.Module) -> None:
         """Called once when the modifier's end is reached."""
 
-    def optimizer_pre_step(self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int) -> None:
+    def optimizer_pre_step(
+        self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int
+    ) -> None:
         pass
 
-    def optimizer_post_step(self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int) -> None:
+    def optimizer_post_step(
+        self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int
+    ) -> None:
         pass
 
-    def loss_update(self, loss: Any, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int) -> Any:
+    def loss_update(
+        self, loss: Any, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int
+    ) -> Any:
         return loss
 
     def finalize(self, module: nn.Module | None = None, **kwargs: Any) -> None:

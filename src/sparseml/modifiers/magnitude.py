@@ -103,10 +103,12 @@ class ConstantPruningModifier(Modifier):
     def refs(self) -> list:
         return [] if self._pruner is None else self._pruner.refs
 
-    def initialize(self, module: nn.Module, epoch: float = 0.0, loggers: Any = None, **kwargs: Any) -> None:
+    def initialize(
+        self, module: nn.Module, epoch: float = 0.0, loggers: Any = None, **kwargs: Any
+    ) -> None:
         self._pruner = _FrozenMask(module, self.params, type(self).__name__)
         super().initialize(module, epoch, loggers, **kwargs)
-        if self.start_pending(epoch):
+        if not self.resuming and self.start_pending(epoch):
             self.scheduled_update(module, None, epoch, 1)
 
     def update(self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int) -> None:
@@ -118,7 +120,9 @@ class ConstantPruningModifier(Modifier):
         if self._pruner is not None:
             self._pruner.enforcer.disable()
 
-    def optimizer_post_step(self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int) -> None:
+    def optimizer_post_step(
+        self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int
+    ) -> None:
         if self._pruner is not None and self._pruner.enforcer.enabled:
             self._pruner.enforcer.apply()
 

@@ -70,7 +70,7 @@ PRUNING_FIELDS = {
     "inter_func": Field("cubic", one_of(*INTER_FUNCS), "shape of the sparsity schedule"),
     "leave_enabled": Field(True, as_bool, "keep masks enforced after end_epoch"),
     "global_sparsity": Field(False, as_bool, "one threshold over all params"),
-    "mask_type": Field("unstructured", _mask_type, "unstructured, block4, \"N:M\""),
+    "mask_type": Field("unstructured", _mask_type, 'unstructured, block4, "N:M"'),
     "n": Field(None, optional(as_int(1)), "N of an N:M mask (with mask_type: N:M)"),
     "m": Field(None, optional(as_int(2)), "M of an N:M mask (with mask_type: N:M)"),
 }
@@ -107,7 +107,9 @@ class PruningModifier(Modifier):
         except RecipeError as err:
             raise self.field_error("mask_type", str(err)) from None
         init, final = self._values["init_sparsity"], self._values["final_sparsity"]
-        if isinstance(final, dict) and [p for p in self._values["params"] if p != "__ALL_PRUNABLE__"]:
+        if isinstance(final, dict) and [
+            p for p in self._values["params"] if p != "__ALL_PRUNABLE__"
+        ]:
             raise self.field_error("params", "must be empty when final_sparsity is a mapping")
         finals = list(final) if isinstance(final, dict) else [final]
         if isinstance(init, float) and any(init > f + 1e-12 for f in finals):
@@ -131,7 +133,10 @@ class PruningModifier(Modifier):
         ]
 
     # ----- lifecycle ----------------------------------------------------------------------------
-    def initialize(self, module: nn.Module, epoch: float = 0.0, loggers: Any = None, **kwargs: Any) -> None:
+    def initialize(
+        self, module: nn.Module, epoch: float = 0.0, loggers: Any = None, **kwargs: Any
+    ) -> None:
+        self.validate()
         owner = type(self).__name__
         final = self.final_sparsity
         if isinstance(final, dict):
@@ -155,7 +160,8 @@ class PruningModifier(Modifier):
         self.enforcer = MaskEnforcer(self.refs, masks)
         self.on_initialize(module, **kwargs)
         super().initialize(module, epoch, loggers, **kwargs)
-        if (self.PRUNES_AT_INITIALIZE or math.isinf(epoch)) and self.start_pending(epoch):
+        prune_now = self.PRUNES_AT_INITIALIZE or math.isinf(epoch)
+        if prune_now and not self.resuming and self.start_pending(epoch):
             self.scheduled_update(module, None, epoch, 1)
 
     def on_initialize(self, module: nn.Module, **kwargs: Any) -> None:
@@ -174,7 +180,9 @@ class PruningModifier(Modifier):
         if not self.leave_enabled and self.enforcer is not None:
             self.enforcer.disable()
 
-    def optimizer_post_step(self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int) -> None:
+    def optimizer_post_step(
+        self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int
+    ) -> None:
         if self.enforcer is not None and self.enforcer.enabled:
             self.enforcer.apply()
 

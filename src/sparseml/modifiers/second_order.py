@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparseml.fields import Field, as_bool, as_dict, as_float, as_int, one_of, optional, as_str
+from sparseml.fields import Field, as_bool, as_dict, as_float, as_int, as_str, one_of, optional
 from sparseml.grad_sampler import GradSampler
 from sparseml.modifiers.pruning import PruningModifier
 from sparseml.schedules import recomputation_targets
@@ -27,9 +27,13 @@ SECOND_ORDER_FIELDS = {
     "num_recomputations": Field(1, as_int(1), "Fisher rebuilds per pruning step"),
     "recomputation_inter_func": Field("linear", one_of("linear", "cubic"), "spacing of rebuilds"),
     "grad_sampler_kwargs": Field({}, as_dict, "keyword arguments for data_loader_builder"),
-    "fisher_inv_device": Field(None, optional(as_str), "device holding Fisher blocks (default: param's)"),
+    "fisher_inv_device": Field(
+        None, optional(as_str), "device holding Fisher blocks (default: param's)"
+    ),
     "global_sparsity": Field(True, as_bool, "one threshold over all params"),
-    "inter_func": Field("cubic", one_of("linear", "cubic", "inverse_cubic"), "sparsity schedule shape"),
+    "inter_func": Field(
+        "cubic", one_of("linear", "cubic", "inverse_cubic"), "sparsity schedule shape"
+    ),
 }
 
 
@@ -77,7 +81,9 @@ class SecondOrderPruningModifier(PruningModifier):
     def fisher_device(self, param: Tensor) -> torch.device:
         return torch.device(self.fisher_inv_device) if self.fisher_inv_device else param.device
 
-    def gradient_chunks(self, module: nn.Module, num_grads: int | None = None) -> Iterator[list[Tensor]]:
+    def gradient_chunks(
+        self, module: nn.Module, num_grads: int | None = None
+    ) -> Iterator[list[Tensor]]:
         """Chunks of masked gradient samples: per chunk one ``(c, numel)`` tensor per param."""
         assert self.grad_sampler is not None
         return self.grad_sampler.iter_chunks(

@@ -21,7 +21,9 @@ LR_FUNCS = ("linear", "cosine", "exponential", "step", "cyclic_linear")
 def _param_groups(value: Any) -> list[int] | None:
     if value is None:
         return None
-    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
         return list(value)
     raise FieldValueError("must be a list of param group indices or null")
 
@@ -175,4 +177,3 @@ class SetWeightDecayModifier(_SetOnceModifier):
         "constant_logging": Field(False, as_bool, "accepted for compatibility"),
     }
     SPARSIFICATION_TYPES = ("regularization",)
-
