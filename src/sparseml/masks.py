@@ -158,12 +158,15 @@ class MaskEnforcer:
     Three mechanisms: a forward pre-hook on each owning module zeroes pruned weights before
     every forward; a gradient hook zeroes their gradients; ``apply()`` (called after every
     optimizer step) zeroes them again after momentum, Adam or weight decay moved them.
+    The inverted masks used by the hooks are cached per device, so a step costs one in-place
+    fill per tensor and hook (a fill, unlike a multiply, also clears inf/NaN entries).
     """
 
     def __init__(self, refs: list, masks: list[Tensor]) -> None:
         self.refs = refs
-        self.masks = masks
         self._handles: list = []
+        self._by_module: dict[int, list[int]] = {}
+        self.set_masks(masks)
 
     @property
     def enabled(self) -> bool:
@@ -173,19 +176,25 @@ class MaskEnforcer:
         self.masks = [
             m.to(device=r.param.device, dtype=torch.bool) for m, r in zip(masks, self.refs)
         ]
+        self._pruned: dict[tuple[int, torch.device], Tensor] = {}
+
+    def _pruned_on(self, index: int, device: torch.device) -> Tensor:
+        pruned = self._pruned.get((index, device))
+        if pruned is None:
+            pruned = ~self.masks[index].to(device)
+            self._pruned[(index, device)] = pruned
+        return pruned
 
     @torch.no_grad()
     def apply(self) -> None:
-        for ref, mask in zip(self.refs, self.masks):
-            param = ref.param
-            if mask.device != param.device:
-                mask = mask.to(param.device)
-            param.data.masked_fill_(~mask, 0)
+        for i, ref in enumerate(self.refs):
+            data = ref.param.data
+            data.masked_fill_(self._pruned_on(i, data.device), 0)
 
     def enable(self) -> None:
         if self.enabled:
             return
-        self._by_module: dict[int, list[int]] = {}
+        self._by_module = {}
         modules: dict[int, nn.Module] = {}
         for i, ref in enumerate(self.refs):
             modules.setdefault(id(ref.module), ref.module)
@@ -204,12 +213,11 @@ class MaskEnforcer:
     def _pre_forward(self, module: nn.Module, args: object) -> None:
         with torch.no_grad():
             for i in self._by_module.get(id(module), ()):
-                param = self.refs[i].param
-                param.data.masked_fill_(~self.masks[i].to(param.device), 0)
+                data = self.refs[i].param.data
+                data.masked_fill_(self._pruned_on(i, data.device), 0)
 
     def _grad_hook(self, index: int):
         def hook(grad: Tensor) -> Tensor:
-            mask = self.masks[index]
-            return grad.masked_fill(~mask.to(grad.device), 0)
+            return grad.masked_fill(self._pruned_on(index, grad.device), 0)
 
         return hook
