@@ -9,8 +9,8 @@ estimate, choose masks (``create_masks`` / ``set_masks``) and write the updated 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,10 @@ from sparseml.fields import Field, as_bool, as_dict, as_float, as_int, as_str, o
 from sparseml.grad_sampler import GradSampler
 from sparseml.modifiers.pruning import PruningModifier
 from sparseml.schedules import recomputation_targets
+
+T = TypeVar("T")
+# Fields that change only the target, not the curvature estimate or the pruning order.
+_TARGET_FIELDS = ("init_sparsity", "final_sparsity", "start_epoch", "end_epoch")
 
 SECOND_ORDER_FIELDS = {
     "num_grads": Field(1024, as_int(1), "m: gradient samples per Fisher estimate"),
@@ -47,6 +51,7 @@ class SecondOrderPruningModifier(PruningModifier):
     def reset_state(self) -> None:
         super().reset_state()
         self.grad_sampler: GradSampler | None = None
+        self.sweep_cache: dict | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -62,6 +67,26 @@ class SecondOrderPruningModifier(PruningModifier):
         self.grad_sampler = GradSampler.from_kwargs(
             kwargs.get("grad_sampler"), self.grad_sampler_kwargs, type(self).__name__
         )
+        self.sweep_cache = kwargs.get("sweep_cache")
+
+    def cached(self, name: str, build: Callable[[], T]) -> T:
+        """``build()``, reused across a one-shot sweep when the caller passes ``sweep_cache``.
+
+        A sparsity sweep prunes fresh copies of the same dense model, so with a single
+        recomputation the gradients, Fisher blocks (and CAP's elimination order) do not depend
+        on the target sparsity: ``manager.apply(copy, grad_sampler=..., sweep_cache=cache)``
+        with one shared dict per dense model builds them once. Keys include every field except
+        the targets, so a different recipe never hits another's entry.
+        """
+        if self.sweep_cache is None or self.num_recomputations != 1:
+            return build()
+        fields = tuple(
+            sorted((k, repr(v)) for k, v in self.field_values().items() if k not in _TARGET_FIELDS)
+        )
+        key = (type(self).__name__, fields, name)
+        if key not in self.sweep_cache:
+            self.sweep_cache[key] = build()
+        return self.sweep_cache[key]
 
     # ----- pruning step --------------------------------------------------------------------------
     def prune(self, module: nn.Module, targets: list[float]) -> None:
