@@ -1,0 +1,312 @@
+"""CAP: Correlation-Aware Pruning for Highly-Accurate Sparse Vision Models.
+
+Paper: https://arxiv.org/abs/2210.09223 (Kuznedelev, Kurtic, Frantar, Alistarh).
+
+Per Fisher block b (B consecutive coordinates of a layer's row-major flattening) CAP removes
+weights greedily: pivot p = argmin_j w_j^2 / H_jj over the remaining coordinates, then the OBS
+update w -= (w_p / H_pp) H[:, p] and the Schur downdate H -= H[:, p] H[p, :] / H_pp, where H is
+the block's inverse Fisher. The cumulative loss of a prefix of that order equals the joint OBS
+loss 1/2 w_S^T (H_SS)^-1 w_S of removing the prefix together (spec §10.3), so instead of storing
+per-step weight traces we keep only the order and the losses, and rebuild the weights for any
+per-block prefix length in closed form. Shapes: n_b blocks of size B; "pruned" masks are True
+where a coordinate is already removed; returned ``mask`` tensors are True where a weight is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparseml.errors import NumericalError, RecipeError
+
+__all__ = ["cap_eliminate", "cap_reconstruct", "prefix_counts", "prefix_mask", "cap_nm_prune"]
+
+# Pivots below this fraction of the block's largest initial diagonal entry are rounding noise.
+_PIVOT_FLOOR = 1e-12
+# Default working chunk: ~4 MiB of float64 per batch; bigger batches were no faster on CPU.
+_CHUNK_BYTES = 4 * 2**20
+
+
+def _batches(n_b: int, B: int, blocks_per_batch: int | None) -> int:
+    if blocks_per_batch is None:
+        return max(1, min(n_b, _CHUNK_BYTES // (8 * B * B)))
+    if blocks_per_batch < 1:
+        raise RecipeError(f"blocks_per_batch must be >= 1 or None, got {blocks_per_batch}")
+    return blocks_per_batch
+
+
+def _check(W: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor) -> None:
+    n_b, B = W.shape
+    if H.shape != (n_b, B, B) or pruned.shape != (n_b, B):
+        raise RecipeError(
+            f"expected W (n_b, B), H (n_b, B, B), pruned (n_b, B); got W {tuple(W.shape)}, "
+            f"H {tuple(H.shape)}, pruned {tuple(pruned.shape)}"
+        )
+    if not torch.isfinite(W).all():
+        raise NumericalError("CAP received NaN/Inf weights")
+
+
+def _pre_eliminate(w: torch.Tensor, h: torch.Tensor, elim: torch.Tensor) -> None:
+    """Remove the already-eliminated set P of every block in one Schur step, in place.
+
+    Pruned coordinates normally have zero gradient, hence rows of H equal to e_p / lambda and
+    nothing to do; only blocks where P is coupled to the rest pay for the O(B^3) solve.
+    """
+    coupled = ((torch.count_nonzero(h, dim=2) > 1) & elim).any(1)
+    if not coupled.any():
+        return
+    c = coupled.nonzero().squeeze(1)
+    hc, P = h[c], elim[c]
+    both = P.unsqueeze(2) & P.unsqueeze(1)
+    eye = torch.eye(h.shape[1], dtype=h.dtype, device=h.device).expand_as(hc)
+    cols = hc * P.unsqueeze(1)  # H[:, P], other columns zeroed
+    # Block-diagonal [H_PP, I]: its inverse applied to zero-padded H[P, :] gives H_PP^-1 H[P, :].
+    rhs = torch.cat([cols.mT, (w[c] * P).unsqueeze(2)], 2)
+    X = torch.linalg.solve(torch.where(both, hc, eye), rhs)
+    h[c] = hc - cols @ X[..., :-1]
+    w[c] = w[c] - (cols @ X[..., -1:]).squeeze(2)
+
+
+def _greedy(h, elim, steps, floor, gid=None, cnt=None, n=0):
+    """Greedy OBS elimination of ``steps[b]`` coordinates in each block of one batch.
+
+    h (nb, B, B + 1) float64 = [H | w], consumed; elim (nb, B) coordinates already eliminated
+    and decoupled in H. N:M: gid (nb, B) group id, cnt (nb, G) eliminated per group; a group holding
+    n eliminated coordinates is closed. Returns pivots (nb, T) as original indices (-1 once a
+    block has stopped), cumulative losses (nb, T) with 1/2 included, and the final weights
+    (nb, B) with every eliminated coordinate exactly 0.
+    """
+    nb, B = elim.shape
+    dev = h.device
+    T = int(steps.max()) if nb else 0
+    t_all = int(steps.min()) if nb else 0  # steps before the first block stops
+    piv = torch.empty((nb, T), dtype=torch.long, device=dev)
+    hist = torch.empty((nb, T), dtype=h.dtype, device=dev)
+    idx = torch.arange(B, device=dev).expand(nb, B)
+    bidx = torch.arange(nb, device=dev).view(nb, 1, 1)
+    r = B
+    for t in range(T):
+        if t % 8 == 0:
+            r_new = int((~elim).sum(1).max())
+            # Dropping eliminated rows/columns cuts the downdate cost from B^3 to ~B^3/3.
+            if r - r_new >= max(4, r // 8) or (t == 0 and r_new < r):
+                keep = torch.argsort(elim.to(torch.int8), dim=1, stable=True)[:, :r_new]
+                cols = torch.cat([keep, torch.full_like(keep[:, :1], r)], 1)
+                # Broadcast advanced indexing: no index tensor of the size of h is built.
+                h = h[bidx, keep.unsqueeze(2), cols.unsqueeze(1)]
+                elim, idx = elim.gather(1, keep), idx.gather(1, keep)
+                gid = None if gid is None else gid.gather(1, keep)
+                r = r_new
+        diag = h.diagonal(dim1=1, dim2=2).clamp_min(floor)
+        w = h[:, :, r]
+        s = w.square().div_(diag)
+        closed = elim if gid is None else elim | (cnt.gather(1, gid) >= n)
+        sp, p = s.masked_fill_(closed, float("inf")).min(1)
+        hist[:, t] = sp
+        p1 = p.unsqueeze(1)
+        piv[:, t] = idx.gather(1, p1).squeeze(1)
+        row = h.gather(1, p1.unsqueeze(2).expand(nb, 1, r + 1))  # [H[p, :], w_p], H symmetric
+        u = row[:, 0, :r] / diag.gather(1, p1)
+        if t < t_all:
+            elim.scatter_(1, p1, True)
+        else:  # some blocks are done: their pivot is a dummy and must change nothing
+            active = (steps > t).unsqueeze(1)
+            u *= active
+            elim.scatter_(1, p1, elim.gather(1, p1) | active)
+        if gid is not None:
+            cnt.scatter_add_(1, gid.gather(1, p1), (steps > t).unsqueeze(1).long())
+        h.addcmul_(u.unsqueeze(2), row, value=-1.0)
+    done = torch.arange(T, device=dev) >= steps.unsqueeze(1)
+    piv.masked_fill_(done, -1)
+    cum = hist.masked_fill_(done, 0.0).mul_(0.5).cumsum(1)
+    out = torch.zeros((nb, B), dtype=h.dtype, device=dev)
+    out.scatter_(1, idx, h[:, :, r].masked_fill(elim, 0.0))
+    return piv, cum, out
+
+
+def _run(W, H, pre, steps_all, blocks_per_batch, nm=None):
+    """Shared driver: batches blocks by pending work, pre-eliminates and runs the greedy.
+
+    Returns order (n_b, B) int16/int64, losses (n_b, B) float32 made non-decreasing along the
+    order, and for N:M the final weights (n_b, B) float64 (None otherwise).
+    """
+    n_b, B = W.shape
+    dev = W.device
+    bs = _batches(n_b, B, blocks_per_batch)
+    # Blocks with similar work share a batch so few steps are wasted on finished blocks.
+    perm = torch.argsort(steps_all, descending=True, stable=True)
+    contiguous = bool((perm == torch.arange(n_b, device=dev)).all())
+    order = torch.empty((n_b, B), dtype=torch.int16 if B <= 32767 else torch.long, device=dev)
+    losses = torch.empty((n_b, B), dtype=torch.float32, device=dev)
+    W_new = None if nm is None else torch.empty((n_b, B), dtype=torch.float64, device=dev)
+    ar = torch.arange(B, device=dev)
+    for i in range(0, n_b, bs):
+        bi = perm[i : i + bs]
+        nb = bi.numel()
+        Hb = H[i : i + nb] if contiguous else H[bi]  # a slice avoids a float32 copy
+        # w rides along as column B of an augmented [H | w]: one rank-1 update moves both.
+        aug = torch.empty((nb, B, B + 1), dtype=torch.float64, device=dev)
+        h, w = aug[:, :, :B], aug[:, :, B]
+        h.copy_(Hb)
+        w.copy_(W[bi])
+        if not torch.isfinite(aug.sum()):  # per batch: no H-sized temporary
+            raise NumericalError("CAP received NaN/Inf in the inverse Fisher blocks")
+        elim, steps = pre[bi].clone(), steps_all[bi]
+        floor = h.diagonal(dim1=1, dim2=2).amax(1, keepdim=True).clamp_min(1e-300) * _PIVOT_FLOOR
+        _pre_eliminate(w, h, elim)
+        gid = cnt = None
+        if nm is not None:
+            n, m, valid_groups = nm
+            gid = (ar // m).expand(nb, B)
+            cnt = torch.where(valid_groups[bi], elim.view(nb, -1, m).sum(2), n)
+        piv, cum, w = _greedy(aug, elim, steps, floor, gid, cnt, nm[0] if nm else 0)
+        del aug, h
+        if W_new is not None:
+            W_new[bi] = w
+        # Order: pre-eliminated coordinates by index, the pivots, then the survivors by index.
+        T = piv.shape[1]
+        tgt = torch.where(piv >= 0, piv, B)
+        key = torch.where(pre[bi], ar - 2 * B, ar + B)
+        key = torch.cat([key, key[:, :1]], 1)
+        key.scatter_(1, tgt, torch.arange(T, device=dev).expand(nb, T) - B)
+        o = torch.argsort(key[:, :B], dim=1)
+        loss = torch.zeros((nb, B + 1), dtype=torch.float64, device=dev)
+        loss = loss.scatter_(1, tgt, cum)[:, :B]
+        in_order = loss.gather(1, o).cummax(1).values  # absorbs rounding, keeps prefixes
+        order[bi] = o.to(order.dtype)
+        losses[bi] = loss.scatter_(1, o, in_order).float()
+    return order, losses, W_new
+
+
+def cap_eliminate(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    pruned: torch.Tensor,
+    *,
+    valid: torch.Tensor | None = None,
+    blocks_per_batch: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy CAP elimination order and cumulative OBS losses of every Fisher block.
+
+    W (n_b, B) block weights; H (n_b, B, B) inverse Fisher blocks (read only, never modified);
+    pruned (n_b, B) bool, coordinates already removed; valid (n_b, B) bool, False on padding.
+    Pruned and padded coordinates come first in ``order`` (by index) with loss 0, then the greedy
+    pivots. Returns order (n_b, B) int16 (int64 if B > 32767) and losses (n_b, B) float32 where
+    losses[b, order[b, t]] = 1/2 w_S^T (H_SS)^-1 w_S for S = order[b, :t + 1] (non-decreasing
+    along the order). Runs in float64 on a working copy of ``blocks_per_batch`` blocks at a time.
+    """
+    _check(W, H, pruned)
+    pre = pruned.bool() if valid is None else pruned.bool() | ~valid.bool()
+    order, losses, _ = _run(W, H, pre, W.shape[1] - pre.sum(1), blocks_per_batch)
+    return order, losses
+
+
+def cap_reconstruct(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    order: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    blocks_per_batch: int | None = None,
+) -> torch.Tensor:
+    """Weights after jointly removing the first ``counts[b]`` coordinates of each block's order.
+
+    W (n_b, B), H (n_b, B, B), order (n_b, B) from :func:`cap_eliminate`, counts (n_b,) int.
+    Closed form of the replayed greedy (spec §10.3): with S = order[b, :k], w - H[:, S] y where
+    H_SS y = w_S, then w_S = 0 exactly. Blocks are sorted by k and solved in batches with a
+    Cholesky of H_SS padded by the identity (LU fallback). Returns W_new (n_b, B) in W's dtype.
+    """
+    n_b, B = W.shape
+    counts = counts.to(device=W.device, dtype=torch.long)
+    if counts.shape != (n_b,) or bool((counts < 0).any() | (counts > B).any()):
+        raise RecipeError(f"counts must have shape ({n_b},) with values in [0, {B}]")
+    # Peak ~ 3 float64 (nb, B, k) tensors, so half the elimination's batch.
+    bs = max(1, _batches(n_b, B, blocks_per_batch) // (2 if blocks_per_batch is None else 1))
+    W_new = W.clone()
+    perm = torch.argsort(counts, descending=True, stable=True)
+    perm = perm[counts[perm] > 0]
+    rows = torch.arange(B, device=W.device).view(1, B, 1)
+    for i in range(0, perm.numel(), bs):
+        bi = perm[i : i + bs]
+        k = counts[bi]
+        kmax = int(k[0])
+        S = order[bi, :kmax].long()
+        hs = H[bi.view(-1, 1, 1), rows, S.unsqueeze(1)].double()  # H[:, S] (nb, B, kmax)
+        hss = hs.gather(1, S.unsqueeze(2).expand(-1, -1, kmax))  # H_SS
+        act = torch.arange(kmax, device=W.device) < k.unsqueeze(1)
+        # Pad H_SS with the identity beyond each block's own k (the right-hand side is 0 there).
+        M = hss.masked_fill_(~(act.unsqueeze(2) & act.unsqueeze(1)), 0.0)
+        M.diagonal(dim1=1, dim2=2).add_(~act)
+        w = W[bi].double()
+        rhs = (w.gather(1, S) * act).unsqueeze(2)
+        L, info = torch.linalg.cholesky_ex(M)
+        y = torch.cholesky_solve(rhs, L)
+        bad = info > 0
+        if bad.any():  # rounding made some H_SS indefinite: LU still solves it
+            y[bad] = torch.linalg.solve_ex(M[bad], rhs[bad])[0]
+        w = w - (hs @ y).squeeze(2)
+        w.scatter_(1, S, w.gather(1, S) * ~act)
+        if not torch.isfinite(w).all():
+            raise NumericalError("CAP reconstruction produced NaN/Inf: H_SS is singular")
+        W_new[bi] = w.to(W.dtype)
+    return W_new
+
+
+def prefix_counts(order: torch.Tensor, prune: torch.Tensor, valid: torch.Tensor | None = None):
+    """Per-block prefix lengths (n_b,) int64 of a pruning decision ``prune`` (n_b, B) bool.
+
+    A threshold on the cumulative losses selects a prefix of every block's order except among
+    coordinates tied at the threshold value; only the count per block is kept, and the matching
+    mask is :func:`prefix_mask`: inside a block, tied coordinates are taken in elimination order
+    (equal cumulative loss means the later ones add nothing), so the number pruned per block, the
+    total count and the loss are those of ``prune`` and the weights from :func:`cap_reconstruct`
+    always agree with the mask. Padded coordinates (valid False) are counted: they lead the order.
+    """
+    if order.shape != prune.shape:
+        raise RecipeError(f"order {tuple(order.shape)} and prune {tuple(prune.shape)} differ")
+    removed = prune.bool() if valid is None else prune.bool() | ~valid.bool()
+    return removed.sum(1)
+
+
+def prefix_mask(order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Keep-mask (n_b, B) bool, False on the first ``counts[b]`` coordinates of each order."""
+    n_b, B = order.shape
+    first = torch.arange(B, device=order.device) < counts.to(order.device).unsqueeze(1)
+    return torch.ones((n_b, B), dtype=torch.bool, device=order.device).scatter_(
+        1, order.long(), ~first
+    )
+
+
+def cap_nm_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    pruned: torch.Tensor,
+    n: int,
+    m: int,
+    *,
+    valid: torch.Tensor | None = None,
+    blocks_per_batch: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAP N:M: greedy elimination until every group of m consecutive coordinates has n removed.
+
+    W (n_b, B), H (n_b, B, B) (read only), pruned (n_b, B) bool; n pruned per group of m, with
+    B % m == 0. Groups already holding >= n removed coordinates close at once (pruned weights are
+    never re-opened); padded groups (valid False) must be whole and are ignored. Returns the
+    updated weights W_new (n_b, B) (W's dtype) and mask (n_b, B) bool, True = kept.
+    """
+    _check(W, H, pruned)
+    n_b, B = W.shape
+    if not (0 < n <= m) or B % m:
+        raise RecipeError(f"N:M needs 0 < n <= m and B % m == 0; got n={n}, m={m}, B={B}")
+    pre = pruned.bool()
+    valid_groups = torch.ones((n_b, B // m), dtype=torch.bool, device=W.device)
+    if valid is not None:
+        vg = valid.bool().view(n_b, -1, m)
+        if bool((vg.any(2) != vg.all(2)).any()):
+            raise RecipeError("N:M groups must be either all valid or all padding")
+        valid_groups = vg.all(2)
+        pre = pre | ~valid.bool()
+    need = (n - pre.view(n_b, -1, m).sum(2)).clamp_min(0) * valid_groups
+    steps = need.sum(1)
+    order, _, W_new = _run(W, H, pre, steps, blocks_per_batch, (n, m, valid_groups))
+    mask = prefix_mask(order, pre.sum(1) + steps)  # pre-eliminated, then the greedy picks
+    return W_new.to(W.dtype), mask if valid is None else mask | ~valid.bool()

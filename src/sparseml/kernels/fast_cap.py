@@ -1,0 +1,158 @@
+"""FastCAP, the fast variant of CAP: Correlation-Aware Pruning for Highly-Accurate Sparse
+Vision Models.
+
+Paper: https://arxiv.org/abs/2210.09223 (Kuznedelev, Kurtic, Frantar, Alistarh).
+
+A layer's zero-padded flattening is cut into rows of B coordinates that all share one B x B
+empirical Fisher F = sum_n G_n^T G_n (G_n: one gradient viewed as (rows, B)). Pruning is a
+SparseGPT-style column sweep: with U the upper Cholesky factor of (F + damp)^-1, column j is
+scored by w^2 / U_jj^2 and the error of every removed weight is pushed onto the columns not yet
+swept, with lazy updates per column block. Unlike the reference implementation, the swept
+weights are returned (the write-back), the sweep starts at column 0 and padding is handled.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F_
+
+from sparseml.errors import NumericalError, RecipeError
+
+__all__ = ["accumulate_shared_fisher", "fast_cap_prune"]
+
+
+def accumulate_shared_fisher(
+    grads: torch.Tensor, B: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Add sum_n G_n^T G_n to ``out`` and return it.
+
+    grads (c, d): c flattened gradients of one layer; each is zero-padded to a multiple of B and
+    viewed as (ceil(d / B), B), so padded coordinates get zero rows and columns. out (B, B) is
+    updated in place (created as float64 zeros when None); the product is one GEMM in the
+    gradients' dtype.
+    """
+    if grads.dim() != 2 or B < 1:
+        raise RecipeError(f"grads must be (c, d) and B >= 1; got {tuple(grads.shape)}, B={B}")
+    c, d = grads.shape
+    rows = -(-d // B)
+    g = F_.pad(grads, (0, rows * B - d)).reshape(c * rows, B)
+    if out is None:
+        out = torch.zeros((B, B), dtype=torch.float64, device=grads.device)
+    elif out.shape != (B, B):
+        raise RecipeError(f"out must have shape ({B}, {B}), got {tuple(out.shape)}")
+    out += (g.mT @ g).to(out.dtype)
+    return out
+
+
+def _inverse_cholesky(F: torch.Tensor, num_grads: int, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (F / num_grads + damp * mean(diag) I)^-1, float64."""
+    Fd = F.double() / num_grads
+    mean = Fd.diagonal().mean()
+    if not torch.isfinite(Fd).all():
+        raise NumericalError("FastCAP Fisher holds NaN/Inf")
+    if mean <= 0:  # no curvature information at all: fall back to magnitude scores
+        Fd, mean = torch.eye(Fd.shape[0], dtype=Fd.dtype, device=Fd.device), 1.0
+    # Dead coordinates (F_jj = 0) keep only the damping, i.e. they are cheap to remove.
+    eye = torch.eye(Fd.shape[0], dtype=Fd.dtype, device=Fd.device)
+    for extra in (0.0, 1e-2):
+        L, info = torch.linalg.cholesky_ex(Fd + (damp + extra) * mean * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                return U
+    raise NumericalError(f"FastCAP Fisher is not positive definite even with damp={damp}+1e-2")
+
+
+def _select(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k smallest scores, ties broken by row-major position."""
+    flat = scores.flatten()
+    sel = torch.zeros_like(flat, dtype=torch.bool)
+    sel[torch.argsort(flat, stable=True)[:k]] = True
+    return sel.view_as(scores)
+
+
+def fast_cap_prune(
+    W: torch.Tensor,
+    F: torch.Tensor,
+    num_grads: int,
+    sparsity: float,
+    *,
+    damp: float = 1e-2,
+    block_size: int = 128,
+    n: int | None = None,
+    m: int | None = None,
+    valid: torch.Tensor | None = None,
+    pruned: torch.Tensor | None = None,
+    zero_dead: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune one layer with the FastCAP column sweep; returns (W_new, mask), mask True = kept.
+
+    W (rows, B): the layer's zero-padded flattening cut into rows of B; F (B, B): shared Fisher
+    sum over ``num_grads`` gradients (:func:`accumulate_shared_fisher`). ``damp`` is relative:
+    damp * mean(diag F / num_grads) is added to the diagonal. Unstructured: in every column block
+    of ``block_size`` columns exactly round(sparsity * #valid entries) valid entries are removed
+    (already ``pruned`` ones count first and are never re-opened). N:M (n and m given, B % m ==
+    0): the n lowest-scoring entries of every group of m consecutive columns are removed;
+    ``sparsity`` is then ignored. valid (rows, B) bool is False on padding: padded entries are
+    held at 0, never counted and reported as kept. zero_dead zeroes the weights of coordinates
+    whose Fisher diagonal is 0 before the sweep (the reference behaviour). W_new (rows, B) has
+    W's dtype and exact zeros where the mask is False.
+    """
+    rows, B = W.shape
+    if F.shape != (B, B):
+        raise RecipeError(f"F must be ({B}, {B}) to match W {tuple(W.shape)}, got {tuple(F.shape)}")
+    if num_grads < 1 or block_size < 1 or not 0.0 <= sparsity <= 1.0:
+        raise RecipeError(
+            f"need num_grads >= 1, block_size >= 1, 0 <= sparsity <= 1; got num_grads="
+            f"{num_grads}, block_size={block_size}, sparsity={sparsity}"
+        )
+    bs = min(block_size, B)
+    if (n is None) != (m is None) or (m is not None and (not 0 < n <= m or B % m or bs % m)):
+        raise RecipeError(
+            f"N:M needs both n and m with 0 < n <= m dividing B={B} and block_size={bs}; "
+            f"got n={n}, m={m}"
+        )
+    valid = torch.ones_like(W, dtype=torch.bool) if valid is None else valid.bool()
+    if m is not None:
+        vg = valid.view(rows, -1, m)
+        if bool((vg.any(2) != vg.all(2)).any()):
+            raise RecipeError("N:M groups must be either all valid or all padding")
+    pruned = torch.zeros_like(valid) if pruned is None else pruned.bool() & valid
+    U = _inverse_cholesky(F, num_grads, damp)
+    Wd = W.double().masked_fill(pruned | ~valid, 0.0)
+    if zero_dead:
+        Wd[:, F.diagonal() == 0] = 0.0
+    dU2 = U.diagonal() ** 2
+    removed = torch.zeros_like(valid)
+    for c1 in range(0, B, bs):
+        c2 = min(c1 + bs, B)
+        W1, U1, v1 = Wd[:, c1:c2].clone(), U[c1:c2, c1:c2], valid[:, c1:c2]
+        E1 = torch.zeros_like(W1)
+        if n is None:
+            # Forced-pruned entries score -inf (taken first), padding +inf (never counted).
+            s = (W1**2 / dU2[c1:c2]).masked_fill(pruned[:, c1:c2], -1.0)
+            s.masked_fill_(~v1, float("inf"))
+            k = max(round(sparsity * int(v1.sum())), int(pruned[:, c1:c2].sum()))
+            rm1 = _select(s, k) | ~v1
+        else:
+            rm1 = pruned[:, c1:c2] | ~v1
+        for j in range(c2 - c1):
+            if n is not None and j % m == 0:
+                # N:M picks use the weights as updated by the columns already swept.
+                s = (W1[:, j : j + m] ** 2 / dU2[c1 + j : c1 + j + m]).masked_fill(
+                    rm1[:, j : j + m], -1.0
+                )
+                pick = torch.zeros_like(s, dtype=torch.bool)
+                pick.scatter_(1, torch.topk(s, n, dim=1, largest=False).indices, True)
+                rm1[:, j : j + m] |= pick & v1[:, j : j + m]
+            w = W1[:, j]
+            err = w * rm1[:, j] / U1[j, j]
+            W1[:, j:].addr_(err, U1[j, j:], alpha=-1.0)
+            W1[:, j].masked_fill_(rm1[:, j], 0.0)
+            E1[:, j] = err
+        Wd[:, c1:c2] = W1
+        Wd[:, c2:].addmm_(E1, U[c1:c2, c2:], alpha=-1.0)
+        removed[:, c1:c2] = rm1
+    if not torch.isfinite(Wd).all():
+        raise NumericalError("FastCAP sweep produced NaN/Inf weights")
+    return Wd.to(W.dtype), ~removed | ~valid

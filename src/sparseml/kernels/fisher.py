@@ -1,0 +1,315 @@
+"""Block-diagonal empirical Fisher inverses, built with batched GEMMs and batched Cholesky.
+
+The damped empirical Fisher of a layer, restricted to its diagonal blocks, is
+
+    F_b = damp * I_B + (1/m) * sum_i g_b^(i) g_b^(i)^T,      H_b = F_b^{-1},
+
+where g^(i) (d,) are the m (masked) gradient samples of the layer and g_b their coordinates
+[b*B, (b+1)*B) in the row-major flattening of the weight.
+
+Block layout rule (shared by every caller):
+- A layer's weight is handled as its row-major flattening w (d,). Block b holds the B consecutive
+  coordinates [b*B, (b+1)*B); there are n_b = ceil(d / B) blocks.
+- The last block is zero-padded to B. Padded coordinates get zero gradient, so their rows and
+  columns of F_b are damp * e_p and those of H_b are e_p / damp: they are decoupled from the real
+  coordinates, which makes a padded block exactly equivalent to a shorter one. Pruned coordinates
+  (masked gradients, hence zero) are decoupled the same way.
+- Grouped patterns (block4, N:M) use groups of g consecutive coordinates; callers guarantee
+  B % g == 0, so a group never straddles two blocks.
+
+Instead of the reference's m rank-1 Sherman-Morrison updates (memory-bound BLAS-2), the Gram
+matrices S_b = sum_i g_b g_b^T are accumulated chunk by chunk with one batched GEMM, and each
+F_b is inverted once with a float64 Cholesky factorization. Both give F_b^{-1}; only rounding
+differs. When m < B, `mspace_block_inverse` applies Woodbury in the m-dimensional sample space
+instead, which never forms the (rank-deficient) B x B Gram and is accurate for any damp.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+from sparseml.errors import NumericalError, RecipeError
+
+# Float64 numbers per temporary buffer of the chunked small factorizations (4 MiB on CPU, where
+# one chunk per thread is in flight; 128 MiB on accelerators, where bigger batches pay off), so
+# the peak extra memory stays far below the size of the blocks themselves.
+_CHUNK_NUMEL = {"cpu": 2**19}
+_CHUNK_NUMEL_DEFAULT = 2**24
+
+
+def chunk_blocks(block_numel: int, device: torch.device) -> int:
+    """Default number of blocks of ``block_numel`` entries per float64 batch on ``device``."""
+    return max(1, _CHUNK_NUMEL.get(device.type, _CHUNK_NUMEL_DEFAULT) // block_numel)
+
+
+def for_each_chunk(fn: Callable[[int], None], n: int, step: int, device: torch.device) -> None:
+    """Call ``fn(start)`` for start in range(0, n, step), the chunks being independent.
+
+    On CPU, MKL's multi-threaded potrf/potri on B ~ 200 matrices is slower than one thread, and
+    catastrophically so (20x measured) when the cores are shared; torch loops over the batch
+    itself. So LAPACK runs single-threaded and the chunks are spread over a pool of
+    torch.get_num_threads() Python threads instead (torch releases the GIL). The previous
+    thread setting is restored afterwards. Results do not depend on the schedule; the first
+    failing chunk in order raises.
+    """
+    starts = range(0, n, step)
+    if device.type != "cpu":
+        for s in starts:
+            fn(s)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if threads == 1 or len(starts) == 1:
+            for s in starts:
+                fn(s)
+        else:
+            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+                for _ in pool.map(fn, starts):
+                    pass
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_block_size(block_size: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise RecipeError(f"fisher block_size must be an integer >= 1, got {block_size!r}")
+
+
+def _check_num_grads_damp(num_grads: int, damp: float) -> None:
+    if isinstance(num_grads, bool) or not isinstance(num_grads, int) or num_grads < 1:
+        raise RecipeError(f"num_grads must be an integer >= 1, got {num_grads!r}")
+    if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp > 0):
+        raise RecipeError(f"damp must be a finite number > 0, got {damp!r}")
+
+
+def num_blocks(d: int, block_size: int) -> int:
+    """Number of Fisher blocks ceil(d / block_size) of a flattened weight of d coordinates."""
+    _check_block_size(block_size)
+    return math.ceil(d / block_size)
+
+
+def to_blocks(x: Tensor, block_size: int) -> Tensor:
+    """View ``x`` (..., d) as (..., n_b, B), zero-padding the last block (a copy only then)."""
+    d = x.shape[-1]
+    pad = num_blocks(d, block_size) * block_size - d
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, block_size)
+
+
+def from_blocks(xb: Tensor, d: int) -> Tensor:
+    """Inverse of `to_blocks`: (..., n_b, B) -> (..., d), dropping the padding."""
+    return xb.reshape(*xb.shape[:-2], -1)[..., :d]
+
+
+def accumulate_block_gram(
+    grads: Tensor,
+    block_size: int,
+    out: Tensor | None = None,
+    *,
+    blocks_per_chunk: int | None = None,
+) -> Tensor:
+    """Add sum_i g_b^(i) g_b^(i)^T over a chunk of gradients to every block's Gram matrix.
+
+    Args:
+        grads: (c, d) chunk of c flattened gradient samples.
+        block_size: B.
+        out: (n_b, B, B) float Gram accumulator, updated in place. If None, float32 zeros are
+            allocated on ``grads.device``. It may live on another device than ``grads`` (the
+            ``fisher_inv_device``): the GEMMs then run on ``grads.device`` over slices of
+            ``blocks_per_chunk`` blocks and each slice is added into ``out``.
+    Returns:
+        ``out`` (n_b, B, B).
+    """
+    _check_block_size(block_size)
+    if grads.dim() != 2:
+        raise RecipeError(f"grads must have shape (c, d), got {tuple(grads.shape)}")
+    c, d = grads.shape
+    n_b, n_full = num_blocks(d, block_size), d // block_size
+    if out is None:
+        out = torch.zeros(n_b, block_size, block_size, dtype=torch.float32, device=grads.device)
+    elif out.shape != (n_b, block_size, block_size):
+        raise RecipeError(
+            f"out must have shape {(n_b, block_size, block_size)} for d={d}, "
+            f"block_size={block_size}, got {tuple(out.shape)}"
+        )
+    grads = grads.to(out.dtype)
+    # Full blocks are a strided view of the chunk (no copy): (c, n_full, B) -> per block
+    # X_b^T X_b with X_b = grads[:, b] (c, B). Only the short last block is padded (c x B copy).
+    parts = [(0, grads[:, : n_full * block_size].view(c, n_full, block_size))]
+    if n_full < n_b:
+        parts.append((n_full, to_blocks(grads[:, n_full * block_size :], block_size)))
+    same_device = out.device == grads.device
+    step = blocks_per_chunk or (n_b if same_device else chunk_blocks(block_size**2, grads.device))
+    for first, x in parts:
+        for s in range(0, x.shape[1], step):
+            xs = x[:, s : s + step]
+            target = out[first + s : first + s + xs.shape[1]]
+            if same_device:
+                target.baddbmm_(xs.permute(1, 2, 0), xs.permute(1, 0, 2))
+            else:
+                target += torch.bmm(xs.permute(1, 2, 0), xs.permute(1, 0, 2)).to(out.device)
+    return out
+
+
+def invert_block_fisher(
+    gram: Tensor,
+    num_grads: int,
+    damp: float,
+    *,
+    blocks_per_chunk: int | None = None,
+    inplace: bool = True,
+) -> Tensor:
+    """H_b = (damp * I + gram_b / num_grads)^{-1} for every block, via float64 Cholesky.
+
+    Args:
+        gram: (n_b, B, B) Gram matrices sum_i g_b g_b^T (from `accumulate_block_gram`).
+        num_grads: m, the number of gradients actually accumulated (the normalisation).
+        damp: absolute damping lambda > 0.
+        blocks_per_chunk: blocks factorised per float64 batch (bounds the extra memory to a few
+            such batches per thread); default about 4 MiB of float64 per batch on CPU.
+        inplace: write H into ``gram``'s storage (no second (n_b, B, B) tensor).
+    Returns:
+        (n_b, B, B) H in ``gram``'s dtype and device.
+    Raises:
+        NumericalError: non-finite Gram entries, or a block that is not positive definite.
+
+    Precision: a float32 Gram is exact only to about eps_32 * ||gram_b / m||, so directions of F_b
+    with eigenvalue below that are lost when damp is smaller (typically m < B with large
+    gradients; the float32 Gram may then even be indefinite). Accumulate in float64, or use
+    `mspace_block_inverse` when m < B.
+    """
+    _check_num_grads_damp(num_grads, damp)
+    if gram.dim() != 3 or gram.shape[1] != gram.shape[2]:
+        raise RecipeError(f"gram must have shape (n_b, B, B), got {tuple(gram.shape)}")
+    _check_block_size(gram.shape[1])
+    n_b, bsz = gram.shape[0], gram.shape[1]
+    result = gram if inplace else torch.empty_like(gram)
+    step = blocks_per_chunk or chunk_blocks(bsz * bsz, gram.device)
+    if gram.device.type == "cpu":  # at least one chunk per thread
+        step = min(step, -(-n_b // torch.get_num_threads()))
+
+    def invert_chunk(s: int) -> None:
+        f = gram[s : s + step].to(torch.float64, copy=True)
+        bad = ~torch.isfinite(f).flatten(1).all(dim=1)
+        if bad.any():
+            raise NumericalError(
+                f"Fisher block {s + int(bad.nonzero()[0])} has NaN/Inf Gram entries: check the "
+                "loss and gradients (a larger damp cannot fix this)"
+            )
+        f.div_(num_grads).diagonal(dim1=-2, dim2=-1).add_(damp)
+        # out= aliasing the input keeps the peak at two float64 buffers per chunk, not three.
+        info = torch.empty(f.shape[0], dtype=torch.int32, device=f.device)
+        torch.linalg.cholesky_ex(f, out=(f, info))
+        failed = info.nonzero()
+        if failed.numel():
+            b = int(failed[0])
+            raise NumericalError(
+                f"Fisher block {s + b} (of {n_b}, block size {bsz}) is not positive definite: "
+                f"Cholesky failed at leading minor {int(info[b])} with damp={damp:g}; "
+                f"use a larger damp (e.g. {damp * 10:g}) or a float64 Gram"
+            )
+        result[s : s + step] = torch.cholesky_inverse(f, out=f)
+
+    for_each_chunk(invert_chunk, n_b, step, gram.device)
+    return result
+
+
+def mspace_block_inverse(
+    grads: Tensor,
+    block_size: int,
+    damp: float,
+    *,
+    dtype: torch.dtype = torch.float32,
+    blocks_per_chunk: int | None = None,
+) -> Tensor:
+    """H (n_b, B, B) from the m x m "sample space" form, meant for m < B.
+
+    By Woodbury, (damp*I + G_b^T G_b / m)^{-1} = (I - G_b^T K_b^{-1} G_b) / damp with
+    K_b = m*damp*I_m + G_b G_b^T = L_b L_b^T. With Z_b = L_b^{-1} G_b (m, B), H_b =
+    (I - Z_b^T Z_b) / damp. Everything runs in float64 from the gradients themselves and the
+    B x B Gram is never formed, so this is accurate for any damp. Cost per block: m^2 B
+    (K, solve) + m B^2 (Z^T Z), i.e. cheaper than the Gram path when m < B.
+
+    Args:
+        grads: (m, d) gradient samples. dtype: dtype of the returned H.
+    """
+    _check_block_size(block_size)
+    if grads.dim() != 2:
+        raise RecipeError(f"grads must have shape (m, d), got {tuple(grads.shape)}")
+    m, d = grads.shape
+    _check_num_grads_damp(m, damp)
+    n_b = num_blocks(d, block_size)
+    H = torch.empty(n_b, block_size, block_size, dtype=dtype, device=grads.device)
+    step = blocks_per_chunk or chunk_blocks(block_size * max(block_size, m), grads.device)
+    if grads.device.type == "cpu":
+        step = min(step, -(-n_b // torch.get_num_threads()))
+
+    def invert_chunk(s: int) -> None:
+        g = to_blocks(grads[:, s * block_size : (s + step) * block_size].double(), block_size)
+        g = g.transpose(0, 1)  # (n, m, B)
+        bad = ~torch.isfinite(g).flatten(1).all(dim=1)
+        if bad.any():
+            raise NumericalError(f"Fisher block {s + int(bad.nonzero()[0])} has NaN/Inf gradients")
+        k = torch.bmm(g, g.transpose(1, 2))
+        k.diagonal(dim1=-2, dim2=-1).add_(m * damp)
+        chol, info = torch.linalg.cholesky_ex(k)
+        if info.any():
+            raise NumericalError(
+                f"Fisher block {s + int(info.nonzero()[0])}: m*damp*I + G G^T is not positive "
+                f"definite with damp={damp:g}; use a larger damp"
+            )
+        z = torch.linalg.solve_triangular(chol, g, upper=False)
+        h = torch.bmm(z.transpose(1, 2), z).neg_()
+        h.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        H[s : s + step] = h.div_(damp)
+
+    for_each_chunk(invert_chunk, n_b, step, grads.device)
+    return H
+
+
+def block_fisher_inverse(
+    grads: Tensor,
+    block_size: int,
+    damp: float,
+    *,
+    chunk_size: int = 128,
+    mspace: bool | None = None,
+    gram_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """H (n_b, B, B) of the damped empirical block Fisher of ``grads`` (m, d).
+
+    ``mspace`` None picks `mspace_block_inverse` when m < B; otherwise the Gram path consumes the
+    gradients in chunks of ``chunk_size`` rows (one batched GEMM each, accumulated in
+    ``gram_dtype``) and `invert_block_fisher` inverts in place. H has dtype ``gram_dtype``.
+    """
+    if grads.dim() != 2 or grads.shape[0] < 1:
+        raise RecipeError(f"grads must have shape (m, d) with m >= 1, got {tuple(grads.shape)}")
+    if chunk_size < 1:
+        raise RecipeError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    m, d = grads.shape
+    if mspace or (mspace is None and m < block_size):
+        return mspace_block_inverse(grads, block_size, damp, dtype=gram_dtype)
+    gram = torch.zeros(
+        num_blocks(d, block_size), block_size, block_size, dtype=gram_dtype, device=grads.device
+    )
+    for s in range(0, m, chunk_size):
+        accumulate_block_gram(grads[s : s + chunk_size], block_size, out=gram)
+    return invert_block_fisher(gram, m, damp)
+
+
+def block_diag(H: Tensor, d: int) -> Tensor:
+    """The diagonal of the block-diagonal H (n_b, B, B) as a (d,) vector."""
+    return from_blocks(H.diagonal(dim1=-2, dim2=-1), d)
+
+
+def block_matvec(H: Tensor, v: Tensor) -> Tensor:
+    """H v for H (n_b, B, B) and v (d,); the result is (d,), on H's device and dtype."""
+    vb = to_blocks(v.to(device=H.device, dtype=H.dtype), H.shape[-1])
+    return from_blocks(torch.bmm(H, vb.unsqueeze(-1)).squeeze(-1), v.shape[-1])
