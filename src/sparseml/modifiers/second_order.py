@@ -56,7 +56,8 @@ class SecondOrderPruningModifier(PruningModifier):
     def validate(self) -> None:
         super().validate()
         spec = self.mask_spec
-        if spec.group > 1 and self._values["fisher_block_size"] % spec.group:
+        block = self._values["fisher_block_size"]
+        if spec.group > 1 and block is not None and block % spec.group:
             raise self.field_error(
                 "fisher_block_size", f"must be a multiple of the mask group size {spec.group}"
             )
