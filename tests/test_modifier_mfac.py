@@ -213,6 +213,17 @@ def test_reference_spellings_are_accepted():
     assert mod.num_grads == {0.0: 8, 0.5: 16} and mod.global_sparsity is False
 
 
+def test_missing_devices_warn_and_fall_back(caplog):
+    recipe = RECIPE.format(s=0.5, block=16, glob="false", cross="false") + (
+        "    available_gpus: ['cuda:7']\n"
+    )
+    model = mlp()
+    with caplog.at_level("WARNING"):
+        ScheduledModifierManager.from_yaml(recipe).apply(model, grad_sampler=sampler())
+    assert "cuda:7" in caplog.text and "do not exist" in caplog.text
+    assert float((model[0].weight == 0).float().mean()) == 0.5
+
+
 BLOCKS = (16, "null")  # blocks split over the ranks; the full F computed on all, broadcast
 
 

@@ -223,15 +223,25 @@ class MFACPruningModifier(SecondOrderPruningModifier):
     def _compute_device(self) -> torch.device:
         if self.fisher_inv_device:
             return torch.device(self.fisher_inv_device)
+        usable, missing = [], []
         for name in self.available_devices or []:
             device = torch.device(name)
-            if device.type == "cpu" or (
+            present = device.type == "cpu" or (
                 device.type == "cuda"
                 and torch.cuda.is_available()
                 and (device.index or 0) < torch.cuda.device_count()
-            ):
-                return device
-        return self.refs[0].param.device
+            )
+            (usable if present else missing).append(device)
+        fallback = usable[0] if usable else self.refs[0].param.device
+        if missing and not getattr(self, "_warned_devices", False):
+            LOG.warning(
+                "%s: available_devices %s do not exist on this machine; computing on %s",
+                type(self).__name__,
+                [str(d) for d in missing],
+                fallback,
+            )
+            self._warned_devices = True
+        return fallback
 
     def _layout(self) -> _Layout:
         return _Layout(self.masks, self.fisher_block_size, self.blocks_cross_layers)
