@@ -231,6 +231,8 @@ def test_padding_is_a_shorter_block():
     assert counts.tolist() == [0, 0, B - d_last + 2]
     W_new = cap_reconstruct(W, H, order, counts)
     assert int((W_new[2, :d_last] == 0).sum()) == 2 and torch.all(W_new[2, d_last:] == 0)
+    mask = prefix_mask(order, counts, valid)
+    assert int((~mask).sum()) == 2 and torch.all(mask[~valid])  # padding never counts
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 8)])
@@ -278,6 +280,10 @@ def test_bad_inputs_raise():
         cap_nm_prune(W, H, none, 2, 3)
     with pytest.raises(RecipeError, match="counts"):
         cap_reconstruct(W, H, torch.zeros_like(W, dtype=torch.long), torch.tensor([5, 0]))
+    H_bad = H.clone()
+    H_bad[1, 2, 3] = float("inf")
+    with pytest.raises(NumericalError, match="inverse Fisher"):
+        cap_eliminate(W, H_bad, none)
     W[0, 0] = float("nan")
-    with pytest.raises(NumericalError):
+    with pytest.raises(NumericalError, match="weights"):
         cap_eliminate(W, H, none)

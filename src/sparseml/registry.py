@@ -28,6 +28,12 @@ def modifier_names() -> list[str]:
     return sorted(_MODIFIERS)
 
 
+def modifier_classes() -> dict[str, type]:
+    """Every registered modifier class by recipe tag name."""
+    _ensure_loaded()
+    return dict(sorted(_MODIFIERS.items()))
+
+
 def get_modifier_class(tag: str) -> type:
     """Class for recipe tag ``tag`` (``Name``, ``!Name`` or ``!pytorch.Name``)."""
     _ensure_loaded()

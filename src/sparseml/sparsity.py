@@ -80,7 +80,9 @@ class ModuleSparsificationInfo:
         prunable = sum(w.numel() for w in weights)
         prunable_sparse = sum(self._zeros(w) for w in weights)
         quant_layers = [
-            layer for _, layer in self.module.named_modules() if isinstance(layer, QUANTIZABLE_TYPES)
+            layer
+            for _, layer in self.module.named_modules()
+            if isinstance(layer, QUANTIZABLE_TYPES)
         ]
         quantizable = sum(self._weights_and_bias(layer) for layer in quant_layers)
         quantized = sum(self._weights_and_bias(lay) for lay in quant_layers if _is_quantized(lay))

@@ -14,6 +14,8 @@ where a coordinate is already removed; returned ``mask`` tensors are True where 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from sparseml.errors import NumericalError, RecipeError
@@ -26,6 +28,22 @@ _PIVOT_FLOOR = 1e-12
 _CHUNK_BYTES = 4 * 2**20
 
 
+def _serially(fn: Callable[[int], None], n: int, step: int, device: torch.device) -> None:
+    """``fn(start)`` for every batch start, with one intra-op thread on CPU.
+
+    The loops issue ~15 small ops per step: intra-op threads only add synchronisation (and
+    stall badly when the cores are shared), and a pool of Python threads is bound by the GIL.
+    """
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for start in range(0, n, step):
+            fn(start)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _batches(n_b: int, B: int, blocks_per_batch: int | None) -> int:
     if blocks_per_batch is None:
         return max(1, min(n_b, _CHUNK_BYTES // (8 * B * B)))
@@ -34,65 +52,76 @@ def _batches(n_b: int, B: int, blocks_per_batch: int | None) -> int:
     return blocks_per_batch
 
 
-def _check(W: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor) -> None:
+def _check(W: torch.Tensor, H: torch.Tensor, per_coord: torch.Tensor) -> None:
     n_b, B = W.shape
-    if H.shape != (n_b, B, B) or pruned.shape != (n_b, B):
+    if H.shape != (n_b, B, B) or per_coord.shape != (n_b, B):
         raise RecipeError(
-            f"expected W (n_b, B), H (n_b, B, B), pruned (n_b, B); got W {tuple(W.shape)}, "
-            f"H {tuple(H.shape)}, pruned {tuple(pruned.shape)}"
+            f"expected W (n_b, B), H (n_b, B, B) and a (n_b, B) mask/order; got W "
+            f"{tuple(W.shape)}, H {tuple(H.shape)}, mask/order {tuple(per_coord.shape)}"
         )
     if not torch.isfinite(W).all():
         raise NumericalError("CAP received NaN/Inf weights")
 
 
-def _pre_eliminate(w: torch.Tensor, h: torch.Tensor, elim: torch.Tensor) -> None:
-    """Remove the already-eliminated set P of every block in one Schur step, in place.
+def _pre_eliminate(aug: torch.Tensor, elim: torch.Tensor, src: torch.Tensor) -> None:
+    """Remove the already-eliminated set P of every block of aug = [H | w] in one Schur step.
 
     Pruned coordinates normally have zero gradient, hence rows of H equal to e_p / lambda and
     nothing to do; only blocks where P is coupled to the rest pay for the O(B^3) solve.
     """
-    coupled = ((torch.count_nonzero(h, dim=2) > 1) & elim).any(1)
+    if not elim.any():
+        return
+    coupled = ((torch.count_nonzero(src, dim=2) > 1) & elim).any(1)  # src: contiguous H rows
     if not coupled.any():
         return
     c = coupled.nonzero().squeeze(1)
-    hc, P = h[c], elim[c]
+    ac, P = aug[c], elim[c]
+    hc = ac[:, :, :-1]
     both = P.unsqueeze(2) & P.unsqueeze(1)
-    eye = torch.eye(h.shape[1], dtype=h.dtype, device=h.device).expand_as(hc)
+    eye = torch.eye(hc.shape[1], dtype=hc.dtype, device=hc.device).expand_as(hc)
     cols = hc * P.unsqueeze(1)  # H[:, P], other columns zeroed
-    # Block-diagonal [H_PP, I]: its inverse applied to zero-padded H[P, :] gives H_PP^-1 H[P, :].
-    rhs = torch.cat([cols.mT, (w[c] * P).unsqueeze(2)], 2)
-    X = torch.linalg.solve(torch.where(both, hc, eye), rhs)
-    h[c] = hc - cols @ X[..., :-1]
-    w[c] = w[c] - (cols @ X[..., -1:]).squeeze(2)
+    # Block-diagonal [H_PP, I] applied to the P rows of [H | w] gives H_PP^-1 [H[P, :] | w_P].
+    X = torch.linalg.solve(torch.where(both, hc, eye), ac * P.unsqueeze(2))
+    aug[c] = ac - cols @ X
 
 
-def _greedy(h, elim, steps, floor, gid=None, cnt=None, n=0):
+def _greedy(Hb, wb, elim, steps, gid=None, cnt=None, n=0):
     """Greedy OBS elimination of ``steps[b]`` coordinates in each block of one batch.
 
-    h (nb, B, B + 1) float64 = [H | w], consumed; elim (nb, B) coordinates already eliminated
-    and decoupled in H. N:M: gid (nb, B) group id, cnt (nb, G) eliminated per group; a group holding
+    Hb (nb, B, B) and wb (nb, B) are read only; elim (nb, B) marks coordinates eliminated first
+    (modified). N:M: gid (nb, B) group id, cnt (nb, G) eliminated per group; a group holding
     n eliminated coordinates is closed. Returns pivots (nb, T) as original indices (-1 once a
     block has stopped), cumulative losses (nb, T) with 1/2 included, and the final weights
     (nb, B) with every eliminated coordinate exactly 0.
     """
     nb, B = elim.shape
-    dev = h.device
+    dev = Hb.device
+    # w rides along as column B of an augmented [H | w]: one rank-1 update moves both. This
+    # function owns it, so every compaction below frees the previous copy.
+    h = torch.empty((nb, B, B + 1), dtype=torch.float64, device=dev)
+    h[:, :, :B] = Hb
+    h[:, :, B] = wb
+    if not torch.isfinite(h.sum()):  # per batch: no H-sized temporary
+        raise NumericalError("CAP received NaN/Inf in the inverse Fisher blocks")
+    diag0 = h.diagonal(dim1=1, dim2=2)
+    floor = diag0.amax(1, keepdim=True).clamp_min(1e-300) * _PIVOT_FLOOR
+    _pre_eliminate(h, elim, Hb)
     T = int(steps.max()) if nb else 0
     t_all = int(steps.min()) if nb else 0  # steps before the first block stops
-    piv = torch.empty((nb, T), dtype=torch.long, device=dev)
-    hist = torch.empty((nb, T), dtype=h.dtype, device=dev)
+    piv, hist = [], []  # per step: (nb,) original index and score of the pivot
     idx = torch.arange(B, device=dev).expand(nb, B)
-    bidx = torch.arange(nb, device=dev).view(nb, 1, 1)
     r = B
     for t in range(T):
         if t % 8 == 0:
             r_new = int((~elim).sum(1).max())
-            # Dropping eliminated rows/columns cuts the downdate cost from B^3 to ~B^3/3.
-            if r - r_new >= max(4, r // 8) or (t == 0 and r_new < r):
+            # Dropping eliminated rows/columns cuts the downdate flops from B^3 to ~B^3/3; a
+            # gather costs ~10 downdates, so compact only after a third of r is gone.
+            if r - r_new >= max(4, r // 3) or (t == 0 and r_new < r):
                 keep = torch.argsort(elim.to(torch.int8), dim=1, stable=True)[:, :r_new]
                 cols = torch.cat([keep, torch.full_like(keep[:, :1], r)], 1)
-                # Broadcast advanced indexing: no index tensor of the size of h is built.
-                h = h[bidx, keep.unsqueeze(2), cols.unsqueeze(1)]
+                flat = (keep.unsqueeze(2) * (r + 1) + cols.unsqueeze(1)).flatten(1)
+                h = h.flatten(1).gather(1, flat).view(nb, r_new, r_new + 1)
+                del flat
                 elim, idx = elim.gather(1, keep), idx.gather(1, keep)
                 gid = None if gid is None else gid.gather(1, keep)
                 r = r_new
@@ -101,9 +130,9 @@ def _greedy(h, elim, steps, floor, gid=None, cnt=None, n=0):
         s = w.square().div_(diag)
         closed = elim if gid is None else elim | (cnt.gather(1, gid) >= n)
         sp, p = s.masked_fill_(closed, float("inf")).min(1)
-        hist[:, t] = sp
+        hist.append(sp)
         p1 = p.unsqueeze(1)
-        piv[:, t] = idx.gather(1, p1).squeeze(1)
+        piv.append(idx.gather(1, p1))
         row = h.gather(1, p1.unsqueeze(2).expand(nb, 1, r + 1))  # [H[p, :], w_p], H symmetric
         u = row[:, 0, :r] / diag.gather(1, p1)
         if t < t_all:
@@ -116,7 +145,9 @@ def _greedy(h, elim, steps, floor, gid=None, cnt=None, n=0):
             cnt.scatter_add_(1, gid.gather(1, p1), (steps > t).unsqueeze(1).long())
         h.addcmul_(u.unsqueeze(2), row, value=-1.0)
     done = torch.arange(T, device=dev) >= steps.unsqueeze(1)
+    piv = torch.cat(piv, 1) if T else torch.empty((nb, 0), dtype=torch.long, device=dev)
     piv.masked_fill_(done, -1)
+    hist = torch.stack(hist, 1) if T else torch.empty((nb, 0), dtype=h.dtype, device=dev)
     cum = hist.masked_fill_(done, 0.0).mul_(0.5).cumsum(1)
     out = torch.zeros((nb, B), dtype=h.dtype, device=dev)
     out.scatter_(1, idx, h[:, :, r].masked_fill(elim, 0.0))
@@ -139,27 +170,18 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None):
     losses = torch.empty((n_b, B), dtype=torch.float32, device=dev)
     W_new = None if nm is None else torch.empty((n_b, B), dtype=torch.float64, device=dev)
     ar = torch.arange(B, device=dev)
-    for i in range(0, n_b, bs):
+
+    def batch(i: int) -> None:
         bi = perm[i : i + bs]
         nb = bi.numel()
         Hb = H[i : i + nb] if contiguous else H[bi]  # a slice avoids a float32 copy
-        # w rides along as column B of an augmented [H | w]: one rank-1 update moves both.
-        aug = torch.empty((nb, B, B + 1), dtype=torch.float64, device=dev)
-        h, w = aug[:, :, :B], aug[:, :, B]
-        h.copy_(Hb)
-        w.copy_(W[bi])
-        if not torch.isfinite(aug.sum()):  # per batch: no H-sized temporary
-            raise NumericalError("CAP received NaN/Inf in the inverse Fisher blocks")
         elim, steps = pre[bi].clone(), steps_all[bi]
-        floor = h.diagonal(dim1=1, dim2=2).amax(1, keepdim=True).clamp_min(1e-300) * _PIVOT_FLOOR
-        _pre_eliminate(w, h, elim)
         gid = cnt = None
         if nm is not None:
             n, m, valid_groups = nm
             gid = (ar // m).expand(nb, B)
             cnt = torch.where(valid_groups[bi], elim.view(nb, -1, m).sum(2), n)
-        piv, cum, w = _greedy(aug, elim, steps, floor, gid, cnt, nm[0] if nm else 0)
-        del aug, h
+        piv, cum, w = _greedy(Hb, W[bi], elim, steps, gid, cnt, nm[0] if nm else 0)
         if W_new is not None:
             W_new[bi] = w
         # Order: pre-eliminated coordinates by index, the pivots, then the survivors by index.
@@ -174,6 +196,8 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None):
         in_order = loss.gather(1, o).cummax(1).values  # absorbs rounding, keeps prefixes
         order[bi] = o.to(order.dtype)
         losses[bi] = loss.scatter_(1, o, in_order).float()
+
+    _serially(batch, n_b, bs, dev)
     return order, losses, W_new
 
 
@@ -215,6 +239,7 @@ def cap_reconstruct(
     H_SS y = w_S, then w_S = 0 exactly. Blocks are sorted by k and solved in batches with a
     Cholesky of H_SS padded by the identity (LU fallback). Returns W_new (n_b, B) in W's dtype.
     """
+    _check(W, H, order)
     n_b, B = W.shape
     counts = counts.to(device=W.device, dtype=torch.long)
     if counts.shape != (n_b,) or bool((counts < 0).any() | (counts > B).any()):
@@ -225,7 +250,8 @@ def cap_reconstruct(
     perm = torch.argsort(counts, descending=True, stable=True)
     perm = perm[counts[perm] > 0]
     rows = torch.arange(B, device=W.device).view(1, B, 1)
-    for i in range(0, perm.numel(), bs):
+
+    def batch(i: int) -> None:
         bi = perm[i : i + bs]
         k = counts[bi]
         kmax = int(k[0])
@@ -248,6 +274,8 @@ def cap_reconstruct(
         if not torch.isfinite(w).all():
             raise NumericalError("CAP reconstruction produced NaN/Inf: H_SS is singular")
         W_new[bi] = w.to(W.dtype)
+
+    _serially(batch, perm.numel(), bs, W.device)
     return W_new
 
 
@@ -267,13 +295,18 @@ def prefix_counts(order: torch.Tensor, prune: torch.Tensor, valid: torch.Tensor 
     return removed.sum(1)
 
 
-def prefix_mask(order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Keep-mask (n_b, B) bool, False on the first ``counts[b]`` coordinates of each order."""
+def prefix_mask(
+    order: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Keep-mask (n_b, B) bool, False on the first ``counts[b]`` coordinates of each order.
+
+    Padded coordinates (valid False) are reported as kept so they never count as pruned.
+    """
     n_b, B = order.shape
     first = torch.arange(B, device=order.device) < counts.to(order.device).unsqueeze(1)
-    return torch.ones((n_b, B), dtype=torch.bool, device=order.device).scatter_(
-        1, order.long(), ~first
-    )
+    mask = torch.ones((n_b, B), dtype=torch.bool, device=order.device)
+    mask.scatter_(1, order.long(), ~first)
+    return mask if valid is None else mask | ~valid.bool()
 
 
 def cap_nm_prune(
@@ -308,5 +341,5 @@ def cap_nm_prune(
     need = (n - pre.view(n_b, -1, m).sum(2)).clamp_min(0) * valid_groups
     steps = need.sum(1)
     order, _, W_new = _run(W, H, pre, steps, blocks_per_batch, (n, m, valid_groups))
-    mask = prefix_mask(order, pre.sum(1) + steps)  # pre-eliminated, then the greedy picks
-    return W_new.to(W.dtype), mask if valid is None else mask | ~valid.bool()
+    mask = prefix_mask(order, pre.sum(1) + steps, valid)  # pre-eliminated, then greedy picks
+    return W_new.to(W.dtype), mask

@@ -28,8 +28,8 @@ def accumulate_shared_fisher(
 
     grads (c, d): c flattened gradients of one layer; each is zero-padded to a multiple of B and
     viewed as (ceil(d / B), B), so padded coordinates get zero rows and columns. out (B, B) is
-    updated in place (created as float64 zeros when None); the product is one GEMM in the
-    gradients' dtype.
+    updated in place (created as float64 zeros on the gradients' device when None; it may live
+    on another device); the product is one GEMM in the gradients' dtype on their device.
     """
     if grads.dim() != 2 or B < 1:
         raise RecipeError(f"grads must be (c, d) and B >= 1; got {tuple(grads.shape)}, B={B}")
@@ -40,7 +40,7 @@ def accumulate_shared_fisher(
         out = torch.zeros((B, B), dtype=torch.float64, device=grads.device)
     elif out.shape != (B, B):
         raise RecipeError(f"out must have shape ({B}, {B}), got {tuple(out.shape)}")
-    out += (g.mT @ g).to(out.dtype)
+    out += (g.mT @ g).to(device=out.device, dtype=out.dtype)
     return out
 
 

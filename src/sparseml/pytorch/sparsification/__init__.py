@@ -1,10 +1,8 @@
 """``from sparseml.pytorch.sparsification import <ModifierClass>``."""
 
-from sparseml import modifiers as _modifiers
 from sparseml.manager import ScheduledModifierManager
-from sparseml.registry import modifier_names
+from sparseml.registry import modifier_classes
 
-for _name in modifier_names():
-    globals()[_name] = getattr(_modifiers, _name)
+globals().update(modifier_classes())
 
-__all__ = ["ScheduledModifierManager", *modifier_names()]
+__all__ = ["ScheduledModifierManager", *modifier_classes()]

@@ -1,10 +1,8 @@
 """``from sparseml.pytorch.sparsification.pruning import <PruningModifierClass>``."""
 
-from sparseml import modifiers as _modifiers
-from sparseml.registry import modifier_names
+from sparseml.registry import modifier_classes
 
-for _name in modifier_names():
-    if _name.endswith("PruningModifier"):
-        globals()[_name] = getattr(_modifiers, _name)
+_PRUNING = {k: v for k, v in modifier_classes().items() if k.endswith("PruningModifier")}
+globals().update(_PRUNING)
 
-__all__ = [n for n in modifier_names() if n.endswith("PruningModifier")]
+__all__ = list(_PRUNING)

@@ -1,0 +1,359 @@
+#!/usr/bin/env python
+"""One-shot pruning sweeps: prune a trained timm model to several sparsities with one recipe.
+
+For each sparsity a copy of the dense model is pruned by the recipe's pruning modifier
+(``init_sparsity = final_sparsity = s``, ``manager.apply``), evaluated, and one row is appended
+to ``results.jsonl`` / ``results.csv`` in ``--output_dir`` at once. A rerun skips the rows
+already there, so a killed sweep resumes where it stopped. At the end a table is printed and
+``accuracy_vs_sparsity.png`` drawn (one curve per method found in the results).
+
+    python research/one_shot_pruning.py --dataset digits --checkpoint_path dense.pth \
+        --sparseml_recipe research/recipes/one_shot/cap_digits.yaml --gs_loader -gb 32 \
+        --sparsities 0.5 0.7 0.9 --output_dir output/one_shot
+    torchrun --nproc_per_node=2 research/one_shot_pruning.py ...   # gradients from all ranks
+
+Options take dashed or underscored spellings (``--data-dir`` / ``--data_dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from utils.compat import ensure_torchvision
+
+ensure_torchvision()
+
+import torch  # noqa: E402
+from timm.data import create_loader, resolve_data_config  # noqa: E402
+from timm.models import create_model, safe_model_name  # noqa: E402
+from timm.utils import ParseKwargs, random_seed  # noqa: E402
+
+from sparseml.errors import RecipeError, SparsificationError  # noqa: E402
+from sparseml.sparsity import ModuleSparsificationInfo  # noqa: E402
+from utils import models as _models  # noqa: E402, F401  (registers vit_digits, resnet_digits)
+from utils import one_shot as osp  # noqa: E402
+from utils import results as res  # noqa: E402
+from utils.data import resolve_data_dir  # noqa: E402
+from utils.distributed import cleanup, gather_objects, init_distributed, is_primary  # noqa: E402
+from utils.errors import SetupError  # noqa: E402
+
+_logger = logging.getLogger("one_shot")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+
+    def opt(*names: str, **kwargs: Any) -> None:
+        spellings = list(names)
+        for name in names:
+            if name.startswith("--"):
+                for alt in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
+                    if alt not in spellings:
+                        spellings.append(alt)
+        p.add_argument(*spellings, **kwargs)
+
+    opt("--model", default="vit_digits", help="timm model name")
+    opt("--pretrained", action="store_true", help="timm pretrained weights (needs them cached)")
+    opt("--checkpoint_path", default="", help="dense weights (state dict or training checkpoint)")
+    opt("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="k=v for create_model")
+    opt("--num-classes", type=int, default=None)
+    opt(
+        "--img-size",
+        type=int,
+        default=None,
+        help="data input size (ViTs: also --model-kwargs img_size=N)",
+    )
+    opt("--dataset", default="", help="'digits', '' or imagenet (ImageFolder), torch/<name>, ...")
+    opt("--data_dir", default=None, help="dataset root (digits: where to cache it)")
+    opt("--train-split", default="train")
+    opt("--val-split", default="validation")
+    opt("--seed", type=int, default=42)
+    opt("--sparseml_recipe", required=True, help="recipe with one pruning modifier")
+    opt("--recipe_variables", default="", help="override recipe variables: JSON or k=v,k2=v2")
+    opt("--sparsities", type=float, nargs="+", default=[], help="default: recipe final_sparsity")
+    opt("--method", default="", help="name of this method in results (default: recipe file name)")
+    opt("-vb", "--val_batch_size", type=int, default=128)
+    opt("--workers", type=int, default=4, help="data loader processes")
+    opt("--gs_loader", action="store_true", help="grad sampler over the training data")
+    opt("-gb", "--grad_sampler_batch_size", type=int, default=128)
+    opt("--gs-no-aug", action="store_true", help="grad sampler without train augmentation")
+    opt("--grad-cache-mb", type=float, default=2048, help="reuse dense gradients up to this size")
+    opt("--no_prefetcher", action="store_true")
+    opt("--pin_mem", action="store_true")
+    opt("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    opt("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    opt("--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    opt("--timeout", type=int, default=1800, help="process group timeout in seconds")
+    opt("--output_dir", default="./output/one-shot")
+    opt("--save_model", action="store_true", help="save each pruned state dict")
+    opt("--no_report", action="store_true", help="no table and plot at the end")
+    opt("--overwrite", action="store_true", help="recompute rows made with other settings")
+    opt("--log_wandb", action="store_true")
+    opt("--wandb-project", default="cap_one_shot")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if "LOCAL_RANK" in os.environ:
+        args.local_rank = int(os.environ["LOCAL_RANK"])
+    args.sparsities = osp.check_sparsities(args.sparsities)
+    args.method = args.method or Path(args.sparseml_recipe).stem
+    if args.method == res.DENSE:
+        raise SetupError(f"--method {res.DENSE!r} is reserved for the dense model's row")
+    return args
+
+
+def check_recipe(args: argparse.Namespace) -> Any:
+    """Load the recipe once to fail fast; fill in default sparsities. Returns the modifier."""
+    if not Path(args.sparseml_recipe).is_file():
+        raise SetupError(f"recipe {args.sparseml_recipe} does not exist")
+    pruner = osp.pruning_modifier(
+        osp.load_one_shot_manager(args.sparseml_recipe, None, args.recipe_variables)
+    )
+    if not args.sparsities:
+        args.sparsities = [float(pruner.final_sparsity)]
+    for s in args.sparsities:  # e.g. an N:M mask allows only s = N/M
+        try:
+            osp.load_one_shot_manager(args.sparseml_recipe, s, args.recipe_variables)
+        except RecipeError as err:
+            raise SetupError(f"--sparsities {s:g} does not fit the recipe: {err}") from err
+    if osp.needs_gradients(pruner) and not args.gs_loader:
+        raise SetupError(
+            f"{type(pruner).__name__} needs gradient samples: add --gs_loader "
+            "(with -gb/--grad_sampler_batch_size N) to sample them from the training split"
+        )
+    return pruner
+
+
+def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    random_seed(args.seed, 0)  # identical initial weights on every rank
+    kwargs = dict(args.model_kwargs)
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    try:
+        model = create_model(args.model, pretrained=args.pretrained, **kwargs)
+    except (RuntimeError, OSError, ValueError) as err:  # unknown name, weights not cached
+        raise SetupError(f"cannot build model {args.model!r}: {err}") from err
+    digest = ""
+    if args.checkpoint_path:
+        osp.load_weights(model, args.checkpoint_path)
+        digest = osp.file_digest(args.checkpoint_path)
+    return model, digest
+
+
+def plan_sweep(args, dense_settings: dict, method_settings: dict) -> dict[str, Any]:
+    """Rank 0 reads the results and decides what is left to do; every rank gets the plan."""
+    plan: dict[str, Any] = {"error": None, "dense": True, "sparsities": []}
+    if is_primary(args):
+        try:
+            plan.update(
+                res.plan_resume(
+                    args.output_dir,
+                    args.method,
+                    args.sparsities,
+                    {res.DENSE: dense_settings, args.method: method_settings},
+                    args.overwrite,
+                )
+            )
+        except SetupError as err:
+            plan["error"] = str(err)
+    plan = gather_objects(args, plan)[0]
+    if plan["error"]:
+        raise SetupError(plan["error"])
+    return plan
+
+
+def make_row(
+    args, method: str, modifier: str, sparsity: float, metrics: dict, **extra: Any
+) -> dict:
+    return {
+        "method": method,
+        "modifier": modifier,
+        "sparsity": sparsity,
+        "accuracy": metrics["accuracy"],
+        "top5": metrics["top5"],
+        "loss": metrics["loss"],
+        "samples": metrics["samples"],
+        "model": args.model,
+        "recipe": args.sparseml_recipe if method != res.DENSE else "",
+        "device": args.device,
+        "world_size": args.world_size,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
+def prune_one(args, dense, sparsity: float, device, loaders: dict, cache) -> dict[str, Any]:
+    """Prune a copy of ``dense`` to ``sparsity``; evaluate it; return the row (and the model)."""
+    random_seed(args.seed, args.rank)  # same gradient batches for every sparsity
+    manager = osp.load_one_shot_manager(args.sparseml_recipe, sparsity, args.recipe_variables)
+    pruner = osp.pruning_modifier(manager)
+    model = copy.deepcopy(dense)
+    kwargs = {}
+    if osp.needs_gradients(pruner):
+        kwargs["grad_sampler"] = osp.grad_sampler_for(pruner, loaders["gs"], cache)
+    osp.reset_peak_memory(device)
+    start = time.perf_counter()
+    manager.apply(model, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak, kind = osp.peak_memory_mb(device)
+    start = time.perf_counter()
+    metrics = osp.evaluate(model, loaders["val"], device)
+    per_layer, measured = osp.layer_sparsity(model, [r.name for r in pruner.refs])
+    summary = ModuleSparsificationInfo(model).params_summary
+    row = make_row(
+        args,
+        args.method,
+        type(pruner).__name__,
+        sparsity,
+        metrics,
+        measured_sparsity=measured,
+        prunable_sparsity=summary["prunable_sparsity_percent"] / 100.0,
+        seconds=seconds,
+        eval_seconds=time.perf_counter() - start,
+        peak_mem_mb=peak,
+        mem_kind=kind,
+        layer_sparsity=per_layer,
+    )
+    return {"row": row, "model": model}
+
+
+def build_loaders(args, model, device, needs_grads: bool) -> tuple[dict, dict]:
+    name, root = resolve_data_dir(args.dataset, args.data_dir)
+    cfg = resolve_data_config({"img_size": args.img_size}, model=model, verbose=is_primary(args))
+    options = osp.loader_options(args, cfg, device)
+    val = osp.open_dataset(name, root, args.val_split, False, args.rank, args.world_size)
+    loaders = {
+        "val": create_loader(val, batch_size=args.val_batch_size, is_training=False, **options)
+    }
+    if needs_grads:
+        train = osp.open_dataset(name, root, args.train_split, True, args.rank, args.world_size)
+        loaders["gs"] = osp.GradSamplerData(
+            train, options, args.grad_sampler_batch_size, augment=not args.gs_no_aug
+        )
+        loaders["gs"].loader(args.grad_sampler_batch_size)  # batch size check before any work
+    return loaders, cfg
+
+
+def finish(args, out_dir: Path, wandb: Any) -> list[dict]:
+    rows = list(res.latest_rows(res.read_rows(out_dir)).values())
+    print(res.format_table(rows))
+    plot = res.plot_accuracy(rows, out_dir / res.PLOT)
+    print(f"Results: {out_dir / res.JSONL}, {out_dir / res.CSV}; plot: {plot}")
+    if wandb is not None:
+        res.wandb_final(wandb, rows, plot)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    pruner = check_recipe(args)
+    needs_grads = osp.needs_gradients(pruner)
+    resolve_data_dir(args.dataset, args.data_dir)  # missing data: fail before the model loads
+    device = init_distributed(args)
+    if not is_primary(args):
+        _logger.setLevel(logging.WARNING)
+    try:
+        return sweep(args, pruner, needs_grads, device)
+    finally:
+        cleanup(args)
+
+
+def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[str, Any]]:
+    dense, digest = build_model(args)
+    dense.to(device).eval()
+    osp.broadcast_model(dense)
+    dense_settings = {
+        "model": args.model,
+        "checkpoint": digest,
+        "pretrained": args.pretrained,
+        "model_kwargs": dict(args.model_kwargs),
+        "num_classes": args.num_classes,
+        "img_size": args.img_size,
+        "dataset": args.dataset,
+        "val_split": args.val_split,
+    }
+    method_settings = {**dense_settings, **osp.modifier_settings(pruner), "seed": args.seed}
+    if needs_grads:
+        method_settings.update(
+            gs_batch_size=args.grad_sampler_batch_size,
+            gs_aug=not args.gs_no_aug,
+            train_split=args.train_split,
+            world_size=args.world_size,
+        )
+    plan = plan_sweep(args, dense_settings, method_settings)
+    out_dir = Path(args.output_dir)
+    wandb = None
+    if is_primary(args):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if args.log_wandb:
+            config = {
+                k: v for k, v in vars(args).items() if isinstance(v, str | int | float | list)
+            }
+            config["recipe_text"] = Path(args.sparseml_recipe).read_text()
+            wandb = res.wandb_start(args.wandb_project, args.method, config, out_dir)
+    if plan["dense"] or plan["sparsities"]:
+        loaders, _ = build_loaders(args, dense, device, needs_grads)
+    if plan["dense"]:
+        start = time.perf_counter()
+        metrics = osp.evaluate(dense, loaders["val"], device)
+        row = make_row(args, res.DENSE, "", 0.0, metrics, eval_seconds=time.perf_counter() - start)
+        row.update(measured_sparsity=0.0, seconds=0.0, settings=dense_settings)
+        if is_primary(args):
+            res.append_row(out_dir, row)
+        _logger.info("Dense: top-1 %.2f%%, loss %.4f", metrics["accuracy"], metrics["loss"])
+    cache = None
+    if needs_grads and args.grad_cache_mb > 0:
+        cache = osp.GradCache(dense, int(args.grad_cache_mb * 2**20))
+    for sparsity in plan["sparsities"]:
+        done = prune_one(args, dense, sparsity, device, loaders, cache)
+        row = {**done["row"], "settings": method_settings}
+        _logger.info(
+            "%s @ %.3f: top-1 %.2f%%, loss %.4f, measured sparsity %.4f, %.1f s",
+            args.method,
+            sparsity,
+            row["accuracy"],
+            row["loss"],
+            row["measured_sparsity"],
+            row["seconds"],
+        )
+        if is_primary(args):
+            res.append_row(out_dir, row)
+            if args.save_model:
+                name = f"{safe_model_name(args.model)}_{args.method}_sparsity={sparsity:g}.pth"
+                osp.save_state_dict(done["model"], out_dir / name)
+            if wandb is not None:
+                keys = ("accuracy", "top5", "loss", "measured_sparsity", "seconds")
+                wandb.log({"sparsity": sparsity, **{f"val/{k}": row[k] for k in keys}})
+        del done
+    if cache is not None and plan["sparsities"]:
+        _logger.info("Gradient samples reused %d times, drawn %d times", cache.hits, cache.misses)
+    if not is_primary(args):
+        return []
+    if args.no_report:
+        if wandb is not None:
+            wandb.finish()
+        return list(res.latest_rows(res.read_rows(out_dir)).values())
+    return finish(args, out_dir, wandb)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (SetupError, SparsificationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

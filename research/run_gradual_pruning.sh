@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Gradual pruning with sparse_training.py. Runs as is (offline digits data, vit_digits, a
+# short global-magnitude recipe, 2 processes via torchrun on CPU); every setting below can be
+# overridden from the environment, e.g.
+#   RECIPE=recipes/gradual_pruning/<cap recipe>.yaml GS_BATCH_SIZE=128 MODEL=deit_small_patch16_224 \
+#   CONFIG=configs/deit.yaml DATASET= DATA_DIR=/data/imagenet PRETRAINED=1 ./run_gradual_pruning.sh
+# Extra arguments are passed on to sparse_training.py.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+PYTHON=${PYTHON:-python}
+DATASET=${DATASET-digits}                 # '' = ImageFolder root in DATA_DIR
+DATA_DIR=${DATA_DIR:-}                    # digits: cache folder (default ~/.cache/cap_sparse/digits)
+MODEL=${MODEL:-vit_digits}
+CONFIG=${CONFIG:-$HERE/configs/digits_vit.yaml}
+RECIPE=${RECIPE:-$HERE/recipes/gradual_pruning/gm_digits.yaml}
+if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+  IFS=',' read -ra _GPUS <<< "$CUDA_VISIBLE_DEVICES"
+  NUM_PROC=${NUM_PROC:-${#_GPUS[@]}}
+fi
+NUM_PROC=${NUM_PROC:-2}
+LAUNCHER=${LAUNCHER:-torchrun}            # torchrun | legacy (torch.distributed.launch) | python
+PORT=${PORT:-}                            # empty: torchrun picks a free port
+EPOCHS=${EPOCHS:-}                        # only used when the recipe does not set the LR
+BATCH_SIZE=${BATCH_SIZE:-16}              # per process
+VAL_BATCH_SIZE=${VAL_BATCH_SIZE:-256}
+WORKERS=${WORKERS:-0}
+GS_BATCH_SIZE=${GS_BATCH_SIZE:-}          # set for OBS/CAP/FastCAP recipes (adds --gs-loader)
+CHECKPOINT_FREQ=${CHECKPOINT_FREQ:--1}
+PRETRAINED=${PRETRAINED:-0}
+AMP=${AMP:-0}
+LOG_WANDB=${LOG_WANDB:-0}
+OUTPUT=${OUTPUT:-$HERE/output}
+EXPERIMENT=${EXPERIMENT:-$(basename "${RECIPE%.*}")_${MODEL}}
+export WANDB_MODE=${WANDB_MODE:-offline}
+[[ -n "${WANDB_ENTITY:-}" ]] && export WANDB_ENTITY
+[[ -n "${WANDB_PROJECT:-}" ]] && export WANDB_PROJECT
+[[ -n "${WANDB_NAME:-}" ]] && export WANDB_NAME
+
+ARGS=(
+  --config "$CONFIG" --dataset "$DATASET" --model "$MODEL" --sparseml-recipe "$RECIPE"
+  --experiment "$EXPERIMENT" --output "$OUTPUT" -b "$BATCH_SIZE" -vb "$VAL_BATCH_SIZE"
+  --workers "$WORKERS" --checkpoint-freq "$CHECKPOINT_FREQ" --log-sparsity --save-last
+  --timeout 18000
+)
+[[ -n "$DATA_DIR" ]] && ARGS+=(--data-dir "$DATA_DIR")
+[[ -n "$EPOCHS" ]] && ARGS+=(--epochs "$EPOCHS")
+[[ -n "$GS_BATCH_SIZE" ]] && ARGS+=(--gs-loader -gb "$GS_BATCH_SIZE")
+[[ "$PRETRAINED" == 1 ]] && ARGS+=(--pretrained)
+[[ "$AMP" == 1 ]] && ARGS+=(--amp)
+[[ "$LOG_WANDB" == 1 ]] && ARGS+=(--log-wandb --log-param-histogram)
+
+SCRIPT="$HERE/sparse_training.py"
+case "$LAUNCHER" in
+  torchrun)
+    RDZV=(--standalone)
+    [[ -n "$PORT" ]] && RDZV=(--master_port="$PORT")
+    exec "$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc_per_node="$NUM_PROC" \
+      "$SCRIPT" "${ARGS[@]}" "$@" ;;
+  legacy)
+    exec "$PYTHON" -m torch.distributed.launch --nproc_per_node="$NUM_PROC" \
+      --master_port="${PORT:-$((29500 + RANDOM % 2000))}" "$SCRIPT" "${ARGS[@]}" "$@" ;;
+  python)
+    exec "$PYTHON" "$SCRIPT" "${ARGS[@]}" "$@" ;;
+  *)
+    echo "LAUNCHER must be torchrun, legacy or python (got '$LAUNCHER')" >&2; exit 2 ;;
+esac

@@ -1,0 +1,271 @@
+#!/usr/bin/env python
+"""Gradual sparse training of timm models driven by a SparseML-style recipe.
+
+A thin version of timm's ``train.py`` with CAP's additions: the recipe manager wraps the
+optimizer so modifiers (pruning, LR schedule) fire inside ``optimizer.step()``; an optional
+grad-sampler loader feeds second-order pruners; checkpoints also hold the masks, so ``--resume``
+continues with identical masks and schedule. Without ``--sparseml-recipe`` it trains dense.
+
+    python research/sparse_training.py --config research/configs/digits_vit.yaml \
+        --dataset digits --sparseml-recipe research/recipes/gradual_pruning/gm_digits.yaml
+    torchrun --nproc_per_node=2 research/sparse_training.py ...   # or torch.distributed.launch
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from utils.compat import ensure_torchvision
+
+ensure_torchvision()
+
+import torch  # noqa: E402
+from timm.layers import convert_sync_batchnorm  # noqa: E402
+from timm.models import safe_model_name  # noqa: E402
+from timm.optim import create_optimizer_v2, optimizer_kwargs  # noqa: E402
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs  # noqa: E402
+from timm.utils import ModelEmaV3, distribute_bn, random_seed  # noqa: E402
+
+from sparseml.errors import SparsificationError  # noqa: E402
+from sparseml.sparsity import ModuleSparsificationInfo  # noqa: E402
+from utils import checkpoint as ckpt_io  # noqa: E402
+from utils import logging_utils as logs  # noqa: E402
+from utils import training  # noqa: E402
+from utils.cli import parse_args  # noqa: E402
+from utils.data import create_datasets, infinite_batches  # noqa: E402
+from utils.distributed import cleanup, gather_objects, init_distributed, is_primary  # noqa: E402
+from utils.engine import train_one_epoch, validate  # noqa: E402
+from utils.errors import SetupError  # noqa: E402
+from utils.summary import append_summary, summary_row  # noqa: E402
+
+_logger = logging.getLogger("sparse_training")
+
+
+def load_recipe(args: Any) -> Any:
+    """The recipe manager, or None for dense training. Bad recipes fail here, before training."""
+    if not args.sparseml_recipe:
+        return None
+    if not Path(args.sparseml_recipe).is_file():
+        raise SetupError(f"recipe {args.sparseml_recipe} does not exist")
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    return ScheduledModifierManager.from_yaml(args.sparseml_recipe)
+
+
+def wire_manager(args, manager, model, optimizer, gs_builder, gs_loss, updates, start_epoch):
+    """Wrap the optimizer; return it with the epoch count and whether timm drives the LR."""
+    kwargs = {}
+    if gs_builder is not None:
+        kwargs["grad_sampler"] = {"data_loader_builder": gs_builder, "loss_fn": gs_loss}
+    # The unwrapped model: stable parameter names and grad-sampler passes outside DDP.
+    optimizer = manager.modify(
+        model, optimizer, steps_per_epoch=updates, epoch=start_epoch, **kwargs
+    )
+    recipe_sets_lr = bool(manager.learning_rate_modifiers)
+    num_epochs = manager.max_epochs if recipe_sets_lr and manager.max_epochs > 0 else args.epochs
+    if recipe_sets_lr:
+        _logger.info("Recipe sets the learning rate: timm scheduler off, %d epochs", num_epochs)
+    return optimizer, num_epochs, not recipe_sets_lr
+
+
+def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> None:
+    """Rank-0 bookkeeping: summary row, W&B, sparsity JSON, checkpoints (all ranks call it)."""
+    model, manager, out_dir = state["model"], state["manager"], state["out_dir"]
+    # Collective (every rank): per-rank RNG states for exact resume, and a mask check.
+    gathered = gather_objects(args, (ckpt_io.rng_state(), logs.zero_pattern_digest(model)))
+    if not is_primary(args):
+        return
+    rng = [g[0] for g in gathered]
+    if args.distributed:
+        logs.report_rank_agreement(epoch, [g[1] for g in gathered])
+    sparsity = logs.scheduled_sparsity(manager, epoch)
+    summary = ModuleSparsificationInfo(model).params_summary
+    lrs = [g["lr"] for g in state["optimizer"].param_groups]
+    row = summary_row(epoch, train_metrics, eval_metrics, lr=sum(lrs) / len(lrs))
+    row.update(sparsity=sparsity, **summary)
+    append_summary(out_dir / "summary.csv", row)
+    if state["wandb"] is not None:
+        hists = {}
+        if args.log_param_histogram:
+            hists = logs.param_histograms(state["wandb"], model)
+        state["wandb"].log({**row, **hists})
+    _logger.info(
+        "Epoch %d: top1 %.2f, scheduled sparsity %.4f, prunable sparsity %.2f%%",
+        epoch,
+        eval_metrics["top1"],
+        sparsity,
+        summary["prunable_sparsity_percent"],
+    )
+    if args.log_sparsity and logs.is_update_epoch(manager, epoch):
+        logs.write_sparsity_distribution(out_dir, epoch, model)
+        state["best_metric"] = None  # best checkpoint tracked per sparsity level
+    name = safe_model_name(args.model)
+    metric = eval_metrics[args.eval_metric]
+    save = dict(
+        model=model,
+        optimizer=state["optimizer"],
+        epoch=epoch,
+        arch=args.model,
+        scaler=state["scaler"],
+        ema=state["ema"].module if state["ema"] is not None else None,
+        manager=manager,
+        metric=metric,
+        rng=rng,
+    )
+    if args.checkpoint_freq > 0 and epoch % args.checkpoint_freq == 0:
+        ckpt_io.save_checkpoint(out_dir / f"{name}_epoch={epoch}.pth", **save)
+    if args.save_last:
+        ckpt_io.save_checkpoint(out_dir / f"{name}_last.pth", **save)
+    best = state["best_metric"]
+    if best is None or (metric < best if "loss" in args.eval_metric else metric > best):
+        state["best_metric"] = metric
+        ckpt_io.save_checkpoint(out_dir / f"{name}_sparsity={sparsity:.2f}_best.pth", **save)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args(argv)
+    manager = load_recipe(args)
+    train_ds, eval_ds = create_datasets(args)
+    device = init_distributed(args)
+    if not is_primary(args):
+        _logger.setLevel(logging.WARNING)
+    random_seed(args.seed, args.rank)
+
+    model = training.build_model(args)
+    cfg = training.data_config(args, model, verbose=is_primary(args))
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        args.dist_bn = ""
+        model = convert_sync_batchnorm(model)
+    training.resolve_lr(args)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    amp_autocast, scaler = training.setup_amp(args, device)
+
+    resumed = ckpt_io.load_checkpoint(args.resume) if args.resume else None
+    ckpt_io.restore_training_state(resumed, args, model, optimizer, scaler)
+    ema = None
+    if args.model_ema:
+        ema = ModelEmaV3(
+            model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None
+        )
+        if resumed is not None and resumed.get("ema"):
+            ema.module.load_state_dict(resumed["ema"])
+    train_model = model
+    if args.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=not args.no_ddp_bb,
+        )
+
+    loader_train, loader_eval, mixup_fn = training.build_loaders(
+        args, cfg, train_ds, eval_ds, device
+    )
+    mixup_active = mixup_fn is not None or getattr(loader_train, "mixup_enabled", False)
+    train_loss, eval_loss = training.build_losses(args, mixup_active)
+    train_loss, eval_loss = train_loss.to(device), eval_loss.to(device)
+    updates_per_epoch = math.ceil(len(loader_train) / args.grad_accum_steps)
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer,
+        **scheduler_kwargs(args, decreasing_metric="loss" in args.eval_metric),
+        updates_per_epoch=updates_per_epoch,
+    )
+    start_epoch = 0
+    if resumed is not None and not args.no_resume_epoch:
+        start_epoch = resumed["epoch"] + 1
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+
+    if manager is not None:
+        gs_builder = None
+        if args.gs_loader:
+            gs_builder = infinite_batches(
+                training.build_gs_loader(args, cfg, train_ds, device), device
+            )
+        optimizer, num_epochs, timm_lr = wire_manager(
+            args, manager, model, optimizer, gs_builder, eval_loss, updates_per_epoch, start_epoch
+        )
+        lr_scheduler = lr_scheduler if timm_lr else None
+        if resumed is not None and resumed.get("manager") and not args.no_resume_epoch:
+            manager.load_state_dict(resumed["manager"])
+            # modify() may already have pruned ahead to the resume epoch's sparsity; the saved
+            # weights and optimizer state are the exact point the interrupted run stopped at.
+            ckpt_io.restore_training_state(resumed, args, model, optimizer, scaler)
+    if lr_scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+
+    state = dict(model=model, manager=manager, optimizer=optimizer, scaler=scaler, ema=ema)
+    state.update(out_dir=None, wandb=None, best_metric=None)
+    if is_primary(args):
+        state["out_dir"] = training.output_dir(args, cfg)
+        recipe_copy = training.write_run_files(args, state["out_dir"])
+        if args.log_wandb:
+            state["wandb"] = logs.init_wandb(args, state["out_dir"], recipe_copy)
+        _logger.info("Output: %s; epochs %d..%d", state["out_dir"], start_epoch, num_epochs - 1)
+    if resumed is not None and resumed.get("rng") and len(resumed["rng"]) == args.world_size:
+        ckpt_io.set_rng_state(resumed["rng"][args.rank])
+
+    train_metrics, eval_metrics = {}, {}
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            if args.stop_epoch is not None and epoch >= args.stop_epoch:
+                break
+            if args.distributed and hasattr(loader_train.sampler, "set_epoch"):
+                loader_train.sampler.set_epoch(epoch)
+            train_metrics = train_one_epoch(
+                epoch,
+                train_model,
+                loader_train,
+                optimizer,
+                train_loss,
+                args,
+                device=device,
+                amp_autocast=amp_autocast,
+                loss_scaler=scaler,
+                lr_scheduler=lr_scheduler,
+                model_ema=ema,
+                mixup_fn=mixup_fn,
+            )
+            if args.distributed and args.dist_bn in ("broadcast", "reduce"):
+                distribute_bn(model, args.world_size, args.dist_bn == "reduce")
+            eval_metrics = validate(
+                train_model, loader_eval, args, device=device, amp_autocast=amp_autocast
+            )
+            if ema is not None:
+                if manager is not None:
+                    training.mask_ema_like_model(ema.module, model)
+                if logs.scheduled_sparsity(manager, epoch) == 0.0:
+                    eval_metrics = validate(
+                        ema.module, loader_eval, args, device=device, amp_autocast=amp_autocast
+                    )
+            end_of_epoch(args, state, epoch, train_metrics, eval_metrics)
+            if lr_scheduler is not None:
+                lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+    except KeyboardInterrupt:
+        _logger.warning("Interrupted; the last checkpoint (with --save-last) can be resumed")
+    if manager is not None:
+        manager.finalize(model)
+    if state["wandb"] is not None:
+        state["wandb"].finish()
+    _logger.info("Training completed: %s", eval_metrics)
+    cleanup(args)
+    return {"out_dir": state["out_dir"], "train": train_metrics, "eval": eval_metrics}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (SetupError, SparsificationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

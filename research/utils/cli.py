@@ -1,0 +1,217 @@
+"""Command line of ``sparse_training.py``: timm's ``train.py`` options plus CAP's additions.
+
+Precedence is command line > ``--config`` YAML > defaults below. Config keys are argparse
+destinations (``batch_size``); unknown keys are kept as attributes. Every dashed long option
+also accepts its underscored spelling (``--gs-batch-size`` / ``--gs_batch_size``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from timm.utils import ParseKwargs
+
+from .errors import SetupError
+
+
+def _spellings(names: Sequence[str]) -> list[str]:
+    out = list(names)
+    for name in names:
+        if name.startswith("--") and "-" in name[2:]:
+            alt = "--" + name[2:].replace("-", "_")
+            if alt not in out:
+                out.append(alt)
+    return out
+
+
+class _Group:
+    """Adds the underscored spelling of each dashed option of an argparse group."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def __call__(self, *names: str, **kwargs: Any) -> None:
+        self.group.add_argument(*_spellings(names), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Gradual sparse training of timm models with recipes")
+    p.add_argument("-c", "--config", default="", metavar="FILE", help="YAML of defaults")
+    a = _Group(p.add_argument_group("sparsification"))
+    a("--sparseml-recipe", default="", help="recipe YAML/markdown; without it, dense training")
+    a("--gs-loader", action="store_true", help="build a loader for the grad sampler")
+    a("-gb", "--gs-batch-size", type=int, default=None, help="grad sampler batch size")
+    a("--gs-no-training", action="store_true", help="grad sampler uses eval transforms")
+    a("--gs-no-aug", action="store_true", help="grad sampler without augmentation")
+    a("--gs-aa", action="store_true", help="grad sampler uses --aa auto-augment")
+    a("--gs-distributed", action="store_true", help="shard the grad sampler data over ranks")
+    a("--stop-epoch", type=int, default=None, help="end this run before this epoch (resumable)")
+    a = _Group(p.add_argument_group("dataset"))
+    p.add_argument("data", nargs="?", metavar="DIR", help="same as --data-dir")
+    a("--data-dir", default=None, help="dataset root (digits: where to cache it)")
+    a("--dataset", default="", help="'digits', '' (ImageFolder), torch/<name>, ...")
+    a("--train-split", default="train")
+    a("--val-split", default="validation")
+    a("--dataset-download", action="store_true")
+    a("--class-map", default="")
+    a = _Group(p.add_argument_group("model"))
+    a("--model", default="vit_digits")
+    a("--pretrained", action="store_true")
+    a("--initial-checkpoint", default="")
+    a("--resume", default="", help="checkpoint to continue from (masks, optimizer, epoch)")
+    a("--no-resume-opt", action="store_true")
+    a("--no-resume-epoch", action="store_true")
+    a("--num-classes", type=int, default=None)
+    a("--gp", default=None)
+    a("--img-size", type=int, default=None)
+    a("--in-chans", type=int, default=None)
+    a("--input-size", type=int, nargs=3, default=None)
+    a("--crop-pct", type=float, default=None)
+    a("--mean", type=float, nargs="+", default=None)
+    a("--std", type=float, nargs="+", default=None)
+    a("--interpolation", default="")
+    a("-b", "--batch-size", type=int, default=128)
+    a("-vb", "--validation-batch-size", type=int, default=None)
+    a("--channels-last", action="store_true")
+    a("--grad-accum-steps", type=int, default=1)
+    a("--grad-checkpointing", action="store_true")
+    a("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
+    a = _Group(p.add_argument_group("optimizer"))
+    a("--opt", default="sgd")
+    a("--opt-eps", type=float, default=None)
+    a("--opt-betas", type=float, nargs="+", default=None)
+    a("--momentum", type=float, default=0.9)
+    a("--weight-decay", type=float, default=2e-5)
+    a("--clip-grad", type=float, default=None)
+    a("--clip-mode", default="norm")
+    a("--layer-decay", type=float, default=None)
+    a("--opt-kwargs", nargs="*", default={}, action=ParseKwargs)
+    a = _Group(p.add_argument_group("learning rate schedule (timm; off when a recipe sets LR)"))
+    a("--sched", default="cosine")
+    a("--sched-on-updates", action="store_true")
+    a("--lr", type=float, default=None)
+    a("--lr-base", type=float, default=0.1)
+    a("--lr-base-size", type=int, default=256)
+    a("--lr-base-scale", default="")
+    a("--lr-noise", type=float, nargs="+", default=None)
+    a("--lr-noise-pct", type=float, default=0.67)
+    a("--lr-noise-std", type=float, default=1.0)
+    a("--lr-cycle-mul", type=float, default=1.0)
+    a("--lr-cycle-decay", type=float, default=0.5)
+    a("--lr-cycle-limit", type=int, default=1)
+    a("--lr-k-decay", type=float, default=1.0)
+    a("--warmup-lr", type=float, default=1e-5)
+    a("--min-lr", type=float, default=0.0)
+    a("--epochs", type=int, default=300)
+    a("--epoch-repeats", type=float, default=0.0)
+    a("--start-epoch", type=int, default=None)
+    a("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
+    a("--decay-epochs", type=float, default=90)
+    a("--warmup-epochs", type=int, default=5)
+    a("--warmup-prefix", action="store_true")
+    a("--cooldown-epochs", type=int, default=0)
+    a("--patience-epochs", type=int, default=10)
+    a("--decay-rate", "--dr", type=float, default=0.1)
+    a = _Group(p.add_argument_group("augmentation and regularisation"))
+    a("--no-aug", action="store_true")
+    a("--scale", type=float, nargs="+", default=[0.08, 1.0])
+    a("--ratio", type=float, nargs="+", default=[3.0 / 4.0, 4.0 / 3.0])
+    a("--hflip", type=float, default=0.5)
+    a("--vflip", type=float, default=0.0)
+    a("--color-jitter", type=float, default=0.4)
+    a("--aa", default=None)
+    a("--aug-repeats", type=float, default=0)
+    a("--reprob", type=float, default=0.0)
+    a("--remode", default="pixel")
+    a("--recount", type=int, default=1)
+    a("--resplit", action="store_true")
+    a("--mixup", type=float, default=0.0)
+    a("--cutmix", type=float, default=0.0)
+    a("--cutmix-minmax", type=float, nargs="+", default=None)
+    a("--mixup-prob", type=float, default=1.0)
+    a("--mixup-switch-prob", type=float, default=0.5)
+    a("--mixup-mode", default="batch")
+    a("--mixup-off-epoch", type=int, default=0)
+    a("--smoothing", type=float, default=0.1)
+    a("--bce-loss", action="store_true")
+    a("--train-interpolation", default="random")
+    a("--drop", type=float, default=0.0)
+    a("--drop-path", type=float, default=None)
+    a("--drop-block", type=float, default=None)
+    a("--bn-momentum", type=float, default=None)
+    a("--bn-eps", type=float, default=None)
+    a("--sync-bn", action="store_true")
+    a("--dist-bn", default="reduce", help="'broadcast', 'reduce' or '' (off)")
+    a("--model-ema", action="store_true")
+    a("--model-ema-force-cpu", action="store_true")
+    a("--model-ema-decay", type=float, default=0.9998)
+    a = _Group(p.add_argument_group("misc"))
+    a("--seed", type=int, default=42)
+    a("--log-interval", type=int, default=50)
+    a("--checkpoint-freq", type=int, default=-1, help="save every N epochs (-1: never)")
+    a("--save-last", action="store_true", help="keep <model>_last.pth updated every epoch")
+    a("-j", "--workers", type=int, default=4)
+    a("--amp", action="store_true")
+    a("--amp-dtype", default="float16", choices=["float16", "bfloat16"])
+    a("--no-ddp-bb", action="store_true")
+    a("--pin-mem", action="store_true")
+    a("--no-prefetcher", action="store_true")
+    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    a("--output", default="", help="parent of the run folder (default ./output/train)")
+    a("--experiment", default="", help="run folder name and W&B project")
+    a("--eval-metric", default="top1")
+    a("--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    a("--log-wandb", action="store_true")
+    a("--log-sparsity", action="store_true", help="write sparsity_distribution_epoch=N.json")
+    a("--log-param-histogram", action="store_true", help="W&B histograms of weights")
+    a("--timeout", type=int, default=1800, help="process group timeout in seconds")
+    return p
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise SetupError(f"config file {path} does not exist")
+    try:
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SetupError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(cfg, dict):
+        raise SetupError(f"config file {path} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in cfg.items()}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` with ``--config`` values as defaults; normalise a few CAP conventions."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("-c", "--config", default="")
+    known, _ = first.parse_known_args(argv)
+    parser = build_parser()
+    if known.config:
+        parser.set_defaults(**_load_config(known.config))
+    args = parser.parse_args(argv)
+    if args.data and not args.data_dir:
+        args.data_dir = args.data
+    args.dataset = args.dataset or ""  # CAP configs carry `dataset: null`
+    if "LOCAL_RANK" in os.environ:  # torchrun; wins over the legacy --local-rank
+        args.local_rank = int(os.environ["LOCAL_RANK"])
+    args.prefetcher = not args.no_prefetcher
+    args.grad_accum_steps = max(1, args.grad_accum_steps)
+    return args
+
+
+def args_to_yaml(args: argparse.Namespace) -> str:
+    """The resolved arguments as YAML (tuples as lists), reloadable with ``--config``."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return v if isinstance(v, str | int | float | bool | type(None)) else str(v)
+
+    return yaml.safe_dump({k: plain(v) for k, v in sorted(vars(args).items())}, sort_keys=False)

@@ -1,0 +1,68 @@
+"""Environment fixes that must run before timm is imported.
+
+The torchvision wheel that pip pairs with the CPU build of torch here is a CUDA build: its native
+ops library cannot load, so ``import torchvision`` (and therefore ``import timm``) stops with
+"operator torchvision::nms does not exist" while registering fake kernels for ops it never got.
+Defining the two op schemas it registers first lets the pure-Python part of torchvision (the
+transforms and datasets timm uses) import; the detection ops themselves stay unusable, which timm's
+classification code never needs. Where torchvision loads normally nothing is changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import torch
+
+_SCHEMAS = (
+    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+)
+# Kept at module level: a torch.library.Library deregisters its definitions when collected.
+_TORCHVISION_LIB: torch.library.Library | None = None
+
+OFFLINE_DEFAULTS = {
+    # Without network, hub look-ups retry for ~45 s and online W&B hangs ~100 s.
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+}
+
+
+def set_offline_defaults() -> None:
+    """Set ``HF_HUB_OFFLINE=1`` and ``WANDB_MODE=offline`` unless the user already chose."""
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def _forget_torchvision() -> None:
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+
+
+def ensure_torchvision() -> bool:
+    """Make ``import torchvision`` (hence ``import timm``) work; return True if a fix was needed.
+
+    Also applies :func:`set_offline_defaults`. Safe to call any number of times.
+    """
+    global _TORCHVISION_LIB
+    set_offline_defaults()
+    if _TORCHVISION_LIB is not None:
+        return True
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as err:
+        if "torchvision::" not in str(err) or "does not exist" not in str(err):
+            raise
+    else:
+        return False
+    _forget_torchvision()
+    lib = torch.library.Library("torchvision", "DEF")
+    for schema in _SCHEMAS:
+        with contextlib.suppress(RuntimeError):  # already defined by another shim
+            lib.define(schema)
+    _TORCHVISION_LIB = lib
+    import torchvision  # noqa: F401, F811
+
+    return True

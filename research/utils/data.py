@@ -1,0 +1,190 @@
+"""Datasets and loaders through timm, plus the offline ``digits`` data set.
+
+``--dataset digits`` writes scikit-learn's 1,797 real 8x8 handwritten digits once as an
+ImageFolder tree (``train/<class>/*.png``, ``val/<class>/*.png``; 32x32 RGB; stratified 80/20
+split with a fixed seed) and from then on reads it like any other folder data set through
+``timm.data.create_dataset``. Every other name goes to timm unchanged (an ImageFolder or tar root,
+``torch/<name>`` with local files, ...). Call ``compat.ensure_torchvision()`` before importing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from timm.data import create_dataset
+
+from .errors import SetupError
+
+DIGITS = "digits"
+DIGITS_SIZE = 32
+DIGITS_SEED = 0
+DIGITS_VAL_FRACTION = 0.2
+# Names timm reads from the network or a remote store rather than from a local root folder.
+_REMOTE_PREFIXES = ("hfds/", "hfids/", "tfds/", "wds/")
+
+
+def default_digits_dir() -> Path:
+    """``$CAP_DATA_DIR`` when set, else ``~/.cache/cap_sparse/digits``."""
+    env = os.environ.get("CAP_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cap_sparse" / DIGITS
+
+
+def _digits_complete(root: Path) -> bool:
+    return (root / "train").is_dir() and (root / "val").is_dir()
+
+
+def _write_digits_tree(dest: Path) -> dict[str, int]:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    idx = np.arange(len(images))
+    train_idx, val_idx = train_test_split(
+        idx, test_size=DIGITS_VAL_FRACTION, stratify=digits.target, random_state=DIGITS_SEED
+    )
+    counts = {}
+    for split, indices in (("train", train_idx), ("val", val_idx)):
+        for i in sorted(indices):
+            folder = dest / split / str(int(digits.target[i]))
+            folder.mkdir(parents=True, exist_ok=True)
+            img = Image.fromarray(images[i], mode="L").resize(
+                (DIGITS_SIZE, DIGITS_SIZE), Image.Resampling.BILINEAR
+            )
+            img.convert("RGB").save(folder / f"{i:04d}.png")
+        counts[split] = len(indices)
+    return counts
+
+
+def prepare_digits(root: str | Path | None = None) -> Path:
+    """Write the digits ImageFolder tree under ``root`` unless it is already there; return it.
+
+    The tree is written to a temporary sibling folder and renamed into place, so concurrent
+    writers (several ranks) and interrupted runs never leave a half-written data set behind.
+    """
+    root = Path(root).expanduser() if root else default_digits_dir()
+    if _digits_complete(root):
+        return root
+    if root.exists() and any(root.iterdir()):
+        raise SetupError(
+            f"data dir {root} exists but holds no digits tree (train/ and val/ folders); "
+            "point --data-dir at an empty or missing folder to create it there"
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        counts = _write_digits_tree(tmp)
+        meta = {"source": "sklearn.datasets.load_digits", "size": DIGITS_SIZE, **counts}
+        (tmp / "digits.json").write_text(json.dumps(meta, indent=2))
+        if root.exists():
+            root.rmdir()  # empty by the check above; rename cannot replace a folder
+        os.rename(tmp, root)
+    except OSError:
+        if not _digits_complete(root):  # lost a race only if the winner finished
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def resolve_data_dir(dataset: str | None, data_dir: str | None) -> tuple[str, str | None]:
+    """Return ``(timm dataset name, root)`` after checking the data is where it should be.
+
+    Raises :class:`SetupError` before any training starts when a local root is missing.
+    """
+    name = dataset or ""
+    if name.lower() == DIGITS:
+        return "", str(prepare_digits(data_dir))
+    if name.lower().startswith(_REMOTE_PREFIXES):
+        return name, data_dir
+    if not data_dir:
+        raise SetupError(
+            f"dataset {name!r} needs a local root folder: pass it as DATA_DIR or --data-dir "
+            "(or use --dataset digits for the built-in offline data)"
+        )
+    if not Path(data_dir).exists():
+        raise SetupError(f"data dir {data_dir} does not exist (dataset {name!r})")
+    return name, data_dir
+
+
+class _RGBDataset(torch.utils.data.Dataset):
+    """Convert the PIL images of a torchvision data set (e.g. MNIST, mode 'L') to RGB.
+
+    timm's loader assigns ``dataset.transform``; the conversion is kept in front of it.
+    """
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+        self.transform = None
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        img, target = self.base[i]
+        img = img.convert("RGB") if hasattr(img, "convert") else img
+        return (self.transform(img) if self.transform else img), target
+
+
+def create_datasets(args: Any) -> tuple[Any, Any]:
+    """Train and eval datasets for ``args.dataset`` / ``args.data_dir`` (checked first)."""
+    name, root = resolve_data_dir(args.dataset, args.data_dir)
+    common = dict(
+        root=root,
+        class_map=args.class_map or None,
+        download=args.dataset_download,
+        batch_size=args.batch_size,
+    )
+    train = create_dataset(
+        name,
+        split=args.train_split,
+        is_training=True,
+        seed=args.seed,
+        repeats=args.epoch_repeats,
+        **common,
+    )
+    evals = create_dataset(name, split=args.val_split, is_training=False, **common)
+    if name.lower().startswith("torch/"):
+        train, evals = _RGBDataset(train), _RGBDataset(evals)
+    return train, evals
+
+
+def loader_kwargs(args: Any, data_config: dict, device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of ``timm.data.create_loader`` shared by every loader of a run."""
+    return dict(
+        input_size=data_config["input_size"],
+        interpolation=data_config["interpolation"],
+        mean=data_config["mean"],
+        std=data_config["std"],
+        crop_pct=data_config["crop_pct"],
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+        pin_memory=args.pin_mem,
+        device=device,
+        use_prefetcher=args.prefetcher,
+    )
+
+
+def infinite_batches(
+    loader: Any, device: torch.device
+) -> Callable[..., Iterator[tuple[list, dict, torch.Tensor]]]:
+    """Grad-sampler ``data_loader_builder``: loops over ``loader`` forever.
+
+    Yields ``([input], {}, target)`` on ``device`` as the manager's grad sampler expects.
+    """
+
+    def builder(device: torch.device | str = device, **_ignored: Any):
+        while True:
+            for inputs, target in loader:
+                yield [inputs.to(device)], {}, target.to(device)
+
+    return builder

@@ -1,0 +1,69 @@
+"""Process setup for plain python, ``torchrun`` and ``python -m torch.distributed.launch``.
+
+Distributed iff ``WORLD_SIZE`` > 1 in the environment (both launchers set it). The local rank
+comes from ``LOCAL_RANK`` when set, else from ``--local-rank``/``--local_rank``. gloo on CPU,
+nccl on CUDA. Only the global rank 0 writes files and logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from .errors import SetupError
+
+
+def _device(args: argparse.Namespace, distributed: bool) -> torch.device:
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SetupError(f"--device {name} asked for CUDA but no CUDA device is available")
+        if distributed or device.index is None:
+            device = torch.device("cuda", args.local_rank if distributed else 0)
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(args: argparse.Namespace) -> torch.device:
+    """Pick the device and join the process group; sets ``args.{distributed,rank,world_size}``."""
+    args.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = _device(args, args.distributed)
+    args.rank, args.world_size = 0, 1
+    if args.distributed:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            timeout=datetime.timedelta(seconds=args.timeout),
+        )
+        args.rank, args.world_size = dist.get_rank(), dist.get_world_size()
+    args.device = str(device)
+    return device
+
+
+def is_primary(args: argparse.Namespace) -> bool:
+    return getattr(args, "rank", 0) == 0
+
+
+def barrier(args: argparse.Namespace) -> None:
+    if getattr(args, "distributed", False):
+        dist.barrier()
+
+
+def cleanup(args: argparse.Namespace) -> None:
+    if getattr(args, "distributed", False) and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_objects(args: argparse.Namespace, obj: object) -> list[object]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` when not distributed)."""
+    if not getattr(args, "distributed", False):
+        return [obj]
+    out: list[object] = [None] * args.world_size
+    dist.all_gather_object(out, obj)
+    return out

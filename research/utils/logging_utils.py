@@ -1,0 +1,108 @@
+"""Run logging: sparsity of the scheduled pruning modifier, sparsity JSON files and W&B."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparseml.sparsity import ModuleSparsificationInfo
+
+from .errors import SetupError
+
+_logger = logging.getLogger("sparse_training")
+
+
+def current_pruning_modifier(manager: Any, epoch: int) -> Any:
+    """The first pruning modifier (manager order) with ``start_epoch <= epoch < end_epoch``."""
+    if manager is None:
+        return None
+    for modifier in manager.pruning_modifiers:
+        end = modifier.end_epoch if modifier.end_epoch >= 0 else float("inf")
+        if modifier.start_epoch <= epoch < end:
+            return modifier
+    return None
+
+
+def scheduled_sparsity(manager: Any, epoch: int) -> float:
+    """Mean ``applied_sparsity`` of the active pruning modifier (0.0 when none is active)."""
+    modifier = current_pruning_modifier(manager, epoch)
+    value = getattr(modifier, "applied_sparsity", None)
+    if value is None:
+        return 0.0
+    if isinstance(value, list | tuple):
+        return float(sum(value) / len(value)) if value else 0.0
+    return float(value)
+
+
+def is_update_epoch(manager: Any, epoch: int) -> bool:
+    """True at the epochs where the active pruning modifier changes the sparsity."""
+    modifier = current_pruning_modifier(manager, epoch)
+    freq = getattr(modifier, "update_frequency", 0) or 0
+    if modifier is None or freq <= 0:
+        return False
+    return (epoch - modifier.start_epoch) % freq == 0
+
+
+def write_sparsity_distribution(out_dir: Path, epoch: int, model: torch.nn.Module) -> Path:
+    """Write ``sparsity_distribution_epoch=<epoch>.json`` (summary and per-layer sparsity)."""
+    path = Path(out_dir) / f"sparsity_distribution_epoch={epoch}.json"
+    path.write_text(str(ModuleSparsificationInfo(model)))
+    return path
+
+
+def zero_pattern_digest(model: torch.nn.Module) -> str:
+    """SHA-1 of which Linear/Conv weights are exactly zero (equal digests = equal masks)."""
+    digest = hashlib.sha1()
+    prunable = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+    for name, layer in model.named_modules():
+        if isinstance(layer, prunable):
+            zeros = (layer.weight.detach() == 0).flatten().cpu().numpy()
+            digest.update(name.encode())
+            digest.update(np.packbits(zeros).tobytes())
+    return digest.hexdigest()
+
+
+def report_rank_agreement(epoch: int, digests: list[str]) -> bool:
+    """Log whether every rank has the same zero pattern (an error if they differ)."""
+    same = len(set(digests)) == 1
+    log = _logger.info if same else _logger.error
+    verdict = "identical" if same else "DIFFER"
+    log("Epoch %d: zero patterns %s on %d ranks", epoch, verdict, len(digests))
+    return same
+
+
+def init_wandb(args: argparse.Namespace, out_dir: Path, recipe_path: Path | None) -> Any:
+    """Start a W&B run (offline unless WANDB_MODE says otherwise); return the module."""
+    try:
+        import wandb
+    except ImportError as err:
+        raise SetupError("--log-wandb needs the wandb package: pip install wandb") from err
+    config = dict(vars(args))
+    if recipe_path is not None:
+        config["recipe"] = recipe_path.read_text()
+    wandb.init(
+        project=args.experiment or "cap_sparse",
+        name=out_dir.name,
+        config=config,
+        dir=str(out_dir),
+    )
+    if recipe_path is not None:
+        wandb.save(str(recipe_path), base_path=str(recipe_path.parent), policy="now")
+    return wandb
+
+
+def param_histograms(wandb: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """W&B histograms of the non-zero values of every parameter (``module.`` stripped)."""
+    hists = {}
+    for name, param in model.named_parameters():
+        values = param.detach().float().flatten()
+        values = values[values != 0].cpu().numpy()
+        if values.size:
+            hists[f"weights/{name.removeprefix('module.')}"] = wandb.Histogram(values)
+    return hists

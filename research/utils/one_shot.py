@@ -1,0 +1,363 @@
+"""Helpers of ``one_shot_pruning.py``: recipe checks, data, evaluation, gradient-sample reuse.
+
+Call ``compat.ensure_torchvision()`` before importing (timm is imported here).
+
+Sweep reuse: with one Fisher computation per pruning step, every sparsity of a sweep samples
+its gradients from the same dense model, so :class:`CachingGradSampler` draws them once per
+method and replays them for the other sparsities (identical results, one sampling pass). It
+is used only while the model handed to the sampler still equals the dense model and the samples
+fit the memory budget; anything else (a second recomputation, a different ``num_grads``) samples
+afresh. The Fisher blocks themselves are rebuilt for every sparsity: the modifier API has no
+hook to share them between ``manager.apply`` calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import resource
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.data import create_dataset, create_loader
+from torch import Tensor, nn
+
+from sparseml import dist
+from sparseml.grad_sampler import GradSampler
+from sparseml.modifiers.pruning import PruningModifier
+from sparseml.modifiers.second_order import SecondOrderPruningModifier
+from sparseml.pytorch.optim import ScheduledModifierManager
+
+from .errors import CheckpointError, SetupError
+
+_logger = logging.getLogger("one_shot")
+
+
+# ----- recipe -------------------------------------------------------------------------------------
+def load_one_shot_manager(
+    recipe: str, sparsity: float | None, variables: Any = None
+) -> ScheduledModifierManager:
+    """A manager holding only the recipe's pruning modifier, set to prune to ``sparsity``.
+
+    Training modifiers (epoch range, LR) of one-shot+finetune recipes are left out: one-shot
+    pruning has no optimizer. ``sparsity=None`` keeps the recipe's own ``final_sparsity``;
+    ``variables`` override the recipe's top-level variables (``recipe_variables``).
+    """
+    manager = ScheduledModifierManager.from_yaml(recipe, recipe_variables=variables or None)
+    pruners = [m for m in manager.modifiers if isinstance(m, PruningModifier)]
+    if len(pruners) != 1:
+        found = ", ".join(type(m).__name__ for m in manager.modifiers)
+        raise SetupError(
+            f"recipe {recipe} must hold exactly one pruning modifier (GM, OBS, CAP, FastCAP, "
+            f"M-FAC, ...) for one-shot pruning; it holds {len(pruners)} (modifiers: {found})"
+        )
+    pruner = pruners[0]
+    if isinstance(pruner.final_sparsity, dict):
+        raise SetupError(
+            f"recipe {recipe}: final_sparsity is a per-layer mapping; one-shot sweeps need a "
+            "single final_sparsity value"
+        )
+    if sparsity is not None:
+        pruner.init_sparsity = sparsity
+        pruner.final_sparsity = sparsity
+    pruner.validate()  # relations between fields (e.g. N:M needs sparsity N/M)
+    return ScheduledModifierManager([pruner])
+
+
+def pruning_modifier(manager: ScheduledModifierManager) -> PruningModifier:
+    return manager.modifiers[0]
+
+
+def needs_gradients(modifier: Any) -> bool:
+    return isinstance(modifier, SecondOrderPruningModifier)
+
+
+def modifier_settings(modifier: Any) -> dict[str, Any]:
+    """The modifier's field values except the sparsities a sweep sets (JSON-friendly)."""
+    skip = {"init_sparsity", "final_sparsity"}
+    values = {k: v for k, v in modifier.field_values().items() if k not in skip}
+    return {"modifier": type(modifier).__name__, **values}
+
+
+# ----- model --------------------------------------------------------------------------------------
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint strictly: a bare state dict or a dict with ``model``/``state_dict``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt files
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable: {str(err).splitlines()[0]}"
+        ) from err
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds no state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model: {' '.join(lines[:3])[:600]} "
+            "(check --model, --num-classes and --model-kwargs)"
+        ) from err
+
+
+@torch.no_grad()
+def broadcast_model(model: nn.Module) -> None:
+    """Make every rank hold rank 0's weights and buffers."""
+    for tensor in model.state_dict().values():
+        dist.broadcast_(tensor)
+
+
+def save_state_dict(model: nn.Module, path: Path) -> None:
+    """``torch.save`` of the CPU state dict through a temporary file and ``os.replace``."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+# ----- data ---------------------------------------------------------------------------------------
+class ShardedDataset(torch.utils.data.Dataset):
+    """Every ``parts``-th sample of ``base`` starting at ``index`` (one rank's share).
+
+    ``transform`` is forwarded to the base data set, where timm's ``create_loader`` sets it.
+    """
+
+    def __init__(self, base: Any, index: int, parts: int) -> None:
+        self.base, self.index, self.parts = base, index, parts
+
+    @property
+    def transform(self) -> Any:
+        return self.base.transform
+
+    @transform.setter
+    def transform(self, value: Any) -> None:
+        self.base.transform = value
+
+    def __len__(self) -> int:
+        return len(range(self.index, len(self.base), self.parts))
+
+    def __getitem__(self, i: int) -> Any:
+        return self.base[self.index + i * self.parts]
+
+
+def open_dataset(name: str, root: str | None, split: str, training: bool, rank: int, world: int):
+    try:
+        ds = create_dataset(name, root=root, split=split, is_training=training)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise SetupError(f"cannot read split {split!r} of {root or name}: {err}") from err
+    if len(ds) == 0:
+        raise SetupError(f"split {split!r} of {root or name} holds no samples")
+    return ShardedDataset(ds, rank, world) if world > 1 else ds
+
+
+def loader_options(args: Any, cfg: dict, device: torch.device) -> dict[str, Any]:
+    return dict(
+        input_size=cfg["input_size"],
+        interpolation=cfg["interpolation"],
+        mean=cfg["mean"],
+        std=cfg["std"],
+        crop_pct=cfg["crop_pct"],
+        num_workers=args.workers,
+        persistent_workers=False,
+        pin_memory=args.pin_mem,
+        device=device,
+        use_prefetcher=not args.no_prefetcher,
+    )
+
+
+class GradSamplerData:
+    """``data_loader_builder`` for the grad sampler: an endless stream of training batches.
+
+    Yields ``([inputs], {}, target)`` on ``device``. A recipe's ``grad_sampler_kwargs`` may set
+    ``batch_size``; other keys are ignored (as in CAP).
+    """
+
+    def __init__(self, dataset: Any, options: dict, batch_size: int, augment: bool) -> None:
+        self.dataset, self.options, self.batch_size, self.augment = (
+            dataset,
+            options,
+            batch_size,
+            augment,
+        )
+        self._loaders: dict[int, Any] = {}
+
+    def loader(self, batch_size: int) -> Any:
+        if batch_size > len(self.dataset):
+            raise SetupError(
+                f"grad sampler batch size {batch_size} exceeds the {len(self.dataset)} training "
+                "samples of this rank; lower -gb/--grad_sampler_batch_size"
+            )
+        if batch_size not in self._loaders:
+            self._loaders[batch_size] = create_loader(
+                self.dataset,
+                batch_size=batch_size,
+                is_training=True,
+                no_aug=not self.augment,
+                **self.options,
+            )
+        return self._loaders[batch_size]
+
+    def __call__(self, device: Any = None, batch_size: int | None = None, **_ignored: Any):
+        loader = self.loader(batch_size or self.batch_size)
+        device = torch.device(device) if device is not None else self.options["device"]
+        while True:
+            for inputs, target in loader:
+                yield [inputs.to(device)], {}, target.to(device)
+
+
+# ----- evaluation ---------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over every sample of all ranks' shards."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, count
+    for inputs, target in loader:
+        inputs, target = inputs.to(device), target.to(device)
+        output = model(inputs).float()
+        k = min(5, output.size(1))
+        top = output.topk(k, dim=1).indices
+        hits = top.eq(target[:, None])
+        sums[0] += hits[:, 0].sum()
+        sums[1] += hits.any(dim=1).sum()
+        sums[2] += F.cross_entropy(output, target, reduction="sum").double()
+        sums[3] += target.numel()
+    dist.all_reduce_sum_(sums)
+    count = max(float(sums[3]), 1.0)
+    return {
+        "accuracy": 100.0 * float(sums[0]) / count,
+        "top5": 100.0 * float(sums[1]) / count,
+        "loss": float(sums[2]) / count,
+        "samples": int(sums[3]),
+    }
+
+
+def layer_sparsity(model: nn.Module, names: list[str]) -> tuple[dict[str, float], float]:
+    """Fraction of exact zeros of each named parameter, and over all of them together."""
+    params = dict(model.named_parameters())
+    zeros = total = 0
+    per_layer = {}
+    for name in names:
+        p = params[name].detach()
+        z = int((p == 0).sum())
+        per_layer[name] = z / max(p.numel(), 1)
+        zeros, total = zeros + z, total + p.numel()
+    return per_layer, zeros / max(total, 1)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak CUDA memory allocated since the last reset, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_process_max_rss"
+
+
+# ----- gradient-sample reuse ----------------------------------------------------------------------
+class GradCache:
+    """Gradient samples of the dense model, shared by the samplers of one sweep."""
+
+    def __init__(self, dense: nn.Module, max_bytes: int) -> None:
+        self.reference = dense.state_dict()  # the dense model is never modified by the sweep
+        self.max_bytes = max_bytes
+        self.entries: dict[tuple, list[list[Tensor]]] = {}
+        self.hits = self.misses = 0
+        self._warned = False
+
+    def is_dense(self, module: nn.Module) -> bool:
+        state = module.state_dict()
+        return state.keys() == self.reference.keys() and all(
+            torch.equal(v, self.reference[k].to(v.device)) for k, v in state.items()
+        )
+
+    def fits(self, params: list[Tensor], num_grads: int) -> bool:
+        size = num_grads * sum(p.numel() for p in params) * 4
+        if size <= self.max_bytes:
+            return True
+        if not self._warned:
+            _logger.info(
+                "gradient samples (%.0f MB) exceed --grad_cache_mb; sampling for every sparsity",
+                size / 2**20,
+            )
+            self._warned = True
+        return False
+
+
+class CachingGradSampler(GradSampler):
+    """A :class:`GradSampler` that replays the dense model's samples from a :class:`GradCache`."""
+
+    def __init__(self, builder: Any, loss_fn: Any, builder_kwargs: dict, cache: GradCache) -> None:
+        super().__init__(builder, loss_fn, builder_kwargs)
+        self.cache = cache
+
+    def iter_chunks(
+        self,
+        module: nn.Module,
+        params: list[nn.Parameter],
+        num_grads: int,
+        chunk_size: int = 64,
+        masks: list[Tensor] | None = None,
+        desc: str = "gradients",
+    ) -> Iterator[list[Tensor]]:
+        cache = self.cache
+        if not (cache.fits(params, num_grads) and cache.is_dense(module)):
+            yield from super().iter_chunks(module, params, num_grads, chunk_size, masks, desc)
+            return
+        ids = {id(p): n for n, p in module.named_parameters()}
+        key = (tuple(ids.get(id(p), "?") for p in params), num_grads, chunk_size)
+        key += (repr(sorted(self.builder_kwargs.items())),)
+        flat_masks = [m.reshape(1, -1) for m in masks] if masks is not None else None
+
+        def masked(chunk: list[Tensor]) -> list[Tensor]:
+            if flat_masks is None:
+                return [c.clone() for c in chunk]
+            return [c.masked_fill(~m.to(c.device), 0) for c, m in zip(chunk, flat_masks)]
+
+        if key in cache.entries:
+            cache.hits += 1
+            for chunk in cache.entries[key]:
+                yield masked(chunk)
+            return
+        cache.misses += 1
+        recorded = []
+        for chunk in super().iter_chunks(module, params, num_grads, chunk_size, None, desc):
+            recorded.append([c.clone() for c in chunk])
+            yield masked(chunk)
+        cache.entries[key] = recorded  # only reached when the consumer took every chunk
+
+
+def grad_sampler_for(modifier: Any, data: GradSamplerData, cache: GradCache | None) -> Any:
+    """The ``grad_sampler`` argument of ``manager.apply`` for ``modifier``."""
+    if cache is None:
+        return {"data_loader_builder": data, "loss_fn": F.cross_entropy}
+    return CachingGradSampler(data, F.cross_entropy, modifier.grad_sampler_kwargs, cache)
+
+
+def check_sparsities(values: list[float]) -> list[float]:
+    bad = [v for v in values if not (math.isfinite(v) and 0.0 <= v < 1.0)]
+    if bad:
+        raise SetupError(f"--sparsities {bad} outside [0, 1); give fractions such as 0.5 0.9")
+    return list(dict.fromkeys(float(v) for v in values))

@@ -1,0 +1,262 @@
+"""Result rows of a one-shot sparsity sweep: crash-safe files, a table and a plot.
+
+Every row is appended to ``results.jsonl`` (one JSON object a line) and ``results.csv`` as soon
+as it is computed, flushed and fsync'ed, so a killed sweep loses at most the row in progress.
+Rows are keyed by ``(method, sparsity)``; when a key appears twice the last row wins. The dense
+model is stored as a row with method ``dense`` and sparsity 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .errors import SetupError
+
+_logger = logging.getLogger("one_shot")
+
+JSONL = "results.jsonl"
+CSV = "results.csv"
+PLOT = "accuracy_vs_sparsity.png"
+DENSE = "dense"
+# CSV columns; nested values (per-layer sparsity) are written as JSON text.
+COLUMNS = [
+    "method",
+    "modifier",
+    "sparsity",
+    "accuracy",
+    "top5",
+    "loss",
+    "samples",
+    "measured_sparsity",
+    "prunable_sparsity",
+    "seconds",
+    "eval_seconds",
+    "peak_mem_mb",
+    "mem_kind",
+    "model",
+    "recipe",
+    "device",
+    "world_size",
+    "settings",
+    "time",
+    "layer_sparsity",
+]
+
+
+def row_key(method: str, sparsity: float) -> tuple[str, float]:
+    return method, round(float(sparsity), 6)
+
+
+def read_rows(out_dir: str | Path) -> list[dict[str, Any]]:
+    """All rows of ``results.jsonl`` in file order; lines cut short by a crash are skipped."""
+    path = Path(out_dir) / JSONL
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            _logger.warning("%s line %d is incomplete (interrupted write?); ignored", path, number)
+            continue
+        if isinstance(row, dict) and "method" in row and "sparsity" in row:
+            rows.append(row)
+    return rows
+
+
+def latest_rows(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, float], dict[str, Any]]:
+    """``{(method, sparsity): row}`` keeping the last row of each key."""
+    return {row_key(r["method"], r["sparsity"]): r for r in rows}
+
+
+def _csv_line(row: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    values = {
+        k: json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v
+        for k, v in row.items()
+        if k in COLUMNS
+    }
+    csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n").writerow(values)
+    return buf.getvalue()
+
+
+def _csv_header() -> str:
+    return ",".join(COLUMNS) + "\n"
+
+
+def _append_durably(path: Path, text: str, header: str = "") -> None:
+    new = not path.is_file() or path.stat().st_size == 0
+    with path.open("a+b") as f:
+        if not new:
+            # A crash in the middle of a line must not glue the next row onto it.
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                text = "\n" + text
+        f.write(((header if new else "") + text).encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def append_row(out_dir: str | Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to ``results.jsonl`` and ``results.csv`` (flush + fsync each)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _append_durably(out / JSONL, json.dumps(row, sort_keys=False) + "\n")
+    _append_durably(out / CSV, _csv_line(row), header=_csv_header())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def rewrite_rows(out_dir: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Replace both result files by ``rows`` (atomically, file by file)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / JSONL, "".join(json.dumps(r) + "\n" for r in rows))
+    _write_atomic(out / CSV, _csv_header() + "".join(_csv_line(r) for r in rows))
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples as lists, keys as strings: as read back
+
+
+def plan_resume(
+    out_dir: str | Path,
+    method: str,
+    sparsities: list[float],
+    settings: dict[str, dict[str, Any]],
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """What is left to compute: ``{"dense": bool, "sparsities": [...]}``.
+
+    ``settings`` holds the settings of the dense row (key ``dense``) and of ``method``. A row is
+    stale when it was made with other settings of its own method, or (any method) from another
+    dense model/data. Stale rows raise :class:`SetupError` unless ``overwrite``, which removes
+    them from both files so they are computed again.
+    """
+    out = Path(out_dir)
+    rows = read_rows(out)
+    want = {k: _plain(v) for k, v in settings.items()}
+
+    def differing(row: dict[str, Any]) -> list[str]:
+        old = row.get("settings") or {}
+        ours = row["method"] in want
+        expected = want[row["method"]] if ours else want[DENSE]
+        keys = set(expected) | (set(old) if ours else set())
+        return sorted(k for k in keys if old.get(k) != expected.get(k))
+
+    stale = {r["method"]: diff for r in rows if (diff := differing(r))}
+    if stale and not overwrite:
+        name, diff = sorted(stale.items())[0]
+        raise SetupError(
+            f"{out / JSONL} has rows for method {name!r} made with other settings "
+            f"(differing: {', '.join(diff)}); use another --output_dir or --method, or "
+            "--overwrite to recompute them"
+        )
+    if stale:
+        rows = [r for r in rows if r["method"] not in stale]
+        rewrite_rows(out, rows)
+        _logger.info("Dropped earlier rows of %s (--overwrite)", ", ".join(sorted(stale)))
+    done = latest_rows(rows)
+    todo = [s for s in sparsities if row_key(method, s) not in done]
+    if len(todo) < len(sparsities):
+        _logger.info(
+            "%d of %d sparsities already in %s: skipped",
+            len(sparsities) - len(todo),
+            len(sparsities),
+            out,
+        )
+    return {"dense": row_key(DENSE, 0.0) not in done, "sparsities": todo}
+
+
+def _methods(rows: dict[tuple[str, float], dict[str, Any]]) -> list[str]:
+    seen: list[str] = []
+    for method, _ in rows:
+        if method != DENSE and method not in seen:
+            seen.append(method)
+    return seen
+
+
+def format_table(rows: Iterable[dict[str, Any]]) -> str:
+    """Top-1 accuracy (%) with sparsities as rows and methods as columns, dense on top."""
+    latest = latest_rows(rows)
+    methods = _methods(latest)
+    sparsities = sorted({s for m, s in latest if m != DENSE})
+    width = max([8, *(len(m) for m in methods)])
+    lines = ["sparsity  " + "  ".join(f"{m:>{width}}" for m in methods)]
+    dense = latest.get(row_key(DENSE, 0.0))
+    if dense is not None:
+        lines.insert(0, f"dense top-1 accuracy: {dense['accuracy']:.2f}%")
+    for s in sparsities:
+        cells = []
+        for m in methods:
+            row = latest.get((m, s))
+            cells.append(f"{row['accuracy']:>{width}.2f}" if row else f"{'-':>{width}}")
+        lines.append(f"{s:<8.3f}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_accuracy(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
+    """Top-1 accuracy against sparsity, one curve per method, dense accuracy as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latest = latest_rows(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method in _methods(latest):
+        points = sorted((s, r["accuracy"]) for (m, s), r in latest.items() if m == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    dense = latest.get(row_key(DENSE, 0.0))
+    if dense is not None and math.isfinite(dense["accuracy"]):
+        ax.axhline(dense["accuracy"], color="black", linestyle="--", linewidth=1, label="dense")
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("One-shot pruning: accuracy vs sparsity")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def wandb_start(project: str, name: str, config: dict[str, Any], out_dir: Path) -> Any:
+    """Start a W&B run (offline unless ``WANDB_MODE`` says otherwise); return the module."""
+    try:
+        import wandb
+    except ImportError as err:
+        raise SetupError("--log_wandb needs the wandb package: pip install wandb") from err
+    wandb.init(project=project, name=name, config=config, dir=str(out_dir))
+    return wandb
+
+
+def wandb_final(wandb: Any, rows: list[dict[str, Any]], plot: Path) -> None:
+    """Log the results table and the plot, and close the run."""
+    columns = ["method", "sparsity", "accuracy", "top5", "loss", "measured_sparsity", "seconds"]
+    table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+    wandb.log({"results": table, "accuracy_vs_sparsity": wandb.Image(str(plot))})
+    wandb.finish()

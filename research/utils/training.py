@@ -1,0 +1,214 @@
+"""timm glue for ``sparse_training.py``: model, AMP, loaders, losses, output folder."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import create_model, safe_model_name
+from timm.utils import NativeScaler
+
+from . import models as _models  # noqa: F401  (registers vit_digits, resnet_digits)
+from .cli import args_to_yaml
+from .data import loader_kwargs
+from .errors import SetupError
+
+_logger = logging.getLogger("sparse_training")
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    """``timm.create_model`` from the command line; clear errors for unknown names/weights."""
+    try:
+        model = create_model(
+            args.model,
+            pretrained=args.pretrained,
+            in_chans=args.in_chans,
+            num_classes=args.num_classes,
+            drop_rate=args.drop,
+            drop_path_rate=args.drop_path,
+            drop_block_rate=args.drop_block,
+            global_pool=args.gp,
+            bn_momentum=args.bn_momentum,
+            bn_eps=args.bn_eps,
+            checkpoint_path=args.initial_checkpoint or None,
+            **args.model_kwargs,
+        )
+    except (RuntimeError, OSError) as err:
+        if "Unknown model" in str(err) or args.pretrained or args.initial_checkpoint:
+            hint = " (offline: no weights can be downloaded; use --initial-checkpoint FILE)"
+            raise SetupError(f"cannot build model {args.model!r}: {err}{hint}") from err
+        raise
+    if args.num_classes is None:
+        args.num_classes = model.num_classes
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    return model
+
+
+def data_config(args: argparse.Namespace, model: torch.nn.Module, verbose: bool) -> dict:
+    return resolve_data_config(vars(args), model=model, verbose=verbose)
+
+
+def resolve_lr(args: argparse.Namespace) -> None:
+    """timm's rule: without ``--lr``, scale ``--lr-base`` by the global batch size."""
+    if args.lr is not None:
+        return
+    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+    ratio = global_batch / args.lr_base_size
+    scale = args.lr_base_scale or ("sqrt" if any(k in args.opt for k in ("ada", "lamb")) else "")
+    args.lr = args.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
+
+
+def setup_amp(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[Callable[[], Any], NativeScaler | None]:
+    """Autocast context factory and (for CUDA float16 only) a loss scaler."""
+    if not args.amp:
+        return contextlib.nullcontext, None
+    dtype = (
+        torch.bfloat16 if args.amp_dtype == "bfloat16" or device.type != "cuda" else torch.float16
+    )
+    autocast = partial(torch.autocast, device_type=device.type, dtype=dtype)
+    scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
+    return autocast, scaler
+
+
+def _mixup_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    return dict(
+        mixup_alpha=args.mixup,
+        cutmix_alpha=args.cutmix,
+        cutmix_minmax=args.cutmix_minmax,
+        prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob,
+        mode=args.mixup_mode,
+        label_smoothing=args.smoothing,
+        num_classes=args.num_classes,
+    )
+
+
+def build_loaders(
+    args: argparse.Namespace, cfg: dict, train_ds: Any, eval_ds: Any, device: torch.device
+) -> tuple[Any, Any, Mixup | None]:
+    """Train and eval loaders; mixup as collate (prefetcher) or as a callable (returned)."""
+    mixup = _mixup_args(args)
+    collate_fn, mixup_fn = None, None
+    if mixup is not None and args.prefetcher:
+        collate_fn = FastCollateMixup(**mixup)
+    elif mixup is not None:
+        mixup_fn = Mixup(**mixup)
+    common = loader_kwargs(args, cfg, device)
+    interpolation = args.train_interpolation
+    if args.no_aug or not interpolation:
+        interpolation = cfg["interpolation"]
+    train = create_loader(
+        train_ds,
+        **{**common, "interpolation": interpolation},
+        batch_size=args.batch_size,
+        is_training=True,
+        no_aug=args.no_aug,
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+        re_split=args.resplit,
+        scale=args.scale,
+        ratio=args.ratio,
+        hflip=args.hflip,
+        vflip=args.vflip,
+        color_jitter=args.color_jitter,
+        auto_augment=args.aa,
+        num_aug_repeats=args.aug_repeats,
+        distributed=args.distributed,
+        collate_fn=collate_fn,
+    )
+    evals = create_loader(
+        eval_ds,
+        **common,
+        batch_size=args.validation_batch_size or args.batch_size,
+        is_training=False,
+        distributed=args.distributed,
+    )
+    return train, evals, mixup_fn
+
+
+def build_gs_loader(args: argparse.Namespace, cfg: dict, train_ds: Any, device: torch.device):
+    """Loader over the training data for the grad sampler (no mixup, no random erasing)."""
+    if not args.gs_batch_size:
+        raise SetupError("--gs-loader needs -gb/--gs-batch-size N")
+    return create_loader(
+        train_ds,
+        **loader_kwargs(args, cfg, device),
+        batch_size=args.gs_batch_size,
+        is_training=not args.gs_no_training,
+        no_aug=args.gs_no_aug,
+        scale=args.scale,
+        ratio=args.ratio,
+        hflip=args.hflip,
+        vflip=args.vflip,
+        auto_augment=args.aa if args.gs_aa else None,
+        distributed=args.gs_distributed and args.distributed,
+    )
+
+
+def build_losses(args: argparse.Namespace, mixup_active: bool) -> tuple[Any, Any]:
+    """Training loss (soft targets under mixup, label smoothing) and plain CE for validation."""
+    if mixup_active:
+        train = (
+            BinaryCrossEntropy(target_threshold=None) if args.bce_loss else SoftTargetCrossEntropy()
+        )
+    elif args.smoothing:
+        train = (
+            BinaryCrossEntropy(smoothing=args.smoothing)
+            if args.bce_loss
+            else LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+        )
+    else:
+        train = torch.nn.CrossEntropyLoss()
+    return train, torch.nn.CrossEntropyLoss()
+
+
+def output_dir(args: argparse.Namespace, cfg: dict) -> Path:
+    """``<output or ./output/train>/<experiment or time-model-size>``, created."""
+    name = args.experiment or "-".join(
+        [time.strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model), str(cfg["input_size"][-1])]
+    )
+    path = Path(args.output or "./output/train") / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@torch.no_grad()
+def mask_ema_like_model(ema_model: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Zero the EMA copy of every Linear/Conv weight where the model's weight is zero.
+
+    An average of weights that were pruned at some step decays towards zero but never reaches
+    it; copying the model's zeros keeps the EMA model as sparse as the model it tracks.
+    """
+    prunable = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+    ema_layers = dict(ema_model.named_modules())
+    for name, layer in model.named_modules():
+        if isinstance(layer, prunable) and name in ema_layers:
+            ema_layers[name].weight.mul_(layer.weight != 0)
+
+
+def write_run_files(args: argparse.Namespace, out_dir: Path) -> Path | None:
+    """``args.yaml`` and a copy of the recipe (returned) in the run folder."""
+    (out_dir / "args.yaml").write_text(args_to_yaml(args))
+    if not args.sparseml_recipe:
+        return None
+    recipe_copy = out_dir / Path(args.sparseml_recipe).name
+    if Path(args.sparseml_recipe).resolve() != recipe_copy.resolve():
+        shutil.copyfile(args.sparseml_recipe, recipe_copy)
+    return recipe_copy

@@ -1,0 +1,90 @@
+"""Shared test set-up: ``research/`` importable, timm importable, offline digits data.
+
+Importing this conftest puts ``research/`` on ``sys.path`` (so ``import utils...`` and
+``import sparse_training`` work). A test module that imports timm at the top does::
+
+    from utils.compat import ensure_torchvision
+
+    ensure_torchvision()
+    import timm
+
+or asks for the ``research`` fixture, which runs the same shim. ``digits_dir`` is the offline
+digits ImageFolder tree (written once into ``$CAP_DATA_DIR`` or ``~/.cache/cap_sparse/digits``),
+and ``run_script`` runs a research script in a fresh process, optionally under torchrun or the
+legacy ``torch.distributed.launch``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESEARCH = ROOT / "research"
+if str(RESEARCH) not in sys.path:
+    sys.path.insert(0, str(RESEARCH))
+
+
+def ensure_research() -> Path:
+    """Run the torchvision shim (and offline env defaults); return the ``research/`` folder."""
+    from utils.compat import ensure_torchvision
+
+    ensure_torchvision()
+    return RESEARCH
+
+
+@pytest.fixture(scope="session")
+def research() -> Path:
+    return ensure_research()
+
+
+@pytest.fixture(scope="session")
+def digits_dir(research: Path) -> Path:
+    from utils.data import default_digits_dir, prepare_digits
+
+    return prepare_digits(default_digits_dir())
+
+
+def _launch_prefix(launcher: str, nproc: int) -> list[str]:
+    if launcher == "python":
+        return [sys.executable]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    if launcher == "legacy":
+        port = str(29500 + os.getpid() % 2000)
+        return [sys.executable, "-m", "torch.distributed.launch", f"--master_port={port}"]
+    raise ValueError(f"launcher must be python, torchrun or legacy, got {launcher!r}")
+
+
+@pytest.fixture
+def run_script(research: Path, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """``run_script("sparse_training.py", [args], nproc=1, launcher="python")`` -> result.
+
+    Runs in ``tmp_path`` with offline W&B / HF hub, one thread per process, and a timeout.
+    """
+
+    def run(
+        script: str,
+        args: Sequence[str],
+        *,
+        nproc: int = 1,
+        launcher: str = "python",
+        env: dict[str, str] | None = None,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess:
+        cmd = _launch_prefix(launcher, nproc)
+        if launcher != "python":
+            cmd.append(f"--nproc_per_node={nproc}")
+        cmd += [str(research / script), *map(str, args)]
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+        full_env.update({"HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", **(env or {})})
+        return subprocess.run(
+            cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout
+        )
+
+    return run

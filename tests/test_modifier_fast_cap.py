@@ -1,0 +1,147 @@
+"""FastCAPruningModifier end to end against a column-by-column OBS oracle on a tiny MLP."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparseml.errors import RecipeError
+from sparseml.modifiers import FastCAPruningModifier
+from sparseml.pytorch.optim import ScheduledModifierManager
+from test_kernel_fast_cap import column_obs_reference
+from test_modifier_cap import builder, mlp, sampler, weights_of
+
+RECIPE = """
+pruning_modifiers:
+  - !FastCAPruningModifier
+    params: {params}
+    init_sparsity: {s}
+    final_sparsity: {final}
+    start_epoch: 0
+    end_epoch: 1
+    update_frequency: 1
+    num_grads: 20
+    damp: 0.01
+    fisher_block_size: {block}
+"""
+
+
+def recipe(s=0.5, block=8, final=None, params='["re:.*weight"]', extra=""):
+    text = RECIPE.format(s=s, final=s if final is None else final, block=block, params=params)
+    return text + "".join(f"    {line}\n" for line in extra.splitlines() if line)
+
+
+def shared_fishers(model, m, block):
+    """Per layer: F = sum_n G_n^T G_n with G_n the sample's gradient cut into rows of B."""
+    params = [model[0].weight, model[2].weight]
+    fishers = [torch.zeros(block, block, dtype=torch.float64) for _ in params]
+    batches = builder()()
+    model.eval()
+    for _ in range(m):
+        args, _, target = next(batches)
+        model.zero_grad()
+        F.mse_loss(model(*args), target).backward()
+        for p, f in zip(params, fishers):
+            g = p.grad.reshape(-1, block).double()
+            f += g.T @ g
+    return fishers
+
+
+def test_one_shot_matches_column_obs_oracle():
+    # B = d_in: rows are output rows, the SparseGPT layout.
+    fishers = shared_fishers(mlp(), 20, 8)
+    model = mlp()
+    ScheduledModifierManager.from_yaml(recipe(0.5)).apply(model, grad_sampler=sampler())
+    for got, dense, f in zip(weights_of(model), weights_of(mlp()), fishers):
+        want, keep = column_obs_reference(dense.double().view(-1, 8), f, 20, 0.5, 1e-2, 8)
+        assert torch.equal(got != 0, keep.flatten())
+        torch.testing.assert_close(got.double(), want.flatten(), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(got, dense * keep.flatten())  # written back
+
+
+def test_padding_and_per_layer_targets():
+    # B = 12 does not divide 64 or 32; each layer gets its own target and block_size 4.
+    final = '{0.5: ["0.weight"], 0.25: ["2.weight"]}'
+    text = recipe(0.0, block=12, final=final, params="[]", extra="block_size: 4")
+    model = mlp()
+    ScheduledModifierManager.from_yaml(text).apply(model, grad_sampler=sampler())
+    for w, s in zip(weights_of(model), (0.5, 0.25)):
+        rows = -(-w.numel() // 12)
+        padded = torch.cat([w, torch.ones(rows * 12 - w.numel())]).view(rows, 12)
+        valid = (torch.arange(rows * 12) < w.numel()).view(rows, 12)
+        for c in range(0, 12, 4):
+            n_valid = int(valid[:, c : c + 4].sum())
+            assert int((padded[:, c : c + 4] == 0).sum()) == round(s * n_valid)
+
+
+def test_nm_and_recomputed_steps_are_exact_and_monotone():
+    model = mlp()
+    text = recipe(0.5, extra='mask_type: "2:4"\nblock_size: 4')
+    ScheduledModifierManager.from_yaml(text).apply(model, grad_sampler=sampler())
+    for w in weights_of(model):
+        assert torch.equal((w.view(-1, 4) == 0).sum(1), torch.full((w.numel() // 4,), 2))
+    model, counter = mlp(), []
+    text = recipe(0.75, extra="num_recomputations: 2")
+    ScheduledModifierManager.from_yaml(text).apply(model, grad_sampler=sampler(counter))
+    assert len(counter) == 2 * 20
+    assert [int((w == 0).sum()) for w in weights_of(model)] == [48, 24]
+
+
+def test_gradual_pruning_during_training_never_reopens():
+    text = recipe(0.3, final=0.7).replace("end_epoch: 1", "end_epoch: 2")
+    model = mlp()
+    manager = ScheduledModifierManager.from_yaml(text)
+    opt = manager.modify(
+        model, torch.optim.SGD(model.parameters(), lr=0.05), steps_per_epoch=2,
+        grad_sampler=sampler(),
+    )  # fmt: skip
+    batches, history = builder()(), []
+    for _ in range(6):
+        (x,), _, target = next(batches)
+        F.mse_loss(model(x), target).backward()
+        opt.step()
+        opt.zero_grad()
+        history.append(torch.cat([w == 0 for w in weights_of(model)]))
+    for before, after in zip(history, history[1:]):
+        assert torch.all(after[before])
+    assert [int(z) for z in (history[-1][:64].sum(), history[-1][64:].sum())] == [45, 22]
+
+
+def test_global_sparsity_is_ignored_with_a_warning(caplog):
+    model = mlp()
+    with caplog.at_level(logging.WARNING):
+        ScheduledModifierManager.from_yaml(recipe(0.5, extra="global_sparsity: true")).apply(
+            model, grad_sampler=sampler()
+        )
+    assert "global_sparsity is ignored" in caplog.text
+    assert [int((w == 0).sum()) for w in weights_of(model)] == [32, 16]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"mask_type": "block4", "fisher_block_size": 8}, "mask_type"),
+        ({"mask_type": "2:4", "fisher_block_size": 8, "block_size": 6}, "block_size"),
+        ({"block_size": 0}, "block_size"),
+        ({"zero_dead": "yes"}, "zero_dead"),
+        ({"blocksize": 8}, "block_size"),
+    ],
+)
+def test_bad_fields_raise(kwargs, match):
+    kwargs = {"init_sparsity": 0.5, "final_sparsity": 0.5, **kwargs}
+    with pytest.raises(RecipeError, match=match):
+        FastCAPruningModifier(params=["re:.*weight"], **kwargs)
+
+
+def test_defaults():
+    mod = FastCAPruningModifier(params=["re:.*weight"], final_sparsity=0.5)
+    assert (mod.num_grads, mod.damp, mod.fisher_block_size, mod.block_size) == (
+        1024,
+        1e-7,
+        50,
+        None,
+    )
+    assert mod.global_sparsity is False and mod.zero_dead is False
