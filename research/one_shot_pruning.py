@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--gs_loader", action="store_true", help="grad sampler over the training data")
     opt("-gb", "--grad_sampler_batch_size", type=int, default=128)
     opt("--gs-no-aug", action="store_true", help="grad sampler without train augmentation")
-    opt("--grad-cache-mb", type=float, default=2048, help="reuse dense gradients up to this size")
+    opt("--no-sweep-cache", action="store_true", help="rebuild gradients/Fisher for every sparsity")
     opt("--no_prefetcher", action="store_true")
     opt("--pin_mem", action="store_true")
     opt("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -199,7 +199,9 @@ def prune_one(args, dense, sparsity: float, device, loaders: dict, cache) -> dic
     model = copy.deepcopy(dense)
     kwargs = {}
     if osp.needs_gradients(pruner):
-        kwargs["grad_sampler"] = osp.grad_sampler_for(pruner, loaders["gs"], cache)
+        kwargs["grad_sampler"] = osp.grad_sampler_for(loaders["gs"])
+    if cache is not None:
+        kwargs["sweep_cache"] = cache  # Fisher (and CAP order) built once per method
     osp.reset_peak_memory(device)
     start = time.perf_counter()
     manager.apply(model, **kwargs)
@@ -316,9 +318,9 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
         if is_primary(args):
             res.append_row(out_dir, row)
         _logger.info("Dense: top-1 %.2f%%, loss %.4f", metrics["accuracy"], metrics["loss"])
-    cache = None
-    if needs_grads and args.grad_cache_mb > 0:
-        cache = osp.GradCache(dense, int(args.grad_cache_mb * 2**20))
+    # Each sparsity prunes a fresh copy of the same dense model, so with one recomputation the
+    # second-order modifiers reuse their gradients and Fisher blocks through this dict.
+    cache = None if args.no_sweep_cache else {}
     for sparsity in plan["sparsities"]:
         done = prune_one(args, dense, sparsity, device, loaders, cache)
         row = {**done["row"], "settings": method_settings}
@@ -340,8 +342,6 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
                 keys = ("accuracy", "top5", "loss", "measured_sparsity", "seconds")
                 wandb.log({"sparsity": sparsity, **{f"val/{k}": row[k] for k in keys}})
         del done
-    if cache is not None and plan["sparsities"]:
-        _logger.info("Gradient samples reused %d times, drawn %d times", cache.hits, cache.misses)
     if not is_primary(args):
         return []
     if args.no_report:

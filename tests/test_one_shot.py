@@ -40,10 +40,7 @@ class DiagFisherTestPruningModifier(SecondOrderPruningModifier):
     """Test pruner: scores w^2 * (damp + mean g^2), i.e. a diagonal-Fisher OBS score."""
 
     def prune_step(self, module, targets):
-        diag = [torch.zeros(r.param.numel()) for r in self.refs]
-        for chunk in self.gradient_chunks(module):
-            for d, g in zip(diag, chunk):
-                d += (g.cpu() ** 2).sum(0)
+        diag = self.cached("diag", lambda: self._diag(module))
         scores = [
             (r.param.detach().reshape(-1).cpu() ** 2 * (d / self.num_grads + self.damp)).reshape(
                 r.param.shape
@@ -52,6 +49,13 @@ class DiagFisherTestPruningModifier(SecondOrderPruningModifier):
         ]
         scores = self.masked_scores(scores)
         self.set_masks(create_masks(scores, targets, self.mask_spec, self.global_sparsity))
+
+    def _diag(self, module):
+        diag = [torch.zeros(r.param.numel()) for r in self.refs]
+        for chunk in self.gradient_chunks(module):
+            for d, g in zip(diag, chunk):
+                d += (g.cpu() ** 2).sum(0)
+        return diag
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -218,16 +222,14 @@ def test_gradients_are_reused_across_sparsities(sweep, small_digits, monkeypatch
 
     monkeypatch.setattr(osp.GradSamplerData, "__call__", counting)
     results = {}
-    for cache_mb in ("2048", "0"):
-        out = sweep["tmp"] / f"cache_{cache_mb}"
-        extra = ["--sparsities", "0.5", "0.8", "--gs_loader", "-gb", "16", "--gs-no-aug"]
-        rows = osp_script.main(
-            base_args(small_digits, out, sweep["recipe"], *extra, "--grad-cache-mb", cache_mb)
-        )
-        results[cache_mb] = {r["sparsity"]: r["loss"] for r in rows if r["method"] == "diag"}
-    assert len(calls) == 1 + 2  # cached sweep draws once; uncached once per sparsity
-    # Replayed samples are the ones a fresh draw gives (same seed per sparsity).
-    assert results["2048"] == results["0"]
+    for flag in ((), ("--no-sweep-cache",)):
+        out = sweep["tmp"] / f"cache_{len(flag)}"
+        extra = ["--sparsities", "0.5", "0.8", "--gs_loader", "-gb", "16", "--gs-no-aug", *flag]
+        rows = osp_script.main(base_args(small_digits, out, sweep["recipe"], *extra))
+        results[flag] = {r["sparsity"]: r["loss"] for r in rows if r["method"] == "diag"}
+    assert len(calls) == 1 + 2  # the sweep cache draws once; without it once per sparsity
+    # The cached statistics are the ones a fresh draw gives (same seed per sparsity).
+    assert results[()] == results[("--no-sweep-cache",)]
 
 
 def test_cli_spellings_and_default_sparsity(sweep):

@@ -17,17 +17,15 @@ import hashlib
 import logging
 import math
 import resource
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.data import create_dataset, create_loader
-from torch import Tensor, nn
+from torch import nn
 
 from sparseml import dist
-from sparseml.grad_sampler import GradSampler
 from sparseml.modifiers.pruning import PruningModifier
 from sparseml.modifiers.second_order import SecondOrderPruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
@@ -276,84 +274,9 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_process_max_rss"
 
 
-# ----- gradient-sample reuse ----------------------------------------------------------------------
-class GradCache:
-    """Gradient samples of the dense model, shared by the samplers of one sweep."""
-
-    def __init__(self, dense: nn.Module, max_bytes: int) -> None:
-        self.reference = dense.state_dict()  # the dense model is never modified by the sweep
-        self.max_bytes = max_bytes
-        self.entries: dict[tuple, list[list[Tensor]]] = {}
-        self.hits = self.misses = 0
-        self._warned = False
-
-    def is_dense(self, module: nn.Module) -> bool:
-        state = module.state_dict()
-        return state.keys() == self.reference.keys() and all(
-            torch.equal(v, self.reference[k].to(v.device)) for k, v in state.items()
-        )
-
-    def fits(self, params: list[Tensor], num_grads: int) -> bool:
-        size = num_grads * sum(p.numel() for p in params) * 4
-        if size <= self.max_bytes:
-            return True
-        if not self._warned:
-            _logger.info(
-                "gradient samples (%.0f MB) exceed --grad_cache_mb; sampling for every sparsity",
-                size / 2**20,
-            )
-            self._warned = True
-        return False
-
-
-class CachingGradSampler(GradSampler):
-    """A :class:`GradSampler` that replays the dense model's samples from a :class:`GradCache`."""
-
-    def __init__(self, builder: Any, loss_fn: Any, builder_kwargs: dict, cache: GradCache) -> None:
-        super().__init__(builder, loss_fn, builder_kwargs)
-        self.cache = cache
-
-    def iter_chunks(
-        self,
-        module: nn.Module,
-        params: list[nn.Parameter],
-        num_grads: int,
-        chunk_size: int = 64,
-        masks: list[Tensor] | None = None,
-        desc: str = "gradients",
-    ) -> Iterator[list[Tensor]]:
-        cache = self.cache
-        if not (cache.fits(params, num_grads) and cache.is_dense(module)):
-            yield from super().iter_chunks(module, params, num_grads, chunk_size, masks, desc)
-            return
-        ids = {id(p): n for n, p in module.named_parameters()}
-        key = (tuple(ids.get(id(p), "?") for p in params), num_grads, chunk_size)
-        key += (repr(sorted(self.builder_kwargs.items())),)
-        flat_masks = [m.reshape(1, -1) for m in masks] if masks is not None else None
-
-        def masked(chunk: list[Tensor]) -> list[Tensor]:
-            if flat_masks is None:
-                return [c.clone() for c in chunk]
-            return [c.masked_fill(~m.to(c.device), 0) for c, m in zip(chunk, flat_masks)]
-
-        if key in cache.entries:
-            cache.hits += 1
-            for chunk in cache.entries[key]:
-                yield masked(chunk)
-            return
-        cache.misses += 1
-        recorded = []
-        for chunk in super().iter_chunks(module, params, num_grads, chunk_size, None, desc):
-            recorded.append([c.clone() for c in chunk])
-            yield masked(chunk)
-        cache.entries[key] = recorded  # only reached when the consumer took every chunk
-
-
-def grad_sampler_for(modifier: Any, data: GradSamplerData, cache: GradCache | None) -> Any:
-    """The ``grad_sampler`` argument of ``manager.apply`` for ``modifier``."""
-    if cache is None:
-        return {"data_loader_builder": data, "loss_fn": F.cross_entropy}
-    return CachingGradSampler(data, F.cross_entropy, modifier.grad_sampler_kwargs, cache)
+def grad_sampler_for(data: GradSamplerData) -> dict[str, Any]:
+    """The ``grad_sampler`` argument of ``manager.apply``."""
+    return {"data_loader_builder": data, "loss_fn": F.cross_entropy}
 
 
 def check_sparsities(values: list[float]) -> list[float]:

@@ -145,7 +145,8 @@ class MFACPruningModifier(SecondOrderPruningModifier):
         if layout.total == 0:
             return
         device = self._compute_device()
-        inv = self._build_inverse(module, layout, device)  # samples gradients: grad enabled
+        build = lambda: self._build_inverse(module, layout, device)  # noqa: E731  (needs autograd)
+        inv = build() if self._buffer is not None else self.cached("fisher", build)
         with torch.no_grad():
             self._obs_update(inv, layout, targets, device)
         if self._buffer is not None:
