@@ -14,6 +14,7 @@ from torch import nn
 import sparseml.modifiers.obs as obs_module
 from sparseml.errors import NumericalError, RecipeError
 from sparseml.modifiers import OBSPruningModifier
+from sparseml.modifiers.block_fisher import BlockLayout
 from sparseml.pytorch.optim import ScheduledModifierManager
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -241,8 +242,9 @@ def _dist_worker(rank, world, init_file, out_file):
             manager.apply(model, grad_sampler=sampler())
             result.append([p.detach() for p in model.parameters()])
         # blocks owned here: (param index, first block, end block)
-        parts, _ = manager.modifiers[0]._parts()
-        result.append(torch.tensor([[p.index, p.b0, p.b1] for p in parts]))
+        mod = manager.modifiers[0]
+        layout = BlockLayout([r.param.numel() for r in mod.refs], mod.fisher_block_size)
+        result.append(torch.tensor([[p.index, p.b0, p.b1] for p in layout.parts]))
         # a kernel failing on rank 1 only must raise on both ranks (no hang in the gather)
         if rank == 1:
             obs_module.obs_scores = _failing_scores

@@ -244,20 +244,21 @@ def cap_reconstruct(
     counts = counts.to(device=W.device, dtype=torch.long)
     if counts.shape != (n_b,) or bool((counts < 0).any() | (counts > B).any()):
         raise RecipeError(f"counts must have shape ({n_b},) with values in [0, {B}]")
-    # Peak ~ 3 float64 (nb, B, k) tensors, so half the elimination's batch.
-    bs = max(1, _batches(n_b, B, blocks_per_batch) // (2 if blocks_per_batch is None else 1))
+    # Peak ~ 4 float64 (nb, B, B) tensors (H, the H_SS index, H_SS, its factor): a quarter of
+    # the elimination's batch keeps both under the same memory.
+    bs = max(1, _batches(n_b, B, blocks_per_batch) // (4 if blocks_per_batch is None else 1))
     W_new = W.clone()
     perm = torch.argsort(counts, descending=True, stable=True)
     perm = perm[counts[perm] > 0]
-    rows = torch.arange(B, device=W.device).view(1, B, 1)
 
     def batch(i: int) -> None:
         bi = perm[i : i + bs]
         k = counts[bi]
         kmax = int(k[0])
         S = order[bi, :kmax].long()
-        hs = H[bi.view(-1, 1, 1), rows, S.unsqueeze(1)].double()  # H[:, S] (nb, B, kmax)
-        hss = hs.gather(1, S.unsqueeze(2).expand(-1, -1, kmax))  # H_SS
+        Hb = H[bi].double()
+        flat = (S.unsqueeze(2) * B + S.unsqueeze(1)).flatten(1)
+        hss = Hb.flatten(1).gather(1, flat).view(-1, kmax, kmax)  # H_SS
         act = torch.arange(kmax, device=W.device) < k.unsqueeze(1)
         # Pad H_SS with the identity beyond each block's own k (the right-hand side is 0 there).
         M = hss.masked_fill_(~(act.unsqueeze(2) & act.unsqueeze(1)), 0.0)
@@ -269,7 +270,9 @@ def cap_reconstruct(
         bad = info > 0
         if bad.any():  # rounding made some H_SS indefinite: LU still solves it
             y[bad] = torch.linalg.solve_ex(M[bad], rhs[bad])[0]
-        w = w - (hs @ y).squeeze(2)
+        # H[:, S] y = H y_full with y_full zero outside S: one matvec, no H[:, S] copy.
+        y_full = torch.zeros_like(w).scatter_(1, S, y.squeeze(2))
+        w = w - (Hb @ y_full.unsqueeze(2)).squeeze(2)
         w.scatter_(1, S, w.gather(1, S) * ~act)
         if not torch.isfinite(w).all():
             raise NumericalError("CAP reconstruction produced NaN/Inf: H_SS is singular")

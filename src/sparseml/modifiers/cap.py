@@ -6,14 +6,11 @@ Paper: Kuznedelev, Kurtic, Frantar, Alistarh, https://arxiv.org/abs/2210.09223
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from sparseml import dist
-from sparseml.errors import NumericalError
 from sparseml.fields import Field, FieldValueError, as_int, as_str, optional
 from sparseml.kernels.cap import (
     cap_eliminate,
@@ -22,15 +19,14 @@ from sparseml.kernels.cap import (
     prefix_counts,
     prefix_mask,
 )
-from sparseml.kernels.fisher import (
-    accumulate_block_gram,
-    from_blocks,
-    invert_block_fisher,
-    mspace_block_inverse,
-    num_blocks,
-    to_blocks,
-)
+from sparseml.kernels.fisher import from_blocks, to_blocks
 from sparseml.masks import create_masks
+from sparseml.modifiers.block_fisher import (
+    BlockLayout,
+    BlockPart,
+    build_block_inverses,
+    on_all_ranks,
+)
 from sparseml.modifiers.second_order import SecondOrderPruningModifier
 from sparseml.registry import register_modifier
 
@@ -43,28 +39,6 @@ def _blocks_in_parallel(value: Any) -> int:
     if x == 0:
         raise FieldValueError("must be -1 (automatic) or a number of blocks >= 1")
     return x
-
-
-def _on_all_ranks(fn: Callable[[], T]) -> T:
-    """``fn()``, failing on every rank if it fails on one (not a hang at the next collective)."""
-    error = None
-    try:
-        result = fn()
-    except Exception as err:  # re-raised below, after the other ranks learnt about it
-        error = err
-    failed = dist.all_reduce_sum_(torch.tensor([float(error is not None)]))
-    if error is not None:
-        raise error
-    if failed.item() > 0:
-        raise NumericalError("CAPruningModifier failed on another rank; nothing was written")
-    return result
-
-
-class _Part:
-    """This rank's share of one parameter: blocks [b0, b1) = flat coordinates [c0, c1)."""
-
-    def __init__(self, index: int, b0: int, b1: int, c0: int, c1: int) -> None:
-        self.index, self.b0, self.b1, self.c0, self.c1 = index, b0, b1, c0, c1
 
 
 @register_modifier
@@ -126,60 +100,8 @@ class CAPruningModifier(SecondOrderPruningModifier):
         if self.traces_backup_dir is not None:
             LOG.warning("CAPruningModifier keeps no weight traces: traces_backup_dir is unused")
 
-    # ----- layout and Fisher ------------------------------------------------------------------
-    def _parts(self) -> tuple[list[_Part], int]:
-        """This rank's contiguous share of the blocks of all parameters, and the block count."""
-        bsz = self.fisher_block_size
-        sizes = [r.param.numel() for r in self.refs]
-        counts = [num_blocks(n, bsz) for n in sizes]
-        lo, hi = dist.shard_bounds(sum(counts))
-        parts, offset = [], 0
-        for i, (n, count) in enumerate(zip(sizes, counts)):
-            b0, b1 = max(lo - offset, 0), min(hi - offset, count)
-            if b0 < b1:
-                parts.append(_Part(i, b0, b1, b0 * bsz, min(b1 * bsz, n)))
-            offset += count
-        return parts, sum(counts)
-
-    def _gather(self, local: list[Tensor], parts: list[_Part], total: int) -> list[Tensor]:
-        """Per-parameter full (numel,) float32 vectors from each rank's (c1 - c0,) pieces."""
-        bsz = self.fisher_block_size
-        device = self.refs[0].param.device
-        rows = torch.zeros(sum(p.b1 - p.b0 for p in parts), bsz, device=device)
-        start = 0
-        for p, x in zip(parts, local):
-            rows[start : start + p.b1 - p.b0].view(-1)[: p.c1 - p.c0] = x.to(device, torch.float)
-            start += p.b1 - p.b0
-        full = dist.all_gather_shards(rows, total).reshape(-1)
-        out, offset = [], 0
-        for r in self.refs:
-            out.append(full[offset : offset + r.param.numel()])
-            offset += num_blocks(r.param.numel(), bsz) * bsz
-        return out
-
-    def _build_fisher(self, module: nn.Module, parts: list[_Part]) -> list[Tensor]:
-        """H (b1 - b0, B, B) float32 for each of this rank's parts."""
-        bsz, m = self.fisher_block_size, self.num_grads
-        mspace = m < bsz  # the B x B Gram would be rank-deficient: use the sample space
-        store = []
-        for p in parts:
-            device = self.fisher_device(self.refs[p.index].param)
-            shape = (m, p.c1 - p.c0) if mspace else (p.b1 - p.b0, bsz, bsz)
-            store.append(torch.zeros(shape, device=device))
-        row = 0
-        for chunk in self.gradient_chunks(module):
-            for p, buf in zip(parts, store):
-                grads = chunk[p.index][:, p.c0 : p.c1]
-                if mspace:
-                    buf[row : row + grads.shape[0]] = grads.to(buf.device)
-                else:
-                    accumulate_block_gram(grads, bsz, out=buf)
-            row += chunk[0].shape[0]
-        if mspace:
-            return _on_all_ranks(lambda: [mspace_block_inverse(g, bsz, self.damp) for g in store])
-        return _on_all_ranks(lambda: [invert_block_fisher(g, m, self.damp) for g in store])
-
-    def _blocks(self, p: _Part, H: Tensor, flat: Tensor, keep: Tensor):
+    # ----- blocks --------------------------------------------------------------------------
+    def _blocks(self, p: BlockPart, H: Tensor, flat: Tensor, keep: Tensor):
         """(W, pruned, valid) of part ``p`` as (n, B) blocks on H's device."""
         bsz, sl = self.fisher_block_size, slice(p.c0, p.c1)
         W = to_blocks(flat[sl].to(H.device, torch.float32), bsz)
@@ -191,22 +113,24 @@ class CAPruningModifier(SecondOrderPruningModifier):
     def prune_step(self, module: nn.Module, targets: list[float]) -> None:
         if not self.refs:
             return
-        parts, total = self._parts()
-        inverses = self.cached("fisher", lambda: self._build_fisher(module, parts))
+        layout = BlockLayout([r.param.numel() for r in self.refs], self.fisher_block_size)
+        parts, owner = layout.parts, type(self).__name__
+        inverses = self.cached("fisher", lambda: build_block_inverses(self, module, layout))
         flat = self.flat_weights()
         keep = [m.reshape(-1) for m in self.masks]
         bpb = None if self.blocks_in_parallel < 0 else self.blocks_in_parallel
         blocks = [self._blocks(p, H, flat[p.index], keep[p.index]) for p, H in zip(parts, inverses)]
         with torch.no_grad():
             if self.mask_spec.kind == "nm":
-                new = _on_all_ranks(lambda: self._nm_local(blocks, inverses, bpb))
+                new = on_all_ranks(lambda: self._nm_local(blocks, inverses, bpb), owner)
             else:
-                new = self._unstructured(parts, total, blocks, inverses, targets, bpb)
-        new_w = self._gather(
-            [from_blocks(w, p.c1 - p.c0) for (w, _), p in zip(new, parts)], parts, total
+                new = self._unstructured(layout, blocks, inverses, targets, bpb)
+        device = self.refs[0].param.device
+        new_w = layout.gather(
+            [from_blocks(w, p.c1 - p.c0) for (w, _), p in zip(new, parts)], device
         )
-        new_k = self._gather(
-            [from_blocks(k.float(), p.c1 - p.c0) for (_, k), p in zip(new, parts)], parts, total
+        new_k = layout.gather(
+            [from_blocks(k.float(), p.c1 - p.c0) for (_, k), p in zip(new, parts)], device
         )
         for i, w in enumerate(new_w):
             self.write_weights(i, w)
@@ -219,7 +143,9 @@ class CAPruningModifier(SecondOrderPruningModifier):
             for (W, pruned, valid), H in zip(blocks, inverses)
         ]
 
-    def _unstructured(self, parts, total, blocks, inverses, targets, bpb):
+    def _unstructured(self, layout: BlockLayout, blocks, inverses, targets, bpb):
+        parts, owner = layout.parts, type(self).__name__
+
         def eliminate() -> list[tuple[Tensor, Tensor]]:
             return [
                 cap_eliminate(W, H, pruned, valid=valid, blocks_per_batch=bpb)
@@ -227,9 +153,10 @@ class CAPruningModifier(SecondOrderPruningModifier):
             ]
 
         # The order depends on weights, masks and H only: a sparsity sweep reuses it.
-        elims = self.cached("elimination", lambda: _on_all_ranks(eliminate))
+        elims = self.cached("elimination", lambda: on_all_ranks(eliminate, owner))
         local = [from_blocks(losses, p.c1 - p.c0) for (_, losses), p in zip(elims, parts)]
-        scores = [s.view_as(r.param) for s, r in zip(self._gather(local, parts, total), self.refs)]
+        device = self.refs[0].param.device
+        scores = [s.view_as(r.param) for s, r in zip(layout.gather(local, device), self.refs)]
         masks = create_masks(
             self.masked_scores(scores), targets, self.mask_spec, self.global_sparsity
         )
@@ -244,4 +171,4 @@ class CAPruningModifier(SecondOrderPruningModifier):
                 out.append((W_new, prefix_mask(order, counts, valid)))
             return out
 
-        return _on_all_ranks(reconstruct)
+        return on_all_ranks(reconstruct, owner)

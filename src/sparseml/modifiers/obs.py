@@ -10,21 +10,12 @@ Papers:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from sparseml import dist
-from sparseml.errors import NumericalError
 from sparseml.fields import Field, as_str, one_of, optional
-from sparseml.kernels.fisher import (
-    accumulate_block_gram,
-    invert_block_fisher,
-    mspace_block_inverse,
-    num_blocks,
-)
 from sparseml.kernels.obs import (
     obs_group_scores,
     obs_independent_update,
@@ -32,34 +23,13 @@ from sparseml.kernels.obs import (
     obs_scores,
 )
 from sparseml.masks import create_masks
+from sparseml.modifiers.block_fisher import BlockLayout, build_block_inverses, on_all_ranks
 from sparseml.modifiers.second_order import SecondOrderPruningModifier
 from sparseml.registry import register_modifier
 
 LOG = logging.getLogger(__name__)
 EPS32 = torch.finfo(torch.float32).eps
 T = TypeVar("T")
-
-
-def _on_all_ranks(fn: Callable[[], T]) -> T:
-    """``fn()``, failing on every rank if it fails on one (not a hang at the next collective)."""
-    error = None
-    try:
-        result = fn()
-    except Exception as err:  # re-raised below, after the other ranks learnt about it
-        error = err
-    failed = dist.all_reduce_sum_(torch.tensor([float(error is not None)]))
-    if error is not None:
-        raise error
-    if failed.item() > 0:
-        raise NumericalError("OBSPruningModifier failed on another rank; nothing was written")
-    return result
-
-
-class _Part:
-    """This rank's share of one parameter: blocks [b0, b1) = flat coordinates [c0, c1)."""
-
-    def __init__(self, index: int, b0: int, b1: int, c0: int, c1: int) -> None:
-        self.index, self.b0, self.b1, self.c0, self.c1 = index, b0, b1, c0, c1
 
 
 @register_modifier
@@ -118,79 +88,16 @@ class OBSPruningModifier(SecondOrderPruningModifier):
         if self.traces_backup_dir is not None:
             LOG.warning("OBSPruningModifier keeps no traces: traces_backup_dir is not used")
 
-    # ----- layout -----------------------------------------------------------------------------
-    def _parts(self) -> tuple[list[_Part], int]:
-        """This rank's contiguous share of the blocks of all parameters, and the block count."""
-        bsz = self.fisher_block_size
-        sizes = [r.param.numel() for r in self.refs]
-        counts = [num_blocks(n, bsz) for n in sizes]
-        total = sum(counts)
-        lo, hi = dist.shard_bounds(total)
-        parts, offset = [], 0
-        for i, (n, count) in enumerate(zip(sizes, counts)):
-            b0, b1 = max(lo - offset, 0), min(hi - offset, count)
-            if b0 < b1:
-                parts.append(_Part(i, b0, b1, b0 * bsz, min(b1 * bsz, n)))
-            offset += count
-        return parts, total
-
-    def _gather(self, local: list[Tensor], parts: list[_Part], total: int) -> list[Tensor]:
-        """Per-parameter full (numel,) vectors from each rank's (c1 - c0,) pieces."""
-        bsz = self.fisher_block_size
-        device = self.refs[0].param.device
-        rows = torch.zeros(sum(p.b1 - p.b0 for p in parts), bsz, device=device)
-        start = 0
-        for p, x in zip(parts, local):
-            count = p.b1 - p.b0
-            rows[start : start + count].view(-1)[: p.c1 - p.c0] = x.to(device, torch.float32)
-            start += count
-        full = dist.all_gather_shards(rows, total).reshape(-1)
-        out, offset = [], 0
-        for r in self.refs:
-            n = r.param.numel()
-            out.append(full[offset : offset + n])
-            offset += num_blocks(n, bsz) * bsz
-        return out
-
-    # ----- Fisher -----------------------------------------------------------------------------
-    def _build_fisher(self, module: nn.Module) -> list[Tensor]:
-        """H (b1 - b0, B, B) for each of this rank's parts (gradient sampling needs autograd)."""
-        parts, _ = self._parts()
-        bsz, m = self.fisher_block_size, self.num_grads
-        mspace = m < bsz  # the B x B Gram would be rank-deficient: use the sample space
-        store = []
-        for p in parts:
-            device = self.fisher_device(self.refs[p.index].param)
-            if mspace:
-                store.append(torch.empty(m, p.c1 - p.c0, device=device))
-            else:
-                store.append(torch.zeros(p.b1 - p.b0, bsz, bsz, device=device))
-        row = 0
-        for chunk in self.gradient_chunks(module):
-            count = chunk[0].shape[0]
-            for p, buf in zip(parts, store):
-                grads = chunk[p.index][:, p.c0 : p.c1]
-                if mspace:
-                    buf[row : row + count] = grads.to(buf.device)
-                else:
-                    accumulate_block_gram(grads, bsz, out=buf)
-            row += count
-        if mspace:
-            return _on_all_ranks(lambda: [mspace_block_inverse(g, bsz, self.damp) for g in store])
-        return _on_all_ranks(lambda: [invert_block_fisher(g, m, self.damp) for g in store])
-
     # ----- pruning step -----------------------------------------------------------------------
     def prune_step(self, module: nn.Module, targets: list[float]) -> None:
         if not self.refs:
             return
-        parts, total = self._parts()
-        inverses = self.cached("fisher", lambda: self._build_fisher(module))
+        layout = BlockLayout([r.param.numel() for r in self.refs], self.fisher_block_size)
+        inverses = self.cached("fisher", lambda: build_block_inverses(self, module, layout))
         with torch.no_grad():
-            self._obs_step(parts, total, inverses, targets)
+            self._obs_step(layout, inverses, targets)
 
-    def _obs_step(
-        self, parts: list[_Part], total: int, inverses: list[Tensor], targets: list[float]
-    ) -> None:
+    def _obs_step(self, layout: BlockLayout, inverses: list[Tensor], targets: list[float]) -> None:
         spec = self.mask_spec
         weights = self.flat_weights()
         kept = [m.reshape(-1) for m in self.masks]
@@ -198,7 +105,7 @@ class OBSPruningModifier(SecondOrderPruningModifier):
 
         def local_scores() -> list[Tensor]:
             out = []
-            for p, H in zip(parts, inverses):
+            for p, H in zip(layout.parts, inverses):
                 w, pruned = weights[p.index][p.c0 : p.c1], ~kept[p.index][p.c0 : p.c1]
                 if spec.kind == "block":
                     out.append(obs_group_scores(w, H, pruned, spec.group))
@@ -206,13 +113,14 @@ class OBSPruningModifier(SecondOrderPruningModifier):
                     out.append(obs_scores(w, H, pruned, eps=EPS32 * independent))
             return out
 
-        gathered = self._gather(_on_all_ranks(local_scores), parts, total)
+        device = self.refs[0].param.device
+        gathered = layout.gather(on_all_ranks(local_scores, type(self).__name__), device)
         scores = [s.view_as(r.param) for s, r in zip(gathered, self.refs)]
         masks = create_masks(self.masked_scores(scores), targets, spec, self.global_sparsity)
 
         def local_weights() -> list[Tensor]:
             out = []
-            for p, H in zip(parts, inverses):
+            for p, H in zip(layout.parts, inverses):
                 w = weights[p.index][p.c0 : p.c1]
                 new = kept[p.index][p.c0 : p.c1] & ~masks[p.index].reshape(-1)[p.c0 : p.c1]
                 if not independent:
@@ -223,6 +131,7 @@ class OBSPruningModifier(SecondOrderPruningModifier):
                     out.append(obs_independent_update(w, H, new, eps=EPS32))
             return out
 
-        for i, flat in enumerate(self._gather(_on_all_ranks(local_weights), parts, total)):
+        new = on_all_ranks(local_weights, type(self).__name__)
+        for i, flat in enumerate(layout.gather(new, device)):
             self.write_weights(i, flat)
         self.set_masks(masks)
