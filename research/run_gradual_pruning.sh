@@ -22,7 +22,7 @@ NUM_PROC=${NUM_PROC:-2}
 LAUNCHER=${LAUNCHER:-torchrun}            # torchrun | legacy (torch.distributed.launch) | python
 PORT=${PORT:-}                            # empty: torchrun picks a free port
 EPOCHS=${EPOCHS:-}                        # only used when the recipe does not set the LR
-BATCH_SIZE=${BATCH_SIZE:-16}              # per process
+BATCH_SIZE=${BATCH_SIZE:-8}               # per process (2 x 8 = global 16)
 VAL_BATCH_SIZE=${VAL_BATCH_SIZE:-256}
 WORKERS=${WORKERS:-0}
 GS_BATCH_SIZE=${GS_BATCH_SIZE:-}          # set for OBS/CAP/FastCAP recipes (adds --gs-loader)
@@ -50,6 +50,10 @@ ARGS=(
 [[ "$AMP" == 1 ]] && ARGS+=(--amp)
 [[ "$LOG_WANDB" == 1 ]] && ARGS+=(--log-wandb --log-param-histogram)
 
+free_port() {
+  "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 SCRIPT="$HERE/sparse_training.py"
 case "$LAUNCHER" in
   torchrun)
@@ -59,7 +63,7 @@ case "$LAUNCHER" in
       "$SCRIPT" "${ARGS[@]}" "$@" ;;
   legacy)
     exec "$PYTHON" -m torch.distributed.launch --nproc_per_node="$NUM_PROC" \
-      --master_port="${PORT:-$((29500 + RANDOM % 2000))}" "$SCRIPT" "${ARGS[@]}" "$@" ;;
+      --master_port="${PORT:-$(free_port)}" "$SCRIPT" "${ARGS[@]}" "$@" ;;
   python)
     exec "$PYTHON" "$SCRIPT" "${ARGS[@]}" "$@" ;;
   *)

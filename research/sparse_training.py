@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
+        if device.type != "cuda":
+            raise SetupError("--sync-bn needs CUDA; on CPU keep --dist-bn reduce (the default)")
         args.dist_bn = ""
         model = convert_sync_batchnorm(model)
     training.resolve_lr(args)

@@ -17,6 +17,7 @@ legacy ``torch.distributed.launch``.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -50,14 +51,19 @@ def digits_dir(research: Path) -> Path:
     return prepare_digits(default_digits_dir())
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _launch_prefix(launcher: str, nproc: int) -> list[str]:
     if launcher == "python":
         return [sys.executable]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    if launcher == "legacy":
-        port = str(29500 + os.getpid() % 2000)
-        return [sys.executable, "-m", "torch.distributed.launch", f"--master_port={port}"]
+    if launcher == "legacy":  # no --standalone here: ask the OS for a free port
+        return [sys.executable, "-m", "torch.distributed.launch", f"--master_port={_free_port()}"]
     raise ValueError(f"launcher must be python, torchrun or legacy, got {launcher!r}")
 
 
@@ -75,16 +81,26 @@ def run_script(research: Path, tmp_path: Path) -> Callable[..., subprocess.Compl
         nproc: int = 1,
         launcher: str = "python",
         env: dict[str, str] | None = None,
-        timeout: float = 300,
+        timeout: float = 180,
     ) -> subprocess.CompletedProcess:
         cmd = _launch_prefix(launcher, nproc)
         if launcher != "python":
             cmd.append(f"--nproc_per_node={nproc}")
         cmd += [str(research / script), *map(str, args)]
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+        # WANDB_SERVICE points at the service of an in-process W&B run; children start their own.
+        full_env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+        full_env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
         full_env.update({"HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", **(env or {})})
-        return subprocess.run(
-            cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout
-        )
+        try:
+            return subprocess.run(
+                cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as err:  # keep what it printed for the assertion
+            out, errs = (
+                x.decode() if isinstance(x, bytes) else x or "" for x in (err.stdout, err.stderr)
+            )
+            return subprocess.CompletedProcess(
+                cmd, 124, out, f"{errs}\n[timed out after {timeout} s]"
+            )
 
     return run

@@ -75,6 +75,18 @@ def test_shim_is_idempotent_and_sets_offline_defaults(monkeypatch):
     assert timm.create_model("vit_digits") is not None
 
 
+def test_posterize_patch_accepts_zero_bits():
+    from timm.data import auto_augment
+
+    from utils.compat import patch_timm_posterize
+
+    patch_timm_posterize()
+    img = Image.new("RGB", (4, 4), (200, 100, 50))
+    black = auto_augment.NAME_TO_OP["PosterizeIncreasing"](img, 0)
+    assert black.getpixel((0, 0)) == (0, 0, 0) and black.size == (4, 4)
+    assert auto_augment.NAME_TO_OP["Posterize"](img, 4).getpixel((0, 0)) == (192, 96, 48)
+
+
 # ----- digits data --------------------------------------------------------------------------
 
 

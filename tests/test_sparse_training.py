@@ -50,6 +50,15 @@ LR_LINES = """
 """
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and threads hurt on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def small_digits(digits_dir, tmp_path_factory) -> Path:
     """30 train and 10 val images per class copied from the digits tree (fast epochs)."""

@@ -66,3 +66,35 @@ def ensure_torchvision() -> bool:
     import torchvision  # noqa: F401, F811
 
     return True
+
+
+def patch_timm_posterize() -> bool:
+    """Let timm's RandAugment posterize to 0 bits under Pillow >= 13; return True if patched.
+
+    timm's increasing-posterize op (``rand-...-inc1``, used by the DeiT/AugReg configs) asks for
+    0 bits at high magnitudes. Older Pillow returned a black image; Pillow 13 raises ValueError,
+    which would stop training at a random batch. Call after timm is importable.
+    """
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment
+
+    if getattr(auto_augment.posterize, "_zero_bits_ok", False):
+        return True
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+        return False
+    except ValueError:
+        pass
+    original = auto_augment.posterize
+
+    def posterize(img, bits_to_keep, **kwargs):
+        if bits_to_keep <= 0:  # what Pillow < 13 returned: every channel value masked to 0
+            return Image.new(img.mode, img.size)
+        return original(img, bits_to_keep, **kwargs)
+
+    posterize._zero_bits_ok = True
+    auto_augment.posterize = posterize
+    auto_augment.NAME_TO_OP["Posterize"] = posterize
+    auto_augment.NAME_TO_OP["PosterizeIncreasing"] = posterize
+    auto_augment.NAME_TO_OP["PosterizeOriginal"] = posterize
+    return True

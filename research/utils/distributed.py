@@ -56,7 +56,14 @@ def barrier(args: argparse.Namespace) -> None:
 
 
 def cleanup(args: argparse.Namespace) -> None:
+    """Leave the process group.
+
+    The barrier first matters: gloo's worker threads free finished work (and the Python tensors
+    it holds) after the caller has moved on; if the group is torn down while the main thread
+    holds the GIL and a worker still waits for it, the process hangs at exit.
+    """
     if getattr(args, "distributed", False) and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -21,6 +21,7 @@ from timm.utils import NativeScaler
 
 from . import models as _models  # noqa: F401  (registers vit_digits, resnet_digits)
 from .cli import args_to_yaml
+from .compat import patch_timm_posterize
 from .data import loader_kwargs
 from .errors import SetupError
 
@@ -104,6 +105,10 @@ def build_loaders(
 ) -> tuple[Any, Any, Mixup | None]:
     """Train and eval loaders; mixup as collate (prefetcher) or as a callable (returned)."""
     mixup = _mixup_args(args)
+    if mixup is not None and args.batch_size % 2:
+        raise SetupError(f"mixup/cutmix need an even batch size, got -b {args.batch_size}")
+    if args.aa:
+        patch_timm_posterize()
     collate_fn, mixup_fn = None, None
     if mixup is not None and args.prefetcher:
         collate_fn = FastCollateMixup(**mixup)
