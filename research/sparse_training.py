@@ -26,7 +26,6 @@ ensure_torchvision()
 import torch  # noqa: E402
 from timm.layers import convert_sync_batchnorm  # noqa: E402
 from timm.models import safe_model_name  # noqa: E402
-from timm.optim import create_optimizer_v2, optimizer_kwargs  # noqa: E402
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs  # noqa: E402
 from timm.utils import ModelEmaV3, distribute_bn, random_seed  # noqa: E402
 
@@ -148,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.dist_bn = ""
         model = convert_sync_batchnorm(model)
     training.resolve_lr(args)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    optimizer = training.create_optimizer(model, args)
     amp_autocast, scaler = training.setup_amp(args, device)
 
     resumed = ckpt_io.load_checkpoint(args.resume) if args.resume else None

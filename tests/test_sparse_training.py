@@ -6,6 +6,7 @@ In-process runs call ``sparse_training.main(argv)``; launcher tests run real pro
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -271,3 +272,13 @@ def test_legacy_launch_passes_local_rank(run_script, small_digits, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(read_summary(tmp_path / "legacy" / "summary.csv")) == 1
     assert "Epoch 0: zero patterns identical on 2 ranks" in result.stdout + result.stderr
+
+
+def test_mfac_optimizer_trains_from_the_cli(small_digits, tmp_path):
+    argv = [*base_args(small_digits, tmp_path, "mfac"), "--epochs", "1"]
+    argv[argv.index("adamw")] = "mfac"
+    # A smoke test of the wiring; the optimizer's maths is tested in test_mfac_optimizer.py.
+    result = sparse_training.main([*argv, "--opt-kwargs", "ngrads=8", "damp=0.001"])
+    assert math.isfinite(result["train"]["loss"]) and math.isfinite(result["eval"]["loss"])
+    with pytest.raises(SetupError, match="unknown --opt-kwargs"):
+        sparse_training.main([*argv, "--opt-kwargs", "window=8"])

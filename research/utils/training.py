@@ -17,6 +17,7 @@ import torch
 from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import create_model, safe_model_name
+from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.utils import NativeScaler
 
 from . import models as _models  # noqa: F401  (registers vit_digits, resnet_digits)
@@ -69,6 +70,30 @@ def resolve_lr(args: argparse.Namespace) -> None:
     ratio = global_batch / args.lr_base_size
     scale = args.lr_base_scale or ("sqrt" if any(k in args.opt for k in ("ada", "lamb")) else "")
     args.lr = args.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
+
+
+def create_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """timm's optimizer for ``--opt``, or our M-FAC optimizer for ``--opt mfac``.
+
+    M-FAC settings come from ``--opt-kwargs``: ``ngrads`` (window size m, default 1024),
+    ``damp`` (default 1e-5) and ``sparse=True`` (optimize only the non-zero weights of a pruned
+    model, which then stay exactly zero).
+    """
+    if args.opt.lower() != "mfac":
+        return create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    from sparseml.optim import MFAC
+
+    allowed = {"ngrads", "damp", "sparse"}
+    unknown = sorted(set(args.opt_kwargs) - allowed)
+    if unknown:
+        raise SetupError(f"--opt mfac: unknown --opt-kwargs {unknown}; allowed: {sorted(allowed)}")
+    return MFAC(
+        model.parameters(),
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        **args.opt_kwargs,
+    )
 
 
 def setup_amp(
