@@ -156,7 +156,7 @@ class MaskEnforcer:
     """Keeps pruned entries of parameters exactly zero while enabled.
 
     Three mechanisms: a forward pre-hook on each owning module zeroes pruned weights before
-    every forward; a gradient hook zeroes their gradients; ``apply()`` (called after every
+    every forward; a post-accumulate-grad hook zeroes their gradients; ``apply()`` (called after every
     optimizer step) zeroes them again after momentum, Adam or weight decay moved them.
     The inverted masks used by the hooks are cached per device, so a step costs one in-place
     fill per tensor and hook (a fill, unlike a multiply, also clears inf/NaN entries).
@@ -202,7 +202,7 @@ class MaskEnforcer:
         for module in modules.values():
             self._handles.append(module.register_forward_pre_hook(self._pre_forward))
         for i, ref in enumerate(self.refs):
-            self._handles.append(ref.param.register_hook(self._grad_hook(i)))
+            self._handles.append(ref.param.register_post_accumulate_grad_hook(self._grad_hook(i)))
         self.apply()
 
     def disable(self) -> None:
@@ -217,7 +217,9 @@ class MaskEnforcer:
                 data.masked_fill_(self._pruned_on(i, data.device), 0)
 
     def _grad_hook(self, index: int):
-        def hook(grad: Tensor) -> Tensor:
-            return grad.masked_fill(self._pruned_on(index, grad.device), 0)
+        # After accumulation, in place: no new gradient tensor per step.
+        def hook(param: Tensor) -> None:
+            if param.grad is not None:
+                param.grad.masked_fill_(self._pruned_on(index, param.grad.device), 0)
 
         return hook
