@@ -362,3 +362,22 @@ def test_module_sparsification_info_counts():
         "module.2.weight": {"numel": 12, "sparsity": 0.5, "quantized": False},
     }
     assert json.loads(str(info))["params_summary"]["sparse"] == 16
+
+
+def test_scheduled_sparsity_stays_reported_while_finetuning_after_pruning():
+    from sparseml.pytorch.optim import ScheduledModifierManager
+    from utils import logging_utils
+
+    manager = ScheduledModifierManager.from_yaml(
+        "modifiers:\n  - !GMPruningModifier\n    params: __ALL_PRUNABLE__\n"
+        "    init_sparsity: 0.3\n    final_sparsity: 0.6\n    start_epoch: 0\n"
+        "    end_epoch: 2\n    update_frequency: 1\n"
+    )
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    opt = manager.modify(model, torch.optim.SGD(model.parameters(), lr=0.1), steps_per_epoch=1)
+    for _ in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert logging_utils.scheduled_sparsity(manager, 3) == pytest.approx(0.6)
+    assert logging_utils.scheduled_sparsity(None, 3) == 0.0

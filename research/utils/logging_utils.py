@@ -29,9 +29,26 @@ def current_pruning_modifier(manager: Any, epoch: int) -> Any:
     return None
 
 
+def last_enforced_pruning_modifier(manager: Any, epoch: int) -> Any:
+    """The pruning modifier that ended last before ``epoch`` and still enforces its masks."""
+    if manager is None:
+        return None
+    done = [
+        m
+        for m in manager.pruning_modifiers
+        if 0 <= m.end_epoch <= epoch
+        and getattr(m, "leave_enabled", False)
+        and getattr(m, "applied_sparsity", None) is not None
+    ]
+    return max(done, key=lambda m: m.end_epoch, default=None)
+
+
 def scheduled_sparsity(manager: Any, epoch: int) -> float:
-    """Mean ``applied_sparsity`` of the active pruning modifier (0.0 when none is active)."""
-    modifier = current_pruning_modifier(manager, epoch)
+    """Mean ``applied_sparsity`` of the active pruning modifier, else of the last one whose
+    masks are still enforced (fine-tuning after pruning); 0.0 when there is none."""
+    modifier = current_pruning_modifier(manager, epoch) or last_enforced_pruning_modifier(
+        manager, epoch
+    )
     value = getattr(modifier, "applied_sparsity", None)
     if value is None:
         return 0.0
