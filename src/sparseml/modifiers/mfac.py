@@ -190,6 +190,15 @@ class MFACPruningModifier(SecondOrderPruningModifier):
                     f"{type(self).__name__}: gradient buffering has no training gradients yet; "
                     "pass grad_sampler=... for one-shot pruning"
                 )
+            wanted = self._num_grads_now()
+            if count < wanted:
+                LOG.warning(
+                    "%s: only %d buffered training gradients (num_grads %d) at this pruning "
+                    "step; raise update_frequency or lower num_grads for a fuller estimate",
+                    type(self).__name__,
+                    count,
+                    wanted,
+                )
             grads = self._buffer["grads"][:count].to(device)
         else:
             num = self._num_grads_now()
