@@ -9,11 +9,11 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch import nn
 
 from sparseml.errors import RecipeError
 from sparseml.modifiers import CAPruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
+from toy import builder, mlp, sampler, weights_of
 
 RECIPE = """
 pruning_modifiers:
@@ -35,31 +35,6 @@ pruning_modifiers:
 def recipe(s=0.5, m=20, block=12, glob="true", mask="unstructured", extra=""):
     text = RECIPE.format(s=s, m=m, block=block, glob=glob, mask=mask)
     return text + "".join(f"    {line}\n" for line in extra.splitlines() if line)
-
-
-def mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
-
-
-def builder(counter=None):
-    def build(**kwargs):
-        gen = torch.Generator().manual_seed(0)
-        while True:
-            if counter is not None:
-                counter.append(1)
-            x = torch.randn(16, 8, generator=gen)
-            yield [x], {}, x[:, :4] * x[:, 4:] + 0.1 * torch.randn(16, 4, generator=gen)
-
-    return build
-
-
-def sampler(counter=None):
-    return {"data_loader_builder": builder(counter), "loss_fn": F.mse_loss}
-
-
-def weights_of(model) -> list[torch.Tensor]:
-    return [model[0].weight.detach().reshape(-1), model[2].weight.detach().reshape(-1)]
 
 
 def dense_blocks(model, m, damp, block):
