@@ -282,3 +282,36 @@ def test_mfac_optimizer_trains_from_the_cli(small_digits, tmp_path):
     assert math.isfinite(result["train"]["loss"]) and math.isfinite(result["eval"]["loss"])
     with pytest.raises(SetupError, match="unknown --opt-kwargs"):
         sparse_training.main([*argv, "--opt-kwargs", "window=8"])
+
+
+CAP_RECIPE = f"""
+modifiers:
+  - !EpochRangeModifier
+    start_epoch: 0
+    end_epoch: 1
+  - !CAPruningModifier
+    params: ['{PRUNED}']
+    init_sparsity: 0.6
+    final_sparsity: 0.6
+    start_epoch: 0
+    end_epoch: 0
+    num_grads: 8
+    fisher_block_size: 32
+    damp: 1.0e-4
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_torchrun_two_ranks_cap_recipe(run_script, small_digits, tmp_path):
+    recipe = write(tmp_path / "cap.yaml", CAP_RECIPE)
+    argv = base_args(small_digits, tmp_path, "cap")
+    argv += ["--sparseml-recipe", str(recipe), "--save-last", "-b", "25"]
+    argv += ["--gs-loader", "-gb", "8", "--gs-no-aug", "--epochs", "1"]  # no LR modifier
+    result = run_script("sparse_training.py", argv, nproc=2, launcher="torchrun")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "Epoch 0: zero patterns identical on 2 ranks" in log
+    assert "DIFFER" not in log
+    state = load_checkpoint(tmp_path / "cap" / "vit_digits_last.pth")
+    assert sparsity(pruned_weights(state)) == pytest.approx(0.6, abs=1e-3)
