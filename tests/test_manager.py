@@ -249,3 +249,12 @@ pruning_modifiers:
     ]
     total = sum(p.numel() for p in pruned)
     assert sum(int((p == 0).sum()) for p in pruned) == round(0.6 * total)
+
+
+def test_nm_on_a_layer_whose_rows_do_not_tile_names_modifier_and_param():
+    recipe = "modifiers:\n  - !GMPruningModifier\n    init_sparsity: 0.5\n    final_sparsity: 0.5\n"
+    recipe += "    start_epoch: 0\n    end_epoch: 1\n    mask_type: '2:4'\n"
+    with pytest.raises(
+        RecipeError, match=r"GMPruningModifier.*mask_type.*weight.*not divisible by"
+    ):
+        ScheduledModifierManager.from_yaml(recipe).apply(nn.Linear(3, 2))

@@ -151,7 +151,10 @@ class PruningModifier(Modifier):
             self.final_targets = [final] * len(self.refs)
         spec = self.mask_spec
         for ref in self.refs:
-            check_groupable(ref.name, ref.param.shape, spec)
+            try:
+                check_groupable(ref.name, ref.param.shape, spec)
+            except RecipeError as err:
+                raise self.field_error("mask_type", str(err)) from None
         if self.init_sparsity == FROM_PARAM:
             self.init_targets = [float((r.param == 0).float().mean()) for r in self.refs]
         else:
