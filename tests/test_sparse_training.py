@@ -170,9 +170,10 @@ def test_gradual_gm_resume_matches_uninterrupted_run(small_digits, tmp_path):
     assert final["epoch"] == 3
     assert sparsity(pruned_weights(final)) == pytest.approx(0.75, abs=1e-3)
     rows = read_summary(full / "summary.csv")
-    assert [float(r["sparsity"]) for r in rows] == [0.0, 0.25, 0.5, 0.0]
+    assert [float(r["sparsity"]) for r in rows] == [0.0, 0.25, 0.5, 0.75]
     assert sorted(p.name for p in full.glob("sparsity_distribution_*.json")) == [
         "sparsity_distribution_epoch=1.json", "sparsity_distribution_epoch=2.json",
+        "sparsity_distribution_epoch=3.json",
     ]  # fmt: skip
     assert (full / "gm.yaml").read_text() == GM_RECIPE  # recipe copy
 

@@ -58,12 +58,18 @@ def scheduled_sparsity(manager: Any, epoch: int) -> float:
 
 
 def is_update_epoch(manager: Any, epoch: int) -> bool:
-    """True at the epochs where the active pruning modifier changes the sparsity."""
-    modifier = current_pruning_modifier(manager, epoch)
-    freq = getattr(modifier, "update_frequency", 0) or 0
-    if modifier is None or freq <= 0:
+    """True at the epochs where a pruning modifier changes the sparsity (its start, every
+    ``update_frequency`` epochs after it, and its end)."""
+    if manager is None:
         return False
-    return (epoch - modifier.start_epoch) % freq == 0
+    for modifier in manager.pruning_modifiers:
+        start, end = modifier.start_epoch, modifier.end_epoch
+        freq = getattr(modifier, "update_frequency", 0) or 0
+        if freq <= 0 or epoch < start or (0 <= end < epoch):
+            continue
+        if (epoch - start) % freq == 0 or epoch == end:
+            return True
+    return False
 
 
 def write_sparsity_distribution(out_dir: Path, epoch: int, model: torch.nn.Module) -> Path:
