@@ -12,7 +12,7 @@ from sparseml.errors import RecipeError
 from sparseml.modifiers import FastCAPruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
 from test_kernel_fast_cap import column_obs_reference
-from test_modifier_cap import builder, mlp, sampler, weights_of
+from toy import builder, mlp, sampler, train_recording_zeros, weights_of
 
 RECIPE = """
 pruning_modifiers:
@@ -98,15 +98,7 @@ def test_gradual_pruning_during_training_never_reopens():
         model, torch.optim.SGD(model.parameters(), lr=0.05), steps_per_epoch=2,
         grad_sampler=sampler(),
     )  # fmt: skip
-    batches, history = builder()(), []
-    for _ in range(6):
-        (x,), _, target = next(batches)
-        F.mse_loss(model(x), target).backward()
-        opt.step()
-        opt.zero_grad()
-        history.append(torch.cat([w == 0 for w in weights_of(model)]))
-    for before, after in zip(history, history[1:]):
-        assert torch.all(after[before])
+    history = train_recording_zeros(model, opt)
     assert [int(z) for z in (history[-1][:64].sum(), history[-1][64:].sum())] == [45, 22]
 
 

@@ -15,7 +15,7 @@ from sparseml.errors import NumericalError, RecipeError
 from sparseml.modifiers import OBSPruningModifier
 from sparseml.modifiers.block_fisher import BlockLayout
 from sparseml.pytorch.optim import ScheduledModifierManager
-from toy import builder, mlp, sampler, weights_of
+from toy import builder, mlp, sampler, train_recording_zeros, weights_of
 
 EPS32 = torch.finfo(torch.float32).eps
 RECIPE = """
@@ -149,15 +149,7 @@ def test_gradual_pruning_during_training_never_reopens():
         model, torch.optim.SGD(model.parameters(), lr=0.05), steps_per_epoch=2,
         grad_sampler=sampler(),
     )  # fmt: skip
-    batches, history = builder()(), []
-    for _ in range(6):
-        (x,), _, target = next(batches)
-        F.mse_loss(model(x), target).backward()
-        opt.step()
-        opt.zero_grad()
-        history.append(torch.cat([w == 0 for w in weights_of(model)]))
-    for before, after in zip(history, history[1:]):
-        assert torch.all(after[before])  # pruned stays pruned
+    history = train_recording_zeros(model, opt)
     assert int(history[-1].sum()) == round(0.7 * 96)
 
 
