@@ -17,6 +17,7 @@ legacy ``torch.distributed.launch``.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,6 +50,28 @@ def digits_dir(research: Path) -> Path:
     from utils.data import default_digits_dir, prepare_digits
 
     return prepare_digits(default_digits_dir())
+
+
+def copy_digits_subset(digits_dir: Path, root: Path, train: int, val: int) -> Path:
+    """Copy the first ``train`` / ``val`` images of every class of the digits tree to ``root``."""
+    for split, count in (("train", train), ("val", val)):
+        for folder in sorted((digits_dir / split).iterdir()):
+            dest = root / split / folder.name
+            dest.mkdir(parents=True)
+            for image in sorted(folder.iterdir())[:count]:
+                shutil.copyfile(image, dest / image.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: the test models are tiny and the test machine's cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _free_port() -> int:

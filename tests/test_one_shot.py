@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import sys
 import types
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ensure_research
+from conftest import copy_digits_subset, ensure_research
 
 ensure_research()
 import one_shot_pruning as osp_script  # noqa: E402
@@ -58,26 +57,13 @@ class DiagFisherTestPruningModifier(SecondOrderPruningModifier):
         return diag
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def small_digits(tmp_path_factory, digits_dir) -> Path:
-    """6 train and 4 validation images per class of the digits tree (keeps the tests fast)."""
-    root = tmp_path_factory.mktemp("small_digits")
-    for split, count in (("train", 6), ("val", 4)):
-        for folder in sorted((digits_dir / split).iterdir()):
-            dest = root / split / folder.name
-            dest.mkdir(parents=True)
-            for image in sorted(folder.iterdir())[:count]:
-                shutil.copyfile(image, dest / image.name)
-    return root
+    """6 train and 4 validation images per class (keeps the tests fast)."""
+    return copy_digits_subset(digits_dir, tmp_path_factory.mktemp("small_digits"), 6, 4)
 
 
 def _recipe(tmp: Path, body: str, name: str) -> Path:

@@ -7,14 +7,13 @@ In-process runs call ``sparse_training.main(argv)``; launcher tests run real pro
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import RESEARCH, ensure_research
+from conftest import RESEARCH, copy_digits_subset, ensure_research
 
 ensure_research()
 import yaml  # noqa: E402
@@ -51,26 +50,13 @@ LR_LINES = """
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and threads hurt on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def small_digits(digits_dir, tmp_path_factory) -> Path:
-    """30 train and 10 val images per class copied from the digits tree (fast epochs)."""
-    root = tmp_path_factory.mktemp("small_digits")
-    for split, per_class in (("train", 30), ("val", 10)):
-        for cls in range(10):
-            dest = root / split / str(cls)
-            dest.mkdir(parents=True)
-            for src in sorted((digits_dir / split / str(cls)).glob("*.png"))[:per_class]:
-                shutil.copy(src, dest / src.name)
-    return root
+def small_digits(tmp_path_factory, digits_dir) -> Path:
+    """30 train and 10 val images per class (fast epochs)."""
+    return copy_digits_subset(digits_dir, tmp_path_factory.mktemp("small_digits"), 30, 10)
 
 
 def base_args(data: Path, out: Path, name: str) -> list[str]:
