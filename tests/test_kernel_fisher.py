@@ -66,7 +66,7 @@ def test_block_inverse_matches_dense_float64(m: int, d: int, block_size: int) ->
 def test_float32_path_matches_dense() -> None:
     grads, damp = _grads(50, 45, seed=1), 1e-3
     expected = _dense_block_inverses(grads, 16, damp)
-    got = block_fisher_inverse(grads.float(), 16, damp, chunk_size=7)
+    got = block_fisher_inverse(grads.float(), 16, damp, chunk_size=7, gram_dtype=torch.float32)
     assert got.dtype == torch.float32
     err = (got.double() - expected).abs().max() / expected.abs().max()
     assert err < 1e-5

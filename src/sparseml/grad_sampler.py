@@ -78,7 +78,9 @@ class GradSampler:
             except StopIteration:
                 raise GradSamplerError("the grad sampler's data loader yields no batches") from None
 
-    def _one_gradient(self, module: nn.Module, params: list[nn.Parameter]) -> list[Tensor]:
+    def _one_gradient(
+        self, module: nn.Module, params: list[nn.Parameter], dtype: torch.dtype
+    ) -> list[Tensor]:
         batch = self._next_batch()
         if not (isinstance(batch, (tuple, list)) and len(batch) == 3):
             raise GradSamplerError("grad sampler batches must be (args, kwargs, target) triples")
@@ -89,7 +91,9 @@ class GradSampler:
             raise NumericalError(f"grad sampler loss is {loss.item()}; nothing was pruned")
         loss.backward()
         return [
-            p.grad.detach().reshape(-1).float() if p.grad is not None else p.new_zeros(p.numel())
+            p.grad.detach().reshape(-1).to(dtype)
+            if p.grad is not None
+            else p.new_zeros(p.numel(), dtype=dtype)
             for p in params
         ]
 
@@ -101,12 +105,16 @@ class GradSampler:
         chunk_size: int = 64,
         masks: list[Tensor] | None = None,
         desc: str = "gradients",
+        dtype: torch.dtype = torch.float32,
     ) -> Iterator[list[Tensor]]:
         """Yield chunks of samples: per chunk a list with one ``(c, numel)`` tensor per param.
 
-        The module is put in eval mode while sampling (BN running stats, no dropout) and
-        restored afterwards; gradients are zeroed at the end. Progress (count, rate, ETA) is
-        logged at INFO level about every 10 seconds and at the end.
+        Samples are returned in ``dtype`` (float32, or float64 for float64 models), whatever
+        the parameters' dtype. The module is put in eval mode while sampling (BN running
+        stats, no dropout) and restored afterwards. The ``.grad`` of every parameter is set
+        aside before the first sample and put back afterwards, so a prune fired from inside
+        a training step leaves that step's (possibly accumulated) gradient untouched. Progress
+        (count, rate, ETA) is logged at INFO level about every 10 seconds and at the end.
         """
         if num_grads < 1:
             raise GradSamplerError(f"num_grads must be >= 1, got {num_grads}")
@@ -114,6 +122,9 @@ class GradSampler:
             module, nn.parallel.DistributedDataParallel
         )
         was_training = module.training
+        training_grads = [(p, p.grad) for p in module.parameters()]
+        for p, _ in training_grads:
+            p.grad = None
         module.eval()
         start = last_log = time.monotonic()
         flat_masks = [m.reshape(-1) for m in masks] if masks is not None else None
@@ -121,9 +132,11 @@ class GradSampler:
             done = 0
             while done < num_grads:
                 count = min(chunk_size, num_grads - done)
-                chunk = [torch.empty(count, p.numel(), device=p.device) for p in params]
+                chunk = [
+                    torch.empty(count, p.numel(), device=p.device, dtype=dtype) for p in params
+                ]
                 for row in range(count):
-                    grads = self._one_gradient(module, params)
+                    grads = self._one_gradient(module, params, dtype)
                     if averaging:
                         dist.all_reduce_mean_(grads)
                     for buf, g, i in zip(chunk, grads, range(len(grads))):
@@ -150,5 +163,6 @@ class GradSampler:
                     )
                 yield chunk
         finally:
-            module.zero_grad(set_to_none=True)
+            for p, grad in training_grads:
+                p.grad = grad
             module.train(was_training)

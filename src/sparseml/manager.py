@@ -126,6 +126,13 @@ class ScheduledModifierManager:
         the modifiers due at that step. ``steps_per_epoch`` counts optimizer updates."""
         if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
             raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+        if kwargs.get("sweep_cache") is not None:
+            # every gradual step prunes a different model: reused Fisher blocks and orders
+            # would be those of the first step
+            raise ValueError(
+                "sweep_cache is only valid for manager.apply(...) on fresh copies of one dense "
+                "model (a one-shot sweep); remove it from manager.modify(...)"
+            )
         if epoch is None:
             epoch = self.epoch
         if not allow_parallel_module:

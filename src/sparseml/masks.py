@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sparseml.errors import RecipeError
+from sparseml.kernels.precision import work_dtype
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,9 @@ def create_masks(
     if spec.kind == "nm":
         return [nm_mask(s, spec.n, spec.group) for s in scores]
     group = spec.group
-    flat = [s.reshape(-1).float() for s in scores]
+    # Rank in float32 at least (half-precision scores underflow and tie), float64 if any is.
+    dtype = work_dtype(s.dtype for s in scores)
+    flat = [s.reshape(-1).to(dtype) for s in scores]
     if group > 1:
         flat = [group_reduce(f, group) for f in flat]
     if global_sparsity and len(flat) > 1:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from sparseml.errors import NumericalError, RecipeError
+from sparseml.kernels.precision import work_dtype
 
 # Float64 numbers per temporary buffer of the chunked small factorizations (4 MiB on CPU, where
 # one chunk per thread is in flight; 128 MiB on accelerators, where bigger batches pay off), so
@@ -120,10 +121,12 @@ def accumulate_block_gram(
     Args:
         grads: (c, d) chunk of c flattened gradient samples.
         block_size: B.
-        out: (n_b, B, B) float Gram accumulator, updated in place. If None, float32 zeros are
-            allocated on ``grads.device``. It may live on another device than ``grads`` (the
-            ``fisher_inv_device``): the GEMMs then run on ``grads.device`` over slices of
-            ``blocks_per_chunk`` blocks and each slice is added into ``out``.
+        out: (n_b, B, B) float Gram accumulator, updated in place; the GEMMs run in its dtype
+            (float64 for an accurate Fisher at small damp, see `invert_block_fisher`). If None,
+            float32 zeros are allocated on ``grads.device``. It may live on another device
+            than ``grads`` (the ``fisher_inv_device``): the GEMMs then run on
+            ``grads.device`` over slices of ``blocks_per_chunk`` blocks and each slice is
+            added into ``out``.
     Returns:
         ``out`` (n_b, B, B).
     """
@@ -139,17 +142,21 @@ def accumulate_block_gram(
             f"out must have shape {(n_b, block_size, block_size)} for d={d}, "
             f"block_size={block_size}, got {tuple(out.shape)}"
         )
-    grads = grads.to(out.dtype)
     # Full blocks are a strided view of the chunk (no copy): (c, n_full, B) -> per block
     # X_b^T X_b with X_b = grads[:, b] (c, B). Only the short last block is padded (c x B copy).
     parts = [(0, grads[:, : n_full * block_size].view(c, n_full, block_size))]
     if n_full < n_b:
         parts.append((n_full, to_blocks(grads[:, n_full * block_size :], block_size)))
     same_device = out.device == grads.device
-    step = blocks_per_chunk or (n_b if same_device else chunk_blocks(block_size**2, grads.device))
+    if blocks_per_chunk:
+        step = blocks_per_chunk
+    elif same_device and grads.dtype == out.dtype:
+        step = n_b
+    else:  # bound the upcast / transferred slice (a few MiB), not the whole chunk
+        step = chunk_blocks(block_size * max(block_size, c), grads.device)
     for first, x in parts:
         for s in range(0, x.shape[1], step):
-            xs = x[:, s : s + step]
+            xs = x[:, s : s + step].to(out.dtype)
             target = out[first + s : first + s + xs.shape[1]]
             if same_device:
                 target.baddbmm_(xs.permute(1, 2, 0), xs.permute(1, 0, 2))
@@ -181,9 +188,10 @@ def invert_block_fisher(
         NumericalError: non-finite Gram entries, or a block that is not positive definite.
 
     Precision: a float32 Gram is exact only to about eps_32 * ||gram_b / m||, so directions of F_b
-    with eigenvalue below that are lost when damp is smaller (typically m < B with large
-    gradients; the float32 Gram may then even be indefinite). Accumulate in float64, or use
-    `mspace_block_inverse` when m < B.
+    with eigenvalue below that are lost when damp is smaller, H is off by ~eps_32 ||gram_b|| /
+    (m damp) relative (15% at damp = 1.4e-7 ||gram_b / m||), and the Gram may even be
+    indefinite. Production accumulates in float64 (relative error ~1e-6 down to damp ~1e-10
+    ||gram_b / m||); `mspace_block_inverse` is exact for any damp when m < B.
     """
     _check_num_grads_damp(num_grads, damp)
     if gram.dim() != 3 or gram.shape[1] != gram.shape[2]:
@@ -281,13 +289,14 @@ def block_fisher_inverse(
     *,
     chunk_size: int = 128,
     mspace: bool | None = None,
-    gram_dtype: torch.dtype = torch.float32,
+    gram_dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """H (n_b, B, B) of the damped empirical block Fisher of ``grads`` (m, d).
 
     ``mspace`` None picks `mspace_block_inverse` when m < B; otherwise the Gram path consumes the
     gradients in chunks of ``chunk_size`` rows (one batched GEMM each, accumulated in
-    ``gram_dtype``) and `invert_block_fisher` inverts in place. H has dtype ``gram_dtype``.
+    ``gram_dtype``) and `invert_block_fisher` inverts in place, so H has dtype ``gram_dtype``;
+    the m-space form returns H in float32 (float64 for float64 gradients).
     """
     if grads.dim() != 2 or grads.shape[0] < 1:
         raise RecipeError(f"grads must have shape (m, d) with m >= 1, got {tuple(grads.shape)}")
@@ -295,7 +304,7 @@ def block_fisher_inverse(
         raise RecipeError(f"chunk_size must be >= 1, got {chunk_size!r}")
     m, d = grads.shape
     if mspace or (mspace is None and m < block_size):
-        return mspace_block_inverse(grads, block_size, damp, dtype=gram_dtype)
+        return mspace_block_inverse(grads, block_size, damp, dtype=work_dtype([grads.dtype]))
     gram = torch.zeros(
         num_blocks(d, block_size), block_size, block_size, dtype=gram_dtype, device=grads.device
     )

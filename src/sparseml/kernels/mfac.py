@@ -13,8 +13,9 @@ m x m matrix A = m * I + G G^T / damp. With A = L L^T and Z = L^-1 G (m, d):
 The paper's recursion (v_i, d_i) is non-pivoted elimination of the same A, so both forms are
 the same exact inverse; `mfac_recursion_reference` keeps the recursion for tests and benchmarks.
 Here the m^2 d flops run as two GEMMs (G G^T and L^-1 G) instead of m sequential GEMV passes.
-The m x m factor (Gram accumulation, Cholesky, triangular inverse) is kept in float64; Z is
-stored in the dtype of G. Applying L^-1 as a GEMM is several times faster than a TRSM on CPU.
+The m x m factor (Gram accumulation, Cholesky, triangular inverse) is kept in float64, the
+Gram's products included (`matmul64`: exact products of float32 entries), so small damp does
+not lose accuracy; Z is stored in the dtype of G. Applying L^-1 as a GEMM is several times faster than a TRSM on CPU.
 
 Blocked variant: consecutive chunks of `block_size` coordinates are independent Fishers; the last
 block is zero-padded (zero gradient coordinates are decoupled, so padding does not change the
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 
 from sparseml.errors import NumericalError, RecipeError
+from sparseml.kernels.precision import bmm64, matmul64
 
 __all__ = ["MFACInverse", "mfac_recursion_reference", "recursion_diag", "recursion_mul"]
 
@@ -225,7 +227,7 @@ def _build_full(
     gram = torch.zeros(m, m, dtype=torch.float64, device=grads.device)
     for a, b in bounds:
         page = grads[:, a:b]
-        gram += (page @ page.T).double()
+        gram += matmul64(page, page.T)
     gram /= damp
     gram.diagonal().add_(m)
     lower_inv = _lower_inverse(_chol(gram, "A = m*I + G G^T / damp")).to(grads.dtype)
@@ -243,11 +245,11 @@ def _build_blocks(blocks: Tensor, damp: float) -> Tensor:
     """(k, m, B) gradient blocks -> (k, m, B) Z factors (B >= m) or (k, B, B) inverses."""
     _, m, block = blocks.shape
     if block < m:
-        fisher = (blocks.transpose(1, 2) @ blocks).double() / m
+        fisher = bmm64(blocks.transpose(1, 2), blocks) / m
         fisher.diagonal(dim1=-2, dim2=-1).add_(damp)
         inv = torch.cholesky_inverse(_chol(fisher, "a Fisher block"))
         return inv.to(blocks.dtype)
-    gram = (blocks @ blocks.transpose(1, 2)).double() / damp
+    gram = bmm64(blocks, blocks.transpose(1, 2)) / damp
     gram.diagonal(dim1=-2, dim2=-1).add_(m)
     lower_inv = _lower_inverse(_chol(gram, "a block of A = m*I + G G^T / damp"))
     return lower_inv.to(blocks.dtype) @ blocks

@@ -36,6 +36,7 @@ from sparseml.kernels.fisher import (
     from_blocks,
     to_blocks,
 )
+from sparseml.kernels.precision import work_dtype
 
 
 def _check(w: Tensor, H: Tensor, mask: Tensor, name: str) -> None:
@@ -56,12 +57,13 @@ def obs_scores(w: Tensor, H: Tensor, pruned: Tensor, *, eps: float = 0.0) -> Ten
         eps: added to the denominator only to reproduce the reference (which uses float32 eps);
             [H]_qq > 0 holds for any H from `invert_block_fisher`, so the default is exact OBS.
     Returns:
-        (d,) scores in w's dtype on w's device (higher = keep).
+        (d,) scores on w's device, float32 (float64 for float64 ``w``): never in half
+        precision, where scores ~1e-10 underflow to ties (higher = keep).
     """
     _check(w, H, pruned, "pruned")
     diag = block_diag(H, w.numel()).to(device=w.device, dtype=torch.float64)
     scores = w.double().square() / (2 * diag + eps)
-    return scores.masked_fill_(pruned, float("-inf")).to(w.dtype)
+    return scores.masked_fill_(pruned, float("-inf")).to(work_dtype([w.dtype]))
 
 
 def _group_diag_blocks(H: Tensor, group: int) -> Tensor:
@@ -104,7 +106,7 @@ def obs_group_scores(w: Tensor, H: Tensor, pruned: Tensor, group: int) -> Tensor
     Groups are ``group`` consecutive coordinates of the flattening (B % group == 0). Each
     group's score is written to all its members; groups whose members are all in ``pruned``
     score -inf. Coordinates of a partly pruned group are zero and decoupled, so they add 0.
-    Returns (d,) in w's dtype on w's device.
+    Returns (d,) on w's device, float32 (float64 for float64 ``w``).
     """
     _check(w, H, pruned, "pruned")
     bsz = H.shape[1]
@@ -117,7 +119,7 @@ def obs_group_scores(w: Tensor, H: Tensor, pruned: Tensor, group: int) -> Tensor
     dead.view(-1)[d:] = 1.0
     scores.masked_fill_(dead.view(n_b, k, group).bool().all(-1), float("-inf"))
     full = scores.unsqueeze(-1).expand(n_b, k, group).reshape(n_b, bsz)
-    return from_blocks(full, d).to(device=w.device, dtype=w.dtype)
+    return from_blocks(full, d).to(device=w.device, dtype=work_dtype([w.dtype]))
 
 
 def _masked_solve(H: Tensor, w: Tensor, prune: Tensor) -> tuple[Tensor, Tensor]:

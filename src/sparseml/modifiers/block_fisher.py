@@ -69,13 +69,15 @@ class BlockLayout:
                 self.parts.append(BlockPart(i, b0, b1, b0 * block_size, min(b1 * block_size, n)))
             offset += count
 
-    def gather(self, local: list[Tensor], device: torch.device) -> list[Tensor]:
-        """Per-parameter full (numel,) float32 vectors from each rank's (c1 - c0,) pieces."""
+    def gather(
+        self, local: list[Tensor], device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> list[Tensor]:
+        """Per-parameter full (numel,) ``dtype`` vectors from each rank's (c1 - c0,) pieces."""
         bsz = self.block_size
-        rows = torch.zeros(sum(p.b1 - p.b0 for p in self.parts), bsz, device=device)
+        rows = torch.zeros(sum(p.b1 - p.b0 for p in self.parts), bsz, device=device, dtype=dtype)
         start = 0
         for p, x in zip(self.parts, local):
-            rows[start : start + p.b1 - p.b0].view(-1)[: p.c1 - p.c0] = x.to(device, torch.float32)
+            rows[start : start + p.b1 - p.b0].view(-1)[: p.c1 - p.c0] = x.to(device, dtype)
             start += p.b1 - p.b0
         full = dist.all_gather_shards(rows, self.total).reshape(-1)
         out, offset = [], 0
@@ -86,19 +88,23 @@ class BlockLayout:
 
 
 def build_block_inverses(modifier, module: nn.Module, layout: BlockLayout) -> list[Tensor]:
-    """H (b1 - b0, B, B) float32 for each of this rank's parts of ``modifier``'s parameters.
+    """H (b1 - b0, B, B) for each of this rank's parts of ``modifier``'s parameters.
 
-    Gradient chunks are accumulated as per-block Grams with batched GEMMs and inverted with a
-    float64 Cholesky; with fewer samples than the block size (m < B) the inverse is built in
-    the m-dimensional sample space instead, which stays exact for any dampening.
+    Gradient chunks are accumulated as per-block Grams with batched float64 GEMMs and inverted
+    in place with a float64 Cholesky, so H is float64 and accurate to ~1e-6 relative for damp
+    down to ~1e-10 ||G^T G / m|| (a float32 Gram loses every direction of F below
+    eps_32 ||G^T G / m||). With fewer samples than the block size (m < B) the inverse is built
+    in the m-dimensional sample space instead (float64 math, H in the modifier's work dtype).
     """
     bsz, m = layout.block_size, modifier.num_grads
     mspace = m < bsz
     store = []
     for p in layout.parts:
         device = modifier.fisher_device(modifier.refs[p.index].param)
-        shape = (m, p.c1 - p.c0) if mspace else (p.b1 - p.b0, bsz, bsz)
-        store.append(torch.zeros(shape, device=device))
+        if mspace:
+            store.append(torch.zeros(m, p.c1 - p.c0, device=device, dtype=modifier.work_dtype))
+        else:
+            store.append(torch.zeros(p.b1 - p.b0, bsz, bsz, device=device, dtype=torch.float64))
     row = 0
     for chunk in modifier.gradient_chunks(module):
         for p, buf in zip(layout.parts, store):
@@ -111,6 +117,10 @@ def build_block_inverses(modifier, module: nn.Module, layout: BlockLayout) -> li
     owner = type(modifier).__name__
     if mspace:
         return on_all_ranks(
-            lambda: [mspace_block_inverse(g, bsz, modifier.damp) for g in store], owner
+            lambda: [
+                mspace_block_inverse(g, bsz, modifier.damp, dtype=modifier.work_dtype)
+                for g in store
+            ],
+            owner,
         )
     return on_all_ranks(lambda: [invert_block_fisher(g, m, modifier.damp) for g in store], owner)

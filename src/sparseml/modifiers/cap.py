@@ -104,7 +104,7 @@ class CAPruningModifier(SecondOrderPruningModifier):
     def _blocks(self, p: BlockPart, H: Tensor, flat: Tensor, keep: Tensor):
         """(W, pruned, valid) of part ``p`` as (n, B) blocks on H's device."""
         bsz, sl = self.fisher_block_size, slice(p.c0, p.c1)
-        W = to_blocks(flat[sl].to(H.device, torch.float32), bsz)
+        W = to_blocks(flat[sl].to(H.device), bsz)  # work dtype (float32 or float64)
         pruned = to_blocks((~keep[sl]).to(H.device, torch.float32), bsz) > 0
         valid = to_blocks(torch.ones(p.c1 - p.c0, device=H.device), bsz) > 0
         return W, pruned, valid
@@ -127,7 +127,7 @@ class CAPruningModifier(SecondOrderPruningModifier):
                 new = self._unstructured(layout, blocks, inverses, targets, bpb)
         device = self.refs[0].param.device
         new_w = layout.gather(
-            [from_blocks(w, p.c1 - p.c0) for (w, _), p in zip(new, parts)], device
+            [from_blocks(w, p.c1 - p.c0) for (w, _), p in zip(new, parts)], device, flat[0].dtype
         )
         new_k = layout.gather(
             [from_blocks(k.float(), p.c1 - p.c0) for (_, k), p in zip(new, parts)], device

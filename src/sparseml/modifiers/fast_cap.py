@@ -102,11 +102,11 @@ class FastCAPruningModifier(SecondOrderPruningModifier):
         fishers, count = self.cached("fisher", lambda: self._build_fishers(module))
         bsz, spec = self.fisher_block_size, self.mask_spec
         nm = (spec.n, spec.group) if spec.kind == "nm" else (None, None)
-        masks = []
+        masks, flats = [], self.flat_weights()
         with torch.no_grad():
             for i, (ref, F, target) in enumerate(zip(self.refs, fishers, targets)):
                 d = ref.param.numel()
-                W = to_blocks(ref.param.detach().reshape(-1).to(F.device), bsz)
+                W = to_blocks(flats[i].to(F.device), bsz)
                 pruned = to_blocks((~self.masks[i].reshape(-1)).to(F.device, torch.float), bsz)
                 valid = to_blocks(torch.ones(d, device=F.device), bsz) > 0
                 W_new, keep = fast_cap_prune(

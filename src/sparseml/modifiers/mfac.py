@@ -154,27 +154,28 @@ class MFACPruningModifier(SecondOrderPruningModifier):
 
     def _obs_update(self, inv, layout: _Layout, targets: list[float], device) -> None:
         """Scores, masks and the summed single-weight OBS update from the inverse ``inv``."""
+        dtype = self.work_dtype  # never half precision: w^2 would round and near-ties flip
         weights = [w.to(device) for w in self.flat_weights()]
         index = [i.to(device) for i in layout.index]
-        diag = self._gather(inv.diag(), layout).clamp_min(torch.finfo(torch.float32).tiny)
+        diag = self._gather(inv.diag().to(dtype), layout).clamp_min(torch.finfo(dtype).tiny)
         kept = [w[i] for w, i in zip(weights, index)]
         scores = []  # w^2 / (2 [F^-1]_qq) on kept weights; masked_scores puts -inf on the rest
         for ref, i, kept_w, seg in zip(self.refs, index, kept, layout.segments(diag)):
-            score = torch.zeros(ref.param.numel(), device=device)
+            score = torch.zeros(ref.param.numel(), device=device, dtype=dtype)
             score[i] = kept_w.square() / (2 * seg)
             scores.append(score.view(ref.param.shape))
         masks = create_masks(
             self.masked_scores(scores), targets, self.mask_spec, self.global_sparsity
         )
         # x = -w / diag on the weights pruned now, 0 elsewhere (and on padding)
-        x = torch.zeros(layout.total, device=device)
+        x = torch.zeros(layout.total, device=device, dtype=dtype)
         for kept_w, i, mask, seg, x_seg in zip(
             kept, index, masks, layout.segments(diag), layout.segments(x)
         ):
             drop = ~mask.reshape(-1).to(device)[i]
             x_seg.copy_(torch.where(drop, -kept_w / seg, 0.0))
         lo, hi = layout.local
-        delta = self._gather(inv.mul(x[lo:hi]), layout)
+        delta = self._gather(inv.mul(x[lo:hi]).to(dtype), layout)
         for n, (w, i, seg) in enumerate(zip(weights, index, layout.segments(delta))):
             w[i] += seg
             self.write_weights(n, w)
@@ -202,7 +203,7 @@ class MFACPruningModifier(SecondOrderPruningModifier):
             grads = self._buffer["grads"][:count].to(device)
         else:
             num = self._num_grads_now()
-            grads = torch.empty(num, hi - lo, device=device)
+            grads = torch.empty(num, hi - lo, device=device, dtype=self.work_dtype)
             row = 0
             for chunk in self.gradient_chunks(module, num):
                 layout.fill(grads[row : row + chunk[0].shape[0]], chunk)
@@ -264,7 +265,12 @@ class MFACPruningModifier(SecondOrderPruningModifier):
     def _reset_buffer(self) -> None:
         layout = self._layout()
         lo, hi = layout.local
-        grads = torch.zeros(self._num_grads_now(), hi - lo, device=torch.device(self.grads_device))
+        grads = torch.zeros(
+            self._num_grads_now(),
+            hi - lo,
+            device=torch.device(self.grads_device),
+            dtype=self.work_dtype,
+        )
         self._buffer = {"layout": layout, "grads": grads, "count": 0, "next": 0}
 
     def _push_training_grads(self) -> None:
@@ -273,7 +279,7 @@ class MFACPruningModifier(SecondOrderPruningModifier):
         if buf is None or any(p.grad is None for p in params):
             return
         row = buf["grads"][buf["next"] : buf["next"] + 1]
-        buf["layout"].fill(row, [p.grad.detach().reshape(1, -1).float() for p in params])
+        buf["layout"].fill(row, [p.grad.detach().reshape(1, -1) for p in params])
         buf["next"] = (buf["next"] + 1) % buf["grads"].shape[0]
         buf["count"] = min(buf["count"] + 1, buf["grads"].shape[0])
 

@@ -71,7 +71,7 @@ class OBSPruningModifier(SecondOrderPruningModifier):
 
     Blocks never cross parameters; the last block of a parameter is zero-padded (exact).
     With m < B the inverse is built in the m-dimensional sample space (exact for any damp);
-    otherwise from a float32 Gram, which needs damp above ~1e-7 * ||G^T G / m||. Blocks live
+    otherwise from a float64 Gram (accurate for damp down to ~1e-10 ||G^T G / m||). Blocks live
     on ``fisher_inv_device`` (else on their parameter's device). Under torch.distributed the
     blocks of all parameters are split over the ranks; scores and new weights are gathered,
     so every rank ends with the same masks and weights. ``traces_backup_dir`` (found in WF
@@ -114,7 +114,8 @@ class OBSPruningModifier(SecondOrderPruningModifier):
             return out
 
         device = self.refs[0].param.device
-        gathered = layout.gather(on_all_ranks(local_scores, type(self).__name__), device)
+        dtype = weights[0].dtype  # the work dtype: scores never rank in half precision
+        gathered = layout.gather(on_all_ranks(local_scores, type(self).__name__), device, dtype)
         scores = [s.view_as(r.param) for s, r in zip(gathered, self.refs)]
         masks = create_masks(self.masked_scores(scores), targets, spec, self.global_sparsity)
 
@@ -132,6 +133,6 @@ class OBSPruningModifier(SecondOrderPruningModifier):
             return out
 
         new = on_all_ranks(local_weights, type(self).__name__)
-        for i, flat in enumerate(layout.gather(new, device)):
+        for i, flat in enumerate(layout.gather(new, device, dtype)):
             self.write_weights(i, flat)
         self.set_masks(masks)

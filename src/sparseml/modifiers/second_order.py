@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from sparseml.fields import Field, as_bool, as_dict, as_float, as_int, as_str, one_of, optional
 from sparseml.grad_sampler import GradSampler
+from sparseml.kernels.precision import work_dtype
 from sparseml.modifiers.pruning import PruningModifier
 from sparseml.schedules import recomputation_targets
 
@@ -104,6 +105,11 @@ class SecondOrderPruningModifier(PruningModifier):
         raise TypeError(f"{type(self).__name__} does not define prune_step")
 
     # ----- helpers for subclasses ----------------------------------------------------------------
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """Precision of gradients, scores and updates: float32, or float64 for float64 params."""
+        return work_dtype(r.param.dtype for r in self.refs)
+
     def fisher_device(self, param: Tensor) -> torch.device:
         return torch.device(self.fisher_inv_device) if self.fisher_inv_device else param.device
 
@@ -119,12 +125,16 @@ class SecondOrderPruningModifier(PruningModifier):
             chunk_size=self.GRAD_CHUNK,
             masks=self.masks,
             desc=f"{type(self).__name__} gradients",
+            dtype=self.work_dtype,
         )
 
     def flat_weights(self) -> list[Tensor]:
-        return [r.param.detach().reshape(-1) for r in self.refs]
+        """Flattened weights in ``work_dtype`` (a view for float32 params, else an exact copy)."""
+        dtype = self.work_dtype
+        return [r.param.detach().reshape(-1).to(dtype) for r in self.refs]
 
     @torch.no_grad()
     def write_weights(self, index: int, flat: Tensor) -> None:
+        """The only place where pruning math is cast back to the parameter's dtype."""
         param = self.refs[index].param
         param.data.copy_(flat.reshape(param.shape).to(param.device, param.dtype))

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from sparseml.errors import NumericalError, RecipeError
+from sparseml.kernels.precision import matmul64
 
 __all__ = ["MFAC"]
 
@@ -148,7 +149,7 @@ class MFAC(torch.optim.Optimizer):
         win = self._window
         grads, gram, j = win["grads"], win["gram"], win["next"]
         grads[j] = g
-        gg = (grads @ g).double()  # rows not yet filled are zero
+        gg = matmul64(grads, g)  # exact float64 products; rows not yet filled are zero
         gram[j, :] = gg
         gram[:, j] = gg
         k = min(win["count"] + 1, self.ngrads)

@@ -1,0 +1,141 @@
+"""Contract of every registered pruning modifier, in every floating dtype.
+
+For each pruner x {float32, float16, bfloat16, float64} x {one-shot apply, gradual steps}:
+the target sparsity is reached exactly, the masks equal those of float32 math on the same
+weights and gradients, pruned weights stay zero, masks never reopen, and the parameters keep
+their dtype. Gradients come from a fixed table (`FixedGrads`), so that every dtype sees the
+same samples and any difference in the masks comes from the pruning math alone.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sparseml.grad_sampler import GradSampler
+from sparseml.modifiers.pruning import PruningModifier
+from sparseml.pytorch.optim import ScheduledModifierManager
+from sparseml.registry import modifier_classes
+
+PRUNERS = sorted(n for n, c in modifier_classes().items() if issubclass(c, PruningModifier))
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SECOND_ORDER = {
+    "OBSPruningModifier": "num_grads: 16\n    damp: 0.01\n    fisher_block_size: 8",
+    "CAPruningModifier": "num_grads: 16\n    damp: 0.01\n    fisher_block_size: 8",
+    "FastCAPruningModifier": "num_grads: 16\n    damp: 0.01\n    fisher_block_size: 8",
+    "MFACPruningModifier": "num_grads: 16\n    damp: 0.01\n    fisher_block_size: 8",
+}
+LAYER_WISE = {"FastCAPruningModifier", "MagnitudePruningModifier"}
+
+
+class FixedGrads(GradSampler):
+    """A grad sampler whose i-th sample is row i of a fixed float32 table."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__(lambda **kw: iter(()), lambda out, target: out.sum())
+        self.table, self.row = table, 0
+
+    def _one_gradient(self, module, params, dtype):
+        sample, self.row = self.table[self.row % len(self.table)], self.row + 1
+        out, start = [], 0
+        for p in params:
+            out.append(sample[start : start + p.numel()].to(dtype))
+            start += p.numel()
+        return out
+
+
+def model32() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))
+    with torch.no_grad():  # trained-size weights: OBS scores ~1e-9 underflow in float16
+        for p in model.parameters():
+            p.mul_(0.02)
+    return model
+
+
+def grad_table() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return 0.05 * torch.randn(64, 8 * 16 + 16 * 8, generator=gen)
+
+
+def recipe(name: str, gradual: bool) -> str:
+    schedule = (
+        "init_sparsity: 0.2\n    final_sparsity: 0.6\n    start_epoch: 0\n    end_epoch: 1\n"
+        "    update_frequency: 0.5"
+        if gradual
+        else "init_sparsity: 0.6\n    final_sparsity: 0.6\n    start_epoch: 0\n    end_epoch: 0"
+    )
+    extra = SECOND_ORDER.get(name, "")
+    glob = "" if name in LAYER_WISE else "global_sparsity: true"
+    return f"""
+modifiers:
+  - !{name}
+    params: ["re:.*weight"]
+    {schedule}
+    {extra}
+    {glob}
+"""
+
+
+def weights(model: nn.Module) -> list[torch.Tensor]:
+    return [model[0].weight, model[2].weight]
+
+
+def run(name: str, model: nn.Module, gradual: bool, round_to: torch.dtype | None) -> list:
+    """Prune ``model``; returns the zero patterns after each pruning step.
+
+    ``round_to``: after each step, round the weights through this dtype (to replay, in
+    float32, exactly what a half-precision model stores)."""
+    manager = ScheduledModifierManager.from_yaml(recipe(name, gradual))
+    sampler = FixedGrads(grad_table())
+    if not gradual:
+        manager.apply(model, grad_sampler=sampler)
+        return [[w == 0 for w in weights(model)]]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    wrapped = manager.modify(model, opt, steps_per_epoch=2, grad_sampler=sampler)
+    history = []
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    for _ in range(3):  # epochs 0, 0.5, 1: three pruning steps
+        model(x.to(model[0].weight.dtype)).float().square().mean().backward()
+        wrapped.step()
+        wrapped.zero_grad()
+        if round_to is not None:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.to(round_to).to(p.dtype))
+        history.append([w == 0 for w in weights(model)])
+    manager.finalize(model)
+    return history
+
+
+@pytest.mark.parametrize("gradual", [False, True], ids=["one_shot", "gradual"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", PRUNERS)
+def test_pruner_contract(name: str, dtype: torch.dtype, gradual: bool, one_thread) -> None:
+    base = model32().to(dtype)  # the weights every run starts from (rounded to dtype)
+    reference = copy.deepcopy(base).float()  # the same values, float32 math
+    half = dtype in (torch.float16, torch.bfloat16)
+    expected = run(name, reference, gradual, dtype if half else None)
+    got = run(name, base, gradual, None)
+
+    for p in base.parameters():
+        assert p.dtype == dtype
+    total = sum(w.numel() for w in weights(base))
+    zeros = [int((w == 0).sum()) for w in weights(base)]
+    if name in LAYER_WISE:
+        assert zeros == [round(0.6 * w.numel()) for w in weights(base)]
+    else:
+        assert sum(zeros) == round(0.6 * total)
+    for step, (mine, ref) in enumerate(zip(got, expected)):
+        for a, b in zip(mine, ref):
+            assert torch.equal(a, b), (
+                f"{name} {dtype}: masks differ from float32 math at step {step}"
+            )
+    for before, after in zip(got, got[1:]):  # masks never reopen
+        assert all(bool(a[b].all()) for a, b in zip(after, before))
+    if half:  # the kept weights are float32 math rounded once to the model's dtype
+        for a, b in zip(weights(base), weights(reference)):
+            assert torch.equal(a, b.to(dtype))
