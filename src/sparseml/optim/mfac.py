@@ -160,7 +160,8 @@ class MFAC(torch.optim.Optimizer):
         if int(info) != 0 or not bool(torch.isfinite(gg).all()):
             raise NumericalError("MFAC: non-finite gradient or A = k*I + G G^T/damp not PD")
         coef = torch.cholesky_solve(gg[:k, None], lower).squeeze(1) / self.damp**2
-        return g / self.damp - coef.to(g.dtype) @ grads[:k]
+        # float64: at small damp both terms are ~||g||/damp and cancel to the (small) result
+        return (g.double() / self.damp - matmul64(coef[None], grads[:k])[0]).to(g.dtype)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
