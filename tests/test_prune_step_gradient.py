@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from toy import builder, mlp, sampler
 
 from sparseml.pytorch.optim import ScheduledModifierManager
+from toy import builder, mlp, sampler
 
 PRUNERS = {
     "OBSPruningModifier": "fisher_block_size: 8",
