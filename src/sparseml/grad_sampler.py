@@ -64,10 +64,21 @@ class GradSampler:
             )
         return cls(grad_sampler["data_loader_builder"], grad_sampler["loss_fn"], builder_kwargs)
 
-    def _next_batch(self) -> tuple:
+    def _ensure_loader(self) -> None:
         if self._loader is None:
             self._loader = self.builder(**self.builder_kwargs)
             self._iter = iter(self._loader)
+
+    def batches_per_pass(self) -> int | None:
+        """Batches the loader yields before it repeats (None when it has no length)."""
+        self._ensure_loader()
+        try:
+            return len(self._loader)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
+    def _next_batch(self) -> tuple:
+        self._ensure_loader()
         assert self._iter is not None
         try:
             return next(self._iter)
@@ -128,6 +139,16 @@ class GradSampler:
         module.eval()
         start = last_log = time.monotonic()
         flat_masks = [m.reshape(-1) for m in masks] if masks is not None else None
+        per_pass = self.batches_per_pass()
+        if per_pass is not None and num_grads > per_pass:
+            LOG.warning(
+                "%s: num_grads %d exceeds the %d batches the grad sampler's loader holds; "
+                "samples repeat (about %.1f passes)",
+                desc,
+                num_grads,
+                per_pass,
+                num_grads / max(per_pass, 1),
+            )
         try:
             done = 0
             while done < num_grads:
@@ -145,7 +166,7 @@ class GradSampler:
                         buf[row] = g
                     done += 1
                     now = time.monotonic()
-                    if now - last_log > 10 or done == num_grads:
+                    if now - last_log > 10 or done in (1, num_grads):  # 1: the first ETA
                         rate = done / max(now - start, 1e-9)
                         LOG.info(
                             "%s: %d/%d samples (%.1f/s, ETA %.0f s)",

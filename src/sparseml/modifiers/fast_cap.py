@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from sparseml.fields import Field, as_bool, as_int, optional
 from sparseml.kernels.fast_cap import accumulate_shared_fisher, fast_cap_prune
 from sparseml.kernels.fisher import from_blocks, to_blocks
+from sparseml.memory import MemoryItem
 from sparseml.modifiers.second_order import SecondOrderPruningModifier
 from sparseml.registry import register_modifier
 
@@ -81,6 +82,17 @@ class FastCAPruningModifier(SecondOrderPruningModifier):
         super().on_initialize(module, **kwargs)
         if self.global_sparsity:
             LOG.warning("FastCAPruningModifier prunes layer by layer: global_sparsity is ignored")
+
+    def memory_plan(self, block: int, m: int):
+        """One B x B float64 Fisher per parameter, plus a chunk of gradient samples."""
+        width = torch.finfo(self.work_dtype).bits // 8
+        items = [
+            MemoryItem("Fisher (float64)", block * block * 8, self.fisher_device(r.param))
+            for r in self.refs
+        ]
+        chunk = min(self.GRAD_CHUNK, m) * sum(r.param.numel() for r in self.refs)
+        items.append(MemoryItem("gradient chunk", chunk * width, self.refs[0].param.device))
+        return items, f"fisher_block_size={block} and {len(self.refs)} parameters"
 
     def _build_fishers(self, module: nn.Module) -> tuple[list[Tensor], int]:
         """One (B, B) float64 Gram sum per parameter, and the number of samples in it."""

@@ -26,6 +26,7 @@ from sparseml.fields import (
 )
 from sparseml.kernels.mfac import MFACInverse
 from sparseml.masks import create_masks
+from sparseml.memory import MemoryItem
 from sparseml.modifiers.pruning import PruningModifier
 from sparseml.modifiers.second_order import SecondOrderPruningModifier
 from sparseml.registry import register_modifier
@@ -123,19 +124,50 @@ class MFACPruningModifier(SecondOrderPruningModifier):
         sampler = kwargs.get("grad_sampler")
         if self.use_gradient_buffering or (sampler is None and self.use_gradient_buffering is None):
             self.grad_sampler = None
+            self.prepare()
             self._reset_buffer()
         else:
             super().on_initialize(module, **kwargs)
 
-    def optimizer_pre_step(
-        self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int
-    ) -> None:
-        if self._buffer is None:
-            return
-        if self.ended:
-            self._buffer = None  # no pruning ahead: free the memory
-            return
-        self._push_training_grads()
+    def block_span(self) -> int:
+        sizes = [r.param.numel() for r in self.refs]
+        return sum(sizes) if self.blocks_cross_layers else max(sizes, default=1)
+
+    def _max_num_grads(self) -> int:
+        grads = self.num_grads
+        return grads if isinstance(grads, int) else max(grads.values())
+
+    def memory_plan(self, block: int | None, m: int | dict):
+        """Gradients (m x unpruned weights per rank), the buffer, and the inverse's factors."""
+        m = m if isinstance(m, int) else max(m.values())
+        lo, hi = self._layout().local
+        d = hi - lo
+        width = torch.finfo(self.work_dtype).bits // 8
+        device = self._compute_device()
+        buffered = self.grad_sampler is None
+        items = []
+        if buffered:
+            items.append(
+                MemoryItem("gradient buffer", m * d * width, torch.device(self.grads_device))
+            )
+        if not buffered or torch.device(self.grads_device) != device:
+            items.append(MemoryItem("gradients", m * d * width, device))
+        if block is None:  # Z overwrites the gradients; A and its factors are m x m float64
+            items.append(MemoryItem("m x m factors", 3 * m * m * 8, device))
+        elif block < m:
+            items.append(
+                MemoryItem("Fisher blocks", -(-d // block) * block * block * width, device)
+            )
+        else:
+            items.append(MemoryItem("Z factors", m * d * width, device))
+        return items, f"num_grads={m}, fisher_block_size={block} and {d} unpruned weights"
+
+    def smaller_settings(self):
+        """Halved num_grads (the memory grows with it; the block size matters less)."""
+        m = self.num_grads if isinstance(self.num_grads, int) else max(self.num_grads.values())
+        while m > 1:
+            m //= 2
+            yield {"block": self.fisher_block_size, "m": m}, f"num_grads: {m}"
 
     # ----- pruning step ---------------------------------------------------------------------------
     def prune_step(self, module: nn.Module, targets: list[float]) -> None:

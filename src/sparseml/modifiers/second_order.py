@@ -9,7 +9,8 @@ estimate, choose masks (``create_masks`` / ``set_masks``) and write the updated 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -18,9 +19,12 @@ from torch import Tensor, nn
 from sparseml.fields import Field, as_bool, as_dict, as_float, as_int, as_str, one_of, optional
 from sparseml.grad_sampler import GradSampler
 from sparseml.kernels.precision import work_dtype
+from sparseml.memory import MemoryItem, check_fits
+from sparseml.modifiers.block_fisher import BlockLayout, on_all_ranks
 from sparseml.modifiers.pruning import PruningModifier
 from sparseml.schedules import recomputation_targets
 
+LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 # Fields that change only the target, not the curvature estimate or the pruning order.
 _TARGET_FIELDS = ("init_sparsity", "final_sparsity", "start_epoch", "end_epoch")
@@ -70,6 +74,60 @@ class SecondOrderPruningModifier(PruningModifier):
             kwargs.get("grad_sampler"), self.grad_sampler_kwargs, type(self).__name__
         )
         self.sweep_cache = kwargs.get("sweep_cache")
+        self.prepare()
+
+    # ----- size checks, before any gradient is drawn ----------------------------------------------
+    def prepare(self) -> None:
+        """Clamp the block size to the parameters, then check the memory plan on every rank."""
+        self._clamp_block_size()
+        owner = type(self).__name__
+        items, fields = self.memory_plan(self.fisher_block_size, self.num_grads)
+        smaller = ((self.memory_plan(**kw)[0], text) for kw, text in self.smaller_settings())
+        on_all_ranks(lambda: check_fits(owner, items, fields, smaller), owner)
+
+    def smaller_settings(self) -> Iterator[tuple[dict, str]]:
+        """Settings that need less memory, largest first: halved block sizes."""
+        block, group = self.fisher_block_size, self.mask_spec.group
+        while block > group:
+            block = max(group, block // 2 // group * group)
+            yield {"block": block, "m": self.num_grads}, f"fisher_block_size: {block}"
+
+    def block_span(self) -> int:
+        """Most weights one Fisher block can usefully cover: the largest selected parameter."""
+        return max((r.param.numel() for r in self.refs), default=1)
+
+    def _clamp_block_size(self) -> None:
+        block, group = self._values.get("fisher_block_size"), self.mask_spec.group
+        span = -(-self.block_span() // group) * group
+        if block is not None and self.refs and block > span:
+            LOG.warning(
+                "%s: fisher_block_size %d exceeds the %d weights a block can cover here; "
+                "using %d (a larger block would only hold padding)",
+                type(self).__name__,
+                block,
+                self.block_span(),
+                span,
+            )
+            self._values["fisher_block_size"] = span
+
+    def memory_plan(self, block: int, m: int) -> tuple[list[MemoryItem], str]:
+        """Per-rank allocations of a block-diagonal Fisher pruner (OBS, CAP) and their drivers."""
+        sizes = [r.param.numel() for r in self.refs]
+        layout = BlockLayout(sizes, block)
+        n_local = sum(p.b1 - p.b0 for p in layout.parts)
+        d_local = sum(p.c1 - p.c0 for p in layout.parts)
+        width = torch.finfo(self.work_dtype).bits // 8
+        device = self.fisher_device(self.refs[0].param) if self.refs else torch.device("cpu")
+        if m < block:  # sample-space form: the gradients, then H in the work dtype
+            items = [
+                MemoryItem("sampled gradients", m * d_local * width, device),
+                MemoryItem("Fisher blocks", n_local * block * block * width, device),
+            ]
+        else:
+            items = [MemoryItem("Fisher blocks (float64)", n_local * block * block * 8, device)]
+        chunk = min(self.GRAD_CHUNK, m) * sum(sizes) * width
+        items.append(MemoryItem("gradient chunk", chunk, self.refs[0].param.device))
+        return items, f"fisher_block_size={block}, num_grads={m} and {sum(sizes)} weights"
 
     def cached(self, name: str, build: Callable[[], T]) -> T:
         """``build()``, reused across a one-shot sweep when the caller passes ``sweep_cache``.

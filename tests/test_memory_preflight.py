@@ -1,0 +1,103 @@
+"""Memory and size preflight of the second-order pruners, before any gradient is drawn."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import sparseml.memory as memory
+from sparseml.errors import RecipeError
+from sparseml.pytorch.optim import ScheduledModifierManager
+from toy import mlp, sampler
+
+ONE_SHOT = """
+modifiers:
+  - !{name}
+    params: ["re:.*weight"]
+    init_sparsity: 0.5
+    final_sparsity: 0.5
+    start_epoch: 0
+    end_epoch: 0
+    num_grads: {m}
+    damp: 0.01
+    fisher_block_size: {block}
+"""
+
+
+def counting_sampler(counter: list) -> dict:
+    return sampler(counter)
+
+
+def test_mfac_with_ten_million_grads_fails_in_seconds() -> None:
+    model = nn.Sequential(nn.Linear(1000, 1000))  # 1M weights: m x d = 40 TB of float32
+    text = ONE_SHOT.format(name="MFACPruningModifier", m=10_000_000, block="null")
+    counter: list = []
+    start = time.monotonic()
+    with pytest.raises(RecipeError) as err:
+        ScheduledModifierManager.from_yaml(text).apply(model, grad_sampler=sampler(counter))
+    assert time.monotonic() - start < 10
+    msg = str(err.value)
+    assert "MFACPruningModifier needs about" in msg and "GiB" in msg
+    assert "num_grads=10000000" in msg
+    suggested = int(re.search(r"num_grads: (\d+) would fit", msg).group(1))
+    assert 1 <= suggested < 10_000_000
+    assert counter == []  # not a single gradient was drawn
+
+
+@pytest.mark.parametrize("name", ["OBSPruningModifier", "CAPruningModifier"])
+def test_block_pruner_too_big_names_fields_and_a_setting_that_fits(name, monkeypatch) -> None:
+    free = 60_000  # bytes: B = 64 needs 2 * 64^2 * 8 + a 64 x 96 float32 chunk; B = 32 fits
+    monkeypatch.setattr(memory, "free_bytes", lambda device: free)
+    text = ONE_SHOT.format(name=name, m=80, block=64)
+    with pytest.raises(RecipeError) as err:
+        ScheduledModifierManager.from_yaml(text).apply(mlp(), grad_sampler=sampler())
+    msg = str(err.value)
+    assert "fisher_block_size=64" in msg and "num_grads=80" in msg and "GiB" in msg
+    smaller = int(re.search(r"fisher_block_size: (\d+) would fit", msg).group(1))
+    assert smaller < 64
+    ScheduledModifierManager.from_yaml(ONE_SHOT.format(name=name, m=80, block=smaller)).apply(
+        mlp(), grad_sampler=sampler()
+    )  # the suggested setting does fit
+
+
+def test_mfac_buffering_checked_before_the_buffer_is_allocated(monkeypatch) -> None:
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1000)
+    text = ONE_SHOT.format(name="MFACPruningModifier", m=64, block=8).replace(
+        "end_epoch: 0", "end_epoch: 1\n    use_gradient_buffering: true"
+    )
+    model = mlp()
+    with pytest.raises(RecipeError, match="gradient buffer"):
+        ScheduledModifierManager.from_yaml(text).modify(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), steps_per_epoch=2
+        )
+
+
+def test_block_size_larger_than_every_layer_is_clamped(caplog) -> None:
+    caplog.set_level(logging.INFO)
+    manager = ScheduledModifierManager.from_yaml(
+        ONE_SHOT.format(name="OBSPruningModifier", m=16, block=100_000)
+    )
+    model = mlp()  # largest selected weight: 8 x 8
+    manager.apply(model, grad_sampler=sampler())
+    assert manager.modifiers[0].fisher_block_size == 64
+    assert "fisher_block_size 100000 exceeds the 64 weights" in caplog.text
+    assert "memory plan: " in caplog.text and "Fisher blocks" in caplog.text
+    assert int((model[0].weight == 0).sum() + (model[2].weight == 0).sum()) == 48
+
+
+def test_more_samples_than_the_loader_holds_warns(caplog) -> None:
+    caplog.set_level(logging.INFO)
+    batches = [([torch.randn(4, 8)], {}, torch.randn(4, 4)) for _ in range(5)]
+    grad_sampler = {
+        "data_loader_builder": lambda **kw: batches,
+        "loss_fn": torch.nn.functional.mse_loss,
+    }
+    text = ONE_SHOT.format(name="CAPruningModifier", m=12, block=8)
+    ScheduledModifierManager.from_yaml(text).apply(mlp(), grad_sampler=grad_sampler)
+    assert "num_grads 12 exceeds the 5 batches" in caplog.text
+    assert "ETA" in caplog.text
