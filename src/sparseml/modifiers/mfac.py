@@ -133,10 +133,6 @@ class MFACPruningModifier(SecondOrderPruningModifier):
         sizes = [r.param.numel() for r in self.refs]
         return sum(sizes) if self.blocks_cross_layers else max(sizes, default=1)
 
-    def _max_num_grads(self) -> int:
-        grads = self.num_grads
-        return grads if isinstance(grads, int) else max(grads.values())
-
     def memory_plan(self, block: int | None, m: int | dict):
         """Gradients (m x unpruned weights per rank), the buffer, and the inverse's factors."""
         m = m if isinstance(m, int) else max(m.values())
@@ -168,6 +164,16 @@ class MFACPruningModifier(SecondOrderPruningModifier):
         while m > 1:
             m //= 2
             yield {"block": self.fisher_block_size, "m": m}, f"num_grads: {m}"
+
+    def optimizer_pre_step(
+        self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int
+    ) -> None:
+        if self._buffer is None:
+            return
+        if self.ended:
+            self._buffer = None  # no pruning ahead: free the memory
+            return
+        self._push_training_grads()
 
     # ----- pruning step ---------------------------------------------------------------------------
     def prune_step(self, module: nn.Module, targets: list[float]) -> None:

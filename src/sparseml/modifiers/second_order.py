@@ -10,7 +10,7 @@ estimate, choose masks (``create_masks`` / ``set_masks``) and write the updated 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
