@@ -2,8 +2,11 @@
 
 Baseline (as in the reference `EmpiricalBlockFisherInverse`): every block starts at I/damp and,
 one gradient at a time, u = H_b g_b, H_b -= u u^T / (m + g_b^T u), batched over blocks, float32.
-Kernel: `sparseml.kernels.fisher.block_fisher_inverse` (chunked `baddbmm` Gram + float64
-Cholesky / cholesky_inverse, written back into the float32 Gram storage).
+Kernels: `sparseml.kernels.fisher.block_fisher_inverse` (chunked `baddbmm` Gram + float64
+Cholesky / cholesky_inverse, written back into the Gram storage), with the Gram accumulated in
+float32 (the previous build) and in float64 (production: exact products, accurate at small
+damp). A second table measures the error of both at damp down to 1e-10 ||G^T G / m||
+against an exact rational oracle.
 
 Each method runs in its own fresh subprocess so that its memory can be measured: peak extra
 memory = ru_maxrss after the call minus the resident set size just before it, where the only
@@ -26,7 +29,9 @@ import tempfile
 import time
 
 import torch
+from exact_oracle import exact_fisher_inverse, rank_deficient_grads, rel_error, spectral_scale
 
+from sparseml.errors import NumericalError
 from sparseml.kernels.fisher import (
     accumulate_block_gram,
     block_fisher_inverse,
@@ -34,6 +39,13 @@ from sparseml.kernels.fisher import (
     num_blocks,
     to_blocks,
 )
+
+# worker -> (table label, Gram dtype of the kernel; None = the reference loop)
+WORKERS = {
+    "baseline": ("rank-1 Woodbury loop (fp32)", None),
+    "kernel32": ("kernel, fp32 Gram (previous build)", torch.float32),
+    "kernel": ("kernel, fp64 Gram (production)", torch.float64),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="time the baseline on this fraction of the gradients and extrapolate linearly",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker", choices=["baseline", "kernel"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--out-file", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -95,6 +107,28 @@ def float64_oracle(args: argparse.Namespace, k: int) -> torch.Tensor:
     return out
 
 
+def small_damp_table() -> None:
+    """Error of H at small damp on rank-deficient gradients, fp32 vs fp64 Gram, exact oracle."""
+    grads, bsz = rank_deficient_grads(48, 32, seed=4), 16
+    exact = [exact_fisher_inverse(grads[:, s : s + bsz], 1.0) for s in (0, bsz)]  # warm-up
+    print()
+    print("Small damp (m=48, B=16, rank-deficient fp32 gradients; exact rational oracle):")
+    print("| damp / norm(G^T G / m) | fp32 Gram error | fp64 Gram error |")
+    print("|---:|---:|---:|")
+    for ratio in (1e-4, 1e-6, 1e-8, 1e-10):
+        damp = ratio * max(spectral_scale(grads[:, s : s + bsz]) for s in (0, bsz))
+        exact = [exact_fisher_inverse(grads[:, s : s + bsz], damp) for s in (0, bsz)]
+        cells = []
+        for dtype in (torch.float32, torch.float64):
+            try:
+                H = block_fisher_inverse(grads, bsz, damp, gram_dtype=dtype)
+                cells.append(f"{max(rel_error(h, e) for h, e in zip(H, exact)):.1e}")
+            except NumericalError:
+                cells.append("not PD (error)")
+        print(f"| {ratio:.0e} | {cells[0]} | {cells[1]} |")
+    print("error = max over blocks of max|H - H_exact| / max|H_exact|")
+
+
 def run_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     m, d, bsz = args.num_grads, args.d, args.block_size
@@ -109,13 +143,17 @@ def run_worker(args: argparse.Namespace) -> None:
     if args.worker == "baseline":
         H = woodbury_baseline(grads[:k], bsz, args.damp, m)
     else:
-        H = block_fisher_inverse(grads, bsz, args.damp, chunk_size=args.chunk_size)
+        dtype = WORKERS[args.worker][1]
+        H = block_fisher_inverse(
+            grads, bsz, args.damp, chunk_size=args.chunk_size, gram_dtype=dtype
+        )
     seconds = time.perf_counter() - t0
     peak = maxrss_bytes()
-    if args.worker == "kernel" and k < m:
+    if args.worker != "baseline" and k < m:
         # The baseline saw only k gradients (normalised by m): compare with the same matrix.
-        H = invert_block_fisher(accumulate_block_gram(grads[:k], bsz), m, args.damp)
-    H.numpy().tofile(args.out_file)
+        gram = torch.zeros(num_blocks(d, bsz), bsz, bsz, dtype=WORKERS[args.worker][1])
+        H = invert_block_fisher(accumulate_block_gram(grads[:k], bsz, out=gram), m, args.damp)
+    H.float().numpy().tofile(args.out_file)
     row = {"seconds": seconds, "grads_used": k if args.worker == "baseline" else m}
     row.update(extra_bytes=peak - rss0, rss_before=rss0, maxrss_before=maxrss0)
     print(json.dumps(row))
@@ -141,7 +179,7 @@ def main() -> None:
     n_b = num_blocks(args.d, args.block_size)
     blocks_bytes = n_b * args.block_size**2 * 4
     with tempfile.TemporaryDirectory() as tmp:
-        res = {w: spawn(args, w, os.path.join(tmp, f"{w}.f32")) for w in ("baseline", "kernel")}
+        res = {w: spawn(args, w, os.path.join(tmp, f"{w}.f32")) for w in WORKERS}
         Hs = {
             w: torch.from_file(os.path.join(tmp, f"{w}.f32"), size=n_b * args.block_size**2)
             for w in res
@@ -172,21 +210,20 @@ def main() -> None:
         "| max err vs fp64 oracle |"
     )
     print("|---|---:|---:|---:|---:|---:|")
-    kernel_name = (
-        "kernel: m-space Woodbury, fp64 (auto, m < B)"
-        if args.num_grads < args.block_size
-        else "kernel: GEMM Gram + fp64 Cholesky"
-    )
-    for name, w, t in (
-        ("rank-1 Woodbury loop (fp32)", "baseline", t_base),
-        (kernel_name, "kernel", t_kern),
-    ):
+    if args.num_grads < args.block_size:
+        print("(m < B: both kernels use the m-space Woodbury form in float64)")
+    for w, (name, _) in WORKERS.items():
+        t = t_base if w == "baseline" else res[w]["seconds"]
         extra = res[w]["extra_bytes"]
         print(
             f"| {name} | {t:.3f} | {t_base / t:.1f}x | {extra / 2**20:.1f} | "
             f"{extra / blocks_bytes:.2f}x | {err[w]:.1e} |"
         )
     print()
+    print(
+        f"fp64 Gram vs fp32 Gram (production vs previous build): time "
+        f"{t_kern / res['kernel32']['seconds']:.2f}x"
+    )
     print(
         f"max |H_kernel - H_baseline| / max |H_baseline| = {rel:.2e} "
         "(relative to the largest entry of H, not entrywise)"
@@ -199,6 +236,7 @@ def main() -> None:
         "peak extra memory = ru_maxrss after the call - RSS just before it, in a fresh "
         "subprocess per method; it includes the output H (1.00x = the fp32 blocks)."
     )
+    small_damp_table()
     for w in res:
         if res[w]["maxrss_before"] > res[w]["rss_before"] + blocks_bytes // 20:
             print(

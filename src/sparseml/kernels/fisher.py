@@ -41,6 +41,8 @@ from sparseml.kernels.precision import work_dtype
 # the peak extra memory stays far below the size of the blocks themselves.
 _CHUNK_NUMEL = {"cpu": 2**19}
 _CHUNK_NUMEL_DEFAULT = 2**24
+# Gradient entries upcast at a time when a float32 chunk feeds a float64 Gram.
+_UPCAST_NUMEL = 2**22
 
 
 def chunk_blocks(block_numel: int, device: torch.device) -> int:
@@ -148,20 +150,25 @@ def accumulate_block_gram(
     if n_full < n_b:
         parts.append((n_full, to_blocks(grads[:, n_full * block_size :], block_size)))
     same_device = out.device == grads.device
+    upcast = grads.dtype != out.dtype
     if blocks_per_chunk:
         step = blocks_per_chunk
-    elif same_device and grads.dtype == out.dtype:
+    elif same_device and not upcast:
         step = n_b
-    else:  # bound the upcast / transferred slice (a few MiB), not the whole chunk
+    elif same_device:  # upcast slices of at most _UPCAST_NUMEL entries (32 MiB of float64)
+        step = max(1, _UPCAST_NUMEL // (c * block_size))
+    else:  # bound the transferred slice (a few MiB), not the whole chunk
         step = chunk_blocks(block_size * max(block_size, c), grads.device)
     for first, x in parts:
         for s in range(0, x.shape[1], step):
-            xs = x[:, s : s + step].to(out.dtype)
-            target = out[first + s : first + s + xs.shape[1]]
+            xs = x[:, s : s + step].permute(1, 0, 2)  # (n, c, B) view
+            if upcast:  # one contiguous copy in the batch layout the GEMM wants
+                xs = torch.empty(xs.shape, dtype=out.dtype, device=xs.device).copy_(xs)
+            target = out[first + s : first + s + xs.shape[0]]
             if same_device:
-                target.baddbmm_(xs.permute(1, 2, 0), xs.permute(1, 0, 2))
+                target.baddbmm_(xs.transpose(1, 2), xs)
             else:
-                target += torch.bmm(xs.permute(1, 2, 0), xs.permute(1, 0, 2)).to(out.device)
+                target += torch.bmm(xs.transpose(1, 2), xs).to(out.device)
     return out
 
 
