@@ -1,0 +1,115 @@
+"""One GPU check: the ``gpu``-marked tests and the CUDA benchmarks, printed as one table.
+
+    bash research/bench/gpu_check.sh        # or: python research/bench/gpu_check.py
+
+Runs the CUDA paths of the Fisher, OBS, CAP, FastCAP and M-FAC kernels, modifiers and the
+M-FAC optimizer against their CPU results, AMP training steps and ``fisher_inv_device`` /
+``available_devices`` (``pytest -m gpu``), then times the Fisher build (float32 and float64
+Gram), CAP elimination, FastCAP and the M-FAC build at DeiT-Small layer sizes on CUDA.
+Exits 0 with a message where CUDA is absent; non-zero when a test fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+# DeiT-Small (embed 384, MLP 1536): qkv, proj, fc1, fc2 weights
+LAYERS = {"qkv": 384 * 1152, "proj": 384 * 384, "fc1": 1536 * 384, "fc2": 384 * 1536}
+
+
+def run_tests(rows: list[tuple]) -> bool:
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = os.path.join(tmp, "gpu.xml")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", f"--junitxml={xml}", "tests"]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if not os.path.exists(xml):
+            print(done.stdout[-4000:], done.stderr[-4000:])
+            rows.append(("tests", "pytest -m gpu", "did not run", ""))
+            return False
+        ok = True
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            status = "passed"
+            if case.find("failure") is not None or case.find("error") is not None:
+                status, ok = "FAILED", False
+            elif case.find("skipped") is not None:
+                status = "skipped"
+            rows.append(("test", case.get("name"), status, f"{float(case.get('time', 0)):.2f} s"))
+        if not ok:
+            print(done.stdout[-6000:])
+        return ok
+
+
+def timed(fn) -> float:
+    fn()  # warm-up (CUDA context, kernels, allocator)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_layer(rows: list[tuple], name: str, d: int, m: int, block: int) -> None:
+    from sparseml.kernels.cap import cap_eliminate
+    from sparseml.kernels.fast_cap import accumulate_shared_fisher, fast_cap_prune
+    from sparseml.kernels.fisher import block_fisher_inverse, to_blocks
+    from sparseml.kernels.mfac import MFACInverse
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    grads = torch.randn(m, d, device="cuda", generator=gen)
+    W = to_blocks(torch.randn(d, device="cuda", generator=gen), block)
+    case = f"{name} d={d} B={block} m={m}"
+    for dtype in (torch.float32, torch.float64):
+        t = timed(lambda dt=dtype: block_fisher_inverse(grads, block, 1e-6, gram_dtype=dt))
+        rows.append(("bench", f"Fisher build, {str(dtype)[6:]} Gram", case, f"{t:.3f} s"))
+    H = block_fisher_inverse(grads, block, 1e-6)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    rows.append(
+        ("bench", "CAP elimination", case, f"{timed(lambda: cap_eliminate(W, H, pruned)):.3f} s")
+    )
+    Fs = accumulate_shared_fisher(grads, block)
+    t = timed(lambda: fast_cap_prune(W, Fs, m, 0.5, damp=1e-2, block_size=block))
+    rows.append(("bench", "FastCAP prune 50%", case, f"{t:.3f} s"))
+    t = timed(lambda: MFACInverse.build(grads, 1e-6, block))
+    rows.append(("bench", "M-FAC build (blocked)", case, f"{t:.3f} s"))
+
+
+def run_benchmarks(rows: list[tuple], m: int, block: int) -> None:
+    for name, d in LAYERS.items():
+        bench_layer(rows, name, d, m, block)
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--num-grads", type=int, default=256)
+    parser.add_argument("--block-size", type=int, default=192)
+    parser.add_argument("--skip-tests", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("CUDA is not available here: GPU checks skipped (nothing to run).")
+        return 0
+    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    rows: list[tuple] = []
+    ok = True if args.skip_tests else run_tests(rows)
+    run_benchmarks(rows, args.num_grads, args.block_size)
+    print("| kind | check | case | result |")
+    print("|---|---|---|---:|")
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row) + " |")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
