@@ -35,7 +35,7 @@ from utils import checkpoint as ckpt_io  # noqa: E402
 from utils import logging_utils as logs  # noqa: E402
 from utils import training  # noqa: E402
 from utils.cli import parse_args  # noqa: E402
-from utils.data import create_datasets, infinite_batches  # noqa: E402
+from utils.data import create_datasets, sampler_batches  # noqa: E402
 from utils.distributed import cleanup, gather_objects, init_distributed, is_primary  # noqa: E402
 from utils.engine import train_one_epoch, validate  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if manager is not None:
         gs_builder = None
         if args.gs_loader:
-            gs_builder = infinite_batches(
+            gs_builder = sampler_batches(
                 training.build_gs_loader(args, cfg, train_ds, device), device
             )
         optimizer, num_epochs, timm_lr = wire_manager(

@@ -166,9 +166,10 @@ def test_digits_through_timm_dataset_and_loader(digits_dir):
     x, y = next(iter(loader_eval))
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (16,)
     assert float(x.min()) >= -1.01 and float(x.max()) <= 1.01  # mean/std 0.5 of the model
-    builder = data_mod.infinite_batches(loader_eval, torch.device("cpu"))
-    items = [item for _, item in zip(range(len(loader_eval) + 3), builder(device="cpu"))]
-    assert len(items) == len(loader_eval) + 3  # loops past the end of the loader
+    passes = data_mod.sampler_batches(loader_eval, torch.device("cpu"))(device="cpu")
+    assert len(passes) == len(loader_eval)
+    items = list(passes) + list(passes)  # one pass per iteration, re-iterable
+    assert len(items) == 2 * len(loader_eval)
     inputs, kwargs, target = items[-1]
     assert isinstance(inputs, list) and kwargs == {} and inputs[0].shape[1:] == (3, 32, 32)
     assert target.dtype == torch.int64

@@ -174,17 +174,28 @@ def loader_kwargs(args: Any, data_config: dict, device: torch.device) -> dict[st
     )
 
 
-def infinite_batches(
-    loader: Any, device: torch.device
-) -> Callable[..., Iterator[tuple[list, dict, torch.Tensor]]]:
-    """Grad-sampler ``data_loader_builder``: loops over ``loader`` forever.
+class SamplerBatches:
+    """One pass over ``loader`` per iteration, as ``([input], {}, target)`` on ``device``.
 
-    Yields ``([input], {}, target)`` on ``device`` as the manager's grad sampler expects.
+    It has a length, and the grad sampler starts (and seeds) each pass itself, so a resumed
+    run draws the same gradient samples as an uninterrupted one.
     """
 
-    def builder(device: torch.device | str = device, **_ignored: Any):
-        while True:
-            for inputs, target in loader:
-                yield [inputs.to(device)], {}, target.to(device)
+    def __init__(self, loader: Any, device: torch.device | str) -> None:
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[list, dict, torch.Tensor]]:
+        for inputs, target in self.loader:
+            yield [inputs.to(self.device)], {}, target.to(self.device)
+
+
+def sampler_batches(loader: Any, device: torch.device) -> Callable[..., SamplerBatches]:
+    """Grad-sampler ``data_loader_builder`` over ``loader`` (see `SamplerBatches`)."""
+
+    def builder(device: torch.device | str = device, **_ignored: Any) -> SamplerBatches:
+        return SamplerBatches(loader, device)
 
     return builder

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import math
 import shutil
@@ -177,8 +178,10 @@ def build_gs_loader(args: argparse.Namespace, cfg: dict, train_ds: Any, device: 
     """Loader over the training data for the grad sampler (no mixup, no random erasing)."""
     if not args.gs_batch_size:
         raise SetupError("--gs-loader needs -gb/--gs-batch-size N")
+    # timm's create_loader sets the data set's transform: a shallow copy keeps the training
+    # loader's augmentation from being replaced by the grad sampler's.
     return create_loader(
-        train_ds,
+        copy.copy(train_ds),
         **loader_kwargs(args, cfg, device),
         batch_size=args.gs_batch_size,
         is_training=not args.gs_no_training,

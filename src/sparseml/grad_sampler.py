@@ -16,10 +16,13 @@ already averages them).
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -32,6 +35,29 @@ HOW_TO = (
     "manager.modify(...), where f(**grad_sampler_kwargs) yields (args, kwargs, target) batches "
     "(scripts: add --gs-loader / --gs_loader)"
 )
+
+
+_END = object()
+_GOLDEN = 0x9E3779B97F4A7C15  # spreads pass indices over the seed space
+
+
+@contextmanager
+def preserved_rng(seed: int | None = None) -> Iterator[None]:
+    """Run a block without touching the global torch / random / numpy RNG states.
+
+    With ``seed``, the block runs seeded with it (CPU torch generator, ``random``, numpy).
+    """
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    try:
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
 
 
 class GradSampler:
@@ -48,6 +74,12 @@ class GradSampler:
         self.builder_kwargs = dict(builder_kwargs or {})
         self._loader: Iterable | None = None
         self._iter: Iterator | None = None
+        self._head: Any = None
+        # Each pass's shuffle is seeded from this (the run's seed by default): with the stream
+        # position it is all a resumed run needs to draw the same samples.
+        self.seed = torch.initial_seed() % 2**63
+        self.passes, self.position = 0, 0
+        self._resume_at: tuple[int, int] | None = None
 
     @classmethod
     def from_kwargs(
@@ -67,7 +99,6 @@ class GradSampler:
     def _ensure_loader(self) -> None:
         if self._loader is None:
             self._loader = self.builder(**self.builder_kwargs)
-            self._iter = iter(self._loader)
 
     def batches_per_pass(self) -> int | None:
         """Batches the loader yields before it repeats (None when it has no length)."""
@@ -77,17 +108,73 @@ class GradSampler:
         except TypeError:
             return None
 
+    # ----- the sample stream: passes over the loader, exactly resumable -----------------------
+    def _seed_at(self, passes: int, position: int) -> int:
+        return (self.seed + passes * _GOLDEN + (position + 1) * _GOLDEN**2) % 2**63
+
+    def _start_pass(self) -> None:
+        """A new pass over the loader; its shuffle (and first batch) seeded by (seed, pass).
+
+        The first batch is drawn here: samplers draw their shuffle seed lazily at the first
+        ``next``. Every draw runs in its own seeded scope and restores the global RNG states
+        afterwards, so the stream is a function of (seed, pass, position) alone: it neither
+        depends on nor disturbs the training run's randomness, whatever the loader prefetches.
+        """
+        with preserved_rng(seed=self._seed_at(self.passes, -1)):
+            self._iter = iter(self._loader)  # type: ignore[arg-type]
+            self._head = next(self._iter, _END)
+        self.passes += 1
+        self.position = 0
+
+    def _take(self) -> Any:
+        if self._head is not None:
+            batch, self._head = self._head, None
+            return batch
+        with preserved_rng(seed=self._seed_at(self.passes, self.position)):
+            return next(self._iter, _END)  # type: ignore[arg-type]
+
     def _next_batch(self) -> tuple:
         self._ensure_loader()
-        assert self._iter is not None
-        try:
-            return next(self._iter)
-        except StopIteration:
-            self._iter = iter(self._loader)  # restart a finite loader
-            try:
-                return next(self._iter)
-            except StopIteration:
-                raise GradSamplerError("the grad sampler's data loader yields no batches") from None
+        if self._resume_at is not None:
+            self._fast_forward(*self._resume_at)
+        for fresh in (False, True):
+            if self._iter is None or fresh:
+                self._start_pass()
+            batch = self._take()
+            if batch is not _END:
+                self.position += 1
+                return batch
+            if self.position == 0:
+                break
+        raise GradSamplerError("the grad sampler's data loader yields no batches")
+
+    def _fast_forward(self, passes: int, position: int) -> None:
+        """Re-create the saved stream position (after ``load_state_dict``)."""
+        self._resume_at = None
+        if passes == 0:
+            return
+        self.passes = passes - 1
+        self._start_pass()
+        for _ in range(position):  # replay: the same seeds as the first time
+            if self._take() is _END:
+                raise GradSamplerError(
+                    f"cannot resume the grad sampler at batch {position} of pass {passes}: "
+                    "its data loader now yields fewer batches (different data or batch size)"
+                )
+            self.position += 1
+
+    def state_dict(self) -> dict[str, int]:
+        """Stream position: seed, passes started, batches drawn in the current pass."""
+        if self._resume_at is not None:
+            return {"seed": self.seed, "passes": self._resume_at[0], "position": self._resume_at[1]}
+        return {"seed": self.seed, "passes": self.passes, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the stream where ``state`` left it (lazily, at the next sample)."""
+        self.seed = int(state["seed"])
+        self._iter, self._head = None, None
+        self.passes, self.position = 0, 0
+        self._resume_at = (int(state["passes"]), int(state["position"]))
 
     def _one_gradient(
         self, module: nn.Module, params: list[nn.Parameter], dtype: torch.dtype

@@ -295,10 +295,33 @@ class MFACPruningModifier(SecondOrderPruningModifier):
     def _layout(self) -> _Layout:
         return _Layout(self.masks, self.fisher_block_size, self.blocks_cross_layers)
 
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._buffer is not None:  # buffered training gradients: needed for exact resume
+            buf = self._buffer
+            rows = buf["grads"][: buf["count"]].detach().cpu().clone()
+            state["gradient_buffer"] = {"grads": rows, "count": buf["count"], "next": buf["next"]}
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if self._buffer is not None:
-            self._reset_buffer()  # the saved masks change the layout
+        if self._buffer is None:
+            return
+        self._reset_buffer()  # the layout of the saved masks
+        saved = state.get("gradient_buffer")
+        if saved is None:
+            return
+        grads = self._buffer["grads"]
+        if saved["grads"].shape[1:] != grads.shape[1:] or saved["count"] > grads.shape[0]:
+            LOG.warning(
+                "%s: the saved gradient buffer %s does not fit this run's %s; starting empty",
+                type(self).__name__,
+                tuple(saved["grads"].shape),
+                tuple(grads.shape),
+            )
+            return
+        grads[: saved["count"]] = saved["grads"].to(grads.device, grads.dtype)
+        self._buffer.update(count=saved["count"], next=saved["next"] % grads.shape[0])
 
     def _reset_buffer(self) -> None:
         layout = self._layout()

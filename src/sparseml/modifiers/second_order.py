@@ -148,6 +148,18 @@ class SecondOrderPruningModifier(PruningModifier):
             self.sweep_cache[key] = build()
         return self.sweep_cache[key]
 
+    # ----- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.grad_sampler is not None:  # the sample stream's position, for exact resume
+            state["grad_sampler"] = self.grad_sampler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.grad_sampler is not None and state.get("grad_sampler"):
+            self.grad_sampler.load_state_dict(state["grad_sampler"])
+
     # ----- pruning step --------------------------------------------------------------------------
     def prune(self, module: nn.Module, targets: list[float]) -> None:
         current = self.current_sparsities()
