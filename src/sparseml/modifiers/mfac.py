@@ -29,6 +29,7 @@ from sparseml.masks import create_masks
 from sparseml.memory import MemoryItem
 from sparseml.modifiers.pruning import PruningModifier
 from sparseml.modifiers.second_order import SecondOrderPruningModifier
+from sparseml.modifiers.unpruned_layout import UnprunedLayout
 from sparseml.registry import register_modifier
 
 LOG = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class MFACPruningModifier(SecondOrderPruningModifier):
         if self._buffer is not None:
             self._reset_buffer()
 
-    def _obs_update(self, inv, layout: _Layout, targets: list[float], device) -> None:
+    def _obs_update(self, inv, layout: UnprunedLayout, targets: list[float], device) -> None:
         """Scores, masks and the summed single-weight OBS update from the inverse ``inv``."""
         dtype = self.work_dtype  # never half precision: w^2 would round and near-ties flip
         weights = [w.to(device) for w in self.flat_weights()]
@@ -219,7 +220,7 @@ class MFACPruningModifier(SecondOrderPruningModifier):
             self.write_weights(n, w)
         self.set_masks(masks)
 
-    def _build_inverse(self, module: nn.Module, layout: _Layout, device: torch.device):
+    def _build_inverse(self, module: nn.Module, layout: UnprunedLayout, device: torch.device):
         lo, hi = layout.local
         if self._buffer is not None:
             self._push_training_grads()  # the current step's gradients, if any
@@ -251,7 +252,7 @@ class MFACPruningModifier(SecondOrderPruningModifier):
             grads, self.damp, self.fisher_block_size, self.num_pages, overwrite=full
         )
 
-    def _gather(self, local: Tensor, layout: _Layout) -> Tensor:
+    def _gather(self, local: Tensor, layout: UnprunedLayout) -> Tensor:
         """Full-layout vector from this rank's part (blocks) or rank 0's copy (full F)."""
         if not dist.is_distributed():
             return local
@@ -292,8 +293,8 @@ class MFACPruningModifier(SecondOrderPruningModifier):
             self._warned_devices = True
         return fallback
 
-    def _layout(self) -> _Layout:
-        return _Layout(self.masks, self.fisher_block_size, self.blocks_cross_layers)
+    def _layout(self) -> UnprunedLayout:
+        return UnprunedLayout(self.masks, self.fisher_block_size, self.blocks_cross_layers)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -343,41 +344,3 @@ class MFACPruningModifier(SecondOrderPruningModifier):
         buf["layout"].fill(row, [p.grad.detach().reshape(1, -1) for p in params])
         buf["next"] = (buf["next"] + 1) % buf["grads"].shape[0]
         buf["count"] = min(buf["count"] + 1, buf["grads"].shape[0])
-
-
-class _Layout:
-    """Where each parameter's unpruned weights sit in the flat vector the Fisher acts on.
-
-    Parameter i's unpruned entries (flat indices ``index[i]``) occupy ``[offsets[i],
-    offsets[i] + len(index[i]))``. With blocks, each parameter's range is zero-padded to a
-    multiple of B (unless blocks cross layers) and the total to a multiple of B; zero gradient
-    columns are decoupled, so padding changes nothing. ``local`` is this rank's column range.
-    """
-
-    def __init__(self, masks: list[Tensor], block: int | None, cross_layers: bool) -> None:
-        self.index = [m.reshape(-1).nonzero().squeeze(1) for m in masks]
-        self.offsets, pos = [], 0
-        for idx in self.index:
-            self.offsets.append(pos)
-            pos += (
-                idx.numel() if block is None or cross_layers else -(-idx.numel() // block) * block
-            )
-        self.total = pos if block is None else -(-pos // block) * block
-        if block is None or not dist.is_distributed():
-            self.local = (0, self.total)
-        else:
-            b0, b1 = dist.shard_bounds(self.total // block)
-            self.local = (b0 * block, b1 * block)
-
-    def segments(self, flat: Tensor) -> list[Tensor]:
-        return [flat[lo : lo + idx.numel()] for lo, idx in zip(self.offsets, self.index)]
-
-    def fill(self, out: Tensor, rows: list[Tensor]) -> None:
-        """Write (c, numel_i) per-parameter rows into ``out`` (c, local width), zeros elsewhere."""
-        lo, hi = self.local
-        out.zero_()
-        for idx, off, src in zip(self.index, self.offsets, rows):
-            a, b = max(lo, off), min(hi, off + idx.numel())
-            if a < b:
-                cols = idx[a - off : b - off].to(src.device)
-                out[:, a - lo : b - lo] = src[:, cols].to(out.device, out.dtype)
