@@ -223,25 +223,35 @@ def test_best_metric_state_round_trips_through_a_checkpoint(tmp_path):
 # ----- run folders: locks, kill -9, no overwrite ------------------------------------------------
 
 HOLDER = """
-import sys, time
+import os, sys, time
 sys.path.insert(0, sys.argv[1])
 from utils.run_dir import lock_folder
 lock = lock_folder(sys.argv[2], "--output_dir")
-print("locked", flush=True)
+child = os.fork() if len(sys.argv) > 3 else 1  # like a data loader worker
+if child == 0:
+    time.sleep(300)
+    os._exit(0)
+print("locked", child, flush=True)
 time.sleep(300)
 """
+
+
+def start_holder(folder: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(RESEARCH), str(folder), *extra],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    word, child = proc.stdout.readline().split()
+    assert word == "locked"
+    return proc, int(child)
 
 
 @pytest.fixture
 def lock_holder(tmp_path):
     folder = tmp_path / "busy"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(RESEARCH), str(folder)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc, _ = start_holder(folder)
     try:
-        assert proc.stdout.readline().strip() == "locked"
         yield folder, proc
     finally:
         proc.kill()
@@ -260,6 +270,21 @@ def test_held_lock_refuses_and_a_killed_holder_frees_it(lock_holder):
     with run_dir.lock_folder(folder, "--output_dir"):
         assert not orphan.exists()  # nobody else writes here: left by a killed writer
         assert json.loads((folder / run_dir.LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_forked_child_of_a_killed_holder_does_not_keep_the_lock(tmp_path):
+    proc, child = start_holder(tmp_path, "fork")
+    try:
+        with pytest.raises(SetupError, match=f"pid {proc.pid}"):
+            run_dir.lock_folder(tmp_path, "--output_dir")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        os.kill(child, 0)  # the child still runs (it would raise if it were gone) ...
+        run_dir.lock_folder(tmp_path, "--output_dir").release()  # ... yet the folder is free
+    finally:
+        proc.kill()
+        proc.wait()
+        os.kill(child, signal.SIGKILL)
 
 
 def test_one_shot_into_a_busy_folder_exits_2(lock_holder, run_script, digits_dir):

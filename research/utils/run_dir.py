@@ -50,8 +50,8 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor drops the flock
-            self.fd = None
+            fd, self.fd = self.fd, None
+            os.close(fd)  # closing the last descriptor drops the flock
 
     def __del__(self) -> None:
         self.release()
@@ -91,7 +91,7 @@ def lock_folder(folder: str | Path, option: str) -> RunLock:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
-        raise SetupError(f"{option}: cannot create {path}: {err.strerror}") from err
+        raise SetupError(f"{option}: cannot open the lock file {path}: {err.strerror}") from err
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
@@ -110,8 +110,11 @@ def lock_folder(folder: str | Path, option: str) -> RunLock:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": sys.argv,
     }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    try:  # who holds the lock, for the message of a refused run; the lock works without it
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    except OSError as err:
+        _logger.warning("Cannot record the run in %s: %s", path, err.strerror)
     for orphan in remove_orphan_temps(folder):
         _logger.info("Removed %s, left by an interrupted write", orphan)
     return RunLock(folder, fd)
