@@ -43,6 +43,7 @@ from utils import results as res  # noqa: E402
 from utils.data import resolve_data_dir  # noqa: E402
 from utils.distributed import cleanup, gather_objects, init_distributed, is_primary  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
+from utils.run_dir import hold_folder  # noqa: E402
 
 _logger = logging.getLogger("one_shot")
 
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not is_primary(args):
         _logger.setLevel(logging.WARNING)
     try:
-        return sweep(args, pruner, needs_grads, device)
+        with hold_folder(args, args.output_dir, "--output_dir"):  # one sweep at a time
+            return sweep(args, pruner, needs_grads, device)
     finally:
         cleanup(args)
 

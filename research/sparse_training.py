@@ -39,7 +39,8 @@ from utils.data import create_datasets, sampler_batches  # noqa: E402
 from utils.distributed import cleanup, gather_objects, init_distributed, is_primary  # noqa: E402
 from utils.engine import train_one_epoch, validate  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
-from utils.summary import append_summary, summary_row  # noqa: E402
+from utils.run_dir import claim_training_dir, continues_in  # noqa: E402
+from utils.summary import summary_row, write_summary_row  # noqa: E402
 
 _logger = logging.getLogger("sparse_training")
 
@@ -86,7 +87,7 @@ def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> 
     lrs = [g["lr"] for g in state["optimizer"].param_groups]
     row = summary_row(epoch, train_metrics, eval_metrics, lr=sum(lrs) / len(lrs))
     row.update(sparsity=sparsity, **summary)
-    append_summary(out_dir / "summary.csv", row)
+    write_summary_row(out_dir / "summary.csv", row)
     if state["wandb"] is not None:
         hists = {}
         if args.log_param_histogram:
@@ -101,9 +102,9 @@ def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> 
     )
     if args.log_sparsity and logs.is_update_epoch(manager, epoch):
         logs.write_sparsity_distribution(out_dir, epoch, model)
-        state["best_metric"] = None  # best checkpoint tracked per sparsity level
     name = safe_model_name(args.model)
     metric = eval_metrics[args.eval_metric]
+    is_best = state["best"].update(f"{sparsity:.2f}", metric, epoch)  # per sparsity level
     save = dict(
         model=model,
         optimizer=state["optimizer"],
@@ -114,14 +115,13 @@ def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> 
         manager=manager,
         metric=metric,
         rng=rng,
+        best=state["best"].state_dict(),
     )
     if args.checkpoint_freq > 0 and epoch % args.checkpoint_freq == 0:
         ckpt_io.save_checkpoint(out_dir / f"{name}_epoch={epoch}.pth", **save)
     if args.save_last:
         ckpt_io.save_checkpoint(out_dir / f"{name}_last.pth", **save)
-    best = state["best_metric"]
-    if best is None or (metric < best if "loss" in args.eval_metric else metric > best):
-        state["best_metric"] = metric
+    if is_best:
         ckpt_io.save_checkpoint(out_dir / f"{name}_sparsity={sparsity:.2f}_best.pth", **save)
 
 
@@ -207,9 +207,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lr_scheduler.step(start_epoch)
 
     state = dict(model=model, manager=manager, optimizer=optimizer, scaler=scaler, ema=ema)
-    state.update(out_dir=None, wandb=None, best_metric=None)
+    state.update(wandb=None, best=ckpt_io.BestMetric(decreasing="loss" in args.eval_metric))
+    state["out_dir"], run_lock = claim_training_dir(args, cfg["input_size"][-1])
+    if resumed is not None and continues_in(args, state["out_dir"]):
+        state["best"].load_state_dict(resumed.get("best"))  # best of the whole run, not since
     if is_primary(args):
-        state["out_dir"] = training.output_dir(args, cfg)
         recipe_copy = training.write_run_files(args, state["out_dir"])
         if args.log_wandb:
             state["wandb"] = logs.init_wandb(args, state["out_dir"], recipe_copy)
@@ -261,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         state["wandb"].finish()
     _logger.info("Training completed: %s", eval_metrics)
     cleanup(args)
+    if run_lock is not None:
+        run_lock.release()
     return {"out_dir": state["out_dir"], "train": train_metrics, "eval": eval_metrics}
 
 

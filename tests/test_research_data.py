@@ -25,7 +25,7 @@ from utils import checkpoint as ckpt_io  # noqa: E402
 from utils import data as data_mod  # noqa: E402
 from utils.cli import args_to_yaml, parse_args  # noqa: E402
 from utils.errors import CheckpointError, SetupError  # noqa: E402
-from utils.summary import append_summary, read_summary  # noqa: E402
+from utils.summary import read_summary, write_summary_row  # noqa: E402
 
 # ----- torchvision shim ---------------------------------------------------------------------
 
@@ -317,14 +317,18 @@ def test_rng_state_round_trip():
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
 
 
-def test_summary_csv_header_once_and_on_change(tmp_path):
+def test_summary_csv_one_header_with_every_column(tmp_path):
     path = tmp_path / "summary.csv"
-    append_summary(path, {"epoch": 0, "eval/top1": 10.0})
-    append_summary(path, {"epoch": 1, "eval/top1": 20.0})
-    append_summary(path, {"epoch": 2, "eval/top1": 30.0, "lr": 0.1})
+    write_summary_row(path, {"epoch": 0, "eval/top1": 10.0})
+    write_summary_row(path, {"epoch": 1, "eval/top1": 20.0})
+    write_summary_row(path, {"epoch": 2, "eval/top1": 30.0, "lr": 0.1})
     lines = path.read_text().splitlines()
-    assert lines[0] == "epoch,eval/top1" and lines.count("epoch,eval/top1") == 1
-    assert [r["epoch"] for r in read_summary(path)] == ["0", "1", "2"]
+    assert lines[0] == "epoch,eval/top1,lr" and len(lines) == 4
+    assert [(r["epoch"], r["lr"]) for r in read_summary(path)] == [
+        ("0", ""),
+        ("1", ""),
+        ("2", "0.1"),
+    ]
 
 
 # ----- sparsity info ------------------------------------------------------------------------

@@ -3,22 +3,24 @@
 A checkpoint is a dict with ``model`` (state dict of the unwrapped model), ``optimizer``,
 ``scaler`` (AMP loss scaler or None), ``ema`` (EMA model state dict or None), ``manager``
 (recipe manager state: masks and schedule position, or None), ``epoch`` (last finished epoch),
-``arch``, ``rng`` (per rank: torch/numpy/python random states, for an exact continuation) and
-``metric``. Everything loads with ``torch.load(weights_only=True)``.
+``arch``, ``rng`` (per rank: torch/numpy/python random states, for an exact continuation),
+``metric`` and ``best`` (:class:`BestMetric` state, so a resumed run keeps the best metric of
+the whole run). Everything loads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import os
+import math
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from sparseml.serialization import atomic_save
 
 from .errors import CheckpointError
 
@@ -61,10 +63,13 @@ def save_checkpoint(
     manager: Any = None,
     metric: float | None = None,
     rng: list[dict[str, Any]] | None = None,
+    best: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint to ``path`` via a temporary file and ``os.replace``.
+    """Write a checkpoint to ``path`` atomically (a failed write keeps the previous file and
+    raises :class:`sparseml.serialization.FileWriteError` naming the path and the reason).
 
-    ``rng`` holds one :func:`rng_state` per rank (default: this process only).
+    ``rng`` holds one :func:`rng_state` per rank (default: this process only); ``best`` is a
+    :meth:`BestMetric.state_dict`.
     """
     path = Path(path)
     state = {
@@ -77,16 +82,9 @@ def save_checkpoint(
         "manager": manager.state_dict() if manager is not None else None,
         "metric": None if metric is None else float(metric),
         "rng": rng if rng is not None else [rng_state()],
+        "best": best if best is not None else {},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_save(state, path)
     return path
 
 
@@ -130,3 +128,38 @@ def restore_training_state(
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+
+
+class BestMetric:
+    """Best evaluation metric (and its epoch) per sparsity level, over the whole run.
+
+    The state goes into every checkpoint, so after ``--resume`` a ``*_best.pth`` is replaced
+    only by a better epoch than any before the restart, not just the best since it. Levels are
+    the formatted sparsity in the best checkpoint's name; non-finite metrics never win.
+    """
+
+    def __init__(self, decreasing: bool = False) -> None:
+        self.decreasing = decreasing
+        self.best: dict[str, dict[str, float | int]] = {}
+
+    def update(self, level: str, metric: float, epoch: int) -> bool:
+        """Record ``metric``; True when it is the best of ``level`` so far."""
+        if not math.isfinite(metric):
+            return False
+        old = self.best.get(level)
+        if old is not None:
+            better = metric < old["metric"] if self.decreasing else metric > old["metric"]
+            if not better:
+                return False
+        self.best[level] = {"metric": float(metric), "epoch": int(epoch)}
+        return True
+
+    def state_dict(self) -> dict[str, dict[str, float | int]]:
+        return {level: dict(entry) for level, entry in self.best.items()}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore from a checkpoint's ``best`` (absent in checkpoints of older versions)."""
+        self.best = {
+            str(level): {"metric": float(e["metric"]), "epoch": int(e["epoch"])}
+            for level, e in (state or {}).items()
+        }

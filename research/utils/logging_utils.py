@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparseml.serialization import atomic_write_text
 from sparseml.sparsity import ModuleSparsificationInfo
 
 from .errors import SetupError
@@ -75,7 +76,7 @@ def is_update_epoch(manager: Any, epoch: int) -> bool:
 def write_sparsity_distribution(out_dir: Path, epoch: int, model: torch.nn.Module) -> Path:
     """Write ``sparsity_distribution_epoch=<epoch>.json`` (summary and per-layer sparsity)."""
     path = Path(out_dir) / f"sparsity_distribution_epoch={epoch}.json"
-    path.write_text(str(ModuleSparsificationInfo(model)))
+    atomic_write_text(path, str(ModuleSparsificationInfo(model)))
     return path
 
 

@@ -29,6 +29,7 @@ from sparseml import dist
 from sparseml.modifiers.pruning import PruningModifier
 from sparseml.modifiers.second_order import SecondOrderPruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
+from sparseml.serialization import atomic_save
 
 from .errors import CheckpointError, SetupError
 
@@ -126,11 +127,8 @@ def broadcast_model(model: nn.Module) -> None:
 
 
 def save_state_dict(model: nn.Module, path: Path) -> None:
-    """``torch.save`` of the CPU state dict through a temporary file and ``os.replace``."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    """``torch.save`` of the CPU state dict, atomically (see ``sparseml.serialization``)."""
+    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
 
 
 # ----- data ---------------------------------------------------------------------------------------

@@ -1,23 +1,29 @@
 """Result rows of a one-shot sparsity sweep: crash-safe files, a table and a plot.
 
-Every row is appended to ``results.jsonl`` (one JSON object a line) and ``results.csv`` as soon
-as it is computed, flushed and fsync'ed, so a killed sweep loses at most the row in progress.
-Rows are keyed by ``(method, sparsity)``; when a key appears twice the last row wins. The dense
-model is stored as a row with method ``dense`` and sparsity 0.
+``results.jsonl`` (one JSON object a line) is the source of truth: every row is appended to it
+as soon as it is computed, flushed and fsync'ed, so a killed sweep loses at most the row in
+progress. ``results.csv``, the table and the plot are regenerated from it (the CSV atomically,
+after every row and when a sweep starts), so a kill between two writes cannot make them
+disagree for good. A line cut short by a kill is dropped with a warning when the next sweep
+starts (:func:`repair`), and its row is computed again. Rows are keyed by
+``(method, sparsity)``; when a key appears twice the last row wins. The dense model is stored as
+a row with method ``dense`` and sparsity 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from sparseml.serialization import atomic_open, atomic_write_text, write_error
 
 from .errors import SetupError
 
@@ -56,22 +62,53 @@ def row_key(method: str, sparsity: float) -> tuple[str, float]:
     return method, round(float(sparsity), 6)
 
 
-def read_rows(out_dir: str | Path) -> list[dict[str, Any]]:
-    """All rows of ``results.jsonl`` in file order; lines cut short by a crash are skipped."""
-    path = Path(out_dir) / JSONL
-    if not path.is_file():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+def _parse_lines(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """Rows of a JSONL file and the numbers of the lines that hold no row."""
+    rows, bad = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            _logger.warning("%s line %d is incomplete (interrupted write?); ignored", path, number)
-            continue
+            row = None
         if isinstance(row, dict) and "method" in row and "sparsity" in row:
             rows.append(row)
+        else:
+            bad.append(number)
+    return rows, bad
+
+
+def read_rows(out_dir: str | Path) -> list[dict[str, Any]]:
+    """All rows of ``results.jsonl`` in file order; lines cut short by a crash are skipped."""
+    path = Path(out_dir) / JSONL
+    if not path.is_file():
+        return []
+    rows, bad = _parse_lines(path)
+    if bad:
+        _logger.warning("%s lines %s are incomplete (interrupted write?); ignored", path, bad)
+    return rows
+
+
+def repair(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Drop incomplete lines from ``results.jsonl`` and regenerate ``results.csv``; the rows.
+
+    Call it when a sweep starts (holding the folder's lock): a kill during an append leaves a
+    cut line, whose row is then missing and computed again.
+    """
+    out = Path(out_dir)
+    path = out / JSONL
+    if not path.is_file():
+        return []
+    rows, bad = _parse_lines(path)
+    if bad:
+        _logger.warning(
+            "%s: dropped incomplete lines %s (interrupted write); their rows are computed again",
+            path,
+            bad,
+        )
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    write_csv(out, rows)
     return rows
 
 
@@ -95,46 +132,47 @@ def _csv_header() -> str:
     return ",".join(COLUMNS) + "\n"
 
 
-def _append_durably(path: Path, text: str, header: str = "") -> None:
-    new = not path.is_file() or path.stat().st_size == 0
-    with path.open("a+b") as f:
-        if not new:
-            # A crash in the middle of a line must not glue the next row onto it.
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                text = "\n" + text
-        f.write(((header if new else "") + text).encode())
-        f.flush()
-        os.fsync(f.fileno())
+def _append_durably(path: Path, text: str) -> None:
+    """Append ``text`` (whole lines) and fsync; on failure cut the file back to where it was."""
+    size = path.stat().st_size if path.is_file() else 0
+    try:
+        with path.open("a+b") as f:
+            if size:
+                # A line cut by an earlier crash must not swallow this row.
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    text = "\n" + text
+            f.write(text.encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        wrapped = write_error(path, err)
+        # If even this fails, repair() drops the cut line when the sweep runs again.
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        raise wrapped from err
+
+
+def write_csv(out_dir: str | Path, rows: list[dict[str, Any]] | None = None) -> None:
+    """Regenerate ``results.csv`` from ``rows`` (default: those of ``results.jsonl``)."""
+    out = Path(out_dir)
+    rows = read_rows(out) if rows is None else rows
+    atomic_write_text(out / CSV, _csv_header() + "".join(_csv_line(r) for r in rows))
 
 
 def append_row(out_dir: str | Path, row: dict[str, Any]) -> None:
-    """Append ``row`` to ``results.jsonl`` and ``results.csv`` (flush + fsync each)."""
+    """Append ``row`` to ``results.jsonl`` (flush + fsync), then regenerate ``results.csv``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _append_durably(out / JSONL, json.dumps(row, sort_keys=False) + "\n")
-    _append_durably(out / CSV, _csv_line(row), header=_csv_header())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_csv(out)
 
 
 def rewrite_rows(out_dir: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Replace both result files by ``rows`` (atomically, file by file)."""
+    """Replace ``results.jsonl`` by ``rows`` (atomically) and regenerate the CSV from it."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / JSONL, "".join(json.dumps(r) + "\n" for r in rows))
-    _write_atomic(out / CSV, _csv_header() + "".join(_csv_line(r) for r in rows))
+    atomic_write_text(out / JSONL, "".join(json.dumps(r) + "\n" for r in rows))
+    write_csv(out, rows)
 
 
 def _plain(value: Any) -> Any:
@@ -156,7 +194,7 @@ def plan_resume(
     them from both files so they are computed again.
     """
     out = Path(out_dir)
-    rows = read_rows(out)
+    rows = repair(out)
     want = {k: _plain(v) for k, v in settings.items()}
 
     def differing(row: dict[str, Any]) -> list[str]:
@@ -239,8 +277,11 @@ def plot_accuracy(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_open(path, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -7,8 +7,6 @@ import contextlib
 import copy
 import logging
 import math
-import shutil
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -17,9 +15,11 @@ from typing import Any
 import torch
 from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import create_model, safe_model_name
+from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.utils import NativeScaler
+
+from sparseml.serialization import atomic_copy, atomic_write_text
 
 from . import models as _models  # noqa: F401  (registers vit_digits, resnet_digits)
 from .cli import args_to_yaml
@@ -212,16 +212,6 @@ def build_losses(args: argparse.Namespace, mixup_active: bool) -> tuple[Any, Any
     return train, torch.nn.CrossEntropyLoss()
 
 
-def output_dir(args: argparse.Namespace, cfg: dict) -> Path:
-    """``<output or ./output/train>/<experiment or time-model-size>``, created."""
-    name = args.experiment or "-".join(
-        [time.strftime("%Y%m%d-%H%M%S"), safe_model_name(args.model), str(cfg["input_size"][-1])]
-    )
-    path = Path(args.output or "./output/train") / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 @torch.no_grad()
 def mask_ema_like_model(ema_model: torch.nn.Module, model: torch.nn.Module) -> None:
     """Zero the EMA copy of every Linear/Conv weight where the model's weight is zero.
@@ -238,10 +228,10 @@ def mask_ema_like_model(ema_model: torch.nn.Module, model: torch.nn.Module) -> N
 
 def write_run_files(args: argparse.Namespace, out_dir: Path) -> Path | None:
     """``args.yaml`` and a copy of the recipe (returned) in the run folder."""
-    (out_dir / "args.yaml").write_text(args_to_yaml(args))
+    atomic_write_text(out_dir / "args.yaml", args_to_yaml(args))
     if not args.sparseml_recipe:
         return None
     recipe_copy = out_dir / Path(args.sparseml_recipe).name
     if Path(args.sparseml_recipe).resolve() != recipe_copy.resolve():
-        shutil.copyfile(args.sparseml_recipe, recipe_copy)
+        atomic_copy(args.sparseml_recipe, recipe_copy)
     return recipe_copy

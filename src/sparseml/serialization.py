@@ -1,17 +1,26 @@
-"""SparseML-style checkpoint helpers: ``save_model``, ``load_model``, ``load_optimizer``,
-``load_epoch``.
+"""SparseML-style checkpoint helpers (``save_model``, ``load_model``, ``load_optimizer``,
+``load_epoch``) and the one atomic file writer every file of this project goes through.
 
-Files are written atomically (temporary file, then rename) so a crash never leaves a half
-written checkpoint, and they hold only tensors and plain containers, so they load with
-``torch.load(weights_only=True)``.
+:func:`atomic_open` writes to a uniquely named temporary file next to the target, fsyncs it and
+renames it over the target, so a crash or a full disk never leaves a half written file in place
+of the previous one, and never leaves the temporary file behind (unless the process is killed,
+see :func:`remove_orphan_temps`). Files get the permissions of a normal ``open`` (0o666 less the
+umask, so 0o644 under umask 022), not the 0o600 of ``tempfile.mkstemp``. Checkpoints hold only
+tensors and plain containers, so they load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-import tempfile
+import re
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -19,25 +28,137 @@ from torch import nn
 from sparseml.errors import SparsificationError
 from sparseml.params import unwrap
 
+# Temporary names: .<target name>.<pid>.<random>.tmp (hidden; pid and random keep concurrent
+# writers of one target apart).
+_TEMP = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# Below this many free bytes a write failure without an errno is reported as a full disk:
+# torch.save turns the OSError of its file object into a RuntimeError.
+_NEARLY_FULL = 1 << 20
+
 
 class CheckpointError(SparsificationError, RuntimeError):
     """A checkpoint file is missing, corrupt or does not match the model."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+class FileWriteError(SparsificationError, OSError):
+    """A file could not be written (disk full, no permission...); the previous file is intact.
+
+    ``errno`` holds the operating system's error number when there is one, ``filename`` the
+    path; the message is the one line given (not ``OSError``'s ``[Errno N] ...`` form).
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _errno_of(err: BaseException) -> int | None:
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno:
+            return cause.errno
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def write_error(path: Path, err: BaseException) -> FileWriteError:
+    """One clear error for a failed write of ``path`` (call it before removing the temporary
+    file: the free space it would give back says whether the disk was full)."""
+    code = _errno_of(err)
+    if code is None:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(path.parent).free < _NEARLY_FULL:
+                code = errno.ENOSPC
+    if code in _DISK_FULL:
+        reason = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded"
+    elif code is not None:
+        reason = os.strerror(code)
+    else:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    wrapped = FileWriteError(
+        f"cannot write {path}: {reason} (on {socket.gethostname()}); the previous file, "
+        "if any, is unchanged"
+    )
+    wrapped.errno = code
+    wrapped.filename = str(path)
+    return wrapped
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is durable only once the folder entry is on disk; not every OS allows it.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """``with atomic_open(path, "w") as f: ...`` replaces ``path`` only if the block succeeds.
+
+    Any failure removes the temporary file. I/O errors (a full disk, no permission) become one
+    :class:`FileWriteError` naming ``path`` and the reason; other errors (``KeyboardInterrupt``,
+    a value ``torch.save`` cannot store) are re-raised as they are.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # os.open with 0o666 applies the umask like a plain open() would.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        text = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
+        with os.fdopen(fd, mode, **text) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports I/O errors as RuntimeError
+        if isinstance(err, FileWriteError):
+            tmp.unlink(missing_ok=True)
+            raise
+        wrapped = write_error(path, err)
+        tmp.unlink(missing_ok=True)
+        raise wrapped from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    with Path(src).open("rb") as source, atomic_open(dst, "wb") as handle:
+        shutil.copyfileobj(source, handle)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through :func:`atomic_open` (a file object, so a full disk surfaces as
+    an ``OSError`` with its errno instead of torch's ``basic_ios::clear`` message)."""
+    with atomic_open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def remove_orphan_temps(folder: str | Path) -> list[Path]:
+    """Delete temporary files of :func:`atomic_open` left in ``folder`` by killed processes.
+
+    Only call it while no other process writes into ``folder`` (e.g. holding its run lock).
+    """
+    removed = []
+    for entry in Path(folder).iterdir() if Path(folder).is_dir() else []:
+        if _TEMP.match(entry.name) and entry.is_file():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
