@@ -23,6 +23,7 @@ from sparseml.errors import RecipeError
 from sparseml.modifiers.base import Modifier
 from sparseml.params import unwrap
 from sparseml.recipe import dump_modifiers, load_modifiers
+from sparseml.serialization import atomic_write_text
 
 
 class ScheduledModifierManager:
@@ -92,7 +93,7 @@ class ScheduledModifierManager:
         return dump_modifiers(self._modifiers, self.metadata)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(str(self))
+        atomic_write_text(path, str(self))
 
     # ----- lifecycle ------------------------------------------------------------------------------
     def _active(self) -> list[Modifier]:
