@@ -12,6 +12,10 @@ it is torch.cuda.max_memory_allocated minus the memory allocated before the call
 Time: "build s" is wall time; "build cpu s" is the CPU time of the process (all threads), a
 better measure of the work done when other jobs share the cores.
 
+The row "fp32 Gram (previous)" times the build as it was before the Gram products moved to
+float64; a last table gives the error at damp down to 1e-10 ||G^T G / m|| for both, against
+an exact rational oracle.
+
 Accuracy: both methods are compared with each other and with a float64 evaluation of the same
 inverse on a random sample of coordinates (`--sample`).
 
@@ -21,13 +25,17 @@ inverse on a random sample of coordinates (`--sample`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import threading
 import time
 
 import torch
+from exact_oracle import exact_fisher_inverse, rank_deficient_grads, spectral_scale
 
+import sparseml.kernels.mfac as mfac_kernel
+from sparseml.errors import NumericalError
 from sparseml.kernels.mfac import (
     MFACInverse,
     mfac_recursion_reference,
@@ -109,10 +117,47 @@ def float64_truth(grads, damp, x, idx, num_pages):
     return diag, mul
 
 
+@contextlib.contextmanager
+def fp32_gram():
+    """The previous build: Gram products in float32 GEMMs, cast to float64 afterwards."""
+    saved = mfac_kernel.gram64, mfac_kernel.bmm64
+    mfac_kernel.gram64 = lambda x: (x @ x.T).double()
+    mfac_kernel.bmm64 = lambda a, b: torch.bmm(a, b).double()
+    try:
+        yield
+    finally:
+        mfac_kernel.gram64, mfac_kernel.bmm64 = saved
+
+
+def small_damp_table() -> None:
+    """Error of diag(F^-1) at small damp, fp32 vs fp64 Gram products, exact rational oracle."""
+    grads = rank_deficient_grads(8, 12, seed=1)
+    print()
+    print("Small damp (m=8, d=12, full F, rank-deficient fp32 gradients; exact oracle):")
+    print("| damp / norm(G^T G / m) | fp32 Gram diag error | fp64 Gram diag error |")
+    print("|---:|---:|---:|")
+    for ratio in (1e-4, 1e-6, 1e-8, 1e-10):
+        damp = ratio * spectral_scale(grads)
+        exact = exact_fisher_inverse(grads, damp)
+        want = torch.tensor([float(exact[i][i]) for i in range(12)], dtype=torch.float64)
+        cells = []
+        for scope in (fp32_gram, contextlib.nullcontext):
+            try:
+                with scope():
+                    diag = MFACInverse.build(grads.clone(), damp).diag().double()
+                cells.append(f"{float((diag - want).abs().max() / want.abs().max()):.1e}")
+            except NumericalError:
+                cells.append("not PD (error)")
+        print(f"| {ratio:.0e} | {cells[0]} | {cells[1]} |")
+    print("error = max |diag - diag_exact| / max |diag_exact|")
+
+
 def run_variant(grads, x, damp, kwargs, device):
     """Build (timed, memory-sampled), then diag and mul; kwargs None = the recursion."""
     work = grads.clone() if kwargs and kwargs.get("overwrite") else grads
-    with PeakMemory(device) as mem:
+    kwargs = dict(kwargs) if kwargs is not None else None
+    previous = kwargs.pop("fp32_gram", False) if kwargs else False
+    with PeakMemory(device) as mem, fp32_gram() if previous else contextlib.nullcontext():
         if kwargs is None:
             (vecs, den), t_build = timed(device, mfac_recursion_reference, work, damp)
         else:
@@ -170,6 +215,7 @@ def main() -> None:
     true_diag, true_mul = float64_truth(grads, args.damp, x, idx, args.num_pages)
 
     variants = [("recursion fp32 (sec. 6.1)", None)]
+    variants.append(("BLAS-3 full, pages=1, fp32 Gram (previous)", {"fp32_gram": True}))
     variants += [(f"BLAS-3 full, pages={p}", {"num_pages": p}) for p in (1, args.num_pages)]
     variants += [
         (f"BLAS-3 full overwrite, pages={p}", {"num_pages": p, "overwrite": True})
@@ -211,6 +257,7 @@ def main() -> None:
             + " | ".join("n/a" if v is None else f"{v:.1e}" for v in r[8:])
             + " |"
         )
+    small_damp_table()
 
 
 if __name__ == "__main__":

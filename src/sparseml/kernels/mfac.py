@@ -14,7 +14,7 @@ The paper's recursion (v_i, d_i) is non-pivoted elimination of the same A, so bo
 the same exact inverse; `mfac_recursion_reference` keeps the recursion for tests and benchmarks.
 Here the m^2 d flops run as two GEMMs (G G^T and L^-1 G) instead of m sequential GEMV passes.
 The m x m factor (Gram accumulation, Cholesky, triangular inverse) is kept in float64, the
-Gram's products included (`matmul64`: exact products of float32 entries), so small damp does
+Gram's products included (`gram64`: exact products of float32 entries), so small damp does
 not lose accuracy; Z is stored in the dtype of G. Applying L^-1 as a GEMM is several times faster than a TRSM on CPU.
 
 Blocked variant: consecutive chunks of `block_size` coordinates are independent Fishers; the last
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from sparseml.errors import NumericalError, RecipeError
-from sparseml.kernels.precision import bmm64, matmul64
+from sparseml.kernels.precision import bmm64, gram64
 
 __all__ = ["MFACInverse", "mfac_recursion_reference", "recursion_diag", "recursion_mul"]
 
@@ -227,7 +227,7 @@ def _build_full(
     gram = torch.zeros(m, m, dtype=torch.float64, device=grads.device)
     for a, b in bounds:
         page = grads[:, a:b]
-        gram += matmul64(page, page.T)
+        gram += gram64(page)
     gram /= damp
     gram.diagonal().add_(m)
     lower_inv = _lower_inverse(_chol(gram, "A = m*I + G G^T / damp")).to(grads.dtype)

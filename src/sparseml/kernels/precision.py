@@ -42,6 +42,16 @@ def matmul64(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+def gram64(x: Tensor) -> Tensor:
+    """``x @ x.T`` (r, r) in float64 for x (r, n): `matmul64` with one upcast per slice."""
+    step = max(1, UPCAST_NUMEL // max(x.shape[0], 1))
+    out = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[1], step):
+        xs = x[:, s : s + step].double()
+        out.addmm_(xs, xs.T)
+    return out
+
+
 def bmm64(a: Tensor, b: Tensor) -> Tensor:
     """Batched ``a @ b`` (k, r, n) x (k, n, c) in float64, upcasting a few batch entries at a time."""
     k = a.shape[0]
