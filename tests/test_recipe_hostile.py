@@ -8,16 +8,19 @@ hanging the suite. The loading of a bad ``eval`` or bad YAML stops before any mo
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import sparseml
 from sparseml.errors import RecipeError
 from sparseml.evaluate import safe_eval
+from sparseml.pytorch.optim import ScheduledModifierManager
 from sparseml.recipe import load_modifiers
 
 SRC = Path(sparseml.__file__).resolve().parents[1]
@@ -263,3 +266,89 @@ def test_empty_modifiers_are_refused_naming_their_fields(entry, required):
     text = str(info.value)
     assert text.startswith(f"recipe <text>, modifier #0 {entry.split()[0]} (line 2): no fields")
     assert required in text
+
+
+# ----- C. a run too short for its pruning schedule --------------------------------------------
+
+GM = """
+modifiers:
+  - !MagnitudePruningModifier
+    params: ["weight"]
+    init_sparsity: {init}
+    final_sparsity: 0.8
+    start_epoch: {start}
+    end_epoch: {end}
+    update_frequency: 1
+    inter_func: linear
+"""
+
+
+def run_epochs(manager: ScheduledModifierManager, epochs: int, steps: int) -> float:
+    model = torch.nn.Linear(10, 10, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.arange(1.0, 101.0).reshape(10, 10))
+    opt = manager.modify(model, torch.optim.SGD(model.parameters(), lr=0.0), steps_per_epoch=steps)
+    for _ in range(epochs * steps):
+        opt.step()
+    return float((model.weight == 0).float().mean())
+
+
+def test_run_too_short_is_refused_stating_the_sparsity_it_would_reach(caplog):
+    manager = ScheduledModifierManager.from_yaml(GM.format(init=0.0, start=0, end=4))
+    with pytest.raises(RecipeError) as info:
+        manager.check_run_length(3, steps_per_epoch=2)
+    assert str(info.value) == (
+        "MagnitudePruningModifier ends at epoch 4 but the run has 3 epochs: it would reach "
+        "about 40.00% sparsity instead of 80.00%; run at least 5 epochs or end the modifier "
+        "earlier"
+    )
+    with caplog.at_level(logging.WARNING, logger="sparseml.manager"):
+        lines = manager.check_run_length(3, steps_per_epoch=2, strict=False)
+    assert lines == [str(info.value)] and caplog.records[-1].getMessage() == lines[0]
+    # The stated sparsity is what the run really reaches.
+    assert run_epochs(manager, 3, 2) == pytest.approx(0.4)
+
+
+def test_pruning_that_ends_on_the_last_epoch_never_finishes():
+    # The last step of a 4-epoch run is at epoch 3.5 < 4: the final update never fires.
+    manager = ScheduledModifierManager.from_yaml(GM.format(init=0.0, start=0, end=4))
+    with pytest.raises(RecipeError, match="about 60.00% sparsity instead of 80.00%"):
+        manager.check_run_length(4, steps_per_epoch=2)
+    assert run_epochs(manager, 4, 2) == pytest.approx(0.6)
+    finished = ScheduledModifierManager.from_yaml(GM.format(init=0.0, start=0, end=4))
+    assert finished.check_run_length(5, steps_per_epoch=2) == []
+    assert run_epochs(finished, 5, 2) == pytest.approx(0.8)
+
+
+def test_holding_a_constant_sparsity_past_the_end_is_fine_but_not_starting_is_not():
+    hold = ScheduledModifierManager.from_yaml(GM.format(init=0.8, start=0, end=20))
+    assert hold.check_run_length(2, steps_per_epoch=1) == []
+    late = ScheduledModifierManager.from_yaml(GM.format(init=0.8, start=5, end=20))
+    with pytest.raises(RecipeError, match="about 0.00% sparsity instead of 80.00%; run at least"):
+        late.check_run_length(5, steps_per_epoch=1)
+
+
+def test_every_shipped_recipe_fits_its_own_run_length():
+    root = Path(__file__).resolve().parents[1] / "research" / "recipes"
+    recipes = [p for p in sorted(root.rglob("*")) if p.suffix in (".yaml", ".md")]
+    assert recipes
+    for path in recipes:
+        manager = ScheduledModifierManager.from_yaml(str(path))
+        for steps in (1, 1000):
+            assert manager.check_run_length(max(manager.max_epochs, 1), steps) == [], path
+
+
+def test_training_script_refuses_a_run_too_short_before_training(digits_dir, tmp_path):
+    from conftest import copy_digits_subset, ensure_research
+
+    ensure_research()
+    import sparse_training
+
+    data = copy_digits_subset(digits_dir, tmp_path / "data", 2, 1)
+    recipe = tmp_path / "gm.yaml"
+    recipe.write_text(GM.format(init=0.2, start=0, end=5).replace('["weight"]', "__ALL_PRUNABLE__"))
+    argv = [str(data), "--dataset", "", "--model", "vit_digits", "--model-kwargs", "depth=1"]
+    argv += ["-b", "10", "--workers", "0", "--output", str(tmp_path / "out"), "--epochs", "3"]
+    with pytest.raises(RecipeError, match="ends at epoch 5 but the run has 3 epochs"):
+        sparse_training.main([*argv, "--sparseml-recipe", str(recipe)])
+    assert not (tmp_path / "out").exists()  # refused before anything was written
