@@ -134,7 +134,10 @@ def test_alias_bomb_is_refused_at_once_with_a_short_message():
     "text, message",
     [
         ("modifiers: [" + ",".join(["1"] * 300_000) + "]\n", "more than 20000 YAML values"),
-        ("a: 1\n# " + "x" * (1 << 20) + "\n", "recipes are limited to 1048576 bytes"),
+        (
+            "a: 1\n# " + "x" * (1 << 20) + "\n",
+            "text is 1048584 characters; recipes are limited to 1048576",
+        ),
         ("\n" * 1_000_000 + "x", "no modifiers found"),  # was a quadratic front-matter scan
         ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
         ("a: &a [*a]\n" + epoch_range("1"), "line 1: an alias refers to a node that contains it"),
@@ -150,8 +153,9 @@ def test_huge_or_malformed_yaml_fails_fast(text, message):
 
 def test_files_that_are_huge_special_or_not_text(tmp_path):
     big = tmp_path / "big.yaml"
-    big.write_text(epoch_range("1") + "# " + "x" * (1 << 20) + "\n")
-    assert "limited to 1048576 bytes" in load_elsewhere(path=big)
+    big.write_text(epoch_range("1") + "#" + "x" * (1 << 20) + "\n")
+    size = big.stat().st_size
+    assert f"big.yaml' is {size} bytes; recipes are limited to 1048576" in load_elsewhere(path=big)
     fifo = tmp_path / "pipe.yaml"
     os.mkfifo(fifo)  # opening it would block forever: refused from its type
     assert "is not a regular file" in load_elsewhere(path=fifo)
@@ -249,6 +253,16 @@ def test_infinite_or_nan_epochs_are_refused(tag, field, value):
         load_modifiers(text)
     assert f"!{tag} (line 2): {tag}: field {field!r} = " in str(info.value)
     assert "must be a finite number" in str(info.value)
+
+
+def test_numbers_beyond_the_float_range_are_field_errors():
+    text = "modifiers:\n  - !OBSPruningModifier\n    end_epoch: " + "9" * 400 + "\n"
+    with pytest.raises(RecipeError) as info:
+        load_modifiers(text)
+    message = str(info.value)
+    assert "field 'end_epoch' = 99999" in message and "..." in message
+    assert message.endswith("9 must be a number within the float range")
+    assert len(message) < 300
 
 
 @pytest.mark.parametrize(

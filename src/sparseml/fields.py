@@ -60,7 +60,10 @@ def _number(value: Any) -> float:
         except ValueError:
             raise FieldValueError("must be a number") from None
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the float range
+            raise FieldValueError("must be a number within the float range") from None
     raise FieldValueError(f"must be a number, got {type(value).__name__}")
 
 

@@ -179,7 +179,7 @@ def read_recipe_text(source: str | Path) -> tuple[str, str]:
             "SparseZoo is deprecated); download the recipe file and pass its path"
         )
     if "\n" in source or "\r" in source:
-        _check_size(len(source.encode("utf-8", "replace")), "recipe text")
+        _check_size(len(source), "recipe text", "characters")
         found = _FRONT_MATTER.search(source)
         return (found.group(1) if found else source), "<text>"
     path = Path(source)
@@ -195,11 +195,9 @@ def read_recipe_text(source: str | Path) -> tuple[str, str]:
     return text, clip(str(path), 200)
 
 
-def _check_size(size: int, what: str) -> None:
+def _check_size(size: int, what: str, unit: str = "bytes") -> None:
     if size > MAX_RECIPE_BYTES:
-        raise RecipeError(
-            f"{what} is {size} bytes; recipes are limited to {MAX_RECIPE_BYTES} bytes"
-        )
+        raise RecipeError(f"{what} is {size} {unit}; recipes are limited to {MAX_RECIPE_BYTES}")
 
 
 def _read_file(path: Path, shown: str) -> str:
