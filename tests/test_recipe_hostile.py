@@ -111,8 +111,10 @@ def test_long_variable_chain_resolves_in_one_pass_and_cycles_are_named():
     chain = "".join(f"v{i}: eval(v{i + 1} + 1)\n" for i in range(3000)) + "v3000: 0\n"
     out = load_elsewhere(chain + epoch_range("eval(1 / (v0 - 3000))"))
     assert "eval(1 / (v0 - 3000)) cannot be evaluated: division by zero" in out  # so v0 == 3000
-    with pytest.raises(RecipeError, match="variables a, c use each other in a cycle"):
-        load_modifiers("a: eval(c + 1)\nc: eval(a)\n" + epoch_range("eval(a)"))
+    with pytest.raises(RecipeError, match="variables that depend on each other in a cycle: a, c$"):
+        load_modifiers("a: eval(c + 1)\nc: eval(a)\nd: 1\n" + epoch_range("eval(a)"))
+    with pytest.raises(RecipeError, match="in a cycle: a$"):
+        load_modifiers("a: eval(a + 1)\n" + epoch_range("eval(a)"))
 
 
 # ----- B. YAML bombs, huge input and messages that echo input ----------------------------------
@@ -232,6 +234,8 @@ def test_merge_keys_may_be_overridden_and_overrides_may_not_repeat():
         load_modifiers(epoch_range("eval(b)"), "b=2,b=3")
     with pytest.raises(RecipeError, match="recipe_variables key 'b' is given twice"):
         load_modifiers(epoch_range("eval(b)"), '{"b": 2, "b": 3}')
+    with pytest.raises(RecipeError, match="recipe_variables JSON is nested too deeply"):
+        load_modifiers(epoch_range("eval(b)"), '{"b": ' + "[" * 10**5 + "]" * 10**5 + "}")
 
 
 @pytest.mark.parametrize(

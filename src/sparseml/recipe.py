@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ def parse_recipe_variables(values: Any) -> dict[str, Any]:
             return json.loads(text, object_pairs_hook=_unique_pairs)
         except json.JSONDecodeError as err:
             raise RecipeError(f"recipe_variables is not valid JSON: {err}") from None
+        except RecursionError:
+            raise RecipeError("recipe_variables JSON is nested too deeply") from None
     out: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         cuts = [i for i in (item.find("="), item.find(":")) if i >= 0]
@@ -136,10 +139,10 @@ def _dependency_order(pending: dict[Any, str], name: str) -> list:
         for used in names:
             users[used].append(key)
     waiting = {key: len(names) for key, names in uses.items()}
-    ready = [key for key, count in waiting.items() if count == 0]
+    ready = deque(key for key, count in waiting.items() if count == 0)  # file order first
     order = []
     while ready:
-        key = ready.pop()
+        key = ready.popleft()
         order.append(key)
         for user in users[key]:
             waiting[user] -= 1
@@ -148,7 +151,8 @@ def _dependency_order(pending: dict[Any, str], name: str) -> list:
     if len(order) < len(pending):
         cycle = [str(k) for k in pending if waiting[k] > 0]
         raise RecipeError(
-            f"recipe {name}: variables {clip(', '.join(cycle), 200)} use each other in a cycle"
+            f"recipe {name}: variables that depend on each other in a cycle: "
+            f"{clip(', '.join(cycle), 200)}"
         )
     return order
 
