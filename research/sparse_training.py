@@ -61,12 +61,15 @@ def wire_manager(args, manager, model, optimizer, gs_builder, gs_loss, updates, 
     kwargs = {}
     if gs_builder is not None:
         kwargs["grad_sampler"] = {"data_loader_builder": gs_builder, "loss_fn": gs_loss}
+    # A recipe that sets the LR also sets the run length; otherwise --epochs does, and a pruning
+    # modifier ending beyond it is refused here, before any work (it would miss its target).
+    recipe_sets_lr = bool(manager.learning_rate_modifiers)
+    num_epochs = manager.max_epochs if recipe_sets_lr and manager.max_epochs > 0 else args.epochs
+    manager.check_run_length(num_epochs, updates)
     # The unwrapped model: stable parameter names and grad-sampler passes outside DDP.
     optimizer = manager.modify(
         model, optimizer, steps_per_epoch=updates, epoch=start_epoch, **kwargs
     )
-    recipe_sets_lr = bool(manager.learning_rate_modifiers)
-    num_epochs = manager.max_epochs if recipe_sets_lr and manager.max_epochs > 0 else args.epochs
     if recipe_sets_lr:
         _logger.info("Recipe sets the learning rate: timm scheduler off, %d epochs", num_epochs)
     return optimizer, num_epochs, not recipe_sets_lr

@@ -8,6 +8,7 @@ raises ``FieldValueError`` describing what is allowed, and optional aliases.
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,23 @@ from typing import Any
 from sparseml.errors import RecipeError
 
 REQUIRED = object()
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = _BRIEF.maxlong = 80
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 6
+_BRIEF.maxlevel = 3
+
+
+def brief(value: Any) -> str:
+    """``repr(value)`` cut to a few dozen characters and elements.
+
+    Error messages echo user input, which may be huge (a megabyte string, a list of 10^5
+    entries); the message must stay one readable line.
+    """
+    try:
+        return _BRIEF.repr(value)
+    except ValueError:  # an int too long to convert to text
+        return f"<{type(value).__name__}>"
 
 
 class FieldValueError(ValueError):
@@ -42,7 +60,10 @@ def _number(value: Any) -> float:
         except ValueError:
             raise FieldValueError("must be a number") from None
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the float range
+            raise FieldValueError("must be a number within the float range") from None
     raise FieldValueError(f"must be a number, got {type(value).__name__}")
 
 
@@ -54,19 +75,30 @@ def as_float(
     hi_open: bool = False,
     allow_inf: bool = False,
 ) -> Callable[[Any], float]:
-    """Converter to float within ``[lo, hi]`` (``lo_open``/``hi_open`` make a bound strict)."""
+    """Converter to a float within ``[lo, hi]`` (``lo_open``/``hi_open``: strict bound).
+
+    NaN is never allowed, infinity only with ``allow_inf`` (no recipe field has a use for it:
+    ``start_epoch: .inf`` would silently never start).
+    """
     left = "(" if lo_open else "["
     right = ")" if hi_open else "]"
-    rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+    if lo is not None and hi is not None:
+        rng = f"in {left}{lo}, {hi}{right}"
+    elif lo is not None:
+        rng = f"{'>' if lo_open else '>='} {lo}"
+    elif hi is not None:
+        rng = f"{'<' if hi_open else '<='} {hi}"
+    else:
+        rng = ""
 
     def convert(value: Any) -> float:
         x = _number(value)
         if math.isnan(x) or (math.isinf(x) and not allow_inf):
-            raise FieldValueError(f"must be a finite number in {rng}")
+            raise FieldValueError(f"must be a finite number {rng}".rstrip())
         bad_lo = lo is not None and (x < lo or (lo_open and x == lo))
         bad_hi = hi is not None and (x > hi or (hi_open and x == hi))
         if bad_lo or bad_hi:
-            raise FieldValueError(f"must be a number in {rng}")
+            raise FieldValueError(f"must be a number {rng}")
         return x
 
     return convert
@@ -163,6 +195,11 @@ class FieldModel:
         self.validate()
 
     @classmethod
+    def required_fields(cls) -> list[str]:
+        """Names of the fields that have no default."""
+        return [name for name, field in cls.fields.items() if field.required]
+
+    @classmethod
     def _canonical_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
         from sparseml.errors import close_matches
 
@@ -174,12 +211,14 @@ class FieldModel:
             name = aliases.get(key, key)
             if name not in cls.fields:
                 allowed = ", ".join(sorted(cls.fields))
+                hint = close_matches(key, cls.fields) if isinstance(key, str) else ""
                 raise RecipeError(
-                    f"{cls.__name__}: unknown field {key!r}{close_matches(key, cls.fields)}; "
-                    f"allowed fields: {allowed}"
+                    f"{cls.__name__}: unknown field {brief(key)}{hint}; allowed fields: {allowed}"
                 )
             if name in out:
-                raise RecipeError(f"{cls.__name__}: field {name!r} is given twice (via {key!r})")
+                raise RecipeError(
+                    f"{cls.__name__}: field {name!r} is given twice (via {brief(key)})"
+                )
             out[name] = value
         return out
 
@@ -189,14 +228,16 @@ class FieldModel:
         try:
             return self.fields[name].convert(value)
         except FieldValueError as err:
-            raise RecipeError(f"{type(self).__name__}: field {name!r} = {value!r} {err}") from None
+            raise RecipeError(
+                f"{type(self).__name__}: field {name!r} = {brief(value)} {err}"
+            ) from None
 
     def validate(self) -> None:
         """Check relations between fields; raise ``RecipeError`` naming them."""
 
     def field_error(self, name: str, message: str) -> RecipeError:
         return RecipeError(
-            f"{type(self).__name__}: field {name!r} = {self._values.get(name)!r} {message}"
+            f"{type(self).__name__}: field {name!r} = {brief(self._values.get(name))} {message}"
         )
 
     def __getattr__(self, name: str) -> Any:

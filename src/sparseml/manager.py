@@ -13,6 +13,7 @@ schedule (epoch = +inf) and finalizes.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,10 @@ from sparseml.errors import RecipeError
 from sparseml.modifiers.base import Modifier
 from sparseml.params import unwrap
 from sparseml.recipe import dump_modifiers, load_modifiers
+from sparseml.schedules import interpolate
 from sparseml.serialization import atomic_write_text
+
+_logger = logging.getLogger(__name__)
 
 
 class ScheduledModifierManager:
@@ -223,6 +227,49 @@ class ScheduledModifierManager:
         for key, mod in zip(keys, self._modifiers):
             if key in state:
                 mod.load_state_dict(state[key])
+
+    # ----- run length -----------------------------------------------------------------------------
+    def check_run_length(
+        self, num_epochs: int, steps_per_epoch: int | None = None, strict: bool = True
+    ) -> list[str]:
+        """Refuse pruning modifiers that a run of ``num_epochs`` epochs would cut short.
+
+        The run's last step is at epoch ``num_epochs - 1 / steps_per_epoch``; a pruning modifier
+        ending after it silently stays at the sparsity of its last update. Raises ``RecipeError``
+        naming, per modifier, the target and the sparsity reached: called before training,
+        refusing loses no work, whereas a warning would go unseen until a whole run had produced
+        a model less sparse than its recipe says. ``strict=False`` logs a warning instead.
+        Returns the lines (empty when every pruning modifier reaches its target).
+        """
+        last = num_epochs - (1.0 / steps_per_epoch if steps_per_epoch else 1e-6)
+        problems = []
+        for mod in self.pruning_modifiers:
+            values = mod.field_values()
+            final, end = values.get("final_sparsity"), mod.end_epoch  # no final: constant masks
+            if final is None or end < 0 or end <= last + 1e-9:
+                continue
+            target = max(final) if isinstance(final, dict) else final
+            start, freq = max(mod.start_epoch, 0.0), values.get("update_frequency", -1.0)
+            init = values.get("init_sparsity")
+            init = init if isinstance(init, float) else 0.0  # __FROM_PARAM__: known only at run
+            epoch = last if freq <= 0 else start + math.floor((last - start) / freq + 1e-9) * freq
+            reached = 0.0  # it never starts when start > last
+            if start <= last + 1e-9:
+                inter = values.get("inter_func", "linear")
+                reached = interpolate(epoch, mod.start_epoch, end, init, target, inter)
+            if reached >= target - 1e-6:  # e.g. holding a constant sparsity: nothing is lost
+                continue
+            need = math.ceil(end + 1 / steps_per_epoch - 1e-9) if steps_per_epoch else int(end) + 1
+            problems.append(
+                f"{type(mod).__name__} ends at epoch {end:g} but the run has {num_epochs} epochs: "
+                f"it would reach about {reached:.2%} sparsity instead of {target:.2%}; run at "
+                f"least {need} epochs or end the modifier earlier"
+            )
+        if problems and strict:
+            raise RecipeError("; ".join(problems))
+        for line in problems:
+            _logger.warning("%s", line)
+        return problems
 
 
 class RecipeManagerStepWrapper:

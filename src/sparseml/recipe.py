@@ -11,74 +11,28 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from sparseml.errors import RecipeError
-from sparseml.evaluate import UnknownVariableError, safe_eval
+from sparseml.evaluate import (
+    ExpressionError,
+    UnknownVariableError,
+    referenced_names,
+    safe_eval,
+)
+from sparseml.fields import brief
+from sparseml.recipe_source import TaggedNode, clip, load_yaml, read_recipe_text
 from sparseml.registry import get_modifier_class
 
-_FRONT_MATTER = re.compile(r"^\s*(?:---|\+\+\+)(.*?)(?:---|\+\+\+)", re.MULTILINE | re.DOTALL)
+__all__ = ["TaggedNode", "dump_modifiers", "load_modifiers", "read_recipe_text"]
+
+MAX_ERROR_CHARS = 1000  # any error leaving load_modifiers, whatever it echoes
+
 _EVAL = re.compile(r"^\s*eval\((.*)\)\s*$", re.DOTALL)
-
-
-@dataclass
-class TaggedNode:
-    """A ``!Tag`` mapping read from YAML, not yet turned into a modifier."""
-
-    tag: str
-    args: dict[str, Any] = field(default_factory=dict)
-    line: int = 0
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """Safe loader in which any local ``!Tag`` becomes a ``TaggedNode`` placeholder."""
-
-
-def _construct_tagged(loader: _RecipeLoader, suffix: str, node: yaml.Node) -> TaggedNode:
-    line = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        args = loader.construct_mapping(node, deep=True)
-    elif isinstance(node, yaml.ScalarNode) and node.value == "":
-        args = {}
-    else:
-        raise RecipeError(f"line {line}: tag !{suffix} must be applied to a mapping of fields")
-    return TaggedNode(suffix, dict(args), line)
-
-
-_RecipeLoader.add_multi_constructor("!", _construct_tagged)
-
-
-def read_recipe_text(source: str | Path) -> tuple[str, str]:
-    """Return ``(yaml_text, recipe_name)`` for a path or raw recipe text."""
-    if isinstance(source, Path):
-        source = str(source)
-    if not isinstance(source, str):
-        raise RecipeError(f"a recipe must be a file path or YAML text, got {type(source).__name__}")
-    if source.startswith("zoo:"):
-        raise RecipeError(
-            f"recipe {source!r}: SparseZoo stubs are not supported (no network access and "
-            "SparseZoo is deprecated); download the recipe file and pass its path"
-        )
-    if "\n" in source or "\r" in source:
-        found = _FRONT_MATTER.search(source)
-        return (found.group(1) if found else source), "<text>"
-    path = Path(source)
-    if path.suffix.lower() not in (".yaml", ".yml", ".md"):
-        raise RecipeError(f"recipe {source!r}: expected a .yaml, .yml or .md file")
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise RecipeError(f"recipe {source!r} cannot be read: {err.strerror or err}") from None
-    if path.suffix.lower() == ".md":
-        found = _FRONT_MATTER.search(text)
-        if not found:
-            raise RecipeError(f"recipe {source!r}: no YAML front matter (--- ... ---) found")
-        text = found.group(1)
-    return text, str(path)
 
 
 def parse_recipe_variables(values: Any) -> dict[str, Any]:
@@ -92,20 +46,33 @@ def parse_recipe_variables(values: Any) -> dict[str, Any]:
     text = values.strip()
     if text.startswith("{"):
         try:
-            parsed = json.loads(text)
+            return json.loads(text, object_pairs_hook=_unique_pairs)
         except json.JSONDecodeError as err:
             raise RecipeError(f"recipe_variables is not valid JSON: {err}") from None
-        return dict(parsed)
+        except RecursionError:
+            raise RecipeError("recipe_variables JSON is nested too deeply") from None
     out: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
-        found = re.fullmatch(r"([^=:{}!]+?)\s*[=:]\s*(.*)", item)
-        if not found:
-            raise RecipeError(f"recipe_variables entry {item!r} is not of the form key=value")
-        key, value = found.group(1), found.group(2)
+        cuts = [i for i in (item.find("="), item.find(":")) if i >= 0]
+        cut = min(cuts, default=-1)
+        key, value = item[:cut].strip(), item[cut + 1 :].strip()
+        if cut < 0 or not key or any(c in key for c in "{}!"):
+            raise RecipeError(f"recipe_variables entry {brief(item)} is not of the form key=value")
+        if key in out:
+            raise RecipeError(f"recipe_variables key {brief(key)} is given twice")
         try:
             out[key] = float(value)
         except ValueError:
             out[key] = value
+    return out
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise RecipeError(f"recipe_variables key {brief(key)} is given twice")
+        out[key] = value
     return out
 
 
@@ -116,10 +83,10 @@ def _is_group_key(key: Any, value: Any) -> bool:
 def _apply_overrides(data: dict, overrides: dict[str, Any], name: str) -> None:
     for key, value in overrides.items():
         if key not in data or isinstance(data[key], list):
-            variables = [k for k, v in data.items() if not _is_group_key(k, v)]
+            variables = [str(k) for k, v in data.items() if not _is_group_key(k, v)]
             raise RecipeError(
-                f"recipe {name}: recipe_variables key {key!r} is not a top-level variable "
-                f"of the recipe (variables: {', '.join(map(str, variables)) or 'none'})"
+                f"recipe {name}: recipe_variables key {brief(key)} is not a top-level variable "
+                f"of the recipe (variables: {clip(', '.join(variables), 300) or 'none'})"
             )
         data[key] = value
 
@@ -131,33 +98,27 @@ def _eval_string(value: str, numeric: dict, other: dict, where: str) -> Any:
     expr = found.group(1).strip()
     if expr in other:
         return other[expr]
+    shown = f"eval({clip(expr)})"
     try:
         return safe_eval(expr, numeric)
     except UnknownVariableError as err:
-        raise RecipeError(f"{where}: eval({expr}) uses unknown variable {err}") from None
+        raise RecipeError(f"{where}: {shown} uses unknown variable {clip(str(err))}") from None
+    except ExpressionError as err:
+        raise RecipeError(f"{where}: {shown} cannot be evaluated: {err}") from None
     except ValueError as err:
-        raise RecipeError(f"{where}: eval({expr}) is not allowed: {err}") from None
+        raise RecipeError(f"{where}: {shown} is not allowed: {err}") from None
 
 
 def _resolve_variables(data: dict, name: str) -> tuple[dict, dict]:
+    """Evaluate the top-level ``eval(...)`` variables, each after the variables it uses."""
     numeric = {
         k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
     pending = {k: v for k, v in data.items() if isinstance(v, str) and _EVAL.match(v)}
-    while pending:
-        progressed = False
-        for key, text in list(pending.items()):
-            try:
-                numeric[key] = _eval_string(text, numeric, {}, f"recipe {name}, variable {key}")
-            except RecipeError:
-                continue
-            data[key] = numeric[key]
-            del pending[key]
-            progressed = True
-        if not progressed:
-            key, text = next(iter(pending.items()))
-            _eval_string(text, numeric, {}, f"recipe {name}, variable {key}")  # raises the reason
-            raise RecipeError(f"recipe {name}: variable {key} = {text} cannot be resolved (cycle?)")
+    for key in _dependency_order(pending, name):
+        where = f"recipe {name}, variable {clip(str(key))}"
+        numeric[key] = _eval_string(pending[key], numeric, {}, where)
+        data[key] = numeric[key]
     other = {
         k: v
         for k, v in data.items()
@@ -166,16 +127,49 @@ def _resolve_variables(data: dict, name: str) -> tuple[dict, dict]:
     return numeric, other
 
 
+def _dependency_order(pending: dict[Any, str], name: str) -> list:
+    """Keys of ``pending`` with every variable before those that use it (linear time: a
+    recipe of many chained variables must not need one pass per variable)."""
+    uses = {}
+    for key, text in pending.items():
+        expr = _EVAL.match(text).group(1)  # type: ignore[union-attr]
+        uses[key] = {n for n in referenced_names(expr) if n in pending}
+    users: dict[Any, list] = {key: [] for key in pending}
+    for key, names in uses.items():
+        for used in names:
+            users[used].append(key)
+    waiting = {key: len(names) for key, names in uses.items()}
+    ready = deque(key for key, count in waiting.items() if count == 0)  # file order first
+    order = []
+    while ready:
+        key = ready.popleft()
+        order.append(key)
+        for user in users[key]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                ready.append(user)
+    if len(order) < len(pending):
+        cycle = [str(k) for k in pending if waiting[k] > 0]
+        raise RecipeError(
+            f"recipe {name}: variables that depend on each other in a cycle: "
+            f"{clip(', '.join(cycle), 200)}"
+        )
+    return order
+
+
 def _eval_tree(value: Any, numeric: dict, other: dict, where: str) -> Any:
     if isinstance(value, str):
         return _eval_string(value, numeric, other, where)
     if isinstance(value, list):
         return [_eval_tree(v, numeric, other, where) for v in value]
     if isinstance(value, dict):
-        return {k: _eval_tree(v, numeric, other, f"{where}.{k}") for k, v in value.items()}
+        return {
+            k: _eval_tree(v, numeric, other, f"{where}.{clip(str(k))}") for k, v in value.items()
+        }
     if isinstance(value, TaggedNode):
         value.args = {
-            k: _eval_tree(v, numeric, other, f"{where} field {k}") for k, v in value.args.items()
+            k: _eval_tree(v, numeric, other, f"{where} field {clip(str(k))}")
+            for k, v in value.args.items()
         }
     return value
 
@@ -194,19 +188,19 @@ def _collect_nodes(data: Any, name: str) -> list[TaggedNode]:
                 nodes.append(value)
             elif isinstance(value, list) and any(isinstance(v, TaggedNode) for v in value):
                 raise RecipeError(
-                    f"recipe {name}: modifiers under key {key!r}; modifier lists must be under a "
+                    f"recipe {name}: modifiers under key {brief(key)}; modifier lists must be under a "
                     "top-level key whose name contains 'modifiers' (e.g. pruning_modifiers)"
                 )
             elif isinstance(value, dict) and any(_is_group_key(k, v) for k, v in value.items()):
                 raise RecipeError(
-                    f"recipe {name}: staged recipes (stage {key!r}) are not supported"
+                    f"recipe {name}: staged recipes (stage {brief(key)}) are not supported"
                 )
     else:
         nodes = []
     bad = [n for n in nodes if not isinstance(n, TaggedNode)]
     if bad:
         raise RecipeError(
-            f"recipe {name}: modifier list entry {bad[0]!r} is not a !Modifier mapping"
+            f"recipe {name}: modifier list entry {brief(bad[0])} is not a !Modifier mapping"
         )
     if not nodes:
         raise RecipeError(f"recipe {name}: no modifiers found")
@@ -215,11 +209,19 @@ def _collect_nodes(data: Any, name: str) -> list[TaggedNode]:
 
 def load_modifiers(source: str | Path, recipe_variables: Any = None) -> list:
     """Construct the modifiers of a recipe, in file order."""
-    text, name = read_recipe_text(source)
     try:
-        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - safe loader subclass
-    except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {name} is not valid YAML: {err}") from None
+        return _load_modifiers(source, recipe_variables)
+    except RecipeError as err:
+        # The last guard on size: messages quote recipe input, which may be huge.
+        message = str(err)
+        if len(message) <= MAX_ERROR_CHARS:
+            raise
+        raise RecipeError(clip(message, MAX_ERROR_CHARS)) from None
+
+
+def _load_modifiers(source: str | Path, recipe_variables: Any) -> list:
+    text, name = read_recipe_text(source)
+    data = load_yaml(text, name)
     overrides = parse_recipe_variables(recipe_variables)
     if isinstance(data, dict):
         _apply_overrides(data, overrides, name)
@@ -230,13 +232,26 @@ def load_modifiers(source: str | Path, recipe_variables: Any = None) -> list:
         numeric, other = {}, {}
     modifiers = []
     for index, node in enumerate(_collect_nodes(data, name)):
-        where = f"recipe {name}, modifier #{index} !{node.tag} (line {node.line})"
+        where = f"recipe {name}, modifier #{index} !{clip(node.tag)} (line {node.line})"
         _eval_tree(node, numeric, other, where)
         try:
-            modifiers.append(get_modifier_class(node.tag)(**node.args))
+            cls = get_modifier_class(node.tag)
+            if not node.args:
+                raise _empty_modifier_error(cls)
+            modifiers.append(cls(**node.args))
         except RecipeError as err:
             raise RecipeError(f"{where}: {err}") from None
     return modifiers
+
+
+def _empty_modifier_error(cls: type) -> RecipeError:
+    # Every field then has its default, which for most modifiers means doing nothing (a pruning
+    # modifier prunes to final_sparsity 0.0): refuse instead of running a silent no-op.
+    required = ", ".join(cls.required_fields()) or "none"
+    return RecipeError(
+        "no fields given; an empty modifier would run on defaults alone "
+        f"(required fields: {required}; fields: {', '.join(cls.fields)})"
+    )
 
 
 def dump_modifiers(modifiers: list, metadata: dict | None = None) -> str:

@@ -41,8 +41,9 @@ def get_modifier_class(tag: str) -> type:
     if name.startswith("pytorch."):
         name = name[len("pytorch.") :]
     if name not in _MODIFIERS:
+        shown = name if len(name) <= 80 else f"{name[:80]}..."  # tags come from user input
         raise RecipeError(
-            f"unknown modifier tag !{name}{close_matches(name, _MODIFIERS)}; "
+            f"unknown modifier tag !{shown}{close_matches(name, _MODIFIERS)}; "
             f"known modifiers: {', '.join(sorted(_MODIFIERS))}"
         )
     return _MODIFIERS[name]

@@ -26,7 +26,7 @@ _TOL = 1e-9
 
 
 def epoch_field(default: float = -1.0, doc: str = "") -> Field:
-    return Field(default, as_float(-1.0, allow_inf=True), doc)
+    return Field(default, as_float(-1.0), doc)
 
 
 class Modifier(FieldModel):
