@@ -185,12 +185,18 @@ def test_qualified_tags_single_modifier_and_plain_list():
             "modifiers:\n  - !GMPruningModifier\n    init_sparsity: 0.6\n    final_sparsity: 0.5\n",
             "init_sparsity",
         ),
-        ("modifiers:\n  - !GMPruningModifier\n    start_epoch: 5\n    end_epoch: 2\n", "end_epoch"),
+        (
+            "modifiers:\n  - !GMPruningModifier\n    start_epoch: 5\n    end_epoch: 2\n    final_sparsity: 0.5\n",
+            "end_epoch",
+        ),
         (
             "modifiers:\n  - !GMPruningModifier\n    final_sparsity: 0.7\n    mask_type: '2:4'\n",
             "N/M",
         ),
-        ("modifiers:\n  - !GMPruningModifier\n    mask_type: diagonal\n", "mask_type"),
+        (
+            "modifiers:\n  - !GMPruningModifier\n    final_sparsity: 0.5\n    mask_type: diagonal\n",
+            "mask_type",
+        ),
         ("modifiers:\n  - !GMPruningModifier\n    inter_func: quadratic\n", "inter_func"),
         ("modifiers:\n  - !GMPruningModifier\n    update_frequency: 0\n", "update_frequency"),
         (

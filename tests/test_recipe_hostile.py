@@ -272,8 +272,11 @@ def test_numbers_beyond_the_float_range_are_field_errors():
 @pytest.mark.parametrize(
     "entry, required",
     [
-        ("!GMPruningModifier", "required fields: none; fields: start_epoch, end_epoch, params"),
-        ("!GMPruningModifier {}", "required fields: none"),
+        (
+            "!GMPruningModifier",
+            "required fields: final_sparsity; fields: start_epoch, end_epoch, params",
+        ),
+        ("!GMPruningModifier {}", "required fields: final_sparsity"),
         ("!EpochRangeModifier {}", "required fields: start_epoch, end_epoch;"),
         ("!LearningRateFunctionModifier", "required fields: start_epoch, end_epoch, lr_func"),
     ],
@@ -370,3 +373,13 @@ def test_training_script_refuses_a_run_too_short_before_training(digits_dir, tmp
     with pytest.raises(RecipeError, match="ends at epoch 5 but the run has 3 epochs"):
         sparse_training.main([*argv, "--sparseml-recipe", str(recipe)])
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_pruning_modifier_without_final_sparsity_is_refused() -> None:
+    """A pruning modifier that does not say its target would silently prune to 0%."""
+    from sparseml.errors import RecipeError
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    text = "modifiers:\n  - !GMPruningModifier\n    start_epoch: 0\n    end_epoch: 2\n"
+    with pytest.raises(RecipeError, match="required field 'final_sparsity' is missing"):
+        ScheduledModifierManager.from_yaml(text)

@@ -184,14 +184,14 @@ class FieldModel:
     def __init__(self, **kwargs: Any) -> None:
         object.__setattr__(self, "_values", {})
         values = self._canonical_kwargs(kwargs)
+        # Given values are checked first: a wrong value is the more specific error.
         for name, field in self.fields.items():
-            if name in values:
-                raw = values[name]
-            elif field.required:
-                raise RecipeError(f"{type(self).__name__}: required field {name!r} is missing")
-            else:
-                raw = field.default
-            self._values[name] = self._convert(name, raw)
+            if name in values or not field.required:
+                self._values[name] = self._convert(name, values.get(name, field.default))
+        missing = [name for name, field in self.fields.items() if name not in self._values]
+        if missing:
+            raise RecipeError(f"{type(self).__name__}: required field {missing[0]!r} is missing")
+        object.__setattr__(self, "_values", {n: self._values[n] for n in self.fields})
         self.validate()
 
     @classmethod

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from sparseml.errors import RecipeError
 from sparseml.fields import (
+    REQUIRED,
     Field,
     FieldValueError,
     as_bool,
@@ -65,7 +66,9 @@ def _mask_type(value: Any) -> str:
 PRUNING_FIELDS = {
     "params": Field(["__ALL_PRUNABLE__"], as_str_list, "names or re:<regex>; __ALL_PRUNABLE__"),
     "init_sparsity": Field(0.0, _init_sparsity, "sparsity at start_epoch, in [0, 1)"),
-    "final_sparsity": Field(0.0, _final_sparsity, "sparsity at end_epoch, or {sparsity: params}"),
+    "final_sparsity": Field(
+        REQUIRED, _final_sparsity, "sparsity at end_epoch, or {sparsity: params}"
+    ),
     "update_frequency": Field(-1.0, _frequency, "epochs between pruning steps (-1: every step)"),
     "inter_func": Field("cubic", one_of(*INTER_FUNCS), "shape of the sparsity schedule"),
     "leave_enabled": Field(True, as_bool, "keep masks enforced after end_epoch"),
