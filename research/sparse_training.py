@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         ema.module, loader_eval, args, device=device, amp_autocast=amp_autocast
                     )
             check_finite_metrics(epoch, train_metrics, eval_metrics)
-            end_of_epoch(args, state, epoch, train_metrics, eval_metrics)
+            with faults.deferred_interrupts():  # summary row and checkpoints: all or nothing
+                end_of_epoch(args, state, epoch, train_metrics, eval_metrics)
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
         else:

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -91,6 +91,30 @@ def install_signal_handlers(grace: float = GRACE_S) -> None:
         target=_watchdog, args=(read_fd, grace), name="stop-watchdog", daemon=True
     ).start()
     _installed = True
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends (end-of-epoch bookkeeping stays consistent).
+
+    A summary row without its checkpoint would be repeated by the resumed run. The watchdog
+    still ends a block that takes longer than its grace period.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        if previous[signum] not in (signal.SIG_IGN, None):
+            signal.signal(signum, lambda n, _f: caught.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            raise KeyboardInterrupt() if caught[0] == signal.SIGINT else Interrupted(caught[0])
 
 
 def flush_output() -> None:
