@@ -40,7 +40,7 @@ from utils import faults  # noqa: E402
 from utils import models as _models  # noqa: E402, F401  (registers vit_digits, resnet_digits)
 from utils import one_shot as osp  # noqa: E402
 from utils import results as res  # noqa: E402
-from utils.cli import check_at_least, check_file, check_writable_dir  # noqa: E402
+from utils.cli import validate_one_shot_args  # noqa: E402
 from utils.data import resolve_data_dir  # noqa: E402
 from utils.distributed import cleanup, gather_objects, init_distributed, is_primary  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
@@ -106,26 +106,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if "LOCAL_RANK" in os.environ:
         args.local_rank = int(os.environ["LOCAL_RANK"])
     args.sparsities = osp.check_sparsities(args.sparsities)
-    validate_args(args)
+    validate_one_shot_args(args)
     args.method = args.method or Path(args.sparseml_recipe).stem
     if args.method == res.DENSE:
         raise SetupError(f"--method {res.DENSE!r} is reserved for the dense model's row")
     return args
-
-
-def validate_args(args: argparse.Namespace) -> None:
-    """Reject values that would fail later with a traceback, an endless loop or a hang."""
-    check_at_least("-vb/--val_batch_size", args.val_batch_size, 1, "the batch size")
-    check_at_least(
-        "-gb/--grad_sampler_batch_size", args.grad_sampler_batch_size, 1, "the batch size"
-    )
-    check_at_least("--num-classes", args.num_classes, 1, "the number of classes")
-    check_at_least("--workers", args.workers, 0, "the number of loader processes")
-    check_at_least("--threads", args.threads, 0, "the number of threads")
-    check_at_least("--timeout", args.timeout, 1, "the process group timeout in seconds")
-    check_file("--checkpoint_path", args.checkpoint_path)
-    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes; other nodes may lack it
-        check_writable_dir("--output_dir", args.output_dir)
 
 
 def check_recipe(args: argparse.Namespace) -> Any:

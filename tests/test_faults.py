@@ -492,3 +492,18 @@ def test_empty_image_folder_and_read_only_data_dir(tmp_path):
     digits = ["--dataset", "digits", "--data-dir", "/sys/cap_digits"]
     with pytest.raises(SetupError, match=r"--data-dir /sys/cap_digits: cannot create"):
         sparse_training.main([*train_args(tmp_path, tmp_path, "d", "--epochs", "1"), *digits])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["-vb", "0"], "-vb/--val_batch_size 0 is not allowed: the batch size must be >= 1"),
+        (["-gb", "-4"], "-gb/--grad_sampler_batch_size -4 is not allowed"),
+        (["--output_dir", "/sys/cap_out"], "--output_dir /sys/cap_out is not writable"),
+        (["--checkpoint_path", "nope.pth"], "--checkpoint_path nope.pth does not exist"),
+    ],
+)
+def test_one_shot_bad_options(extra, message):
+    with pytest.raises(SetupError) as info:
+        osp_script.parse_args(["--sparseml_recipe", str(GM_ONE_SHOT), *extra])
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -277,3 +277,18 @@ def args_to_yaml(args: argparse.Namespace) -> str:
         return v if isinstance(v, str | int | float | bool | type(None)) else str(v)
 
     return yaml.safe_dump({k: plain(v) for k, v in sorted(vars(args).items())}, sort_keys=False)
+
+
+def validate_one_shot_args(args: argparse.Namespace) -> None:
+    """The same checks for ``one_shot_pruning.py`` (its parser lives in the script)."""
+    check_at_least("-vb/--val_batch_size", args.val_batch_size, 1, "the batch size")
+    check_at_least(
+        "-gb/--grad_sampler_batch_size", args.grad_sampler_batch_size, 1, "the batch size"
+    )
+    check_at_least("--num-classes", args.num_classes, 1, "the number of classes")
+    check_at_least("--workers", args.workers, 0, "the number of loader processes")
+    check_at_least("--threads", args.threads, 0, "the number of threads")
+    check_at_least("--timeout", args.timeout, 1, "the process group timeout in seconds")
+    check_file("--checkpoint_path", args.checkpoint_path)
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes; other nodes may lack it
+        check_writable_dir("--output_dir", args.output_dir)
