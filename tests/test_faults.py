@@ -507,3 +507,13 @@ def test_one_shot_bad_options(extra, message):
     with pytest.raises(SetupError) as info:
         osp_script.parse_args(["--sparseml_recipe", str(GM_ONE_SHOT), *extra])
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_interrupt_during_bookkeeping_is_raised_after_it():
+    done, before = [], signal.getsignal(signal.SIGTERM)
+    with pytest.raises(faults.Interrupted), faults.deferred_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        done.append(True)  # the block is never cut short
+    assert done == [True]
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -113,8 +113,8 @@ def deferred_interrupts() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        if caught:
-            raise KeyboardInterrupt() if caught[0] == signal.SIGINT else Interrupted(caught[0])
+    if caught:  # only when the block succeeded; its own error would say more
+        raise KeyboardInterrupt() if caught[0] == signal.SIGINT else Interrupted(caught[0])
 
 
 def flush_output() -> None:
