@@ -184,7 +184,8 @@ def test_sigint_to_one_rank_ends_the_torchrun_job(jobs, small_digits, tmp_path):
     assert_all_gone(job, pids)
     assert f"[rank {victim}] stopped by SIGINT" in out
     assert "To resume from" in out and "--resume" in out
-    assert f'File "{RESEARCH}' not in out  # no traceback from our code (torchrun prints its own)
+    # No traceback from our code (torchrun prints its own).
+    assert f'File "{RESEARCH}' not in out, out[-5000:]
     assert load_checkpoint(tmp_path / "ddp" / "vit_digits_last.pth")["epoch"] >= 0
     assert not (tmp_path / "ddp" / sparse_training.COMPLETE).exists()
 
@@ -204,7 +205,9 @@ def test_rank0_disk_full_in_one_shot_ends_the_torchrun_job(jobs, small_digits, t
     log = job.output()
     assert code is not None, f"job still running after {BOUND_S} s:\n{log[-3000:]}"
     assert code != 0
-    assert "[rank 0] error: a write failed: No space left on device (in results.py" in log
+    # Rank 0 names the failed write in one line (no traceback); rank 1 is stopped, not hung.
+    line = next(ln for ln in log.splitlines() if ln.startswith("[rank 0] error:"))
+    assert "no space left on device" in line.lower()
     assert not any(r["method"] != "dense" for r in osp_script.res.read_rows(out))
 
 

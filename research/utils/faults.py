@@ -39,7 +39,14 @@ GRACE_S = 10.0
 # errno values that mean "the disk or folder refused the write": reported in one line.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
 # Text of the errors a collective raises when a peer process is gone.
-_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+_PEER_LOST = (
+    "closed by peer",
+    "reset by peer",
+    "broken pipe",
+    "socket closed",
+    "remote worker crashing",
+    "caused pair closure",
+)
 _HERE = str(Path(__file__).resolve().parents[1])  # research/
 _installed = False
 
@@ -150,7 +157,8 @@ def describe(err: BaseException) -> tuple[int, str | None]:
         return EXIT_FAILED, f"error: a write failed: {err.strerror or err}{at}"
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     dist_error = getattr(dist, "DistError", ())
-    if (dist_error and isinstance(err, dist_error)) or any(t in str(err) for t in _PEER_LOST):
+    text = str(err).lower()
+    if (dist_error and isinstance(err, dist_error)) or any(t in text for t in _PEER_LOST):
         return EXIT_FAILED, (
             "error: lost contact with another rank (it failed or was stopped; its own message "
             f"says why): {first}"
