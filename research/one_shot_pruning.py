@@ -21,7 +21,6 @@ import argparse
 import copy
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,13 @@ from timm.data import create_loader, resolve_data_config  # noqa: E402
 from timm.models import create_model, safe_model_name  # noqa: E402
 from timm.utils import ParseKwargs, random_seed  # noqa: E402
 
-from sparseml.errors import RecipeError, SparsificationError  # noqa: E402
+from sparseml.errors import RecipeError  # noqa: E402
 from sparseml.sparsity import ModuleSparsificationInfo  # noqa: E402
+from utils import faults  # noqa: E402
 from utils import models as _models  # noqa: E402, F401  (registers vit_digits, resnet_digits)
 from utils import one_shot as osp  # noqa: E402
 from utils import results as res  # noqa: E402
+from utils.cli import validate_one_shot_args  # noqa: E402
 from utils.data import resolve_data_dir  # noqa: E402
 from utils.distributed import cleanup, gather_objects, init_distributed, is_primary  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
@@ -106,6 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if "LOCAL_RANK" in os.environ:
         args.local_rank = int(os.environ["LOCAL_RANK"])
     args.sparsities = osp.check_sparsities(args.sparsities)
+    validate_one_shot_args(args)
     args.method = args.method or Path(args.sparseml_recipe).stem
     if args.method == res.DENSE:
         raise SetupError(f"--method {res.DENSE!r} is reserved for the dense model's row")
@@ -145,8 +147,10 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
         raise SetupError(f"cannot build model {args.model!r}: {err}") from err
     digest = ""
     if args.checkpoint_path:
-        osp.load_weights(model, args.checkpoint_path)
+        osp.load_weights(model, args.checkpoint_path)  # refuses NaN/Inf weights
         digest = osp.file_digest(args.checkpoint_path)
+    else:
+        osp.check_finite_weights(model, f"model {args.model!r}")
     return model, digest
 
 
@@ -175,6 +179,7 @@ def plan_sweep(args, dense_settings: dict, method_settings: dict) -> dict[str, A
 def make_row(
     args, method: str, modifier: str, sparsity: float, metrics: dict, **extra: Any
 ) -> dict:
+    metrics = osp.finite_or_none(metrics, f"{method} @ {sparsity:g}")
     return {
         "method": method,
         "modifier": modifier,
@@ -270,11 +275,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     device = init_distributed(args)
     if not is_primary(args):
         _logger.setLevel(logging.WARNING)
-    try:
-        with hold_folder(args, args.output_dir, "--output_dir"):  # one sweep at a time
-            return sweep(args, pruner, needs_grads, device)
-    finally:
-        cleanup(args)
+    # No `finally`: after a failure on this rank, a barrier here would wait for peers that sit
+    # in another collective (a hang); faults.run_main leaves without touching the group.
+    with hold_folder(args, args.output_dir, "--output_dir"):  # one sweep at a time
+        rows = sweep(args, pruner, needs_grads, device)
+    cleanup(args)
+    return rows
 
 
 def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[str, Any]]:
@@ -326,12 +332,13 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
     for sparsity in plan["sparsities"]:
         done = prune_one(args, dense, sparsity, device, loaders, cache)
         row = {**done["row"], "settings": method_settings}
+        nan = float("nan")  # rows hold None for values that were not finite
         _logger.info(
             "%s @ %.3f: top-1 %.2f%%, loss %.4f, measured sparsity %.4f, %.1f s",
             args.method,
             sparsity,
-            row["accuracy"],
-            row["loss"],
+            nan if row["accuracy"] is None else row["accuracy"],
+            nan if row["loss"] is None else row["loss"],
             row["measured_sparsity"],
             row["seconds"],
         )
@@ -354,8 +361,4 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (SetupError, SparsificationError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    faults.run_main(main)

@@ -4,7 +4,8 @@
 # overridden from the environment, e.g.
 #   RECIPE=recipes/gradual_pruning/<cap recipe>.yaml GS_BATCH_SIZE=128 MODEL=deit_small_patch16_224 \
 #   CONFIG=configs/deit.yaml DATASET= DATA_DIR=/data/imagenet PRETRAINED=1 ./run_gradual_pruning.sh
-# Extra arguments are passed on to sparse_training.py.
+# Extra arguments are passed on to sparse_training.py. Ctrl-C, a killed rank or any failure
+# ends all processes with a non-zero status; the last lines printed give the --resume command.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 

@@ -5,7 +5,9 @@
 # checkpoint is cached under $OUTPUT_DIR), then prunes it one-shot with global magnitude (gm),
 # OBS/WoodFisher (obs), CAP (cap) and FastCAP (fast_cap) to 50-90% sparsity, and prints a table
 # of top-1 accuracy (also results.jsonl/.csv and accuracy_vs_sparsity.png in $OUTPUT_DIR).
-# A killed run resumes: finished rows are kept and skipped. About 5-8 minutes on 2 CPU cores.
+# A killed run resumes: finished rows are kept and skipped, an interrupted dense training
+# continues from its last epoch, and a dense model is cached only once its training completed.
+# Any failure or Ctrl-C ends the script with a non-zero status. About 5-8 min on 2 CPU cores.
 #
 # Every default can be overridden from the environment, e.g.
 #   METHODS="gm cap" SPARSITIES="0.8 0.9" NUM_GRADS=256 bash research/run_one_shot_pruning.sh
@@ -62,18 +64,39 @@ launch=("$PYTHON")
 start=$(date +%s)
 mkdir -p "$OUTPUT_DIR"
 
+# The cached dense model counts only when its training run wrote its completion marker (the
+# last thing sparse_training.py writes): an interrupted or failed run never becomes "dense".
+train_dir="$OUTPUT_DIR/dense_training"
+complete="$train_dir/training_complete.json"
+if [[ "$CHECKPOINT" == "$DEFAULT_CHECKPOINT" && -f "$CHECKPOINT" && ! -f "$complete" ]]; then
+    echo "== $CHECKPOINT has no completed training behind it ($complete missing): retraining"
+    rm -f "$CHECKPOINT"
+fi
 if [[ ! -f "$CHECKPOINT" ]]; then
     if [[ "$CHECKPOINT" != "$DEFAULT_CHECKPOINT" ]]; then
         echo "error: CHECKPOINT=$CHECKPOINT does not exist" >&2
         exit 2
     fi
-    echo "== No dense checkpoint at $CHECKPOINT: training $MODEL ($TRAIN_EPOCHS epochs)"
-    train_dir="$OUTPUT_DIR/dense_training"
-    rm -rf "$train_dir"
+    resume_args=()
+    last=$(find "$train_dir" -maxdepth 1 -name '*_last.pth' 2>/dev/null | head -n 1 || true)
+    if [[ -n "$last" ]]; then
+        echo "== Resuming the interrupted dense training from $last"
+        resume_args=(--resume "$last")
+    else
+        echo "== No dense checkpoint at $CHECKPOINT: training $MODEL ($TRAIN_EPOCHS epochs)"
+        rm -rf "$train_dir"
+    fi
+    # set -e: a failed or interrupted training (exit 1, 130, ...) ends this script with its code.
     OMP_NUM_THREADS="$THREADS" "${launch[@]}" research/sparse_training.py --config "$TRAIN_CONFIG" --model "$MODEL" \
         "${data_args[@]}" "${device_args[@]}" --epochs "$TRAIN_EPOCHS" --workers "$WORKERS" \
-        --output "$OUTPUT_DIR" --experiment dense_training --log-interval 1000
-    best=$(ls "$train_dir"/*_best.pth | head -n 1)
+        --output "$OUTPUT_DIR" --experiment dense_training --log-interval 1000 --save-last \
+        "${resume_args[@]}"
+    if [[ ! -f "$complete" ]]; then
+        echo "error: dense training exited without finishing ($complete missing); not caching it" >&2
+        exit 1
+    fi
+    best=$(find "$train_dir" -maxdepth 1 -name '*_best.pth' | head -n 1)
+    [[ -n "$best" ]] || { echo "error: no *_best.pth in $train_dir" >&2; exit 1; }
     cp "$best" "$CHECKPOINT.tmp" && mv "$CHECKPOINT.tmp" "$CHECKPOINT"
     echo "== Dense checkpoint: $CHECKPOINT ($(( $(date +%s) - start )) s)"
 fi

@@ -13,6 +13,7 @@ continues with identical masks and schedule. Without ``--sparseml-recipe`` it tr
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -29,16 +30,16 @@ from timm.models import safe_model_name  # noqa: E402
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs  # noqa: E402
 from timm.utils import ModelEmaV3, distribute_bn, random_seed  # noqa: E402
 
-from sparseml.errors import SparsificationError  # noqa: E402
 from sparseml.sparsity import ModuleSparsificationInfo  # noqa: E402
 from utils import checkpoint as ckpt_io  # noqa: E402
+from utils import faults, training  # noqa: E402
 from utils import logging_utils as logs  # noqa: E402
-from utils import training  # noqa: E402
 from utils.cli import parse_args  # noqa: E402
 from utils.data import create_datasets, sampler_batches  # noqa: E402
 from utils.distributed import cleanup, gather_objects, init_distributed, is_primary  # noqa: E402
-from utils.engine import train_one_epoch, validate  # noqa: E402
+from utils.engine import check_finite_metrics, train_one_epoch, validate  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
+from utils.models import check_fits  # noqa: E402
 from utils.run_dir import claim_training_dir, continues_in  # noqa: E402
 from utils.summary import summary_row, write_summary_row  # noqa: E402
 
@@ -128,6 +129,40 @@ def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> 
         ckpt_io.save_checkpoint(out_dir / f"{name}_sparsity={sparsity:.2f}_best.pth", **save)
 
 
+COMPLETE = "training_complete.json"
+
+
+def mark_complete(args, out_dir: Path | None, num_epochs: int, eval_metrics: dict) -> None:
+    """Rank 0 writes the marker last: launchers use a run's weights only when it is there."""
+    if not is_primary(args):
+        return
+    text = json.dumps({"epochs": num_epochs, "eval": eval_metrics}, allow_nan=False)
+    tmp = out_dir / f".{COMPLETE}.tmp"
+    tmp.write_text(text + "\n")
+    tmp.replace(out_dir / COMPLETE)
+
+
+def report_stop(args, out_dir: Path | None, epoch: int, argv: list[str]) -> None:
+    """Rank 0: where the run stopped, its latest checkpoint and the command that resumes it.
+
+    Checkpoints are written (atomically) at the end of an epoch; an interrupt never writes a
+    mid-epoch one: it could not be resumed exactly, and under torchrun the other ranks may
+    already be gone.
+    """
+    if not is_primary(args):
+        return
+    found = faults.latest_checkpoint(out_dir, args.resume, last_every_epoch=args.save_last)
+    if found is None:
+        print(
+            f"Stopped in epoch {epoch} before any checkpoint was written (checkpoints are "
+            "written at the end of an epoch); rerun to start over",
+            file=sys.stderr,
+        )
+        return
+    command = faults.resume_command(argv, found, out_dir)
+    print(f"Stopped in epoch {epoch}. To resume from {found}:\n  {command}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -154,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     amp_autocast, scaler = training.setup_amp(args, device)
 
     resumed = ckpt_io.load_checkpoint(args.resume) if args.resume else None
+    if resumed is not None:  # names mismatching keys/shapes and --num-classes
+        check_fits(model, resumed["model"], "--resume", args.resume)
     ckpt_io.restore_training_state(resumed, args, model, optimizer, scaler)
     ema = None
     if args.model_ema:
@@ -215,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if resumed is not None and continues_in(args, state["out_dir"]):
         state["best"].load_state_dict(resumed.get("best"))  # best of the whole run, not since
     if is_primary(args):
+        (state["out_dir"] / COMPLETE).unlink(missing_ok=True)  # this run is not complete yet
         recipe_copy = training.write_run_files(args, state["out_dir"])
         if args.log_wandb:
             state["wandb"] = logs.init_wandb(args, state["out_dir"], recipe_copy)
@@ -223,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ckpt_io.set_rng_state(resumed["rng"][args.rank])
 
     train_metrics, eval_metrics = {}, {}
+    epoch = start_epoch
     try:
         for epoch in range(start_epoch, num_epochs):
             if args.stop_epoch is not None and epoch >= args.stop_epoch:
@@ -255,11 +294,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     eval_metrics = validate(
                         ema.module, loader_eval, args, device=device, amp_autocast=amp_autocast
                     )
-            end_of_epoch(args, state, epoch, train_metrics, eval_metrics)
+            check_finite_metrics(epoch, train_metrics, eval_metrics)
+            with faults.deferred_interrupts():  # summary row and checkpoints: all or nothing
+                end_of_epoch(args, state, epoch, train_metrics, eval_metrics)
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
-    except KeyboardInterrupt:
-        _logger.warning("Interrupted; the last checkpoint (with --save-last) can be resumed")
+        else:
+            mark_complete(args, state["out_dir"], num_epochs, eval_metrics)
+    except BaseException:  # Ctrl-C, SIGTERM, a lost rank, NaN, a failed write: say how to resume
+        report_stop(args, state["out_dir"], epoch, [__file__, *argv] if argv else sys.argv)
+        raise
     if manager is not None:
         manager.finalize(model)
     if state["wandb"] is not None:
@@ -272,8 +316,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (SetupError, SparsificationError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    faults.run_main(main)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-sparsity", action="store_true", help="write sparsity_distribution_epoch=N.json")
     a("--log-param-histogram", action="store_true", help="W&B histograms of weights")
     a("--timeout", type=int, default=1800, help="process group timeout in seconds")
+    a(
+        "--skip-nonfinite-steps",
+        action="store_true",
+        help="skip updates whose loss or gradients are NaN/Inf (default: stop with an error)",
+    )
     return p
 
 
@@ -201,7 +207,63 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.local_rank = int(os.environ["LOCAL_RANK"])
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
+    validate_args(args)
     return args
+
+
+# ----- validation: one place, one line per problem (the scripts exit with status 2) ------------
+def check_at_least(option: str, value: int | float | None, low: int, what: str) -> None:
+    """``value`` (None: option not given) must be >= ``low``."""
+    if value is not None and value < low:
+        raise SetupError(f"{option} {value} is not allowed: {what} must be >= {low}")
+
+
+def check_file(option: str, path: str | None) -> None:
+    if path and not Path(path).expanduser().is_file():
+        state = "is a folder" if Path(path).expanduser().is_dir() else "does not exist"
+        raise SetupError(f"{option} {path} {state}; give the path of an existing file")
+
+
+def check_writable_dir(option: str, path: str | Path) -> None:
+    """New files can be created in ``path`` (or, if missing, in its nearest existing parent).
+
+    A real probe file rather than ``os.access``: permission bits say nothing about read-only
+    mounts, full quotas or running as root.
+    """
+    probe = Path(path).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SetupError(f"{option} {path}: {probe} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        raise SetupError(
+            f"{option} {path} is not writable ({probe}: {err.strerror}); "
+            "choose a folder where new files can be created"
+        ) from err
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject values that would fail later with a traceback, an endless loop or a hang."""
+    check_at_least("--epochs", args.epochs, 1, "the number of epochs")
+    check_at_least("-b/--batch-size", args.batch_size, 1, "the batch size")
+    check_at_least("-vb/--validation-batch-size", args.validation_batch_size, 1, "the batch size")
+    check_at_least("-gb/--gs-batch-size", args.gs_batch_size, 1, "the grad sampler batch size")
+    check_at_least("--num-classes", args.num_classes, 1, "the number of classes")
+    check_at_least("-j/--workers", args.workers, 0, "the number of loader processes")
+    check_at_least("--log-interval", args.log_interval, 1, "the logging interval in updates")
+    check_at_least("--timeout", args.timeout, 1, "the process group timeout in seconds")
+    check_at_least("--start-epoch", args.start_epoch, 0, "the first epoch")
+    check_at_least("--stop-epoch", args.stop_epoch, 1, "the epoch to stop before")
+    check_file("--initial-checkpoint", args.initial_checkpoint)
+    check_file("--resume", args.resume)
+    if args.gs_loader and not args.gs_batch_size:
+        raise SetupError("--gs-loader needs -gb/--gs-batch-size N (N >= 1)")
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes; other nodes may lack it
+        check_writable_dir("--output", args.output or "./output/train")
 
 
 def args_to_yaml(args: argparse.Namespace) -> str:
@@ -215,3 +277,18 @@ def args_to_yaml(args: argparse.Namespace) -> str:
         return v if isinstance(v, str | int | float | bool | type(None)) else str(v)
 
     return yaml.safe_dump({k: plain(v) for k, v in sorted(vars(args).items())}, sort_keys=False)
+
+
+def validate_one_shot_args(args: argparse.Namespace) -> None:
+    """The same checks for ``one_shot_pruning.py`` (its parser lives in the script)."""
+    check_at_least("-vb/--val_batch_size", args.val_batch_size, 1, "the batch size")
+    check_at_least(
+        "-gb/--grad_sampler_batch_size", args.grad_sampler_batch_size, 1, "the batch size"
+    )
+    check_at_least("--num-classes", args.num_classes, 1, "the number of classes")
+    check_at_least("--workers", args.workers, 0, "the number of loader processes")
+    check_at_least("--threads", args.threads, 0, "the number of threads")
+    check_at_least("--timeout", args.timeout, 1, "the process group timeout in seconds")
+    check_file("--checkpoint_path", args.checkpoint_path)
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes; other nodes may lack it
+        check_writable_dir("--output_dir", args.output_dir)

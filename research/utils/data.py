@@ -79,8 +79,14 @@ def prepare_digits(root: str | Path | None = None) -> Path:
             f"data dir {root} exists but holds no digits tree (train/ and val/ folders); "
             "point --data-dir at an empty or missing folder to create it there"
         )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    except OSError as err:
+        raise SetupError(
+            f"--data-dir {root}: cannot create the digits data set there ({err.strerror}); "
+            "point --data-dir at a writable folder or one that already holds it"
+        ) from err
     try:
         counts = _write_digits_tree(tmp)
         meta = {"source": "sklearn.datasets.load_digits", "size": DIGITS_SIZE, **counts}
@@ -135,27 +141,57 @@ class _RGBDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), target
 
 
+def open_split(name: str, root: str | None, split: str, **kwargs: Any) -> Any:
+    try:
+        ds = create_dataset(name, root=root, split=split, **kwargs)
+    except (FileNotFoundError, RuntimeError) as err:  # timm: "Found 0 images in subfolders"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SetupError(f"cannot read split {split!r} of {root or name}: {first}") from err
+    if len(ds) == 0:
+        raise SetupError(f"split {split!r} of {root or name} holds no samples")
+    return ds
+
+
 def create_datasets(args: Any) -> tuple[Any, Any]:
     """Train and eval datasets for ``args.dataset`` / ``args.data_dir`` (checked first)."""
     name, root = resolve_data_dir(args.dataset, args.data_dir)
     common = dict(
-        root=root,
         class_map=args.class_map or None,
         download=args.dataset_download,
         batch_size=args.batch_size,
     )
-    train = create_dataset(
+    train = open_split(
         name,
-        split=args.train_split,
+        root,
+        args.train_split,
         is_training=True,
         seed=args.seed,
         repeats=args.epoch_repeats,
         **common,
     )
-    evals = create_dataset(name, split=args.val_split, is_training=False, **common)
+    evals = open_split(name, root, args.val_split, is_training=False, **common)
     if name.lower().startswith("torch/"):
         train, evals = _RGBDataset(train), _RGBDataset(evals)
     return train, evals
+
+
+def check_batch_fits(option: str, batch_size: int, samples: int) -> None:
+    """A loader that drops the last partial batch must still yield one: else it yields nothing."""
+    if batch_size > samples:
+        raise SetupError(
+            f"{option} {batch_size} exceeds the {samples} training samples each process reads; "
+            f"allowed: 1..{samples}"
+        )
+
+
+def require_batches(loader: Any, option: str, batch_size: int) -> None:
+    """Fail clearly when a training ``loader`` (``drop_last``) would yield no batch at all."""
+    if len(loader) > 0:
+        return
+    sampler = getattr(loader, "sampler", None)
+    samples = len(sampler) if sampler is not None else len(loader.dataset)
+    check_batch_fits(option, batch_size, samples)
+    raise SetupError(f"{option} {batch_size}: the loader yields no batch")
 
 
 def loader_kwargs(args: Any, data_config: dict, device: torch.device) -> dict[str, Any]:

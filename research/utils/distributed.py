@@ -56,9 +56,11 @@ def barrier(args: argparse.Namespace) -> None:
 
 
 def cleanup(args: argparse.Namespace) -> None:
-    """Leave the process group.
+    """Leave the process group at the end of a successful run (never after a failure).
 
-    The barrier first matters: gloo's worker threads free finished work (and the Python tensors
+    After an exception a peer may sit in another collective, so a barrier would hang: the
+    scripts then leave through ``faults.run_main`` without touching the group. The barrier first
+    matters here: gloo's worker threads free finished work (and the Python tensors
     it holds) after the caller has moved on; if the group is torn down while the main thread
     holds the GIL and a worker still waits for it, the process hangs at exit.
     """

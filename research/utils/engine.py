@@ -18,6 +18,7 @@ import torch
 from timm.utils import AverageMeter, accuracy, dispatch_clip_grad, reduce_tensor
 
 from .distributed import is_primary
+from .faults import NonFiniteError
 
 _logger = logging.getLogger("sparse_training")
 
@@ -54,6 +55,7 @@ def train_one_epoch(
     num_updates = epoch * updates_per_epoch
     last_accum = num_batches % accum or accum
     losses = AverageMeter()
+    skipped = 0
     start = time.time()
     optimizer.zero_grad()
     for batch_idx, (inputs, target) in enumerate(loader):
@@ -73,6 +75,16 @@ def train_one_epoch(
         with sync:
             with amp_autocast():
                 loss = loss_fn(model(inputs), target) / steps_in_update
+            loss_value = loss.item() * steps_in_update
+            if not math.isfinite(loss_value) and not args.skip_nonfinite_steps:
+                # Raised before backward: nothing of this epoch reaches a checkpoint.
+                raise NonFiniteError(
+                    f"training loss is {loss_value} in epoch {epoch} at batch {batch_idx + 1}/"
+                    f"{num_batches} (update {num_updates - epoch * updates_per_epoch + 1}/"
+                    f"{updates_per_epoch}); stopped without saving this epoch. Lower --lr or set "
+                    "--clip-grad and resume from the last checkpoint, or pass "
+                    "--skip-nonfinite-steps to skip such updates"
+                )
             if loss_scaler is not None:
                 loss_scaler(
                     loss,
@@ -84,11 +96,21 @@ def train_one_epoch(
                 )
             else:
                 loss.backward()
-                if need_update:
+                # DDP has averaged the gradients, so every rank takes the same decision here.
+                if need_update and args.skip_nonfinite_steps and not _grads_finite(model):
+                    skipped += 1
+                    _logger.warning(
+                        "Epoch %d batch %d: NaN/Inf gradients; update skipped (%d so far)",
+                        epoch,
+                        batch_idx + 1,
+                        skipped,
+                    )
+                elif need_update:
                     if args.clip_grad is not None:
                         dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
                     optimizer.step()
-        losses.update(loss.item() * steps_in_update, inputs.size(0))
+        if math.isfinite(loss_value):
+            losses.update(loss_value, inputs.size(0))
         if not need_update:
             continue
         num_updates += 1
@@ -112,6 +134,23 @@ def train_one_epoch(
     if args.distributed:
         loss_avg = reduce_tensor(loss_avg, args.world_size)
     return {"loss": float(loss_avg.item())}
+
+
+def _grads_finite(model: torch.nn.Module) -> bool:
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return not norms or bool(torch.isfinite(torch.stack(norms)).all())
+
+
+def check_finite_metrics(epoch: int, train: dict[str, float], evals: dict[str, float]) -> None:
+    """Stop before the epoch's bookkeeping when its losses are NaN/Inf (diverged weights)."""
+    for kind, metrics in (("training", train), ("validation", evals)):
+        bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+        if bad:
+            raise NonFiniteError(
+                f"{kind} metrics of epoch {epoch} are not finite ({bad}): the weights diverged; "
+                "stopped without saving this epoch. Lower --lr or set --clip-grad and resume "
+                "from the last checkpoint"
+            )
 
 
 @torch.no_grad()

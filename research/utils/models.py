@@ -2,16 +2,22 @@
 
 Importing this module registers them with timm, so ``--model vit_digits`` works like any timm
 name. They train to high accuracy in a minute or two on a laptop CPU, which makes them the
-default for demos and end-to-end tests. Call ``compat.ensure_torchvision()`` before importing.
+default for demos and end-to-end tests. It also loads weights into any model with errors that
+name the mismatching keys and shapes (and ``--num-classes`` when the classifier differs). Call ``compat.ensure_torchvision()`` before importing.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .errors import CheckpointError
 
 DIGITS_CFG = {
     "num_classes": 10,
@@ -81,3 +87,90 @@ def resnet_digits(pretrained: bool = False, **kwargs: Any) -> ResNet:
         pretrained,
         **{**args, **kwargs},
     )
+
+
+# ----- loading weights ----------------------------------------------------------------------------
+# Keys under which timm, CAP and our training script store the model's weights, in preference order.
+_WEIGHT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+def read_state_dict(path: str | Path, option: str) -> dict[str, torch.Tensor]:
+    """The weights in ``path``: a bare state dict, a training checkpoint or a safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{option} {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch and safetensors raise several types for corrupt files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{option} {path} is unreadable: {first}") from err
+    for key in _WEIGHT_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{option} {path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _listing(items: list[str], limit: int = 3) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """Why ``state`` does not load strictly into ``model`` ('' when it does), in one line."""
+    own = model.state_dict()
+    shapes = [
+        f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)})"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    parts = []
+    if shapes:
+        parts.append(f"shapes differ for {_listing(shapes)}")
+    if missing:
+        parts.append(f"{len(missing)} model keys missing from it ({_listing(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} keys the model lacks ({_listing(unexpected)})")
+    if not parts:
+        return ""
+    hint = "check --model and --model-kwargs"
+    head = getattr(model, "pretrained_cfg", {}).get("classifier") or ""
+    head_key = f"{head}.weight" if head else ""
+    if head_key in state and head_key in own and state[head_key].shape[0] != own[head_key].shape[0]:
+        hint = (
+            f"--num-classes is {own[head_key].shape[0]} but the checkpoint has "
+            f"{state[head_key].shape[0]} classes; set --num-classes {state[head_key].shape[0]}"
+        )
+    return "; ".join(parts) + f" ({hint})"
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], option: str, path: Any) -> None:
+    """Raise a :class:`CheckpointError` naming keys, shapes and the option when ``state`` misfits."""
+    problem = state_dict_mismatch(model, {k.removeprefix("module."): v for k, v in state.items()})
+    if problem:
+        raise CheckpointError(f"{option} {path} does not match the model: {problem}")
+
+
+def load_weights(model: nn.Module, path: str | Path, option: str) -> None:
+    """Load the weights in ``path`` strictly; a mismatch names keys, shapes and the option."""
+    state = read_state_dict(path, option)
+    check_fits(model, state, option, path)
+    model.load_state_dict(state, strict=True)
+
+
+def nonfinite_tensors(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers holding NaN or Inf values."""
+    return [
+        name
+        for name, t in model.state_dict().items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import create_dataset, create_loader
+from timm.data import create_loader
 from torch import nn
 
 from sparseml import dist
@@ -31,6 +31,8 @@ from sparseml.modifiers.second_order import SecondOrderPruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
 from sparseml.serialization import atomic_save
 
+from . import models as _models
+from .data import check_batch_fits, open_split
 from .errors import CheckpointError, SetupError
 
 _logger = logging.getLogger("one_shot")
@@ -92,31 +94,19 @@ def file_digest(path: str | Path) -> str:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a checkpoint strictly: a bare state dict or a dict with ``model``/``state_dict``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt files
+    """Load dense weights strictly and refuse NaN/Inf values: pruning scores would be garbage."""
+    _models.load_weights(model, path, "--checkpoint_path")
+    check_finite_weights(model, f"--checkpoint_path {path}")
+
+
+def check_finite_weights(model: nn.Module, source: str) -> None:
+    bad = _models.nonfinite_tensors(model)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise CheckpointError(
-            f"checkpoint {path} is unreadable: {str(err).splitlines()[0]}"
-        ) from err
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} holds no state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        raise CheckpointError(
-            f"checkpoint {path} does not match the model: {' '.join(lines[:3])[:600]} "
-            "(check --model, --num-classes and --model-kwargs)"
-        ) from err
+            f"{source}: {len(bad)} tensors hold NaN/Inf values ({shown}); refusing to prune a "
+            "diverged model (use the checkpoint of an earlier, finite epoch)"
+        )
 
 
 @torch.no_grad()
@@ -157,12 +147,7 @@ class ShardedDataset(torch.utils.data.Dataset):
 
 
 def open_dataset(name: str, root: str | None, split: str, training: bool, rank: int, world: int):
-    try:
-        ds = create_dataset(name, root=root, split=split, is_training=training)
-    except (FileNotFoundError, RuntimeError) as err:
-        raise SetupError(f"cannot read split {split!r} of {root or name}: {err}") from err
-    if len(ds) == 0:
-        raise SetupError(f"split {split!r} of {root or name} holds no samples")
+    ds = open_split(name, root, split, is_training=training)
     return ShardedDataset(ds, rank, world) if world > 1 else ds
 
 
@@ -198,11 +183,7 @@ class GradSamplerData:
         self._loaders: dict[int, Any] = {}
 
     def loader(self, batch_size: int) -> Any:
-        if batch_size > len(self.dataset):
-            raise SetupError(
-                f"grad sampler batch size {batch_size} exceeds the {len(self.dataset)} training "
-                "samples of this rank; lower -gb/--grad_sampler_batch_size"
-            )
+        check_batch_fits("-gb/--grad_sampler_batch_size", batch_size, len(self.dataset))
         if batch_size not in self._loaders:
             self._loaders[batch_size] = create_loader(
                 self.dataset,
@@ -217,8 +198,12 @@ class GradSamplerData:
         loader = self.loader(batch_size or self.batch_size)
         device = torch.device(device) if device is not None else self.options["device"]
         while True:
+            empty = True
             for inputs, target in loader:
+                empty = False
                 yield [inputs.to(device)], {}, target.to(device)
+            if empty:  # an endless loop over nothing would hang the run
+                raise SetupError("the grad sampler loader yields no batch; lower -gb")
 
 
 # ----- evaluation ---------------------------------------------------------------------------------
@@ -275,6 +260,14 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
 def grad_sampler_for(data: GradSamplerData) -> dict[str, Any]:
     """The ``grad_sampler`` argument of ``manager.apply``."""
     return {"data_loader_builder": data, "loss_fn": F.cross_entropy}
+
+
+def finite_or_none(metrics: dict[str, Any], what: str) -> dict[str, Any]:
+    """``metrics`` with NaN/Inf floats as None: strict JSON readers reject NaN tokens."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        _logger.warning("%s: %s not finite (the pruned model diverged); stored as null", what, bad)
+    return {k: (None if k in bad else v) for k, v in metrics.items()}
 
 
 def check_sparsities(values: list[float]) -> list[float]:

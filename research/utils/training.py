@@ -21,10 +21,10 @@ from timm.utils import NativeScaler
 
 from sparseml.serialization import atomic_copy, atomic_write_text
 
-from . import models as _models  # noqa: F401  (registers vit_digits, resnet_digits)
+from . import models as _models  # also registers vit_digits, resnet_digits
 from .cli import args_to_yaml
 from .compat import patch_timm_posterize
-from .data import loader_kwargs
+from .data import loader_kwargs, require_batches
 from .errors import SetupError
 
 _logger = logging.getLogger("sparse_training")
@@ -44,14 +44,15 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
             global_pool=args.gp,
             bn_momentum=args.bn_momentum,
             bn_eps=args.bn_eps,
-            checkpoint_path=args.initial_checkpoint or None,
             **args.model_kwargs,
         )
     except (RuntimeError, OSError) as err:
-        if "Unknown model" in str(err) or args.pretrained or args.initial_checkpoint:
+        if "Unknown model" in str(err) or args.pretrained:
             hint = " (offline: no weights can be downloaded; use --initial-checkpoint FILE)"
             raise SetupError(f"cannot build model {args.model!r}: {err}{hint}") from err
         raise
+    if args.initial_checkpoint:  # our loader: a mismatch names keys, shapes and --num-classes
+        _models.load_weights(model, args.initial_checkpoint, "--initial-checkpoint")
     if args.num_classes is None:
         args.num_classes = model.num_classes
     if args.grad_checkpointing:
@@ -164,6 +165,7 @@ def build_loaders(
         distributed=args.distributed,
         collate_fn=collate_fn,
     )
+    require_batches(train, "-b/--batch-size", args.batch_size)
     evals = create_loader(
         eval_ds,
         **common,
@@ -180,7 +182,7 @@ def build_gs_loader(args: argparse.Namespace, cfg: dict, train_ds: Any, device: 
         raise SetupError("--gs-loader needs -gb/--gs-batch-size N")
     # timm's create_loader sets the data set's transform: a shallow copy keeps the training
     # loader's augmentation from being replaced by the grad sampler's.
-    return create_loader(
+    loader = create_loader(
         copy.copy(train_ds),
         **loader_kwargs(args, cfg, device),
         batch_size=args.gs_batch_size,
@@ -193,6 +195,8 @@ def build_gs_loader(args: argparse.Namespace, cfg: dict, train_ds: Any, device: 
         auto_augment=args.aa if args.gs_aa else None,
         distributed=args.gs_distributed and args.distributed,
     )
+    require_batches(loader, "-gb/--gs-batch-size", args.gs_batch_size)
+    return loader
 
 
 def build_losses(args: argparse.Namespace, mixup_active: bool) -> tuple[Any, Any]:

@@ -1,0 +1,522 @@
+"""Faults injected into the research scripts end the run promptly, clearly and resumably.
+
+Signals to one rank, a rank whose disk is full, a killed "node", NaN losses and weights, bad
+options. Every process is started in its own session with a timeout, and whatever is left of it
+(torchrun starts its workers in sessions of their own) is killed at the end, so a regression
+fails a test instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import RESEARCH, ROOT, copy_digits_subset, ensure_research
+
+ensure_research()
+import one_shot_pruning as osp_script  # noqa: E402
+import sparse_training  # noqa: E402
+from utils import faults, training  # noqa: E402
+from utils.checkpoint import load_checkpoint  # noqa: E402
+from utils.errors import CheckpointError, SetupError  # noqa: E402
+from utils.faults import NonFiniteError  # noqa: E402
+from utils.summary import read_summary  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TRAIN = RESEARCH / "sparse_training.py"
+ONE_SHOT = RESEARCH / "one_shot_pruning.py"
+GM_ONE_SHOT = RESEARCH / "recipes" / "one_shot" / "gm_digits.yaml"
+PRUNED = r"re:blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight"
+GM_RECIPE = f"""
+modifiers:
+  - !GlobalMagnitudePruningModifier
+    params: ['{PRUNED}']
+    init_sparsity: 0.5
+    final_sparsity: 0.5
+    start_epoch: 0
+    end_epoch: 0
+"""
+BOUND_S = 60  # a failure must end the whole job within this
+
+
+@pytest.fixture(scope="module")
+def small_digits(tmp_path_factory, digits_dir) -> Path:
+    """30 train and 10 val images per class."""
+    return copy_digits_subset(digits_dir, tmp_path_factory.mktemp("fault_digits"), 30, 10)
+
+
+def train_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return [
+        str(data), "--dataset", "", "--model", "vit_digits", "--model-kwargs", "depth=1",
+        "-b", "50", "-vb", "100", "--workers", "0", "--opt", "adamw", "--lr", "0.002",
+        "--sched", "step", "--decay-epochs", "100", "--warmup-epochs", "0", "--smoothing", "0",
+        "--hflip", "0", "--color-jitter", "0", "--output", str(out), "--experiment", name,
+        "--log-interval", "100", *extra,
+    ]  # fmt: skip
+
+
+# ----- processes ------------------------------------------------------------------------------
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(entry.name))
+    return kids
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every live process below it."""
+    kids, out, todo = _children(), [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return [p for p in out if Path(f"/proc/{p}").exists()]
+
+
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    for pid in descendants(launcher.pid)[1:]:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env and any(e.startswith(b"TORCHELASTIC") for e in env):
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under {launcher.pid}")
+
+
+class Job:
+    """A process (tree) started in its own session; output to a file; always cleaned up."""
+
+    def __init__(self, cmd: list[str], cwd: Path, log: Path, env: dict[str, str]) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        self.started = time.monotonic()
+
+    def wait_for(self, path: Path, timeout: float = 120) -> None:
+        end = time.monotonic() + timeout
+        while not path.exists():
+            assert self.proc.poll() is None, f"exited early:\n{self.output()[-3000:]}"
+            assert time.monotonic() < end, f"{path} never appeared:\n{self.output()[-3000:]}"
+            time.sleep(0.05)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill_tree(self) -> None:
+        for pid in descendants(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def jobs():
+    started: list[Job] = []
+    yield started
+    for job in started:
+        job.kill_tree()
+
+
+def torchrun(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *extra]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def assert_all_gone(job: Job, pids: list[int]) -> None:
+    time.sleep(0.2)
+    alive = [p for p in pids if Path(f"/proc/{p}").exists() and p != job.proc.pid]
+    assert not alive, f"processes left behind: {alive}"
+
+
+# ----- no hang --------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.dist
+def test_sigint_to_one_rank_ends_the_torchrun_job(jobs, small_digits, tmp_path):
+    victim = 1  # rank 0 then sees only a lost peer, and must still end and say how to resume
+    args = train_args(small_digits, tmp_path, "ddp", "-b", "25", "--epochs", "200", "--save-last")
+    job = Job(torchrun("--standalone", "--nproc_per_node=2", str(TRAIN), *args), tmp_path,
+              tmp_path / "log.txt", _env())  # fmt: skip
+    jobs.append(job)
+    job.wait_for(tmp_path / "ddp" / "vit_digits_last.pth")
+    pids = descendants(job.proc.pid)
+    os.kill(rank_pid(job.proc, victim), signal.SIGINT)
+    start = time.monotonic()
+    code = job.wait(BOUND_S)
+    out = job.output()
+    assert code is not None, f"job still running {BOUND_S} s after SIGINT:\n{out[-3000:]}"
+    assert code != 0 and time.monotonic() - start < BOUND_S
+    assert_all_gone(job, pids)
+    assert f"[rank {victim}] stopped by SIGINT" in out
+    assert "To resume from" in out and "--resume" in out
+    # No traceback from our code (torchrun prints its own).
+    assert f'File "{RESEARCH}' not in out, out[-5000:]
+    assert load_checkpoint(tmp_path / "ddp" / "vit_digits_last.pth")["epoch"] >= 0
+    assert not (tmp_path / "ddp" / sparse_training.COMPLETE).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_rank0_disk_full_in_one_shot_ends_the_torchrun_job(jobs, small_digits, tmp_path):
+    """Rank 0 cannot write its first result row while rank 1 goes on into a collective."""
+    out = tmp_path / "out"
+    args = ["--dataset", "digits", "--data-dir", str(small_digits), "--sparseml_recipe",
+            str(GM_ONE_SHOT), "--sparsities", "0.5", "0.7", "--output_dir", str(out),
+            "--workers", "0", "-vb", "16", "--device", "cpu"]  # fmt: skip
+    cmd = torchrun("--standalone", "--nproc_per_node=2", str(ROOT / "tests" / "fault_inject.py"))
+    job = Job([*cmd, str(ONE_SHOT), *args], tmp_path, tmp_path / "log.txt", _env(FAULT="enospc"))
+    jobs.append(job)
+    code = job.wait(BOUND_S)
+    log = job.output()
+    assert code is not None, f"job still running after {BOUND_S} s:\n{log[-3000:]}"
+    assert code != 0
+    # Rank 0 names the failed write in one line (no traceback); rank 1 is stopped, not hung.
+    line = next(ln for ln in log.splitlines() if ln.startswith("[rank 0] error:"))
+    assert "no space left on device" in line.lower()
+    assert not any(r["method"] != "dense" for r in osp_script.res.read_rows(out))
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_nodes_on_localhost_run_and_end_when_one_is_killed(jobs, small_digits, tmp_path):
+    port = _free_port()
+    args = train_args(small_digits, tmp_path, "nodes", "-b", "25", "--epochs", "200", "--save-last")
+    nodes = []
+    for node in (0, 1):
+        launch = torchrun("--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+                          "--master_addr=127.0.0.1", f"--master_port={port}")  # fmt: skip
+        nodes.append(Job([*launch, str(TRAIN), *args], tmp_path, tmp_path / f"n{node}.txt", _env()))
+        jobs.append(nodes[-1])
+    nodes[0].wait_for(tmp_path / "nodes" / "vit_digits_last.pth")
+    assert "Epoch 0: zero patterns identical on 2 ranks" in nodes[0].output()
+    survivor_pids = descendants(nodes[0].proc.pid)
+    nodes[1].kill_tree()  # the whole "node": launcher and worker
+    start = time.monotonic()
+    code = nodes[0].wait(BOUND_S)
+    log = nodes[0].output()
+    assert code is not None, f"node 0 still running {BOUND_S} s after node 1 died:\n{log[-3000:]}"
+    assert code != 0 and time.monotonic() - start < BOUND_S
+    assert_all_gone(nodes[0], survivor_pids)
+    assert "[rank 0] error: lost contact with another rank" in log
+    assert "To resume from" in log
+
+
+def test_watchdog_ends_a_process_blocked_in_cpp(tmp_path):
+    """SIGTERM while the main thread waits in C++ (a store wait): no Python handler can run."""
+    code = f"""
+        import datetime, sys
+        sys.path.insert(0, {str(RESEARCH)!r})
+        import torch.distributed as dist
+        from utils import faults
+        faults.install_signal_handlers(grace=1.0)
+        store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=300))
+        print("waiting", flush=True)
+        faults.run_main(lambda: store.wait(["never-set"]))
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                            text=True, env=_env())  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "waiting"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        assert time.monotonic() - start < 10
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ----- honest interrupts ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_the_printed_command_resumes(jobs, small_digits, tmp_path):
+    args = train_args(small_digits, tmp_path, "run", "-b", "25", "--epochs", "5", "--save-last")
+    job = Job([sys.executable, str(TRAIN), *args], tmp_path, tmp_path / "log.txt", _env())
+    jobs.append(job)
+    job.wait_for(tmp_path / "run" / "vit_digits_last.pth")
+    job.proc.send_signal(signal.SIGINT)
+    assert job.wait(BOUND_S) == 130
+    log = job.output()
+    assert "stopped by SIGINT" in log and "Traceback" not in log
+    assert not (tmp_path / "run" / sparse_training.COMPLETE).exists()
+    stopped_at = load_checkpoint(tmp_path / "run" / "vit_digits_last.pth")["epoch"]
+    assert stopped_at < 4
+    command = log.split("To resume from")[1].splitlines()[1].strip()
+    assert command.endswith(f"--resume {tmp_path / 'run' / 'vit_digits_last.pth'}")
+    resumed = subprocess.run(shlex.split(command), cwd=tmp_path, env=_env(), timeout=120,
+                             capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "run" / "vit_digits_last.pth")["epoch"] == 4
+    assert [r["epoch"] for r in read_summary(tmp_path / "run" / "summary.csv")] == [
+        str(e) for e in range(5)
+    ]  # every epoch once: nothing lost, nothing repeated
+    assert (tmp_path / "run" / sparse_training.COMPLETE).is_file()
+
+
+def test_resume_command_under_torchrun_keeps_the_folder():
+    argv = ["research/sparse_training.py", "data", "--resume=old.pth", "--local-rank=1", "-b", "8"]
+    env = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_WORLD_SIZE": "1"}
+    command = faults.resume_command(argv, Path("out/x/m_last.pth"), Path("out/x"), env)
+    assert command == (
+        f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2 "
+        "research/sparse_training.py data -b 8 --output out --experiment x "
+        "--resume out/x/m_last.pth"
+    )
+
+
+@pytest.mark.parametrize(
+    ("err", "code", "text"),
+    [
+        (KeyboardInterrupt(), 130, "stopped by SIGINT"),
+        (faults.Interrupted(signal.SIGTERM), 143, "stopped by SIGTERM"),
+        (SetupError("-b 0 ..."), 2, "error: -b 0 ..."),
+        (OSError(errno.ENOSPC, "No space left on device", "/x/r.csv"), 1, "cannot write /x/r.csv"),
+        (RuntimeError("[pair.cc:1] Connection closed by peer [1.2.3.4]:5"), 1, "lost contact"),
+        (NonFiniteError("training loss is nan"), 1, "error: training loss is nan"),
+        (ValueError("a bug"), 1, None),
+    ],
+)
+def test_exit_codes(err, code, text):
+    got_code, message = faults.describe(err)
+    assert got_code == code
+    assert message == text if text is None else text in message
+
+
+# ----- shell launcher -------------------------------------------------------------------------
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for python: sparse_training.py leaves checkpoints and ends as $FAKE_TRAIN says.
+echo "$*" >> "$CALLS"
+[[ "$1" == research/sparse_training.py ]] || exit 0
+while [[ $# -gt 0 ]]; do
+  case "$1" in --output) out=$2 ;; --experiment) exp=$2 ;; esac
+  shift
+done
+mkdir -p "$out/$exp"
+echo weights > "$out/$exp/vit_digits_last.pth"
+echo weights > "$out/$exp/vit_digits_sparsity=0.00_best.pth"
+case "$FAKE_TRAIN" in
+  interrupted) exit 130 ;;
+  complete) echo '{}' > "$out/$exp/training_complete.json" ;;
+esac
+exit 0
+"""
+
+
+def test_one_shot_launcher_never_caches_an_unfinished_dense_model(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    cached = out / "dense_vit_digits.pth"
+    calls = tmp_path / "calls.txt"
+
+    def launch(mode: str) -> subprocess.CompletedProcess:
+        env = _env(PYTHON=str(fake), OUTPUT_DIR=str(out), FAKE_TRAIN=mode, CALLS=str(calls),
+                   METHODS="gm", SPARSITIES="0.5")  # fmt: skip
+        calls.write_text("")
+        script = RESEARCH / "run_one_shot_pruning.sh"
+        return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+
+    interrupted = launch("interrupted")
+    assert interrupted.returncode == 130 and not cached.exists()
+    unfinished = launch("exit0")  # resumes, exits 0, but never wrote the completion marker
+    assert unfinished.returncode == 1 and not cached.exists()
+    assert "--resume" in calls.read_text() and "not caching" in unfinished.stderr
+    done = launch("complete")
+    assert done.returncode == 0, done.stderr
+    assert cached.read_text() == "weights\n"
+    assert "one_shot_pruning.py" in calls.read_text()
+    (out / "dense_training" / "training_complete.json").unlink()  # a cache from an older run
+    again = launch("interrupted")
+    assert again.returncode == 130 and not cached.exists()
+
+
+# ----- bad numbers ----------------------------------------------------------------------------
+class NaNAtCall(torch.nn.Module):
+    """Cross-entropy that returns NaN on its ``n``-th call (1-based)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def forward(self, output, target):
+        self.calls += 1
+        loss = torch.nn.functional.cross_entropy(output, target)
+        return loss * float("nan") if self.calls == self.n else loss
+
+
+def _nan_loss_at(monkeypatch, n: int) -> None:
+    original = training.build_losses
+    monkeypatch.setattr(training, "build_losses", lambda a, m: (NaNAtCall(n), original(a, m)[1]))
+
+
+def test_nan_loss_stops_with_epoch_and_batch_and_saves_nothing_new(
+    monkeypatch, small_digits, tmp_path
+):
+    _nan_loss_at(monkeypatch, 8)  # 6 batches per epoch: epoch 1, batch 2
+    args = train_args(small_digits, tmp_path, "nan", "--epochs", "3", "--save-last",
+                      "--checkpoint-freq", "1")  # fmt: skip
+    with pytest.raises(NonFiniteError, match=r"loss is nan in epoch 1 at batch 2/6"):
+        sparse_training.main(args)
+    run = tmp_path / "nan"
+    assert sorted(p.name for p in run.glob("*.pth")) == [
+        "vit_digits_epoch=0.pth", "vit_digits_last.pth", "vit_digits_sparsity=0.00_best.pth",
+    ]  # fmt: skip
+    for path in run.glob("*.pth"):
+        assert load_checkpoint(path)["epoch"] == 0
+    assert len(read_summary(run / "summary.csv")) == 1
+    assert not (run / sparse_training.COMPLETE).exists()
+
+
+def test_skip_nonfinite_steps_skips_the_update(monkeypatch, small_digits, tmp_path, caplog):
+    _nan_loss_at(monkeypatch, 3)
+    args = train_args(small_digits, tmp_path, "skip", "--epochs", "1", "--skip-nonfinite-steps")
+    result = sparse_training.main([*args, "--save-last"])
+    assert "NaN/Inf gradients; update skipped (1 so far)" in caplog.text
+    state = load_checkpoint(result["out_dir"] / "vit_digits_last.pth")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_nan_weights_are_refused_before_one_shot_pruning(small_digits, tmp_path):
+    model = osp_script.create_model("vit_digits")
+    state = model.state_dict()
+    state["blocks.2.mlp.fc1.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    args = ["--dataset", "digits", "--data-dir", str(small_digits), "--sparseml_recipe",
+            str(GM_ONE_SHOT), "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+            "--checkpoint_path", str(tmp_path / "nan.pth")]  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"1 tensors hold NaN/Inf values \(blocks.2.mlp"):
+        osp_script.main(args)
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_result_rows_hold_null_instead_of_nan():
+    args = osp_script.parse_args(["--sparseml_recipe", str(GM_ONE_SHOT)])
+    args.device, args.world_size = "cpu", 1
+    metrics = {"accuracy": 10.0, "top5": float("nan"), "loss": float("inf"), "samples": 4}
+    row = osp_script.make_row(args, "gm", "GM", 0.9, metrics)
+    assert (row["top5"], row["loss"], row["accuracy"]) == (None, None, 10.0)
+    json.loads(json.dumps(row, allow_nan=False))
+
+
+# ----- clear errors ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--epochs", "0"], "--epochs 0 is not allowed: the number of epochs must be >= 1"),
+        (["--epochs", "-3"], "--epochs -3 is not allowed"),
+        (["-b", "0"], "-b/--batch-size 0 is not allowed: the batch size must be >= 1"),
+        (["-vb", "-1"], "-vb/--validation-batch-size -1 is not allowed"),
+        (["--gs-loader", "-gb", "0"], "-gb/--gs-batch-size 0 is not allowed"),
+        (["--initial-checkpoint", "nope.pth"], "--initial-checkpoint nope.pth does not exist"),
+        (["--output", "/sys/cap_out"], "--output /sys/cap_out is not writable"),
+    ],
+)
+def test_bad_options_name_option_value_and_rule(extra, message):
+    with pytest.raises(SetupError) as info:
+        sparse_training.parse_args(["data", *extra])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_option_exits_2_with_one_line(run_script, tmp_path):
+    result = run_script("sparse_training.py", [str(tmp_path), "--epochs", "0"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --epochs 0 is not allowed: the number of epochs must be >= 1"
+    ]
+
+
+def test_num_classes_mismatch_names_keys_shapes_and_option(small_digits, tmp_path):
+    state = osp_script.create_model("vit_digits", depth=1).state_dict()
+    torch.save(state, tmp_path / "w.pth")
+    torch.save({"model": state, "epoch": 0}, tmp_path / "ckpt.pth")
+    args = train_args(small_digits, tmp_path, "x", "--epochs", "1", "--num-classes", "5")
+    expected = (
+        r"does not match the model: shapes differ for head\.weight \(checkpoint \(10, 96\), "
+        r"model \(5, 96\)\), head\.bias .*set --num-classes 10"
+    )
+    for option, path in (("--initial-checkpoint", "w.pth"), ("--resume", "ckpt.pth")):
+        with pytest.raises(CheckpointError, match=f"{option} .*{expected}"):
+            sparse_training.main([*args, option, str(tmp_path / path)])
+
+
+def test_batch_larger_than_the_training_set_is_an_error_not_a_hang(small_digits, tmp_path):
+    recipe = tmp_path / "gm.yaml"
+    recipe.write_text(GM_RECIPE)
+    args = train_args(small_digits, tmp_path, "gb", "--epochs", "1")
+    with pytest.raises(SetupError, match=r"-gb/--gs-batch-size 301 exceeds the 300 training"):
+        sparse_training.main([*args, "--sparseml-recipe", str(recipe), "--gs-loader", "-gb", "301"])
+    with pytest.raises(SetupError, match=r"-b/--batch-size 400 exceeds the 300 training"):
+        sparse_training.main([*args, "-b", "400"])
+
+
+def test_empty_image_folder_and_read_only_data_dir(tmp_path):
+    for split in ("train", "validation"):
+        (tmp_path / "empty" / split / "cls").mkdir(parents=True)
+    args = train_args(tmp_path / "empty", tmp_path, "e", "--epochs", "1")
+    with pytest.raises(SetupError, match=r"split 'train' of .*empty"):
+        sparse_training.main(args)
+    digits = ["--dataset", "digits", "--data-dir", "/sys/cap_digits"]
+    with pytest.raises(SetupError, match=r"--data-dir /sys/cap_digits: cannot create"):
+        sparse_training.main([*train_args(tmp_path, tmp_path, "d", "--epochs", "1"), *digits])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["-vb", "0"], "-vb/--val_batch_size 0 is not allowed: the batch size must be >= 1"),
+        (["-gb", "-4"], "-gb/--grad_sampler_batch_size -4 is not allowed"),
+        (["--output_dir", "/sys/cap_out"], "--output_dir /sys/cap_out is not writable"),
+        (["--checkpoint_path", "nope.pth"], "--checkpoint_path nope.pth does not exist"),
+    ],
+)
+def test_one_shot_bad_options(extra, message):
+    with pytest.raises(SetupError) as info:
+        osp_script.parse_args(["--sparseml_recipe", str(GM_ONE_SHOT), *extra])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_interrupt_during_bookkeeping_is_raised_after_it():
+    done, before = [], signal.getsignal(signal.SIGTERM)
+    with pytest.raises(faults.Interrupted), faults.deferred_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        done.append(True)  # the block is never cut short
+    assert done == [True]
+    assert signal.getsignal(signal.SIGTERM) is before
