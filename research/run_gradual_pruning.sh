@@ -2,7 +2,7 @@
 # Gradual pruning with sparse_training.py. Runs as is (offline digits data, vit_digits, a
 # short global-magnitude recipe, 2 processes via torchrun on CPU); every setting below can be
 # overridden from the environment, e.g.
-#   RECIPE=recipes/gradual_pruning/<cap recipe>.yaml GS_BATCH_SIZE=128 MODEL=deit_small_patch16_224 \
+#   RECIPE=recipes/gradual_pruning/<cap recipe>.yaml MODEL=deit_small_patch16_224 \
 #   CONFIG=configs/deit.yaml DATASET= DATA_DIR=/data/imagenet PRETRAINED=1 ./run_gradual_pruning.sh
 # Extra arguments are passed on to sparse_training.py. Ctrl-C, a killed rank or any failure
 # ends all processes with a non-zero status; the last lines printed give the --resume command.
@@ -26,13 +26,14 @@ EPOCHS=${EPOCHS:-}                        # only used when the recipe does not s
 BATCH_SIZE=${BATCH_SIZE:-8}               # per process (2 x 8 = global 16)
 VAL_BATCH_SIZE=${VAL_BATCH_SIZE:-256}
 WORKERS=${WORKERS:-0}
-GS_BATCH_SIZE=${GS_BATCH_SIZE:-}          # set for OBS/CAP/FastCAP recipes (adds --gs-loader)
+GS_BATCH_SIZE=${GS_BATCH_SIZE:-}          # grad-sampler batch (default: the recipe's, else -b)
 CHECKPOINT_FREQ=${CHECKPOINT_FREQ:--1}
 PRETRAINED=${PRETRAINED:-0}
 AMP=${AMP:-0}
 LOG_WANDB=${LOG_WANDB:-0}
 OUTPUT=${OUTPUT:-$HERE/output}
-EXPERIMENT=${EXPERIMENT:-$(basename "${RECIPE%.*}")_${MODEL}}
+# A new folder per run (an existing one is never overwritten; resume with the printed command).
+EXPERIMENT=${EXPERIMENT:-$(basename "${RECIPE%.*}")_${MODEL}_$(date +%Y%m%d-%H%M%S)}
 export WANDB_MODE=${WANDB_MODE:-offline}
 [[ -n "${WANDB_ENTITY:-}" ]] && export WANDB_ENTITY
 [[ -n "${WANDB_PROJECT:-}" ]] && export WANDB_PROJECT
