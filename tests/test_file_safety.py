@@ -365,3 +365,17 @@ def test_one_shot_rerun_repairs_a_torn_results_line(small_digits, tmp_path, monk
     assert len(calls) == 1 and sorted(r["sparsity"] for r in rows) == [0.0, 0.5, 0.7]
     assert len(res.read_rows(out)) == 3 and len(jsonl.read_text().splitlines()) == 3
     assert (out / res.CSV).read_text().count("\n") == 4 and temps(out) == []
+
+
+def test_table_and_plot_accept_null_accuracy(tmp_path):
+    """A non-finite result is stored as null; the table and plot still render (n/a = nan)."""
+    rows = [
+        {"method": "dense", "sparsity": 0.0, "accuracy": 90.0},
+        {"method": "cap", "sparsity": 0.5, "accuracy": None},
+        {"method": "cap", "sparsity": 0.7, "accuracy": 80.0},
+    ]
+    table = res.format_table(rows)
+    assert "nan" in table and "80.00" in table
+    assert res.plot_accuracy(rows, tmp_path / "plot.png").stat().st_size > 0
+    with pytest.raises(ValueError):
+        res.append_row(tmp_path, {"method": "gm", "sparsity": 0.5, "accuracy": float("nan")})

@@ -164,14 +164,14 @@ def append_row(out_dir: str | Path, row: dict[str, Any]) -> None:
     """Append ``row`` to ``results.jsonl`` (flush + fsync), then regenerate ``results.csv``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _append_durably(out / JSONL, json.dumps(row, sort_keys=False) + "\n")
+    _append_durably(out / JSONL, json.dumps(row, sort_keys=False, allow_nan=False) + "\n")
     write_csv(out)
 
 
 def rewrite_rows(out_dir: str | Path, rows: list[dict[str, Any]]) -> None:
     """Replace ``results.jsonl`` by ``rows`` (atomically) and regenerate the CSV from it."""
     out = Path(out_dir)
-    atomic_write_text(out / JSONL, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(out / JSONL, "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
     write_csv(out, rows)
 
 
@@ -236,6 +236,13 @@ def _methods(rows: dict[tuple[str, float], dict[str, Any]]) -> list[str]:
     return seen
 
 
+def _accuracy(row: dict[str, Any] | None) -> float:
+    """The row's top-1 accuracy, NaN when the row is missing or stores null (a non-finite
+    result, written as null so that strict JSON readers accept the file)."""
+    value = None if row is None else row.get("accuracy")
+    return float("nan") if value is None else float(value)
+
+
 def format_table(rows: Iterable[dict[str, Any]]) -> str:
     """Top-1 accuracy (%) with sparsities as rows and methods as columns, dense on top."""
     latest = latest_rows(rows)
@@ -245,12 +252,12 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
     lines = ["sparsity  " + "  ".join(f"{m:>{width}}" for m in methods)]
     dense = latest.get(row_key(DENSE, 0.0))
     if dense is not None:
-        lines.insert(0, f"dense top-1 accuracy: {dense['accuracy']:.2f}%")
+        lines.insert(0, f"dense top-1 accuracy: {_accuracy(dense):.2f}%")
     for s in sparsities:
         cells = []
         for m in methods:
             row = latest.get((m, s))
-            cells.append(f"{row['accuracy']:>{width}.2f}" if row else f"{'-':>{width}}")
+            cells.append(f"{_accuracy(row):>{width}.2f}" if row else f"{'-':>{width}}")
         lines.append(f"{s:<8.3f}  " + "  ".join(cells))
     return "\n".join(lines)
 
@@ -265,11 +272,11 @@ def plot_accuracy(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
     latest = latest_rows(rows)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for method in _methods(latest):
-        points = sorted((s, r["accuracy"]) for (m, s), r in latest.items() if m == method)
+        points = sorted((s, _accuracy(r)) for (m, s), r in latest.items() if m == method)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
     dense = latest.get(row_key(DENSE, 0.0))
-    if dense is not None and math.isfinite(dense["accuracy"]):
-        ax.axhline(dense["accuracy"], color="black", linestyle="--", linewidth=1, label="dense")
+    if dense is not None and math.isfinite(_accuracy(dense)):
+        ax.axhline(_accuracy(dense), color="black", linestyle="--", linewidth=1, label="dense")
     ax.set_xlabel("sparsity")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("One-shot pruning: accuracy vs sparsity")
