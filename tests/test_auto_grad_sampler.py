@@ -35,3 +35,15 @@ def test_cap_recipe_runs_without_gs_options(
     assert f"grad-sampler loader over the training data, batch size {size}" in caplog.text
     state = load_checkpoint(out / "vit_digits_last.pth")
     assert sparsity(pruned_weights(state)) == pytest.approx(0.6, abs=1e-3)
+
+
+def test_amp_training_with_a_second_order_recipe(tiny_digits, tmp_path):
+    """--amp (bfloat16 autocast on CPU) with CAP pruning inside the training loop."""
+    recipe = write(tmp_path / "cap.yaml", CAP_RECIPE)
+    argv = [*base_args(tiny_digits, tmp_path, "amp"), "--sparseml-recipe", str(recipe)]
+    argv += ["--save-last", "-b", "25", "--epochs", "1", "--amp"]
+    state = load_checkpoint(sparse_training.main(argv)["out_dir"] / "vit_digits_last.pth")
+    assert sparsity(pruned_weights(state)) == pytest.approx(0.6, abs=1e-3)
+    assert all(
+        v.dtype == state["model"]["head.weight"].dtype for v in pruned_weights(state).values()
+    )
