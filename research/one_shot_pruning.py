@@ -44,6 +44,7 @@ from utils.cli import validate_one_shot_args  # noqa: E402
 from utils.data import resolve_data_dir  # noqa: E402
 from utils.distributed import cleanup, gather_objects, init_distributed, is_primary  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
+from utils.pretrained import PRETRAINED_HINT, pretrained_kwargs  # noqa: E402
 from utils.run_dir import hold_folder  # noqa: E402
 
 _logger = logging.getLogger("one_shot")
@@ -62,8 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(*spellings, **kwargs)
 
     opt("--model", default="vit_digits", help="timm model name")
-    opt("--pretrained", action="store_true", help="timm pretrained weights (needs them cached)")
-    opt("--checkpoint_path", default="", help="dense weights (state dict or training checkpoint)")
+    opt("--pretrained", action="store_true", help="timm pretrained weights (cached or downloaded)")
+    opt(
+        "--checkpoint_path",
+        "--initial-checkpoint",
+        default="",
+        help="dense weights (state dict or training checkpoint)",
+    )
     opt("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="k=v for create_model")
     opt("--num-classes", type=int, default=None)
     opt(
@@ -141,10 +147,13 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     kwargs = dict(args.model_kwargs)
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
+    if args.pretrained:  # cached weights, else a download, else a fast clear error
+        kwargs.update(pretrained_kwargs(args.model, "--initial-checkpoint"))
     try:
         model = create_model(args.model, pretrained=args.pretrained, **kwargs)
-    except (RuntimeError, OSError, ValueError) as err:  # unknown name, weights not cached
-        raise SetupError(f"cannot build model {args.model!r}: {err}") from err
+    except (RuntimeError, OSError, ValueError) as err:  # unknown name, a failed download
+        hint = PRETRAINED_HINT if args.pretrained else ""
+        raise SetupError(f"cannot build model {args.model!r}: {err}{hint}") from err
     digest = ""
     if args.checkpoint_path:
         osp.load_weights(model, args.checkpoint_path)  # refuses NaN/Inf weights
