@@ -42,8 +42,15 @@ from utils import one_shot as osp  # noqa: E402
 from utils import results as res  # noqa: E402
 from utils.cli import validate_one_shot_args  # noqa: E402
 from utils.data import resolve_data_dir  # noqa: E402
-from utils.distributed import cleanup, gather_objects, init_distributed, is_primary  # noqa: E402
+from utils.distributed import (  # noqa: E402
+    cleanup,
+    gather_objects,
+    init_distributed,
+    is_primary,
+    quiet_other_ranks,
+)
 from utils.errors import SetupError  # noqa: E402
+from utils.plots import dataset_label, plot_accuracy  # noqa: E402
 from utils.pretrained import PRETRAINED_HINT, pretrained_kwargs  # noqa: E402
 from utils.run_dir import hold_folder  # noqa: E402
 
@@ -265,7 +272,7 @@ def build_loaders(args, model, device, needs_grads: bool) -> tuple[dict, dict]:
 def finish(args, out_dir: Path, wandb: Any) -> list[dict]:
     rows = list(res.latest_rows(res.read_rows(out_dir)).values())
     print(res.format_table(rows))
-    plot = res.plot_accuracy(rows, out_dir / res.PLOT)
+    plot = plot_accuracy(rows, out_dir / res.PLOT, args.model, dataset_label(args))
     print(f"Results: {out_dir / res.JSONL}, {out_dir / res.CSV}; plot: {plot}")
     if wandb is not None:
         res.wandb_final(wandb, rows, plot)
@@ -282,8 +289,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     needs_grads = osp.needs_gradients(pruner)
     resolve_data_dir(args.dataset, args.data_dir)  # missing data: fail before the model loads
     device = init_distributed(args)
-    if not is_primary(args):
-        _logger.setLevel(logging.WARNING)
+    quiet_other_ranks(args)
     # No `finally`: after a failure on this rank, a barrier here would wait for peers that sit
     # in another collective (a hang); faults.run_main leaves without touching the group.
     with hold_folder(args, args.output_dir, "--output_dir"):  # one sweep at a time
