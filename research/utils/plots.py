@@ -124,7 +124,7 @@ def plot_accuracy(
     ax.set_title("accuracy")
     drop_ax.set_ylabel("top-1 minus dense (points)")
     cut = f"\n(cut at {DROP_FLOOR:g} points; below: {', '.join(collapsed)})" if collapsed else ""
-    drop_ax.set_title("accuracy drop from dense" + cut, fontsize=10 if cut else None)
+    drop_ax.set_title("accuracy drop from dense" + cut, **({"fontsize": 10} if cut else {}))
     for axis in (ax, drop_ax):
         axis.set_xlabel("sparsity")
         axis.grid(True, alpha=0.3)
@@ -152,6 +152,8 @@ def plot_training(
     ``rows`` are ``summary.csv`` rows (:func:`utils.summary.read_summary` or the rows written).
     """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [int(r["epoch"]) for r in rows]
     fig, ax = plt.subplots(figsize=(7.2, 4.8))
     name = {"top1": "top-1", "top5": "top-5"}.get(metric, metric)
@@ -159,6 +161,7 @@ def plot_training(
     if metric == "top1" and any("eval/top5" in r for r in rows):
         ax.plot(epochs, _floats(rows, "eval/top5"), color="tab:blue", alpha=0.35, label="top-5")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"eval {name} (%)" if metric.startswith("top") else f"eval {name}")
     ax.grid(True, alpha=0.3)
     right = ax.twinx()
