@@ -154,3 +154,35 @@ def test_other_ranks_log_warnings_only(restore_levels):
         assert not logging.getLogger("sparse_training").isEnabledFor(logging.INFO)
         warnings.warn("deprecated", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["rank 0 sees this"]
+
+
+def test_history_survives_a_failed_write_and_resume(tmp_path, monkeypatch):
+    """A full disk while the best checkpoint is written: the run stops; its last checkpoint
+    already lists the entry, whose file is missing. The resumed history drops it."""
+    import errno
+
+    import utils.checkpoint as ckpt
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hist = CheckpointHistory(tmp_path, "m", max_history=2, decreasing=False)
+    first = hist.offer(0, 0.0, 50.0)
+    save_checkpoint(first, model=model, optimizer=opt, epoch=0, arch="a")
+    hist.commit()
+    best_path = hist.offer(1, 0.5, 40.0)
+    state = hist.state_dict()
+    save_checkpoint(tmp_path / "m_last.pth", model=model, optimizer=opt, epoch=1, arch="a",
+                    checkpoint_hist=state)  # fmt: skip
+
+    def full_disk(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ckpt, "atomic_save", full_disk)
+    with pytest.raises(OSError):
+        save_checkpoint(best_path, model=model, optimizer=opt, epoch=1, arch="a")
+    assert not best_path.exists() and (tmp_path / "m_best.pth").read_bytes() == first.read_bytes()
+
+    resumed = CheckpointHistory(tmp_path, "m", max_history=2, decreasing=False)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "m_last.pth")["checkpoint_hist"])
+    assert [e["epoch"] for e in resumed.state_dict()] == [0]
+    assert resumed.offer(1, 0.5, 40.0) == best_path  # the rerun epoch is ranked again
