@@ -1,4 +1,4 @@
-"""Result rows of a one-shot sparsity sweep: crash-safe files, a table and a plot.
+"""Result rows of a one-shot sparsity sweep: crash-safe files and a table (plots: ``utils.plots``).
 
 ``results.jsonl`` (one JSON object a line) is the source of truth: every row is appended to it
 as soon as it is computed, flushed and fsync'ed, so a killed sweep loses at most the row in
