@@ -42,8 +42,16 @@ from utils import one_shot as osp  # noqa: E402
 from utils import results as res  # noqa: E402
 from utils.cli import validate_one_shot_args  # noqa: E402
 from utils.data import resolve_data_dir  # noqa: E402
-from utils.distributed import cleanup, gather_objects, init_distributed, is_primary  # noqa: E402
+from utils.distributed import (  # noqa: E402
+    cleanup,
+    gather_objects,
+    init_distributed,
+    is_primary,
+    quiet_other_ranks,
+)
 from utils.errors import SetupError  # noqa: E402
+from utils.plots import dataset_label, plot_accuracy  # noqa: E402
+from utils.pretrained import PRETRAINED_HINT, pretrained_kwargs  # noqa: E402
 from utils.run_dir import hold_folder  # noqa: E402
 
 _logger = logging.getLogger("one_shot")
@@ -62,8 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(*spellings, **kwargs)
 
     opt("--model", default="vit_digits", help="timm model name")
-    opt("--pretrained", action="store_true", help="timm pretrained weights (needs them cached)")
-    opt("--checkpoint_path", default="", help="dense weights (state dict or training checkpoint)")
+    opt("--pretrained", action="store_true", help="timm pretrained weights (cached or downloaded)")
+    opt(
+        "--checkpoint_path",
+        "--initial-checkpoint",
+        default="",
+        help="dense weights (state dict or training checkpoint)",
+    )
     opt("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="k=v for create_model")
     opt("--num-classes", type=int, default=None)
     opt(
@@ -141,10 +154,13 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     kwargs = dict(args.model_kwargs)
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
+    if args.pretrained:  # cached weights, else a download, else a fast clear error
+        kwargs.update(pretrained_kwargs(args.model, "--initial-checkpoint"))
     try:
         model = create_model(args.model, pretrained=args.pretrained, **kwargs)
-    except (RuntimeError, OSError, ValueError) as err:  # unknown name, weights not cached
-        raise SetupError(f"cannot build model {args.model!r}: {err}") from err
+    except (RuntimeError, OSError, ValueError) as err:  # unknown name, a failed download
+        hint = PRETRAINED_HINT if args.pretrained else ""
+        raise SetupError(f"cannot build model {args.model!r}: {err}{hint}") from err
     digest = ""
     if args.checkpoint_path:
         osp.load_weights(model, args.checkpoint_path)  # refuses NaN/Inf weights
@@ -256,7 +272,7 @@ def build_loaders(args, model, device, needs_grads: bool) -> tuple[dict, dict]:
 def finish(args, out_dir: Path, wandb: Any) -> list[dict]:
     rows = list(res.latest_rows(res.read_rows(out_dir)).values())
     print(res.format_table(rows))
-    plot = res.plot_accuracy(rows, out_dir / res.PLOT)
+    plot = plot_accuracy(rows, out_dir / res.PLOT, args.model, dataset_label(args))
     print(f"Results: {out_dir / res.JSONL}, {out_dir / res.CSV}; plot: {plot}")
     if wandb is not None:
         res.wandb_final(wandb, rows, plot)
@@ -273,8 +289,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     needs_grads = osp.needs_gradients(pruner)
     resolve_data_dir(args.dataset, args.data_dir)  # missing data: fail before the model loads
     device = init_distributed(args)
-    if not is_primary(args):
-        _logger.setLevel(logging.WARNING)
+    quiet_other_ranks(args)
     # No `finally`: after a failure on this rank, a barrier here would wait for peers that sit
     # in another collective (a hang); faults.run_main leaves without touching the group.
     with hold_folder(args, args.output_dir, "--output_dir"):  # one sweep at a time

@@ -4,7 +4,8 @@
 # overridden from the environment, e.g.
 #   RECIPE=recipes/gradual_pruning/<cap recipe>.yaml MODEL=deit_small_patch16_224 \
 #   CONFIG=configs/deit.yaml DATASET= DATA_DIR=/data/imagenet PRETRAINED=1 ./run_gradual_pruning.sh
-# Extra arguments are passed on to sparse_training.py. Ctrl-C, a killed rank or any failure
+# The defaults download nothing, so HF_HUB_OFFLINE is left as you set it: PRETRAINED=1 fetches
+# timm's weights (or uses the cached ones). Extra arguments are passed on to sparse_training.py. Ctrl-C, a killed rank or any failure
 # ends all processes with a non-zero status; the last lines printed give the --resume command.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -7,7 +7,8 @@
 # of top-1 accuracy (also results.jsonl/.csv and accuracy_vs_sparsity.png in $OUTPUT_DIR).
 # A killed run resumes: finished rows are kept and skipped, an interrupted dense training
 # continues from its last epoch, and a dense model is cached only once its training completed.
-# Any failure or Ctrl-C ends the script with a non-zero status. About 5-8 min on 2 CPU cores.
+# Any failure or Ctrl-C ends the script with a non-zero status. Nothing is downloaded (no
+# --pretrained), so HF_HUB_OFFLINE is left as you set it. About 5-8 min on 2 CPU cores.
 #
 # Every default can be overridden from the environment, e.g.
 #   METHODS="gm cap" SPARSITIES="0.8 0.9" NUM_GRADS=256 bash research/run_one_shot_pruning.sh

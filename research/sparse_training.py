@@ -34,14 +34,23 @@ from sparseml.sparsity import ModuleSparsificationInfo  # noqa: E402
 from utils import checkpoint as ckpt_io  # noqa: E402
 from utils import faults, training  # noqa: E402
 from utils import logging_utils as logs  # noqa: E402
+from utils.checkpoint_hist import CheckpointHistory  # noqa: E402
 from utils.cli import parse_args  # noqa: E402
 from utils.data import create_datasets, sampler_batches  # noqa: E402
-from utils.distributed import cleanup, gather_objects, init_distributed, is_primary  # noqa: E402
+from utils.distributed import (  # noqa: E402
+    cleanup,
+    gather_objects,
+    init_distributed,
+    is_primary,
+    quiet_other_ranks,
+    wrap_ddp,
+)
 from utils.engine import check_finite_metrics, train_one_epoch, validate  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
 from utils.models import check_fits  # noqa: E402
+from utils.plots import PLOT_TRAINING, dataset_label, plot_training  # noqa: E402
 from utils.run_dir import claim_training_dir, continues_in  # noqa: E402
-from utils.summary import summary_row, write_summary_row  # noqa: E402
+from utils.summary import read_summary, summary_row, write_summary_row  # noqa: E402
 
 _logger = logging.getLogger("sparse_training")
 
@@ -135,6 +144,13 @@ def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> 
     row = summary_row(epoch, train_metrics, eval_metrics, lr=sum(lrs) / len(lrs))
     row.update(sparsity=sparsity, **summary)
     write_summary_row(out_dir / "summary.csv", row)
+    plot_training(  # rewritten (atomically) every epoch: readable while the run goes on
+        read_summary(out_dir / "summary.csv"),
+        out_dir / PLOT_TRAINING,
+        args.model,
+        dataset_label(args),
+        metric=args.eval_metric,
+    )
     if state["wandb"] is not None:
         hists = {}
         if args.log_param_histogram:
@@ -151,7 +167,7 @@ def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> 
         logs.write_sparsity_distribution(out_dir, epoch, model)
     name = safe_model_name(args.model)
     metric = eval_metrics[args.eval_metric]
-    is_best = state["best"].update(f"{sparsity:.2f}", metric, epoch)  # per sparsity level
+    best_path = state["hist"].offer(epoch, sparsity, metric)  # sparsest, then best metric
     save = dict(
         model=model,
         optimizer=state["optimizer"],
@@ -162,14 +178,15 @@ def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> 
         manager=manager,
         metric=metric,
         rng=rng,
-        best=state["best"].state_dict(),
+        checkpoint_hist=state["hist"].state_dict(),
     )
     if args.checkpoint_freq > 0 and epoch % args.checkpoint_freq == 0:
         ckpt_io.save_checkpoint(out_dir / f"{name}_epoch={epoch}.pth", **save)
     if args.save_last:
         ckpt_io.save_checkpoint(out_dir / f"{name}_last.pth", **save)
-    if is_best:
-        ckpt_io.save_checkpoint(out_dir / f"{name}_sparsity={sparsity:.2f}_best.pth", **save)
+    if best_path is not None:
+        ckpt_io.save_checkpoint(best_path, **save)
+    state["hist"].commit()
 
 
 COMPLETE = "training_complete.json"
@@ -213,8 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     manager = load_recipe(args)
     train_ds, eval_ds = create_datasets(args)
     device = init_distributed(args)
-    if not is_primary(args):
-        _logger.setLevel(logging.WARNING)
+    quiet_other_ranks(args)
     random_seed(args.seed, args.rank)
 
     model = training.build_model(args)
@@ -233,22 +249,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     resumed = ckpt_io.load_checkpoint(args.resume) if args.resume else None
     if resumed is not None:  # names mismatching keys/shapes and --num-classes
-        check_fits(model, resumed["model"], "--resume", args.resume)
+        check_fits(model, resumed["state_dict"], "--resume", args.resume)
     ckpt_io.restore_training_state(resumed, args, model, optimizer, scaler)
     ema = None
     if args.model_ema:
         ema = ModelEmaV3(
             model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None
         )
-        if resumed is not None and resumed.get("ema"):
-            ema.module.load_state_dict(resumed["ema"])
-    train_model = model
-    if args.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device] if device.type == "cuda" else None,
-            broadcast_buffers=not args.no_ddp_bb,
-        )
+        if resumed is not None and resumed.get("state_dict_ema"):
+            ema.module.load_state_dict(resumed["state_dict_ema"])
+    train_model = (
+        wrap_ddp(model, device, sync_buffers=not args.no_ddp_bb) if args.distributed else model
+    )
 
     loader_train, loader_eval, mixup_fn = training.build_loaders(
         args, cfg, train_ds, eval_ds, device
@@ -290,11 +302,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lr_scheduler.step(start_epoch)
 
     state = dict(model=model, manager=manager, optimizer=optimizer, scaler=scaler, ema=ema)
-    state.update(wandb=None, best=ckpt_io.BestMetric(decreasing="loss" in args.eval_metric))
     state["out_dir"], run_lock = claim_training_dir(args, cfg["input_size"][-1])
-    if resumed is not None and continues_in(args, state["out_dir"]):
-        state["best"].load_state_dict(resumed.get("best"))  # best of the whole run, not since
-    if is_primary(args):
+    state.update(wandb=None, hist=None)
+    if is_primary(args):  # only rank 0 has a run folder and writes checkpoints
+        decreasing = "loss" in args.eval_metric
+        name = safe_model_name(args.model)
+        state["hist"] = CheckpointHistory(state["out_dir"], name, args.checkpoint_hist, decreasing)
+        if resumed is not None and continues_in(args, state["out_dir"]):
+            state["hist"].load_state_dict(resumed.get("checkpoint_hist"))  # the whole run's
         (state["out_dir"] / COMPLETE).unlink(missing_ok=True)  # this run is not complete yet
         recipe_copy = training.write_run_files(args, state["out_dir"])
         if args.log_wandb:

@@ -26,6 +26,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests never download: the product leaves HF_HUB_OFFLINE alone (--pretrained may download),
+# so the tests set it for themselves and, through run_script, for the scripts they start.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 RESEARCH = ROOT / "research"
 if str(RESEARCH) not in sys.path:

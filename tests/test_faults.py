@@ -328,7 +328,7 @@ while [[ $# -gt 0 ]]; do
 done
 mkdir -p "$out/$exp"
 echo weights > "$out/$exp/vit_digits_last.pth"
-echo weights > "$out/$exp/vit_digits_sparsity=0.00_best.pth"
+echo weights > "$out/$exp/vit_digits_best.pth"
 case "$FAKE_TRAIN" in
   interrupted) exit 130 ;;
   complete) echo '{}' > "$out/$exp/training_complete.json" ;;
@@ -396,7 +396,8 @@ def test_nan_loss_stops_with_epoch_and_batch_and_saves_nothing_new(
         sparse_training.main(args)
     run = tmp_path / "nan"
     assert sorted(p.name for p in run.glob("*.pth")) == [
-        "vit_digits_epoch=0.pth", "vit_digits_last.pth", "vit_digits_sparsity=0.00_best.pth",
+        "vit_digits_best.pth", "vit_digits_best_sparsity=0.00_epoch=0.pth",
+        "vit_digits_epoch=0.pth", "vit_digits_last.pth",
     ]  # fmt: skip
     for path in run.glob("*.pth"):
         assert load_checkpoint(path)["epoch"] == 0
@@ -410,7 +411,7 @@ def test_skip_nonfinite_steps_skips_the_update(monkeypatch, small_digits, tmp_pa
     result = sparse_training.main([*args, "--save-last"])
     assert "NaN/Inf gradients; update skipped (1 so far)" in caplog.text
     state = load_checkpoint(result["out_dir"] / "vit_digits_last.pth")
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
 
 
 def test_nan_weights_are_refused_before_one_shot_pruning(small_digits, tmp_path):

@@ -30,8 +30,9 @@ from sparseml.manager import ScheduledModifierManager  # noqa: E402
 from sparseml.serialization import FileWriteError, atomic_open, atomic_save  # noqa: E402
 from utils import results as res  # noqa: E402
 from utils import run_dir  # noqa: E402
-from utils.checkpoint import BestMetric, load_checkpoint, save_checkpoint  # noqa: E402
+from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
+from utils.plots import plot_accuracy  # noqa: E402
 from utils.summary import read_summary, write_summary_row  # noqa: E402
 
 GM = RESEARCH / "recipes" / "one_shot" / "gm_digits.yaml"
@@ -142,7 +143,7 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
         tiny_checkpoint(tmp_path / "c.pth", 0)
         res.append_row(tmp_path, {"method": "m", "sparsity": 0.5, "accuracy": 1.0})
         write_summary_row(tmp_path / "summary.csv", {"epoch": 0, "x": 1})
-        res.plot_accuracy(res.read_rows(tmp_path), tmp_path / res.PLOT)
+        plot_accuracy(res.read_rows(tmp_path), tmp_path / res.PLOT)
         lock = run_dir.lock_folder(tmp_path, "--output_dir")
         lock.release()
     finally:
@@ -202,22 +203,6 @@ def test_summary_has_one_row_per_epoch_after_resume(tmp_path):
     # Files of older versions: a second header line where columns changed, a torn last line.
     path.write_text("epoch,loss\n0,1.0\nepoch,loss,lr\n1,0.5,0.1\n2,0.")
     assert [r.get("lr") for r in read_summary(path)] == [None, "0.1"]
-
-
-def test_best_metric_state_round_trips_through_a_checkpoint(tmp_path):
-    best = BestMetric()
-    assert best.update("0.50", 80.0, 3) and not best.update("0.50", 79.0, 4)
-    assert not best.update("0.50", float("nan"), 5) and best.update("0.75", 60.0, 6)
-    model = torch.nn.Linear(2, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    path = save_checkpoint(
-        tmp_path / "c.pth", model=model, optimizer=opt, epoch=6, arch="a", best=best.state_dict()
-    )
-    resumed = BestMetric()
-    resumed.load_state_dict(torch.load(path, weights_only=True)["best"])
-    assert not resumed.update("0.50", 79.5, 7) and resumed.update("0.50", 81.0, 8)
-    losses = BestMetric(decreasing=True)
-    assert losses.update("0.00", 2.0, 0) and losses.update("0.00", 1.0, 1)
 
 
 # ----- run folders: locks, kill -9, no overwrite ------------------------------------------------
@@ -324,9 +309,9 @@ def train_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
 
 
 def test_training_resume_keeps_best_and_summary_and_refuses_fresh_runs(small_digits, tmp_path):
-    argv = train_args(small_digits, tmp_path, "run")
+    argv = train_args(small_digits, tmp_path, "run", "--checkpoint-hist", "1")
     out = sparse_training.main([*argv, "--stop-epoch", "2"])["out_dir"]
-    last, best = out / "vit_digits_last.pth", out / "vit_digits_sparsity=0.00_best.pth"
+    last, best = out / "vit_digits_last.pth", out / "vit_digits_best.pth"
     files = lambda: {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".run.lock"}  # noqa: E731
     before = files()
     with pytest.raises(SetupError, match=r"already holds a run .* --resume .*vit_digits_last"):
@@ -336,14 +321,19 @@ def test_training_resume_keeps_best_and_summary_and_refuses_fresh_runs(small_dig
     # Injected: a best metric no epoch can beat, and a summary row of an epoch whose checkpoint
     # was never written (killed in between).
     state = torch.load(last, weights_only=True)
-    state["best"] = {"0.00": {"metric": 101.0, "epoch": 1}}
+    [entry] = state["checkpoint_hist"]
+    state["checkpoint_hist"] = [{**entry, "metric": 101.0}]
     atomic_save(state, last)
     write_summary_row(out / "summary.csv", {**read_summary(out / "summary.csv")[-1], "epoch": 2})
     best_before = best.read_bytes()
+    # A kept checkpoint of an abandoned continuation: the resumed history does not list it.
+    orphan = out / "vit_digits_best_sparsity=0.00_epoch=7.pth"
+    orphan.write_bytes(best_before)
     sparse_training.main([*argv, "--resume", str(last)])
     assert load_checkpoint(last)["epoch"] == 2
     assert best.read_bytes() == best_before  # epoch 2 is not the best of the whole run
-    assert load_checkpoint(last)["best"]["0.00"] == {"metric": 101.0, "epoch": 1}
+    assert load_checkpoint(last)["checkpoint_hist"] == [{**entry, "metric": 101.0}]
+    assert sorted(p.name for p in out.glob("vit_digits_best*.pth")) == [best.name, entry["file"]]
     assert [r["epoch"] for r in read_summary(out / "summary.csv")] == ["0", "1", "2"]
 
 
@@ -376,6 +366,6 @@ def test_table_and_plot_accept_null_accuracy(tmp_path):
     ]
     table = res.format_table(rows)
     assert "nan" in table and "80.00" in table
-    assert res.plot_accuracy(rows, tmp_path / "plot.png").stat().st_size > 0
+    assert plot_accuracy(rows, tmp_path / "plot.png").stat().st_size > 0
     with pytest.raises(ValueError):
         res.append_row(tmp_path, {"method": "gm", "sparsity": 0.5, "accuracy": float("nan")})

@@ -95,8 +95,8 @@ def test_kill_then_resume_equals_uninterrupted(nproc, small_digits, tmp_path, on
     assert zeros / sum(w.numel() for w in pruned_weights(resumed).values()) == pytest.approx(
         0.7, abs=1e-3
     )
-    for key, weight in full["model"].items():
-        assert torch.equal(resumed["model"][key], weight), key
+    for key, weight in full["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], weight), key
     assert metrics(tmp_path / "part") == metrics(tmp_path / "full")
 
 

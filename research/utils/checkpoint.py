@@ -1,16 +1,19 @@
-"""Checkpoints that hold only tensors and plain containers, written atomically.
+"""Checkpoints under timm's keys, holding only tensors and plain containers, written atomically.
 
-A checkpoint is a dict with ``model`` (state dict of the unwrapped model), ``optimizer``,
-``scaler`` (AMP loss scaler or None), ``ema`` (EMA model state dict or None), ``manager``
-(recipe manager state: masks and schedule position, or None), ``epoch`` (last finished epoch),
-``arch``, ``rng`` (per rank: torch/numpy/python random states, for an exact continuation),
-``metric`` and ``best`` (:class:`BestMetric` state, so a resumed run keeps the best metric of
-the whole run). Everything loads with ``torch.load(weights_only=True)``.
+A checkpoint is a dict with timm's keys, so ``timm.models.load_checkpoint(model, path)`` loads it
+(the EMA weights when present, as timm does): ``state_dict`` (the unwrapped model), ``optimizer``,
+``epoch`` (last finished epoch), ``arch``, ``version`` (2, timm's), ``metric``, and when used
+``state_dict_ema`` and ``amp_scaler``. Our additions: ``manager`` (recipe manager state: masks
+and schedule position, or None), ``rng`` (per rank: torch/numpy/python random states, for an
+exact continuation) and ``checkpoint_hist`` (the run's best checkpoints, see
+:mod:`utils.checkpoint_hist`). Everything loads with ``torch.load(weights_only=True)``.
+
+Checkpoints of older versions (``model``, ``ema``, ``scaler`` keys) still resume:
+:func:`load_checkpoint` returns them under the new keys.
 """
 
 from __future__ import annotations
 
-import math
 import pickle
 import random
 import zipfile
@@ -63,33 +66,42 @@ def save_checkpoint(
     manager: Any = None,
     metric: float | None = None,
     rng: list[dict[str, Any]] | None = None,
-    best: dict[str, Any] | None = None,
+    checkpoint_hist: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write a checkpoint to ``path`` atomically (a failed write keeps the previous file and
     raises :class:`sparseml.serialization.FileWriteError` naming the path and the reason).
 
-    ``rng`` holds one :func:`rng_state` per rank (default: this process only); ``best`` is a
-    :meth:`BestMetric.state_dict`.
+    ``rng`` holds one :func:`rng_state` per rank (default: this process only);
+    ``checkpoint_hist`` is a :meth:`CheckpointHistory.state_dict`.
     """
     path = Path(path)
     state = {
         "arch": arch,
         "epoch": int(epoch),
-        "model": _unwrap(model).state_dict(),
+        "state_dict": _unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "ema": _unwrap(ema).state_dict() if ema is not None else None,
-        "manager": manager.state_dict() if manager is not None else None,
+        "version": 2,
         "metric": None if metric is None else float(metric),
+        "manager": manager.state_dict() if manager is not None else None,
         "rng": rng if rng is not None else [rng_state()],
-        "best": best if best is not None else {},
+        "checkpoint_hist": checkpoint_hist or [],
     }
+    if ema is not None:  # timm's loader prefers this key whenever it is present
+        state["state_dict_ema"] = _unwrap(ema).state_dict()
+    if scaler is not None:
+        state[SCALER_KEY] = scaler.state_dict()
     atomic_save(state, path)
     return path
 
 
+SCALER_KEY = "amp_scaler"  # timm's NativeScaler.state_dict_key
+# Keys of checkpoints written before the timm layout, and their timm names.
+_OLD_KEYS = {"model": "state_dict", "ema": "state_dict_ema", "scaler": SCALER_KEY}
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU with ``weights_only=True``; clear error when unreadable."""
+    """Read a checkpoint on the CPU with ``weights_only=True``, under the timm keys (older
+    checkpoints' ``model``/``ema``/``scaler`` renamed); clear error when unreadable."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -100,14 +112,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path} is unreadable (truncated, corrupt or not written by "
             f"sparse_training.py): {str(err).splitlines()[0]}"
         ) from err
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"checkpoint {path} has no 'model' entry; not a training checkpoint")
+    if isinstance(state, dict) and "state_dict" not in state and "model" in state:
+        state = {_OLD_KEYS.get(k, k): v for k, v in state.items()}
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise CheckpointError(
+            f"checkpoint {path} has no 'state_dict' entry; not a training checkpoint"
+        )
     return state
 
 
 def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
-    """Load ``state["model"]`` strictly into the unwrapped ``model``; name mismatches clearly."""
-    weights = {k.removeprefix("module."): v for k, v in state["model"].items()}
+    """Load ``state["state_dict"]`` strictly into the unwrapped ``model``; name mismatches."""
+    weights = {k.removeprefix("module."): v for k, v in state["state_dict"].items()}
     try:
         _unwrap(model).load_state_dict(weights, strict=True)
     except RuntimeError as err:
@@ -126,40 +142,5 @@ def restore_training_state(
     load_model_weights(model, state, args.resume)
     if not args.no_resume_opt:
         optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-
-
-class BestMetric:
-    """Best evaluation metric (and its epoch) per sparsity level, over the whole run.
-
-    The state goes into every checkpoint, so after ``--resume`` a ``*_best.pth`` is replaced
-    only by a better epoch than any before the restart, not just the best since it. Levels are
-    the formatted sparsity in the best checkpoint's name; non-finite metrics never win.
-    """
-
-    def __init__(self, decreasing: bool = False) -> None:
-        self.decreasing = decreasing
-        self.best: dict[str, dict[str, float | int]] = {}
-
-    def update(self, level: str, metric: float, epoch: int) -> bool:
-        """Record ``metric``; True when it is the best of ``level`` so far."""
-        if not math.isfinite(metric):
-            return False
-        old = self.best.get(level)
-        if old is not None:
-            better = metric < old["metric"] if self.decreasing else metric > old["metric"]
-            if not better:
-                return False
-        self.best[level] = {"metric": float(metric), "epoch": int(epoch)}
-        return True
-
-    def state_dict(self) -> dict[str, dict[str, float | int]]:
-        return {level: dict(entry) for level, entry in self.best.items()}
-
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore from a checkpoint's ``best`` (absent in checkpoints of older versions)."""
-        self.best = {
-            str(level): {"metric": float(e["metric"]), "epoch": int(e["epoch"])}
-            for level, e in (state or {}).items()
-        }
+        if scaler is not None and state.get(SCALER_KEY):
+            scaler.load_state_dict(state[SCALER_KEY])

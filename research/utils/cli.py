@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-interval", type=int, default=50)
     a("--checkpoint-freq", type=int, default=-1, help="save every N epochs (-1: never)")
     a("--save-last", action="store_true", help="keep <model>_last.pth updated every epoch")
+    a(
+        "--checkpoint-hist",
+        type=int,
+        default=10,
+        help="keep the N best checkpoints, sparsest first, then by --eval-metric (default 10; "
+        "0: none); the best is also copied to <model>_best.pth",
+    )
     a("-j", "--workers", type=int, default=4)
     a("--amp", action="store_true")
     a("--amp-dtype", default="float16", choices=["float16", "bfloat16"])
@@ -255,6 +262,7 @@ def validate_args(args: argparse.Namespace) -> None:
     check_at_least("--num-classes", args.num_classes, 1, "the number of classes")
     check_at_least("-j/--workers", args.workers, 0, "the number of loader processes")
     check_at_least("--log-interval", args.log_interval, 1, "the logging interval in updates")
+    check_at_least("--checkpoint-hist", args.checkpoint_hist, 0, "the number of best checkpoints")
     check_at_least("--timeout", args.timeout, 1, "the process group timeout in seconds")
     check_at_least("--start-epoch", args.start_epoch, 0, "the first epoch")
     check_at_least("--stop-epoch", args.stop_epoch, 1, "the epoch to stop before")

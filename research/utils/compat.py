@@ -23,15 +23,17 @@ _SCHEMAS = (
 # Kept at module level: a torch.library.Library deregisters its definitions when collected.
 _TORCHVISION_LIB: torch.library.Library | None = None
 
+# Without network, online W&B hangs ~100 s; offline runs sync later with `wandb sync`.
+# HF_HUB_OFFLINE is deliberately absent: it would stop --pretrained from downloading weights
+# (tests, CI and offline launchers set it themselves; see utils/pretrained.py for the fast
+# failure without network).
 OFFLINE_DEFAULTS = {
-    # Without network, hub look-ups retry for ~45 s and online W&B hangs ~100 s.
-    "HF_HUB_OFFLINE": "1",
     "WANDB_MODE": "offline",
 }
 
 
 def set_offline_defaults() -> None:
-    """Set ``HF_HUB_OFFLINE=1`` and ``WANDB_MODE=offline`` unless the user already chose."""
+    """Set ``WANDB_MODE=offline`` unless the user already chose."""
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
+import logging
 import os
+import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -76,3 +80,42 @@ def gather_objects(args: argparse.Namespace, obj: object) -> list[object]:
     out: list[object] = [None] * args.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+# Loggers of the scripts and the libraries whose progress lines would repeat on every rank.
+_QUIET_LOGGERS = ("", "sparse_training", "one_shot", "sparseml", "timm", "utils")
+
+
+def quiet_other_ranks(args: argparse.Namespace) -> None:
+    """Ranks other than 0 log warnings and errors only, and show no Python warnings.
+
+    Progress (grad-sampler batches, epochs) would otherwise print once per rank, and library
+    deprecation warnings repeat rank 0's word for word. Errors still reach stderr from every
+    rank (with a rank prefix, see ``faults``).
+    """
+    if is_primary(args):
+        return
+    for name in _QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET or logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+
+def wrap_ddp(
+    model: torch.nn.Module, device: torch.device, sync_buffers: bool = True
+) -> torch.nn.parallel.DistributedDataParallel:
+    """``DistributedDataParallel`` without deprecated arguments.
+
+    Buffers are synced by default; ``sync_buffers=False`` (``--no-ddp-bb``) asks for no sync in
+    the forward pass through ``forward_sync_buffers`` where this torch has it (passing the
+    deprecated ``broadcast_buffers`` makes torch print a FutureWarning on every rank).
+    """
+    kwargs: dict[str, Any] = {}
+    if not sync_buffers:
+        params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+        key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+        kwargs[key] = False
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None, **kwargs
+    )

@@ -1,4 +1,4 @@
-"""Result rows of a one-shot sparsity sweep: crash-safe files, a table and a plot.
+"""Result rows of a one-shot sparsity sweep: crash-safe files and a table (plots: ``utils.plots``).
 
 ``results.jsonl`` (one JSON object a line) is the source of truth: every row is appended to it
 as soon as it is computed, flushed and fsync'ed, so a killed sweep loses at most the row in
@@ -17,13 +17,12 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sparseml.serialization import atomic_open, atomic_write_text, write_error
+from sparseml.serialization import atomic_write_text, write_error
 
 from .errors import SetupError
 
@@ -31,7 +30,7 @@ _logger = logging.getLogger("one_shot")
 
 JSONL = "results.jsonl"
 CSV = "results.csv"
-PLOT = "accuracy_vs_sparsity.png"
+PLOT = "accuracy_vs_sparsity.png"  # drawn by utils.plots.plot_accuracy
 DENSE = "dense"
 # CSV columns; nested values (per-layer sparsity) are written as JSON text.
 COLUMNS = [
@@ -260,36 +259,6 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
             cells.append(f"{_accuracy(row):>{width}.2f}" if row else f"{'-':>{width}}")
         lines.append(f"{s:<8.3f}  " + "  ".join(cells))
     return "\n".join(lines)
-
-
-def plot_accuracy(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
-    """Top-1 accuracy against sparsity, one curve per method, dense accuracy as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    latest = latest_rows(rows)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method in _methods(latest):
-        points = sorted((s, _accuracy(r)) for (m, s), r in latest.items() if m == method)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-    dense = latest.get(row_key(DENSE, 0.0))
-    if dense is not None and math.isfinite(_accuracy(dense)):
-        ax.axhline(_accuracy(dense), color="black", linestyle="--", linewidth=1, label="dense")
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title("One-shot pruning: accuracy vs sparsity")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_open(path, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=120)
-    finally:
-        plt.close(fig)
-    return path
 
 
 def wandb_start(project: str, name: str, config: dict[str, Any], out_dir: Path) -> Any:

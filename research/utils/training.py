@@ -26,12 +26,14 @@ from .cli import args_to_yaml
 from .compat import patch_timm_posterize
 from .data import loader_kwargs, require_batches
 from .errors import SetupError
+from .pretrained import PRETRAINED_HINT, pretrained_kwargs
 
 _logger = logging.getLogger("sparse_training")
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """``timm.create_model`` from the command line; clear errors for unknown names/weights."""
+    extra = pretrained_kwargs(args.model, "--initial-checkpoint") if args.pretrained else {}
     try:
         model = create_model(
             args.model,
@@ -45,10 +47,11 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
             bn_momentum=args.bn_momentum,
             bn_eps=args.bn_eps,
             **args.model_kwargs,
+            **extra,
         )
     except (RuntimeError, OSError) as err:
         if "Unknown model" in str(err) or args.pretrained:
-            hint = " (offline: no weights can be downloaded; use --initial-checkpoint FILE)"
+            hint = PRETRAINED_HINT if args.pretrained else ""
             raise SetupError(f"cannot build model {args.model!r}: {err}{hint}") from err
         raise
     if args.initial_checkpoint:  # our loader: a mismatch names keys, shapes and --num-classes
