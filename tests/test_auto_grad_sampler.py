@@ -45,5 +45,5 @@ def test_amp_training_with_a_second_order_recipe(tiny_digits, tmp_path):
     state = load_checkpoint(sparse_training.main(argv)["out_dir"] / "vit_digits_last.pth")
     assert sparsity(pruned_weights(state)) == pytest.approx(0.6, abs=1e-3)
     assert all(
-        v.dtype == state["model"]["head.weight"].dtype for v in pruned_weights(state).values()
+        v.dtype == state["state_dict"]["head.weight"].dtype for v in pruned_weights(state).values()
     )
