@@ -3,6 +3,7 @@ metrics as the uninterrupted run (1 process, and 2 ranks under torchrun)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -60,8 +61,23 @@ def run(nproc: int, argv: list[str], cwd: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for line in subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True,
+                               text=True).stdout.splitlines():  # fmt: skip
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def run_and_kill(nproc: int, argv: list[str], cwd: Path, last: Path) -> None:
-    """Start the run; SIGKILL the whole process group once the epoch-1 checkpoint exists."""
+    """Start the run; SIGKILL the launcher and every worker once the epoch-1 checkpoint exists."""
     proc = subprocess.Popen(command(nproc, argv), cwd=cwd, env=env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 300
@@ -69,8 +85,16 @@ def run_and_kill(nproc: int, argv: list[str], cwd: Path, last: Path) -> None:
         if last.exists() and load_checkpoint(last)["epoch"] >= 1:
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
+    victims = [proc.pid, *descendants(proc.pid)]
+    assert len(victims) >= nproc, "the run ended before it could be killed"
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    time.sleep(1)
+    alive = [p for p in victims if Path(f"/proc/{p}").exists() and "zombie" not in
+             Path(f"/proc/{p}/status").read_text().lower()]  # fmt: skip
+    assert not alive, f"processes survived the kill: {alive}"
 
 
 @pytest.mark.slow
@@ -85,7 +109,8 @@ def test_kill_then_resume_equals_uninterrupted(nproc, small_digits, tmp_path, on
     last = tmp_path / "part" / "vit_digits_last.pth"
     run_and_kill(nproc, part_args, tmp_path, last)
     killed_at = load_checkpoint(last)["epoch"]
-    assert killed_at < 4
+    time.sleep(2)
+    assert load_checkpoint(last)["epoch"] == killed_at < 4  # nothing ran on after the kill
     run(nproc, [*part_args, "--resume", str(last)], tmp_path)
 
     full = load_checkpoint(tmp_path / "full" / "vit_digits_last.pth")

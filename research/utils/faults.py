@@ -139,15 +139,18 @@ def _rank_prefix() -> str:
 
 def describe(err: BaseException) -> tuple[int, str | None]:
     """The exit code for ``err`` and its one-line message (None: print the traceback)."""
-    from sparseml.errors import SparsificationError
+    from sparseml.errors import NumericalError, SparsificationError
+    from sparseml.serialization import FileWriteError
 
     if isinstance(err, KeyboardInterrupt):
         signum = getattr(err, "signum", signal.SIGINT)
         return 128 + signum, f"stopped by {signal.Signals(signum).name}"
+    # Runtime failures first: a failed write or bad numbers are not usage errors, even where
+    # their classes also derive from SparsificationError.
+    if isinstance(err, FileWriteError | NonFiniteError | NumericalError):
+        return EXIT_FAILED, f"error: {err}"
     if isinstance(err, SetupError | SparsificationError):
         return EXIT_USAGE, f"error: {err}"
-    if isinstance(err, NonFiniteError):
-        return EXIT_FAILED, f"error: {err}"
     if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
         if err.filename:
             return EXIT_FAILED, f"error: cannot write {err.filename}: {err.strerror or err}"

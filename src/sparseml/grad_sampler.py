@@ -75,9 +75,10 @@ class GradSampler:
         self._loader: Iterable | None = None
         self._iter: Iterator | None = None
         self._head: Any = None
-        # Each pass's shuffle is seeded from this (the run's seed by default): with the stream
-        # position it is all a resumed run needs to draw the same samples.
-        self.seed = torch.initial_seed() % 2**63
+        # Each pass's shuffle and each batch are seeded from this run-wide seed (rank 0's
+        # initial seed, shared by every rank) mixed with the rank: with the stream position
+        # it is all a resumed run needs to draw the same samples, on every rank.
+        self.seed = int(dist.broadcast_(torch.tensor([torch.initial_seed() % 2**62]))[0])
         self.passes, self.position = 0, 0
         self._resume_at: tuple[int, int] | None = None
 
@@ -110,7 +111,8 @@ class GradSampler:
 
     # ----- the sample stream: passes over the loader, exactly resumable -----------------------
     def _seed_at(self, passes: int, position: int) -> int:
-        return (self.seed + passes * _GOLDEN + (position + 1) * _GOLDEN**2) % 2**63
+        mixed = self.seed + passes * _GOLDEN + (position + 1) * _GOLDEN**2
+        return (mixed + dist.rank() * _GOLDEN**3) % 2**63
 
     def _start_pass(self) -> None:
         """A new pass over the loader; its shuffle (and first batch) seeded by (seed, pass).

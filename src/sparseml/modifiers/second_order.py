@@ -78,7 +78,8 @@ class SecondOrderPruningModifier(PruningModifier):
 
     # ----- size checks, before any gradient is drawn ----------------------------------------------
     def prepare(self) -> None:
-        """Clamp the block size to the parameters, then check the memory plan on every rank."""
+        """Check the device, clamp the block size, then check the memory plan on every rank."""
+        self._check_fisher_device()
         self._clamp_block_size()
         owner = type(self).__name__
         items, fields = self.memory_plan(self.fisher_block_size, self.num_grads)
@@ -91,6 +92,24 @@ class SecondOrderPruningModifier(PruningModifier):
         while block > group:
             block = max(group, block // 2 // group * group)
             yield {"block": block, "m": self.num_grads}, f"fisher_block_size: {block}"
+
+    def _check_fisher_device(self) -> None:
+        name = self.fisher_inv_device
+        if name is None:
+            return
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise self.field_error(
+                "fisher_inv_device", "is not a device name (e.g. cpu, cuda, cuda:1)"
+            ) from None
+        present = device.type == "cpu" or (
+            device.type == "cuda"
+            and torch.cuda.is_available()
+            and (device.index or 0) < torch.cuda.device_count()
+        )
+        if not present:
+            raise self.field_error("fisher_inv_device", "does not exist on this machine")
 
     def block_span(self) -> int:
         """Most weights one Fisher block can usefully cover: the largest selected parameter."""
