@@ -131,8 +131,10 @@ def wire_manager(args, manager, model, optimizer, gs_builder, gs_loss, updates, 
 def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> None:
     """Rank-0 bookkeeping: summary row, W&B, sparsity JSON, checkpoints (all ranks call it)."""
     model, manager, out_dir = state["model"], state["manager"], state["out_dir"]
-    # Collective (every rank): per-rank RNG states for exact resume, and a mask check.
-    gathered = gather_objects(args, (ckpt_io.rng_state(), logs.zero_pattern_digest(model)))
+    # Collective (every rank): per-rank RNG states and manager state (e.g. M-FAC's buffered
+    # gradients, sharded over ranks) for exact resume, and a mask check.
+    mine = manager.rank_state_dict() if manager is not None else {}
+    gathered = gather_objects(args, (ckpt_io.rng_state(), logs.zero_pattern_digest(model), mine))
     if not is_primary(args):
         return
     rng = [g[0] for g in gathered]
@@ -179,6 +181,7 @@ def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> 
         metric=metric,
         rng=rng,
         checkpoint_hist=state["hist"].state_dict(),
+        rank_state=[g[2] for g in gathered],
     )
     if args.checkpoint_freq > 0 and epoch % args.checkpoint_freq == 0:
         ckpt_io.save_checkpoint(out_dir / f"{name}_epoch={epoch}.pth", **save)
@@ -317,6 +320,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _logger.info("Output: %s; epochs %d..%d", state["out_dir"], start_epoch, num_epochs - 1)
     if resumed is not None and resumed.get("rng") and len(resumed["rng"]) == args.world_size:
         ckpt_io.set_rng_state(resumed["rng"][args.rank])
+    ranks = resumed.get("rank_state") if resumed is not None else None
+    if manager is not None and ranks and len(ranks) == args.world_size:
+        manager.load_rank_state_dict(ranks[args.rank])
 
     train_metrics, eval_metrics = {}, {}
     epoch = start_epoch

@@ -67,11 +67,13 @@ def save_checkpoint(
     metric: float | None = None,
     rng: list[dict[str, Any]] | None = None,
     checkpoint_hist: list[dict[str, Any]] | None = None,
+    rank_state: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write a checkpoint to ``path`` atomically (a failed write keeps the previous file and
     raises :class:`sparseml.serialization.FileWriteError` naming the path and the reason).
 
-    ``rng`` holds one :func:`rng_state` per rank (default: this process only);
+    ``rng`` holds one :func:`rng_state` per rank (default: this process only), ``rank_state``
+    one ``manager.rank_state_dict()`` per rank (state sharded over ranks);
     ``checkpoint_hist`` is a :meth:`CheckpointHistory.state_dict`.
     """
     path = Path(path)
@@ -85,6 +87,7 @@ def save_checkpoint(
         "manager": manager.state_dict() if manager is not None else None,
         "rng": rng if rng is not None else [rng_state()],
         "checkpoint_hist": checkpoint_hist or [],
+        "rank_state": rank_state or [],
     }
     if ema is not None:  # timm's loader prefers this key whenever it is present
         state["state_dict_ema"] = _unwrap(ema).state_dict()

@@ -207,6 +207,17 @@ class ScheduledModifierManager:
         """Masks and schedule position of every modifier (tensors and plain values only)."""
         return {key: mod.state_dict() for key, mod in zip(self._keys(), self._modifiers)}
 
+    def rank_state_dict(self) -> dict[str, Any]:
+        """Per-rank state (e.g. M-FAC's buffered gradients, sharded over ranks): a training
+        script gathers it from every rank and gives each rank its own back on resume."""
+        return {k: mod.rank_state_dict() for k, mod in zip(self._keys(), self._modifiers)}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore this rank's ``rank_state_dict`` (after ``load_state_dict`` and ``modify``)."""
+        for key, mod in zip(self._keys(), self._modifiers):
+            if state.get(key):
+                mod.load_rank_state_dict(state[key])
+
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore masks and schedule position saved by ``state_dict``.
 

@@ -149,6 +149,13 @@ class Modifier(FieldModel):
     def finalize(self, module: nn.Module | None = None, **kwargs: Any) -> None:
         self.enabled = False
 
+    def rank_state_dict(self) -> dict[str, Any]:
+        """State that differs between ranks (saved per rank by the training script)."""
+        return {}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore this rank's part saved by ``rank_state_dict``."""
+
     def state_dict(self) -> dict[str, Any]:
         last = self.last_update
         return {

@@ -296,33 +296,51 @@ class MFACPruningModifier(SecondOrderPruningModifier):
     def _layout(self) -> UnprunedLayout:
         return UnprunedLayout(self.masks, self.fisher_block_size, self.blocks_cross_layers)
 
+    def rank_state_dict(self) -> dict[str, Any]:
+        """This rank's buffered training gradients (its columns of the layout)."""
+        if self._buffer is None:
+            return {}
+        buf = self._buffer
+        return {
+            "grads": buf["grads"][: buf["count"]].detach().cpu().clone(),
+            "count": buf["count"],
+            "next": buf["next"],
+            "local": list(buf["layout"].local),
+            "world": dist.world_size(),
+        }
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        if self._buffer is not None:  # buffered training gradients: needed for exact resume
-            buf = self._buffer
-            rows = buf["grads"][: buf["count"]].detach().cpu().clone()
-            state["gradient_buffer"] = {"grads": rows, "count": buf["count"], "next": buf["next"]}
+        if not dist.is_distributed() and self._buffer is not None:  # one process: all of it
+            state["gradient_buffer"] = self.rank_state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if self._buffer is None:
-            return
-        self._reset_buffer()  # the layout of the saved masks
-        saved = state.get("gradient_buffer")
-        if saved is None:
+        if self._buffer is not None:
+            self._reset_buffer()  # the layout of the saved masks
+            if state.get("gradient_buffer"):
+                self.load_rank_state_dict(state["gradient_buffer"])
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        if self._buffer is None or not state:
             return
         grads = self._buffer["grads"]
-        if saved["grads"].shape[1:] != grads.shape[1:] or saved["count"] > grads.shape[0]:
+        here = {"local": list(self._buffer["layout"].local), "world": dist.world_size()}
+        fits = state["grads"].shape[1:] == grads.shape[1:] and state["count"] <= grads.shape[0]
+        if not fits or state.get("local") != here["local"] or state.get("world") != here["world"]:
             LOG.warning(
-                "%s: the saved gradient buffer %s does not fit this run's %s; starting empty",
+                "%s: the saved gradient buffer (columns %s of %s ranks) is not this rank's "
+                "(columns %s of %s); starting with an empty buffer",
                 type(self).__name__,
-                tuple(saved["grads"].shape),
-                tuple(grads.shape),
+                state.get("local"),
+                state.get("world"),
+                here["local"],
+                here["world"],
             )
             return
-        grads[: saved["count"]] = saved["grads"].to(grads.device, grads.dtype)
-        self._buffer.update(count=saved["count"], next=saved["next"] % grads.shape[0])
+        grads[: state["count"]] = state["grads"].to(grads.device, grads.dtype)
+        self._buffer.update(count=state["count"], next=state["next"] % grads.shape[0])
 
     def _reset_buffer(self) -> None:
         layout = self._layout()

@@ -1,4 +1,6 @@
-"""Failing tests written by the adversarial review of issues 10 and 11 (branch h-review)."""
+"""Review findings on issues 10 and 11, kept as regression tests: 2-rank resume from rank 0's
+state plus each rank's own part (grad-sampler seed, M-FAC buffer), disk-full exit code, unusable
+fisher_inv_device."""
 
 from __future__ import annotations
 
