@@ -203,7 +203,10 @@ def loader_kwargs(args: Any, data_config: dict, device: torch.device) -> dict[st
         std=data_config["std"],
         crop_pct=data_config["crop_pct"],
         num_workers=args.workers,
-        persistent_workers=args.workers > 0,
+        # Workers started anew each epoch are seeded from the (checkpointed) global RNG, so a
+        # resumed run loads and augments exactly as the uninterrupted one; persistent workers
+        # would carry their RNG state across epochs and break that (at a small start-up cost).
+        persistent_workers=False,
         pin_memory=args.pin_mem,
         device=device,
         use_prefetcher=args.prefetcher,

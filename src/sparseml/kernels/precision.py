@@ -19,9 +19,9 @@ def work_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in set(dtypes) else torch.float32
 
 
-# Entries of an operand upcast to float64 at a time by `matmul64` (8 MiB), so exact float64
-# products cost a bounded temporary instead of a float64 copy of a whole gradient matrix.
-UPCAST_NUMEL = 1 << 20
+# Entries of an operand upcast to float64 at a time (32 MiB), so exact float64 products cost a
+# bounded temporary instead of a float64 copy of a whole gradient matrix.
+UPCAST_NUMEL = 1 << 22
 
 
 def matmul64(a: Tensor, b: Tensor) -> Tensor:
@@ -29,14 +29,22 @@ def matmul64(a: Tensor, b: Tensor) -> Tensor:
 
     Products of float32 (or half) numbers are exact in float64, so only the float64 sums
     round: a Gram G G^T of float32 gradients keeps ~1e-16 relative accuracy instead of
-    eps_32 * ||G G^T||, which damp / ||G G^T|| down to 1e-10 needs. The contraction
-    dimension n is processed in slices of at most ``UPCAST_NUMEL`` entries of either operand.
+    eps_32 * ||G G^T||, which damp / ||G G^T|| down to 1e-10 needs. The larger of the
+    contraction (n) and output (c) dimensions is sliced, at most ``UPCAST_NUMEL`` entries of
+    an operand at a time.
     """
-    n = a.shape[-1]
-    width = b.shape[-1] if b.dim() == 2 else 1
-    step = max(1, UPCAST_NUMEL // max(a.shape[0], width, 1))
-    out_shape = (a.shape[0], width) if b.dim() == 2 else (a.shape[0],)
-    out = torch.zeros(out_shape, dtype=torch.float64, device=a.device)
+    r, n = a.shape
+    vector = b.dim() == 1
+    c = 1 if vector else b.shape[1]
+    if not vector and c > n:  # e.g. (1, k) @ (k, d): slice the output columns
+        out = torch.empty(r, c, dtype=torch.float64, device=a.device)
+        a64 = a.double()
+        step = max(1, UPCAST_NUMEL // max(n, 1))
+        for s in range(0, c, step):
+            out[:, s : s + step] = a64 @ b[:, s : s + step].to(a.device, torch.float64)
+        return out
+    out = torch.zeros((r,) if vector else (r, c), dtype=torch.float64, device=a.device)
+    step = max(1, UPCAST_NUMEL // max(r, c, 1))
     for s in range(0, n, step):
         out += a[:, s : s + step].double() @ b[s : s + step].to(a.device, torch.float64)
     return out
