@@ -80,3 +80,18 @@ def test_mfac_optimizer_step_accurate_at_small_damp() -> None:
         dtype=torch.float64,
     )
     assert float((update - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_mfac_optimizer_fast_mode_is_the_float32_build() -> None:
+    """exact=False: float32 Gram products (the faster, less accurate option)."""
+    g = rank_deficient_grads(2, 12, seed=2)
+    damp = 1e-2 * spectral_scale(g)
+    updates = {}
+    for exact in (True, False):
+        p = torch.nn.Parameter(torch.zeros(12))
+        opt = MFAC([p], lr=1.0, damp=damp, ngrads=2, exact=exact)
+        for row in g:
+            p.grad = row.clone()
+            opt.step()
+        updates[exact] = p.detach().clone()
+    torch.testing.assert_close(updates[False], updates[True], rtol=1e-4, atol=1e-5)

@@ -55,7 +55,9 @@ class MFAC(torch.optim.Optimizer):
     shared because the Fisher couples all parameters. Parameters whose `.grad` is None enter the
     Fisher with a zero gradient and are not moved. With `sparse=True` the mask of a parameter is
     `masks[param]` if given (pruned entries are set to 0), else `param != 0` at construction;
-    call `reset_window(masks)` after changing masks. Memory: ngrads x (optimized coordinates)
+    call `reset_window(masks)` after changing masks. `exact=True` (default) forms the Gram
+    products in float64 (accurate at small damp); `exact=False` uses float32 GEMVs, about 3x
+    faster per step. Memory: ngrads x (optimized coordinates)
     floats, kept on the device of the first parameter.
     """
 
@@ -69,6 +71,7 @@ class MFAC(torch.optim.Optimizer):
         ngrads: int = 1024,
         sparse: bool = False,
         masks: Mapping[Tensor, Tensor] | None = None,
+        exact: bool = True,
     ) -> None:
         _check("damp", damp, isinstance(damp, (int, float)) and 0 < damp < float("inf"), "> 0")
         _check("ngrads", ngrads, isinstance(ngrads, int) and ngrads >= 1, "an integer >= 1")
@@ -80,6 +83,7 @@ class MFAC(torch.optim.Optimizer):
         self.damp = float(damp)
         self.ngrads = ngrads
         self.sparse = sparse
+        self.exact = bool(exact)
         self._params = [p for group in self.param_groups for p in group["params"]]
         self._ready = True
         self.reset_window(masks)
@@ -149,7 +153,10 @@ class MFAC(torch.optim.Optimizer):
         win = self._window
         grads, gram, j = win["grads"], win["gram"], win["next"]
         grads[j] = g
-        gg = matmul64(grads, g)  # exact float64 products; rows not yet filled are zero
+        # exact: float64 products (accurate for damp down to ~1e-10 of the gradients' scale,
+        # ~3x the time of a step); else one float32 GEMV (error ~eps_32 ||G|| ||g|| / damp).
+        # Rows not yet filled are zero.
+        gg = matmul64(grads, g) if self.exact else (grads @ g).double()
         gram[j, :] = gg
         gram[:, j] = gg
         k = min(win["count"] + 1, self.ngrads)
@@ -161,6 +168,8 @@ class MFAC(torch.optim.Optimizer):
             raise NumericalError("MFAC: non-finite gradient or A = k*I + G G^T/damp not PD")
         coef = torch.cholesky_solve(gg[:k, None], lower).squeeze(1) / self.damp**2
         # float64: at small damp both terms are ~||g||/damp and cancel to the (small) result
+        if not self.exact:
+            return g / self.damp - coef.to(g.dtype) @ grads[:k]
         return (g.double() / self.damp - matmul64(coef[None], grads[:k])[0]).to(g.dtype)
 
     @torch.no_grad()
