@@ -32,6 +32,7 @@ _logger = logging.getLogger("sparse_training")
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """``timm.create_model`` from the command line; clear errors for unknown names/weights."""
+    _models.check_model_name(args.model)
     try:
         model = create_model(
             args.model,
@@ -44,7 +45,7 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
             global_pool=args.gp,
             bn_momentum=args.bn_momentum,
             bn_eps=args.bn_eps,
-            **args.model_kwargs,
+            **_models.model_kwargs(args),
         )
     except (RuntimeError, OSError) as err:
         if "Unknown model" in str(err) or args.pretrained:
