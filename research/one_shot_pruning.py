@@ -269,7 +269,9 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
                 k: v for k, v in vars(args).items() if isinstance(v, str | int | float | list)
             }
             config["recipe_text"] = Path(args.sparseml_recipe).read_text()
-            wandb = res.wandb_start(args.wandb_project, args.method, config, out_dir)
+            wandb = res.wandb_start(
+                args.wandb_project or "cap_one_shot", args.method, config, out_dir
+            )
     if plan["dense"] or plan["sparsities"]:
         loaders, _ = build_loaders(args, dense, device, needs_grads)
     if plan["dense"]:

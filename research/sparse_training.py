@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,12 +77,13 @@ def set_run_length(args: Any, manager: Any) -> None:
     """
     if manager.max_epochs <= 0 or manager.max_epochs == args.epochs:
         return
-    _logger.info(
-        "Recipe %s sets the run length: %d epochs (--epochs %d ignored)",
-        args.sparseml_recipe,
-        manager.max_epochs,
-        args.epochs,
-    )
+    if int(os.environ.get("RANK", "0")) == 0:  # before init_distributed: rank from torchrun
+        _logger.info(
+            "Recipe %s sets the run length: %d epochs (--epochs %d ignored)",
+            args.sparseml_recipe,
+            manager.max_epochs,
+            args.epochs,
+        )
     args.epochs = manager.max_epochs
 
 

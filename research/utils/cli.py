@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model-ema", action="store_true", help="keep an EMA of the weights")
     a("--model-ema-force-cpu", action="store_true", help="EMA on the CPU")
     a("--model-ema-decay", type=float, default=0.9998, help="EMA decay")
-    a = opt.add_run_options(p, "train", "<date>-<model>-<img size>")
+    a = opt.add_run_options(
+        p, "train", "<date>-<model>-<img size>", "--experiment, else cap_sparse"
+    )
     a("--log-interval", type=int, default=50, help="log every N updates")
     a("--checkpoint-freq", type=int, default=-1, help="save every N epochs (-1: never)")
     a("--save-last", action="store_true", help="keep <model>_last.pth updated every epoch")
@@ -198,12 +200,11 @@ def build_one_shot_parser() -> argparse.ArgumentParser:
     a("--no-sweep-cache", action="store_true", help="rebuild gradients/Fisher for every sparsity")
     opt.add_model_options(p)
     opt.add_data_options(p)
-    a = opt.add_run_options(p, "one_shot", "<model>_<dataset>")
+    a = opt.add_run_options(p, "one_shot", "<model>_<dataset>", "cap_one_shot")
     a("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     a("--save-model", action="store_true", help="save each pruned state dict")
     a("--no-report", action="store_true", help="no table and plot at the end")
     a("--overwrite", action="store_true", help="recompute rows made with other settings")
-    a("--wandb-project", default="cap_one_shot", help="W&B project")
     return p
 
 

@@ -34,8 +34,7 @@ CAP_ALIASES: dict[str, str] = {
     "--grad-sampler-batch-size": "--gs-batch-size",
     "--val_batch_size": "--validation-batch-size",
     "--val-batch-size": "--validation-batch-size",
-    "--output_dir": "--output-dir",
-}
+}  # --output_dir is the underscored form of the hidden --output-dir (see resolve_output)
 
 
 class ParseKwargs(argparse.Action):
@@ -143,13 +142,14 @@ def add_data_options(p: argparse.ArgumentParser) -> Adder:
     return a
 
 
-def add_run_options(p: argparse.ArgumentParser, kind: str, experiment: str) -> Adder:
+def add_run_options(p: argparse.ArgumentParser, kind: str, experiment: str, project: str) -> Adder:
     """Output folder ``<--output or output/KIND>/<--experiment>``, logging and processes."""
     a = Adder(p.add_argument_group("run"))
     a("--output", default="", help=f"parent of the run folder (default: output/{kind})")
     a("--experiment", default="", help=f"run folder name (default: {experiment})")
     a("--output-dir", default=None, help=argparse.SUPPRESS)  # CAP: the exact folder
     a("--log-wandb", action="store_true", help="log to Weights & Biases")
+    a("--wandb-project", default="", help=f"W&B project (default: {project})")
     a("--seed", type=int, default=42, help="random seed")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     a("--timeout", type=int, default=1800, help="process group timeout in seconds")
