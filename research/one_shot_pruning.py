@@ -3,16 +3,18 @@
 
 For each sparsity a copy of the dense model is pruned by the recipe's pruning modifier
 (``init_sparsity = final_sparsity = s``, ``manager.apply``), evaluated, and one row is appended
-to ``results.jsonl`` / ``results.csv`` in ``--output_dir`` at once. A rerun skips the rows
+to ``results.jsonl`` / ``results.csv`` in the results folder at once. A rerun skips the rows
 already there, so a killed sweep resumes where it stopped. At the end a table is printed and
 ``accuracy_vs_sparsity.png`` drawn (one curve per method found in the results).
 
-    python research/one_shot_pruning.py --dataset digits --checkpoint_path dense.pth \
-        --sparseml_recipe research/recipes/one_shot/cap_digits.yaml --gs_loader -gb 32 \
-        --sparsities 0.5 0.7 0.9 --output_dir output/one_shot
+    python research/one_shot_pruning.py --dataset digits --initial-checkpoint dense.pth \
+        --sparseml-recipe research/recipes/one_shot/cap_digits.yaml --gs-loader -gb 32 \
+        --sparsities 0.5 0.7 0.9 --output output/one_shot --experiment vit_digits_digits
     torchrun --nproc_per_node=2 research/one_shot_pruning.py ...   # gradients from all ranks
 
-Options take dashed or underscored spellings (``--data-dir`` / ``--data_dir``).
+Options are timm's (``utils/options.py``, shared with ``sparse_training.py``); CAP's spellings
+(``--checkpoint_path``, ``--output_dir DIR``, ``--sparseml_recipe``...) work as hidden aliases.
+The results folder is ``<--output>/<--experiment>`` (default ``output/one_shot/<model>_<data>``).
 """
 
 from __future__ import annotations
@@ -20,27 +22,31 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from utils.compat import ensure_torchvision
+from utils.cli import build_one_shot_parser, parse_one_shot_args
+from utils.options import answer_usage_early
+
+if __name__ == "__main__":  # --help and usage errors before torch and timm load
+    answer_usage_early(build_one_shot_parser)
+
+from utils.compat import ensure_torchvision  # noqa: E402
 
 ensure_torchvision()
 
 import torch  # noqa: E402
 from timm.data import create_loader, resolve_data_config  # noqa: E402
 from timm.models import create_model, safe_model_name  # noqa: E402
-from timm.utils import ParseKwargs, random_seed  # noqa: E402
+from timm.utils import random_seed  # noqa: E402
 
 from sparseml.errors import RecipeError  # noqa: E402
 from sparseml.sparsity import ModuleSparsificationInfo  # noqa: E402
 from utils import faults  # noqa: E402
-from utils import models as _models  # noqa: E402, F401  (registers vit_digits, resnet_digits)
+from utils import models as _models  # noqa: E402  (also registers vit_digits, resnet_digits)
 from utils import one_shot as osp  # noqa: E402
 from utils import results as res  # noqa: E402
-from utils.cli import validate_one_shot_args  # noqa: E402
 from utils.data import resolve_data_dir  # noqa: E402
 from utils.distributed import (  # noqa: E402
     cleanup,
@@ -57,70 +63,9 @@ from utils.run_dir import hold_folder  # noqa: E402
 _logger = logging.getLogger("one_shot")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-
-    def opt(*names: str, **kwargs: Any) -> None:
-        spellings = list(names)
-        for name in names:
-            if name.startswith("--"):
-                for alt in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
-                    if alt not in spellings:
-                        spellings.append(alt)
-        p.add_argument(*spellings, **kwargs)
-
-    opt("--model", default="vit_digits", help="timm model name")
-    opt("--pretrained", action="store_true", help="timm pretrained weights (cached or downloaded)")
-    opt(
-        "--checkpoint_path",
-        "--initial-checkpoint",
-        default="",
-        help="dense weights (state dict or training checkpoint)",
-    )
-    opt("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="k=v for create_model")
-    opt("--num-classes", type=int, default=None)
-    opt(
-        "--img-size",
-        type=int,
-        default=None,
-        help="data input size (ViTs: also --model-kwargs img_size=N)",
-    )
-    opt("--dataset", default="", help="'digits', '' or imagenet (ImageFolder), torch/<name>, ...")
-    opt("--data_dir", default=None, help="dataset root (digits: where to cache it)")
-    opt("--train-split", default="train")
-    opt("--val-split", default="validation")
-    opt("--seed", type=int, default=42)
-    opt("--sparseml_recipe", required=True, help="recipe with one pruning modifier")
-    opt("--recipe_variables", default="", help="override recipe variables: JSON or k=v,k2=v2")
-    opt("--sparsities", type=float, nargs="+", default=[], help="default: recipe final_sparsity")
-    opt("--method", default="", help="name of this method in results (default: recipe file name)")
-    opt("-vb", "--val_batch_size", type=int, default=128)
-    opt("--workers", type=int, default=4, help="data loader processes")
-    opt("--gs_loader", action="store_true", help="grad sampler over the training data")
-    opt("-gb", "--grad_sampler_batch_size", type=int, default=128)
-    opt("--gs-no-aug", action="store_true", help="grad sampler without train augmentation")
-    opt("--no-sweep-cache", action="store_true", help="rebuild gradients/Fisher for every sparsity")
-    opt("--no_prefetcher", action="store_true")
-    opt("--pin_mem", action="store_true")
-    opt("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    opt("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    opt("--local-rank", type=int, default=0, help=argparse.SUPPRESS)
-    opt("--timeout", type=int, default=1800, help="process group timeout in seconds")
-    opt("--output_dir", default="./output/one-shot")
-    opt("--save_model", action="store_true", help="save each pruned state dict")
-    opt("--no_report", action="store_true", help="no table and plot at the end")
-    opt("--overwrite", action="store_true", help="recompute rows made with other settings")
-    opt("--log_wandb", action="store_true")
-    opt("--wandb-project", default="cap_one_shot")
-    return p
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if "LOCAL_RANK" in os.environ:
-        args.local_rank = int(os.environ["LOCAL_RANK"])
+    args = parse_one_shot_args(argv)
     args.sparsities = osp.check_sparsities(args.sparsities)
-    validate_one_shot_args(args)
     args.method = args.method or Path(args.sparseml_recipe).stem
     if args.method == res.DENSE:
         raise SetupError(f"--method {res.DENSE!r} is reserved for the dense model's row")
@@ -143,15 +88,16 @@ def check_recipe(args: argparse.Namespace) -> Any:
             raise SetupError(f"--sparsities {s:g} does not fit the recipe: {err}") from err
     if osp.needs_gradients(pruner) and not args.gs_loader:
         raise SetupError(
-            f"{type(pruner).__name__} needs gradient samples: add --gs_loader "
-            "(with -gb/--grad_sampler_batch_size N) to sample them from the training split"
+            f"{type(pruner).__name__} needs gradient samples: add --gs-loader "
+            "(with -gb/--gs-batch-size N) to sample them from the training split"
         )
     return pruner
 
 
 def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     random_seed(args.seed, 0)  # identical initial weights on every rank
-    kwargs = dict(args.model_kwargs)
+    _models.check_model_name(args.model)
+    kwargs = _models.model_kwargs(args)
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
     if args.pretrained:  # cached weights, else a download, else a fast clear error
@@ -162,9 +108,9 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
         hint = PRETRAINED_HINT if args.pretrained else ""
         raise SetupError(f"cannot build model {args.model!r}: {err}{hint}") from err
     digest = ""
-    if args.checkpoint_path:
-        osp.load_weights(model, args.checkpoint_path)  # refuses NaN/Inf weights
-        digest = osp.file_digest(args.checkpoint_path)
+    if args.initial_checkpoint:
+        osp.load_weights(model, args.initial_checkpoint)  # refuses NaN/Inf weights
+        digest = osp.file_digest(args.initial_checkpoint)
     else:
         osp.check_finite_weights(model, f"model {args.model!r}")
     return model, digest
@@ -258,14 +204,16 @@ def build_loaders(args, model, device, needs_grads: bool) -> tuple[dict, dict]:
     options = osp.loader_options(args, cfg, device)
     val = osp.open_dataset(name, root, args.val_split, False, args.rank, args.world_size)
     loaders = {
-        "val": create_loader(val, batch_size=args.val_batch_size, is_training=False, **options)
+        "val": create_loader(
+            val, batch_size=args.validation_batch_size, is_training=False, **options
+        )
     }
     if needs_grads:
         train = osp.open_dataset(name, root, args.train_split, True, args.rank, args.world_size)
         loaders["gs"] = osp.GradSamplerData(
-            train, options, args.grad_sampler_batch_size, augment=not args.gs_no_aug
+            train, options, args.gs_batch_size, augment=not args.gs_no_aug
         )
-        loaders["gs"].loader(args.grad_sampler_batch_size)  # batch size check before any work
+        loaders["gs"].loader(args.gs_batch_size)  # batch size check before any work
     return loaders, cfg
 
 
@@ -283,6 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args(argv)
+    _models.check_model_name(args.model)  # before recipe and data work: a typo fails at once
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     pruner = check_recipe(args)
@@ -292,7 +241,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     quiet_other_ranks(args)
     # No `finally`: after a failure on this rank, a barrier here would wait for peers that sit
     # in another collective (a hang); faults.run_main leaves without touching the group.
-    with hold_folder(args, args.output_dir, "--output_dir"):  # one sweep at a time
+    with hold_folder(args, args.output_dir, args.output_option):  # one sweep at a time
         rows = sweep(args, pruner, needs_grads, device)
     cleanup(args)
     return rows
@@ -315,7 +264,7 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
     method_settings = {**dense_settings, **osp.modifier_settings(pruner), "seed": args.seed}
     if needs_grads:
         method_settings.update(
-            gs_batch_size=args.grad_sampler_batch_size,
+            gs_batch_size=args.gs_batch_size,
             gs_aug=not args.gs_no_aug,
             train_split=args.train_split,
             world_size=args.world_size,
@@ -330,7 +279,9 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
                 k: v for k, v in vars(args).items() if isinstance(v, str | int | float | list)
             }
             config["recipe_text"] = Path(args.sparseml_recipe).read_text()
-            wandb = res.wandb_start(args.wandb_project, args.method, config, out_dir)
+            wandb = res.wandb_start(
+                args.wandb_project or "cap_one_shot", args.method, config, out_dir
+            )
     if plan["dense"] or plan["sparsities"]:
         loaders, _ = build_loaders(args, dense, device, needs_grads)
     if plan["dense"]:

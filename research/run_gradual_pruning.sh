@@ -23,7 +23,7 @@ fi
 NUM_PROC=${NUM_PROC:-2}
 LAUNCHER=${LAUNCHER:-torchrun}            # torchrun | legacy (torch.distributed.launch) | python
 PORT=${PORT:-}                            # empty: torchrun picks a free port
-EPOCHS=${EPOCHS:-}                        # only used when the recipe does not set the LR
+EPOCHS=${EPOCHS:-}                        # dense runs only: a recipe's epoch range sets the length
 BATCH_SIZE=${BATCH_SIZE:-8}               # per process (2 x 8 = global 16)
 VAL_BATCH_SIZE=${VAL_BATCH_SIZE:-256}
 WORKERS=${WORKERS:-0}
@@ -32,7 +32,8 @@ CHECKPOINT_FREQ=${CHECKPOINT_FREQ:--1}
 PRETRAINED=${PRETRAINED:-0}
 AMP=${AMP:-0}
 LOG_WANDB=${LOG_WANDB:-0}
-OUTPUT=${OUTPUT:-$HERE/output}
+# Runs go to $OUTPUT/train/<experiment>; the root is shared with run_one_shot_pruning.sh.
+OUTPUT=${OUTPUT:-$(cd "$HERE/.." && pwd)/output}
 # A new folder per run (an existing one is never overwritten; resume with the printed command).
 EXPERIMENT=${EXPERIMENT:-$(basename "${RECIPE%.*}")_${MODEL}_$(date +%Y%m%d-%H%M%S)}
 export WANDB_MODE=${WANDB_MODE:-offline}
@@ -42,7 +43,7 @@ export WANDB_MODE=${WANDB_MODE:-offline}
 
 ARGS=(
   --config "$CONFIG" --dataset "$DATASET" --model "$MODEL" --sparseml-recipe "$RECIPE"
-  --experiment "$EXPERIMENT" --output "$OUTPUT" -b "$BATCH_SIZE" -vb "$VAL_BATCH_SIZE"
+  --experiment "$EXPERIMENT" --output "$OUTPUT/train" -b "$BATCH_SIZE" -vb "$VAL_BATCH_SIZE"
   --workers "$WORKERS" --checkpoint-freq "$CHECKPOINT_FREQ" --log-sparsity --save-last
   --timeout 18000
 )

@@ -17,7 +17,9 @@
 #     NPROC=8 bash research/run_one_shot_pruning.sh
 #
 #   MODEL, DATASET, DATA_DIR    model name and data (DATA_DIR empty: digits cache folder)
+#   OUTPUT                      root of every output (default output/, as sparse_training.py)
 #   OUTPUT_DIR                  results, plot and the cached dense checkpoint
+#                               (default $OUTPUT/one_shot/<model>_<dataset>)
 #   CHECKPOINT                  dense weights; when missing, vit_digits is trained to create it
 #   METHODS                     names (recipe $RECIPE_DIR/<name>$RECIPE_SUFFIX.yaml) or paths
 #   SPARSITIES                  space separated fractions
@@ -34,7 +36,8 @@ PYTHON=${PYTHON:-python}
 MODEL=${MODEL:-vit_digits}
 DATASET=${DATASET:-digits}
 DATA_DIR=${DATA_DIR:-}
-OUTPUT_DIR=${OUTPUT_DIR:-output/one_shot/${MODEL}_${DATASET:-folder}}
+OUTPUT=${OUTPUT:-output}
+OUTPUT_DIR=${OUTPUT_DIR:-$OUTPUT/one_shot/${MODEL}_${DATASET:-folder}}
 METHODS=${METHODS:-"gm obs cap fast_cap"}
 SPARSITIES=${SPARSITIES:-"0.5 0.6 0.7 0.8 0.9"}
 RECIPE_DIR=${RECIPE_DIR:-research/recipes/one_shot}
@@ -117,17 +120,18 @@ for i in "${!methods[@]}"; do
         fi
     done
     var_args=()
-    [[ ${#variables[@]} -gt 0 ]] && var_args=(--recipe_variables "$(IFS=,; echo "${variables[*]}")")
+    [[ ${#variables[@]} -gt 0 ]] && var_args=(--recipe-variables "$(IFS=,; echo "${variables[*]}")")
     report_args=()  # the table and plot come once, after the last method
-    [[ $i -lt $(( ${#methods[@]} - 1 )) ]] && report_args=(--no_report)
-    gs_args=(--gs_loader -gb "$GS_BATCH_SIZE")
+    [[ $i -lt $(( ${#methods[@]} - 1 )) ]] && report_args=(--no-report)
+    gs_args=(--gs-loader -gb "$GS_BATCH_SIZE")
     [[ "$GS_AUG" == 1 ]] || gs_args+=(--gs-no-aug)
     echo "== $method: $recipe"
     # shellcheck disable=SC2086  # EXTRA_ARGS and SPARSITIES are word lists
-    "${launch[@]}" research/one_shot_pruning.py --model "$MODEL" --checkpoint_path "$CHECKPOINT" \
-        "${data_args[@]}" "${device_args[@]}" --sparseml_recipe "$recipe" --method "$method" \
+    "${launch[@]}" research/one_shot_pruning.py --model "$MODEL" --initial-checkpoint "$CHECKPOINT" \
+        "${data_args[@]}" "${device_args[@]}" --sparseml-recipe "$recipe" --method "$method" \
         "${var_args[@]}" "${report_args[@]}" --sparsities $SPARSITIES "${gs_args[@]}" \
-        --val_batch_size "$VAL_BATCH_SIZE" --workers "$WORKERS" --output_dir "$OUTPUT_DIR" \
+        -vb "$VAL_BATCH_SIZE" --workers "$WORKERS" \
+        --output "$(dirname "$OUTPUT_DIR")" --experiment "$(basename "$OUTPUT_DIR")" \
         --threads "$THREADS" --overwrite $EXTRA_ARGS
 done
 

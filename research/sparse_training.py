@@ -16,11 +16,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from utils.compat import ensure_torchvision
+from utils.cli import build_parser, parse_args
+from utils.options import answer_usage_early
+
+if __name__ == "__main__":  # --help and usage errors before torch and timm load
+    answer_usage_early(build_parser)
+
+from utils.compat import ensure_torchvision  # noqa: E402
 
 ensure_torchvision()
 
@@ -30,12 +37,12 @@ from timm.models import safe_model_name  # noqa: E402
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs  # noqa: E402
 from timm.utils import ModelEmaV3, distribute_bn, random_seed  # noqa: E402
 
+from sparseml.errors import RecipeError  # noqa: E402
 from sparseml.sparsity import ModuleSparsificationInfo  # noqa: E402
 from utils import checkpoint as ckpt_io  # noqa: E402
 from utils import faults, training  # noqa: E402
 from utils import logging_utils as logs  # noqa: E402
 from utils.checkpoint_hist import CheckpointHistory  # noqa: E402
-from utils.cli import parse_args  # noqa: E402
 from utils.data import create_datasets, sampler_batches  # noqa: E402
 from utils.distributed import (  # noqa: E402
     cleanup,
@@ -47,7 +54,7 @@ from utils.distributed import (  # noqa: E402
 )
 from utils.engine import check_finite_metrics, train_one_epoch, validate  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
-from utils.models import check_fits  # noqa: E402
+from utils.models import check_fits, check_model_name  # noqa: E402
 from utils.plots import PLOT_TRAINING, dataset_label, plot_training  # noqa: E402
 from utils.run_dir import claim_training_dir, continues_in  # noqa: E402
 from utils.summary import read_summary, summary_row, write_summary_row  # noqa: E402
@@ -63,9 +70,30 @@ def load_recipe(args: Any) -> Any:
         raise SetupError(f"recipe {args.sparseml_recipe} does not exist")
     from sparseml.pytorch.optim import ScheduledModifierManager
 
-    manager = ScheduledModifierManager.from_yaml(args.sparseml_recipe)
+    manager = ScheduledModifierManager.from_yaml(
+        args.sparseml_recipe, recipe_variables=args.recipe_variables or None
+    )
     configure_grad_sampler(args, manager)
+    set_run_length(args, manager)
     return manager
+
+
+def set_run_length(args: Any, manager: Any) -> None:
+    """The recipe's epoch range sets the run length (as in CAP): it overrides ``--epochs``.
+
+    Set before timm's scheduler is built, so a timm LR schedule spans the recipe's epochs too.
+    A recipe without epochs (``max_epochs`` -1) leaves ``--epochs``.
+    """
+    if manager.max_epochs <= 0 or manager.max_epochs == args.epochs:
+        return
+    if int(os.environ.get("RANK", "0")) == 0:  # before init_distributed: rank from torchrun
+        _logger.info(
+            "Recipe %s sets the run length: %d epochs (--epochs %d ignored)",
+            args.sparseml_recipe,
+            manager.max_epochs,
+            args.epochs,
+        )
+    args.epochs = manager.max_epochs
 
 
 def configure_grad_sampler(args: Any, manager: Any) -> None:
@@ -114,11 +142,19 @@ def wire_manager(args, manager, model, optimizer, gs_builder, gs_loss, updates, 
     kwargs = {}
     if gs_builder is not None:
         kwargs["grad_sampler"] = {"data_loader_builder": gs_builder, "loss_fn": gs_loss}
-    # A recipe that sets the LR also sets the run length; otherwise --epochs does, and a pruning
-    # modifier ending beyond it is refused here, before any work (it would miss its target).
+    # The recipe set args.epochs (set_run_length); a pruning modifier that the run would still
+    # cut short (it ends in the last epoch) is refused here, before any work.
     recipe_sets_lr = bool(manager.learning_rate_modifiers)
-    num_epochs = manager.max_epochs if recipe_sets_lr and manager.max_epochs > 0 else args.epochs
-    manager.check_run_length(num_epochs, updates)
+    num_epochs = args.epochs
+    try:
+        manager.check_run_length(num_epochs, updates)
+    except RecipeError as err:
+        if manager.max_epochs != num_epochs:  # --epochs set the length: the message fits
+            raise
+        raise RecipeError(
+            f"{err} (the recipe's epoch range sets the run length, {num_epochs} epochs, "
+            "overriding --epochs: extend its EpochRangeModifier end_epoch)"
+        ) from err
     # The unwrapped model: stable parameter names and grad-sampler passes outside DDP.
     optimizer = manager.modify(
         model, optimizer, steps_per_epoch=updates, epoch=start_epoch, **kwargs
@@ -230,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args(argv)
+    check_model_name(args.model)  # before data and recipe work: a typo fails at once
     manager = load_recipe(args)
     train_ds, eval_ds = create_datasets(args)
     device = init_distributed(args)

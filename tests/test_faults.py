@@ -501,10 +501,11 @@ def test_empty_image_folder_and_read_only_data_dir(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["-vb", "0"], "-vb/--val_batch_size 0 is not allowed: the batch size must be >= 1"),
-        (["-gb", "-4"], "-gb/--grad_sampler_batch_size -4 is not allowed"),
+        # CAP's spellings: messages name the timm option (the folder: the spelling given).
+        (["-vb", "0"], "-vb/--validation-batch-size 0 is not allowed: the batch size must be >= 1"),
+        (["-gb", "-4"], "-gb/--gs-batch-size -4 is not allowed"),
         (["--output_dir", "/sys/cap_out"], "--output_dir /sys/cap_out is not writable"),
-        (["--checkpoint_path", "nope.pth"], "--checkpoint_path nope.pth does not exist"),
+        (["--checkpoint_path", "nope.pth"], "--initial-checkpoint nope.pth does not exist"),
     ],
 )
 def test_one_shot_bad_options(extra, message):

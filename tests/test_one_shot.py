@@ -221,7 +221,9 @@ def test_gradients_are_reused_across_sparsities(sweep, small_digits, monkeypatch
 def test_cli_spellings_and_default_sparsity(sweep):
     for spelling in ("--sparseml_recipe", "--sparseml-recipe"):
         args = osp_script.parse_args([spelling, "r.yaml", "--val-batch-size", "7", "--gs-loader"])
-        assert args.sparseml_recipe == "r.yaml" and args.val_batch_size == 7 and args.gs_loader
+        assert (
+            args.sparseml_recipe == "r.yaml" and args.validation_batch_size == 7 and args.gs_loader
+        )
         assert args.method == "r"
     args = osp_script.parse_args(["--sparseml_recipe", str(RECIPES / "gm_digits.yaml")])
     osp_script.check_recipe(args)
@@ -255,7 +257,7 @@ def test_bad_inputs(tmp_path, small_digits, monkeypatch):
     )
     with pytest.raises(SetupError, match="exactly one pruning modifier"):
         osp_script.main(base_args(small_digits, tmp_path, no_pruner))
-    with pytest.raises(SetupError, match="--gs_loader"):
+    with pytest.raises(SetupError, match="--gs-loader"):
         osp_script.main(base_args(small_digits, tmp_path, diag_recipe(tmp_path)))
     with pytest.raises(SetupError, match="does not fit the recipe"):
         osp_script.main(

@@ -237,7 +237,7 @@ def resume_command(
     env = os.environ if env is None else env
     spellings = {"--resume", "--local-rank", "--local_rank"}
     if out_dir is not None:
-        spellings |= {"--output", "--experiment"}
+        spellings |= {"--output", "--experiment", "--output_dir", "--output-dir"}  # CAP alias
     args = _strip_options(list(argv[1:]), spellings)
     if out_dir is not None:
         args += ["--output", str(out_dir.parent), "--experiment", out_dir.name]

@@ -111,7 +111,7 @@ def init_wandb(args: argparse.Namespace, out_dir: Path, recipe_path: Path | None
     if recipe_path is not None:
         config["recipe"] = recipe_path.read_text()
     wandb.init(
-        project=args.experiment or "cap_sparse",
+        project=args.wandb_project or args.experiment or "cap_sparse",
         name=out_dir.name,
         config=config,
         dir=str(out_dir),

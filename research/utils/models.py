@@ -8,16 +8,26 @@ name the mismatching keys and shapes (and ``--num-classes`` when the classifier 
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import typing
 from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    is_model,
+    list_models,
+    model_entrypoint,
+    register_model,
+)
 from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, SetupError
 
 DIGITS_CFG = {
     "num_classes": 10,
@@ -92,6 +102,53 @@ def resnet_digits(pretrained: bool = False, **kwargs: Any) -> ResNet:
 # ----- loading weights ----------------------------------------------------------------------------
 # Keys under which timm, CAP and our training script store the model's weights, in preference order.
 _WEIGHT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+def check_model_name(name: str) -> None:
+    """Unknown ``--model`` names stop here with timm's closest names, not deep in timm."""
+    if is_model(name):
+        return
+    close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "no similar name"
+    raise SetupError(
+        f"--model {name!r} is not a timm model: {hint} (python -c 'import timm; "
+        'print(timm.list_models("*vit*"))\' lists them)'
+    )
+
+
+def takes_img_size(name: str) -> bool:
+    """Whether timm's model class for ``name`` has an ``img_size`` argument (ViT, DeiT, Swin).
+
+    timm's entrypoints annotate the class they return; without an annotation, any class
+    defined in the entrypoint's module counts.
+    """
+    entry = model_entrypoint(name)
+    try:
+        returned = typing.get_type_hints(entry).get("return")
+    except (NameError, TypeError):
+        returned = None
+    if inspect.isclass(returned):
+        classes = [returned]
+    else:
+        module = inspect.getmodule(entry)
+        classes = [c for _, c in inspect.getmembers(module, inspect.isclass)]
+        classes = [c for c in classes if c.__module__ == entry.__module__]
+    return any(
+        issubclass(c, nn.Module) and "img_size" in inspect.signature(c.__init__).parameters
+        for c in classes
+    )
+
+
+def model_kwargs(args: Any) -> dict[str, Any]:
+    """``--model-kwargs``, plus ``img_size`` from ``--img-size`` for models that take one.
+
+    Without it a ViT keeps its native size and timm's patch embedding refuses the resized
+    input deep inside the first forward pass. An ``img_size`` in ``--model-kwargs`` wins.
+    """
+    kwargs = dict(args.model_kwargs)
+    if args.img_size and "img_size" not in kwargs and takes_img_size(args.model):
+        kwargs["img_size"] = args.img_size
+    return kwargs
 
 
 def read_state_dict(path: str | Path, option: str) -> dict[str, torch.Tensor]:

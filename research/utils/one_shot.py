@@ -95,8 +95,8 @@ def file_digest(path: str | Path) -> str:
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load dense weights strictly and refuse NaN/Inf values: pruning scores would be garbage."""
-    _models.load_weights(model, path, "--checkpoint_path")
-    check_finite_weights(model, f"--checkpoint_path {path}")
+    _models.load_weights(model, path, "--initial-checkpoint")
+    check_finite_weights(model, f"--initial-checkpoint {path}")
 
 
 def check_finite_weights(model: nn.Module, source: str) -> None:

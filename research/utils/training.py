@@ -33,6 +33,7 @@ _logger = logging.getLogger("sparse_training")
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     """``timm.create_model`` from the command line; clear errors for unknown names/weights."""
+    _models.check_model_name(args.model)
     extra = pretrained_kwargs(args.model, "--initial-checkpoint") if args.pretrained else {}
     try:
         model = create_model(
@@ -46,7 +47,7 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
             global_pool=args.gp,
             bn_momentum=args.bn_momentum,
             bn_eps=args.bn_eps,
-            **args.model_kwargs,
+            **_models.model_kwargs(args),
             **extra,
         )
     except (RuntimeError, OSError) as err:
