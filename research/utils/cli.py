@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-hist",
         type=int,
         default=10,
-        help="keep the N best checkpoints, sparsest first, then by --eval-metric (default 10; "
+        help="keep the N best checkpoints, sparsest first, then by the eval metric (default 10; "
         "0: none); the best is also copied to <model>_best.pth",
     )
     a("--log-sparsity", action="store_true", help="write sparsity_distribution_epoch=N.json")
