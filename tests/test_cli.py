@@ -269,3 +269,14 @@ def test_resume_command_of_an_output_dir_run_parses(tmp_path, monkeypatch):
     command = shlex.split(faults.resume_command(argv, last, folder, env={}))
     args = cli.parse_args(command[2:])
     assert (Path(args.output) / args.experiment, args.resume) == (folder, str(last))
+
+
+@pytest.mark.parametrize("option", ["--lr", "--momentum", "--weight-decay", "--clip-grad"])
+def test_negative_optimizer_settings_are_refused(option):
+    """A negative --clip-grad would flip every gradient's sign; a negative lr or momentum
+    crashed inside timm."""
+    from utils.cli import parse_args
+    from utils.errors import SetupError
+
+    with pytest.raises(SetupError, match=f"{option} -1.0: must be a number >= 0"):
+        parse_args(["--dataset", "digits", option, "-1"])
