@@ -47,7 +47,7 @@ from utils import faults  # noqa: E402
 from utils import models as _models  # noqa: E402  (also registers vit_digits, resnet_digits)
 from utils import one_shot as osp  # noqa: E402
 from utils import results as res  # noqa: E402
-from utils.data import resolve_data_dir  # noqa: E402
+from utils.data import configure_grad_sampler, resolve_data_dir  # noqa: E402
 from utils.distributed import (  # noqa: E402
     cleanup,
     gather_objects,
@@ -86,11 +86,7 @@ def check_recipe(args: argparse.Namespace) -> Any:
             osp.load_one_shot_manager(args.sparseml_recipe, s, args.recipe_variables)
         except RecipeError as err:
             raise SetupError(f"--sparsities {s:g} does not fit the recipe: {err}") from err
-    if osp.needs_gradients(pruner) and not args.gs_loader:
-        raise SetupError(
-            f"{type(pruner).__name__} needs gradient samples: add --gs-loader "
-            "(with -gb/--gs-batch-size N) to sample them from the training split"
-        )
+    configure_grad_sampler(args, [pruner])  # a second-order pruner samples training data
     return pruner
 
 

@@ -43,7 +43,7 @@ from utils import checkpoint as ckpt_io  # noqa: E402
 from utils import faults, training  # noqa: E402
 from utils import logging_utils as logs  # noqa: E402
 from utils.checkpoint_hist import CheckpointHistory  # noqa: E402
-from utils.data import create_datasets, sampler_batches  # noqa: E402
+from utils.data import configure_grad_sampler, create_datasets, sampler_batches  # noqa: E402
 from utils.distributed import (  # noqa: E402
     cleanup,
     gather_objects,
@@ -73,7 +73,7 @@ def load_recipe(args: Any) -> Any:
     manager = ScheduledModifierManager.from_yaml(
         args.sparseml_recipe, recipe_variables=args.recipe_variables or None
     )
-    configure_grad_sampler(args, manager)
+    configure_grad_sampler(args, manager.pruning_modifiers)
     set_run_length(args, manager)
     return manager
 
@@ -94,47 +94,6 @@ def set_run_length(args: Any, manager: Any) -> None:
             args.epochs,
         )
     args.epochs = manager.max_epochs
-
-
-def configure_grad_sampler(args: Any, manager: Any) -> None:
-    """Recipes with a sampling second-order pruner get a grad-sampler loader by themselves.
-
-    Its batch size is ``-gb`` if given, else the recipe's ``grad_sampler_kwargs.batch_size``,
-    else the training batch size ``-b``. M-FAC left to buffer training gradients needs none.
-    """
-    from sparseml.modifiers.second_order import SecondOrderPruningModifier
-
-    sampling = [
-        m
-        for m in manager.pruning_modifiers
-        if isinstance(m, SecondOrderPruningModifier)
-        and not getattr(m, "use_gradient_buffering", False)
-        and not (type(m).__name__ == "MFACPruningModifier" and m.use_gradient_buffering is None)
-    ]
-    if not sampling or args.gs_loader:
-        return
-    recipe_size = next(
-        (
-            m.grad_sampler_kwargs["batch_size"]
-            for m in sampling
-            if "batch_size" in m.grad_sampler_kwargs
-        ),
-        None,
-    )
-    size = args.gs_batch_size or recipe_size or args.batch_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise SetupError(
-            f"grad_sampler_kwargs.batch_size in {args.sparseml_recipe} is {size!r}; "
-            "it must be an integer >= 1 (or pass -gb N)"
-        )
-    args.gs_batch_size = size
-    args.gs_loader = True
-    _logger.info(
-        "%s samples gradients: grad-sampler loader over the training data, batch size %d "
-        "(-gb, else the recipe's grad_sampler_kwargs.batch_size, else -b)",
-        type(sampling[0]).__name__,
-        args.gs_batch_size,
-    )
 
 
 def wire_manager(args, manager, model, optimizer, gs_builder, gs_loss, updates, start_epoch):

@@ -257,8 +257,6 @@ def test_bad_inputs(tmp_path, small_digits, monkeypatch):
     )
     with pytest.raises(SetupError, match="exactly one pruning modifier"):
         osp_script.main(base_args(small_digits, tmp_path, no_pruner))
-    with pytest.raises(SetupError, match="--gs-loader"):
-        osp_script.main(base_args(small_digits, tmp_path, diag_recipe(tmp_path)))
     with pytest.raises(SetupError, match="does not fit the recipe"):
         osp_script.main(
             base_args(
@@ -380,3 +378,11 @@ def test_second_order_recipes_run(method, tmp_path, small_digits):
     assert [r["sparsity"] for r in pruned] == [0.5, 0.9]
     for row in pruned:
         assert row["measured_sparsity"] == pytest.approx(row["sparsity"], abs=2e-3)
+
+
+def test_second_order_recipe_without_gs_loader_samples_by_itself(tmp_path, small_digits):
+    """The script sets up the grad sampler (batch: -gb) when the recipe needs gradients."""
+    rows = osp_script.main(
+        base_args(small_digits, tmp_path, diag_recipe(tmp_path), "--sparsities", "0.5", "-gb", "8")
+    )
+    assert [r["sparsity"] for r in rows if r["method"] != "dense"] == [0.5]

@@ -10,6 +10,7 @@ split with a fixed seed) and from then on reads it like any other folder data se
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -238,3 +239,45 @@ def sampler_batches(loader: Any, device: torch.device) -> Callable[..., SamplerB
         return SamplerBatches(loader, device)
 
     return builder
+
+
+def configure_grad_sampler(args: Any, modifiers: list) -> None:
+    """Recipes with a sampling second-order pruner get a grad-sampler loader by themselves
+    (both scripts; ``modifiers``: the recipe's pruning modifiers).
+
+    Its batch size is ``-gb`` if given, else the recipe's ``grad_sampler_kwargs.batch_size``,
+    else the training batch size ``-b``. M-FAC left to buffer training gradients needs none.
+    """
+    from sparseml.modifiers.second_order import SecondOrderPruningModifier
+
+    sampling = [
+        m
+        for m in modifiers
+        if isinstance(m, SecondOrderPruningModifier)
+        and not getattr(m, "use_gradient_buffering", False)
+        and not (type(m).__name__ == "MFACPruningModifier" and m.use_gradient_buffering is None)
+    ]
+    if not sampling or args.gs_loader:
+        return
+    recipe_size = next(
+        (
+            m.grad_sampler_kwargs["batch_size"]
+            for m in sampling
+            if "batch_size" in m.grad_sampler_kwargs
+        ),
+        None,
+    )
+    size = args.gs_batch_size or recipe_size or args.batch_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise SetupError(
+            f"grad_sampler_kwargs.batch_size in {args.sparseml_recipe} is {size!r}; "
+            "it must be an integer >= 1 (or pass -gb N)"
+        )
+    args.gs_batch_size = size
+    args.gs_loader = True
+    logging.getLogger(__name__).info(
+        "%s samples gradients: grad-sampler loader over the training data, batch size %d "
+        "(-gb, else the recipe's grad_sampler_kwargs.batch_size, else -b)",
+        type(sampling[0]).__name__,
+        args.gs_batch_size,
+    )
