@@ -101,3 +101,15 @@ def test_more_samples_than_the_loader_holds_warns(caplog) -> None:
     ScheduledModifierManager.from_yaml(text).apply(mlp(), grad_sampler=grad_sampler)
     assert "num_grads 12 exceeds the 5 batches" in caplog.text
     assert "ETA" in caplog.text
+
+
+def test_mfac_schedule_of_num_grads_gets_a_schedule_as_advice() -> None:
+    model = nn.Sequential(nn.Linear(1000, 1000))
+    text = ONE_SHOT.format(
+        name="MFACPruningModifier", m="{0.0: 4000000, 0.5: 8000000}", block="null"
+    )
+    with pytest.raises(RecipeError) as err:
+        ScheduledModifierManager.from_yaml(text).apply(model, grad_sampler=sampler())
+    advice = re.search(r"num_grads: (\{.*\}) would fit", str(err.value))
+    assert advice is not None, str(err.value)
+    assert "0.0:" in advice.group(1) and "0.5:" in advice.group(1)

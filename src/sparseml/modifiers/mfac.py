@@ -160,11 +160,15 @@ class MFACPruningModifier(SecondOrderPruningModifier):
         return items, f"num_grads={m}, fisher_block_size={block} and {d} unpruned weights"
 
     def smaller_settings(self):
-        """Halved num_grads (the memory grows with it; the block size matters less)."""
-        m = self.num_grads if isinstance(self.num_grads, int) else max(self.num_grads.values())
-        while m > 1:
-            m //= 2
-            yield {"block": self.fisher_block_size, "m": m}, f"num_grads: {m}"
+        """Halved num_grads (the memory grows with it; the block size matters less); a
+        ``{sparsity: m}`` schedule is scaled as a whole, so the suggestion keeps its shape."""
+        schedule = self.num_grads if isinstance(self.num_grads, dict) else {0.0: self.num_grads}
+        scale = 1
+        while max(schedule.values()) // (2 * scale) >= 1:
+            scale *= 2
+            smaller = {k: max(1, v // scale) for k, v in schedule.items()}
+            text = smaller[0.0] if len(smaller) == 1 else smaller
+            yield {"block": self.fisher_block_size, "m": smaller}, f"num_grads: {text}"
 
     def optimizer_pre_step(
         self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int
