@@ -1,0 +1,73 @@
+"""Every command the README shows in a shell block runs, with shortened settings.
+
+The quick-start commands are found in README.md itself, so a command added there without a
+run here fails ``test_every_readme_command_is_covered``. The installs are skipped (the test
+environment is the installed one) and the runs are shortened through the launchers'
+environment variables and ``--recipe-variables``; each must exit 0 and write its results.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT_GRADUAL = ["--recipe-variables", "num_epochs=2,pruning_start=0,pruning_end=1"]
+# README command (after its install step) -> (extra environment, extra arguments)
+COVERED = {
+    "bash research/run_one_shot_pruning.sh": (
+        {"TRAIN_EPOCHS": "1", "METHODS": "gm cap", "SPARSITIES": "0.5", "NUM_GRADS": "8"},
+        [],
+    ),
+    "bash research/run_gradual_pruning.sh": ({}, SHORT_GRADUAL),
+    "RECIPE=research/recipes/gradual_pruning/cap_digits.yaml bash research/run_gradual_pruning.sh": (
+        {"RECIPE": "research/recipes/gradual_pruning/cap_digits.yaml"},
+        SHORT_GRADUAL,
+    ),
+    "bash .ci/run": None,  # this very suite
+}
+
+
+def readme_commands() -> list[str]:
+    """Shell lines of the README's code blocks that run a script, without install/PATH parts."""
+    out = []
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if re.search(r"\bbash (research/run_\w+\.sh|\.ci/run)\b", line) and not line.startswith(
+            "-"
+        ):
+            command = line.split("&&")[-1].strip()
+            command = re.sub(r'^PATH="[^"]*"\s+', "", command)
+            out.append(command)
+    return out
+
+
+def test_every_readme_command_is_covered() -> None:
+    commands = readme_commands()
+    assert commands, "no commands found in README.md"
+    assert sorted(set(commands)) == sorted(COVERED)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("command", [c for c, v in COVERED.items() if v is not None])
+def test_readme_command_runs(command: str, tmp_path: Path) -> None:
+    extra_env, extra_args = COVERED[command]
+    script = command.split("bash ")[-1].split()[0]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(extra_env, OUTPUT=str(tmp_path / "output"), PYTHON=sys.executable)
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1", WANDB_SILENT="true")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    done = subprocess.run(["bash", script, *extra_args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    if "one_shot" in script:
+        rows = list(csv.DictReader((next((tmp_path / "output").rglob("results.csv"))).open()))
+        assert {r["method"] for r in rows} >= {"gm", "cap"}
+    else:
+        assert list((tmp_path / "output").rglob("training_complete.json"))
