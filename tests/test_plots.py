@@ -82,7 +82,7 @@ def test_dataset_label():
 
 def test_training_plot_shows_accuracy_and_sparsity_per_epoch(tmp_path, drawn):
     rows = [
-        {"epoch": str(e), "eval/top1": str(80 + e), "eval/top5": "99", "sparsity": str(s),
+        {"epoch": str(e), "eval_top1": str(80 + e), "eval_top5": "99", "sparsity": str(s),
          "prunable_sparsity_percent": str(100 * s)}
         for e, s in enumerate((0.0, 0.0, 0.5, 0.75, 0.75))
     ]  # fmt: skip

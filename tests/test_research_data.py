@@ -319,11 +319,11 @@ def test_rng_state_round_trip():
 
 def test_summary_csv_one_header_with_every_column(tmp_path):
     path = tmp_path / "summary.csv"
-    write_summary_row(path, {"epoch": 0, "eval/top1": 10.0})
-    write_summary_row(path, {"epoch": 1, "eval/top1": 20.0})
-    write_summary_row(path, {"epoch": 2, "eval/top1": 30.0, "lr": 0.1})
+    write_summary_row(path, {"epoch": 0, "eval_top1": 10.0})
+    write_summary_row(path, {"epoch": 1, "eval_top1": 20.0})
+    write_summary_row(path, {"epoch": 2, "eval_top1": 30.0, "lr": 0.1})
     lines = path.read_text().splitlines()
-    assert lines[0] == "epoch,eval/top1,lr" and len(lines) == 4
+    assert lines[0] == "epoch,eval_top1,lr" and len(lines) == 4
     assert [(r["epoch"], r["lr"]) for r in read_summary(path)] == [
         ("0", ""),
         ("1", ""),

@@ -126,4 +126,4 @@ def test_kill_then_resume_equals_uninterrupted(nproc, small_digits, tmp_path, on
 
 
 def metrics(run: Path) -> list[tuple]:
-    return [(r["epoch"], r["eval/top1"], r["eval/loss"]) for r in read_summary(run / "summary.csv")]
+    return [(r["epoch"], r["eval_top1"], r["eval_loss"]) for r in read_summary(run / "summary.csv")]

@@ -103,8 +103,8 @@ def test_dense_run_with_config_precedence(small_digits, tmp_path):
     assert (args["batch_size"], args["epochs"], args["my_unknown_key"]) == (50, 2, 7)
     rows = read_summary(out / "summary.csv")
     assert [r["epoch"] for r in rows] == ["0", "1"]
-    assert float(rows[1]["train/loss"]) < float(rows[0]["train/loss"])
-    assert 0.0 <= float(rows[1]["eval/top1"]) <= 100.0
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert 0.0 <= float(rows[1]["eval_top1"]) <= 100.0
     assert float(rows[1]["prunable_sparsity_percent"]) == 0.0
     names = sorted(p.name for p in out.glob("*.pth"))
     assert names == [

@@ -157,9 +157,9 @@ def plot_training(
     epochs = [int(r["epoch"]) for r in rows]
     fig, ax = plt.subplots(figsize=(7.2, 4.8))
     name = {"top1": "top-1", "top5": "top-5"}.get(metric, metric)
-    ax.plot(epochs, _floats(rows, f"eval/{metric}"), marker="o", color="tab:blue", label=name)
-    if metric == "top1" and any("eval/top5" in r for r in rows):
-        ax.plot(epochs, _floats(rows, "eval/top5"), color="tab:blue", alpha=0.35, label="top-5")
+    ax.plot(epochs, _floats(rows, f"eval_{metric}"), marker="o", color="tab:blue", label=name)
+    if metric == "top1" and any("eval_top5" in r for r in rows):
+        ax.plot(epochs, _floats(rows, "eval_top5"), color="tab:blue", alpha=0.35, label="top-5")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"eval {name} (%)" if metric.startswith("top") else f"eval {name}")

@@ -25,10 +25,11 @@ def summary_row(
     eval_metrics: dict[str, float],
     **extra: Any,
 ) -> dict[str, Any]:
-    """``epoch``, ``train/<k>``, ``eval/<k>``, then ``extra`` (lr, sparsity, sparsity counts)."""
+    """timm's ``update_summary`` layout: ``epoch``, ``train_<k>``, ``eval_<k>``, then ``extra``
+    (lr, sparsity, sparsity counts)."""
     row: dict[str, Any] = {"epoch": epoch}
-    row.update({f"train/{k}": v for k, v in train_metrics.items()})
-    row.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+    row.update({f"train_{k}": v for k, v in train_metrics.items()})
+    row.update({f"eval_{k}": v for k, v in eval_metrics.items()})
     row.update(extra)
     return row
 
