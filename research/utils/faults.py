@@ -180,9 +180,16 @@ def run_main(main: Callable[[], object]) -> None:
         code, message = describe(err)
         if message is None:
             traceback.print_exc()
-        else:
+        elif not _said_by_rank0(code):
             print(_rank_prefix() + message, file=sys.stderr)
         leave(code)
+
+
+def _said_by_rank0(code: int) -> bool:
+    """A usage error raised before the process group exists comes from the same options and
+    files on every rank: rank 0 alone prints it, so the user reads it once."""
+    initialized = dist.is_available() and dist.is_initialized()
+    return code == EXIT_USAGE and not initialized and os.environ.get("RANK", "0") != "0"
 
 
 def leave(code: int) -> NoReturn:
