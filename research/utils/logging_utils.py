@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparseml.params import PRUNABLE_TYPES
 from sparseml.serialization import atomic_write_text
 from sparseml.sparsity import ModuleSparsificationInfo
 
@@ -39,9 +40,8 @@ def write_sparsity_distribution(out_dir: Path, epoch: int, model: torch.nn.Modul
 def zero_pattern_digest(model: torch.nn.Module) -> str:
     """SHA-1 of which Linear/Conv weights are exactly zero (equal digests = equal masks)."""
     digest = hashlib.sha1()
-    prunable = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
     for name, layer in model.named_modules():
-        if isinstance(layer, prunable):
+        if isinstance(layer, PRUNABLE_TYPES):
             zeros = (layer.weight.detach() == 0).flatten().cpu().numpy()
             digest.update(name.encode())
             digest.update(np.packbits(zeros).tobytes())
