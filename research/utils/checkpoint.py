@@ -10,6 +10,9 @@ exact continuation) and ``checkpoint_hist`` (the run's best checkpoints, see
 
 Checkpoints of older versions (``model``, ``ema``, ``scaler`` keys) still resume:
 :func:`load_checkpoint` returns them under the new keys.
+
+One-shot sweeps read and write bare weights here too (:func:`load_dense_weights`,
+:func:`save_state_dict`), read by ``models.load_weights`` like sparse_training's --initial-checkpoint.
 """
 
 from __future__ import annotations
