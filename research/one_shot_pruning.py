@@ -43,12 +43,21 @@ from timm.utils import random_seed  # noqa: E402
 
 from sparseml.errors import RecipeError  # noqa: E402
 from sparseml.sparsity import ModuleSparsificationInfo  # noqa: E402
+from utils import evaluation as ev  # noqa: E402
 from utils import faults  # noqa: E402
 from utils import models as _models  # noqa: E402  (also registers vit_digits, resnet_digits)
 from utils import one_shot as osp  # noqa: E402
+from utils import one_shot_data as osd  # noqa: E402
 from utils import results as res  # noqa: E402
-from utils.data import configure_grad_sampler, resolve_data_dir  # noqa: E402
+from utils.checkpoint import (  # noqa: E402
+    check_finite_weights,
+    file_digest,
+    load_dense_weights,
+    save_state_dict,
+)
+from utils.data import configure_grad_sampler, loader_kwargs, resolve_data_dir  # noqa: E402
 from utils.distributed import (  # noqa: E402
+    broadcast_model,
     cleanup,
     gather_objects,
     init_distributed,
@@ -105,10 +114,10 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
         raise SetupError(f"cannot build model {args.model!r}: {err}{hint}") from err
     digest = ""
     if args.initial_checkpoint:
-        osp.load_weights(model, args.initial_checkpoint)  # refuses NaN/Inf weights
-        digest = osp.file_digest(args.initial_checkpoint)
+        load_dense_weights(model, args.initial_checkpoint)  # refuses NaN/Inf weights
+        digest = file_digest(args.initial_checkpoint)
     else:
-        osp.check_finite_weights(model, f"model {args.model!r}")
+        check_finite_weights(model, f"model {args.model!r}")
     return model, digest
 
 
@@ -166,16 +175,16 @@ def prune_one(args, dense, sparsity: float, device, loaders: dict, cache) -> dic
         kwargs["grad_sampler"] = osp.grad_sampler_for(loaders["gs"])
     if cache is not None:
         kwargs["sweep_cache"] = cache  # Fisher (and CAP order) built once per method
-    osp.reset_peak_memory(device)
+    ev.reset_peak_memory(device)
     start = time.perf_counter()
     manager.apply(model, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    peak, kind = osp.peak_memory_mb(device)
+    peak, kind = ev.peak_memory_mb(device)
     start = time.perf_counter()
-    metrics = osp.evaluate(model, loaders["val"], device)
-    per_layer, measured = osp.layer_sparsity(model, [r.name for r in pruner.refs])
+    metrics = ev.evaluate(model, loaders["val"], device)
+    per_layer, measured = ev.layer_sparsity(model, [r.name for r in pruner.refs])
     summary = ModuleSparsificationInfo(model).params_summary
     row = make_row(
         args,
@@ -197,16 +206,16 @@ def prune_one(args, dense, sparsity: float, device, loaders: dict, cache) -> dic
 def build_loaders(args, model, device, needs_grads: bool) -> tuple[dict, dict]:
     name, root = resolve_data_dir(args.dataset, args.data_dir)
     cfg = resolve_data_config({"img_size": args.img_size}, model=model, verbose=is_primary(args))
-    options = osp.loader_options(args, cfg, device)
-    val = osp.open_dataset(name, root, args.val_split, False, args.rank, args.world_size)
+    options = loader_kwargs(args, cfg, device)
+    val = osd.open_dataset(name, root, args.val_split, False, args.rank, args.world_size)
     loaders = {
         "val": create_loader(
             val, batch_size=args.validation_batch_size, is_training=False, **options
         )
     }
     if needs_grads:
-        train = osp.open_dataset(name, root, args.train_split, True, args.rank, args.world_size)
-        loaders["gs"] = osp.GradSamplerData(
+        train = osd.open_dataset(name, root, args.train_split, True, args.rank, args.world_size)
+        loaders["gs"] = osd.GradSamplerData(
             train, options, args.gs_batch_size, augment=not args.gs_no_aug
         )
         loaders["gs"].loader(args.gs_batch_size)  # batch size check before any work
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[str, Any]]:
     dense, digest = build_model(args)
     dense.to(device).eval()
-    osp.broadcast_model(dense)
+    broadcast_model(dense)
     dense_settings = {
         "model": args.model,
         "checkpoint": digest,
@@ -282,7 +291,7 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
         loaders, _ = build_loaders(args, dense, device, needs_grads)
     if plan["dense"]:
         start = time.perf_counter()
-        metrics = osp.evaluate(dense, loaders["val"], device)
+        metrics = ev.evaluate(dense, loaders["val"], device)
         row = make_row(args, res.DENSE, "", 0.0, metrics, eval_seconds=time.perf_counter() - start)
         row.update(measured_sparsity=0.0, seconds=0.0, settings=dense_settings)
         if is_primary(args):
@@ -308,7 +317,7 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
             res.append_row(out_dir, row)
             if args.save_model:
                 name = f"{safe_model_name(args.model)}_{args.method}_sparsity={sparsity:g}.pth"
-                osp.save_state_dict(done["model"], out_dir / name)
+                save_state_dict(done["model"], out_dir / name)
             if wandb is not None:
                 keys = ("accuracy", "top5", "loss", "measured_sparsity", "seconds")
                 wandb.log({"sparsity": sparsity, **{f"val/{k}": row[k] for k in keys}})

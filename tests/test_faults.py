@@ -29,6 +29,7 @@ from conftest import RESEARCH, ROOT, copy_digits_subset, ensure_research
 ensure_research()
 import one_shot_pruning as osp_script  # noqa: E402
 import sparse_training  # noqa: E402
+from sparseml import errors as sparseml_errors  # noqa: E402
 from utils import faults, training  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.errors import CheckpointError, SetupError  # noqa: E402
@@ -305,6 +306,8 @@ def test_resume_command_under_torchrun_keeps_the_folder():
         (KeyboardInterrupt(), 130, "stopped by SIGINT"),
         (faults.Interrupted(signal.SIGTERM), 143, "stopped by SIGTERM"),
         (SetupError("-b 0 ..."), 2, "error: -b 0 ..."),
+        (CheckpointError("--resume x is unreadable"), 2, "error: --resume x is unreadable"),
+        (sparseml_errors.CheckpointError("checkpoint x does not exist"), 2, "does not exist"),
         (OSError(errno.ENOSPC, "No space left on device", "/x/r.csv"), 1, "cannot write /x/r.csv"),
         (RuntimeError("[pair.cc:1] Connection closed by peer [1.2.3.4]:5"), 1, "lost contact"),
         (NonFiniteError("training loss is nan"), 1, "error: training loss is nan"),
@@ -315,6 +318,17 @@ def test_exit_codes(err, code, text):
     got_code, message = faults.describe(err)
     assert got_code == code
     assert message == text if text is None else text in message
+
+
+def test_one_checkpoint_error_concept():
+    """The research scripts' CheckpointError is sparseml's, so one ``except`` catches both."""
+    from sparseml import serialization
+
+    assert serialization.CheckpointError is sparseml_errors.CheckpointError
+    assert issubclass(CheckpointError, sparseml_errors.CheckpointError)
+    assert issubclass(CheckpointError, SetupError)
+    with pytest.raises(sparseml_errors.CheckpointError, match="no state dict"):
+        raise CheckpointError("--initial-checkpoint x holds no state dict of tensors")
 
 
 # ----- shell launcher -------------------------------------------------------------------------

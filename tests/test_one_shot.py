@@ -26,7 +26,7 @@ from sparseml.manager import ScheduledModifierManager  # noqa: E402
 from sparseml.masks import create_masks  # noqa: E402
 from sparseml.modifiers.second_order import SecondOrderPruningModifier  # noqa: E402
 from sparseml.registry import modifier_names, register_modifier  # noqa: E402
-from utils import one_shot as osp  # noqa: E402
+from utils import one_shot_data as osd  # noqa: E402
 from utils import results as res  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
 
@@ -200,13 +200,13 @@ def test_partial_sweep_resumes_and_layerwise_gm(tmp_path, small_digits, monkeypa
 
 def test_gradients_are_reused_across_sparsities(sweep, small_digits, monkeypatch):
     calls = []
-    original = osp.GradSamplerData.__call__
+    original = osd.GradSamplerData.__call__
 
     def counting(self, *args, **kwargs):
         calls.append(kwargs)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(osp.GradSamplerData, "__call__", counting)
+    monkeypatch.setattr(osd.GradSamplerData, "__call__", counting)
     results = {}
     for flag in ((), ("--no-sweep-cache",)):
         out = sweep["tmp"] / f"cache_{len(flag)}"

@@ -10,10 +10,14 @@ exact continuation) and ``checkpoint_hist`` (the run's best checkpoints, see
 
 Checkpoints of older versions (``model``, ``ema``, ``scaler`` keys) still resume:
 :func:`load_checkpoint` returns them under the new keys.
+
+One-shot sweeps read and write bare weights here too (:func:`load_dense_weights`,
+:func:`save_state_dict`), read by ``models.load_weights`` like sparse_training's --initial-checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import random
 import zipfile
@@ -25,6 +29,7 @@ import torch
 
 from sparseml.serialization import atomic_save
 
+from . import models as _models
 from .errors import CheckpointError
 
 
@@ -147,3 +152,34 @@ def restore_training_state(
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get(SCALER_KEY):
             scaler.load_state_dict(state[SCALER_KEY])
+
+
+# ----- bare weights (one-shot sweeps) ------------------------------------------------------------
+def file_digest(path: str | Path) -> str:
+    """A short content hash: a sweep's results remember which dense weights they came from."""
+    h = hashlib.sha1()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_dense_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load dense weights strictly and refuse NaN/Inf values: pruning scores would be garbage."""
+    _models.load_weights(model, path, "--initial-checkpoint")
+    check_finite_weights(model, f"--initial-checkpoint {path}")
+
+
+def check_finite_weights(model: torch.nn.Module, source: str) -> None:
+    bad = _models.nonfinite_tensors(model)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(
+            f"{source}: {len(bad)} tensors hold NaN/Inf values ({shown}); refusing to prune a "
+            "diverged model (use the checkpoint of an earlier, finite epoch)"
+        )
+
+
+def save_state_dict(model: torch.nn.Module, path: Path) -> None:
+    """``torch.save`` of the CPU state dict, atomically (see ``sparseml.serialization``)."""
+    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)

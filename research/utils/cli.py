@@ -239,6 +239,7 @@ def parse_one_shot_args(argv: Sequence[str] | None = None) -> argparse.Namespace
         args.validation_batch_size = args.batch_size
     if "LOCAL_RANK" in os.environ:
         args.local_rank = int(os.environ["LOCAL_RANK"])
+    args.prefetcher = not args.no_prefetcher  # as in parse_args: data.loader_kwargs reads it
     validate_one_shot_args(args)
     # The results folder, read by the sweep: --output/--experiment (or CAP's --output_dir).
     args.output_dir = str(Path(args.output) / args.experiment)

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sparseml import dist as sparseml_dist
+
 from .errors import SetupError
 
 
@@ -119,3 +121,10 @@ def wrap_ddp(
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None, **kwargs
     )
+
+
+@torch.no_grad()
+def broadcast_model(model: torch.nn.Module) -> None:
+    """Make every rank hold rank 0's weights and buffers."""
+    for tensor in model.state_dict().values():
+        sparseml_dist.broadcast_(tensor)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparseml.params import PRUNABLE_TYPES
 from sparseml.serialization import atomic_write_text
 from sparseml.sparsity import ModuleSparsificationInfo
 
@@ -19,58 +20,14 @@ from .errors import SetupError
 _logger = logging.getLogger("sparse_training")
 
 
-def current_pruning_modifier(manager: Any, epoch: int) -> Any:
-    """The first pruning modifier (manager order) with ``start_epoch <= epoch < end_epoch``."""
-    if manager is None:
-        return None
-    for modifier in manager.pruning_modifiers:
-        end = modifier.end_epoch if modifier.end_epoch >= 0 else float("inf")
-        if modifier.start_epoch <= epoch < end:
-            return modifier
-    return None
-
-
-def last_enforced_pruning_modifier(manager: Any, epoch: int) -> Any:
-    """The pruning modifier that ended last before ``epoch`` and still enforces its masks."""
-    if manager is None:
-        return None
-    done = [
-        m
-        for m in manager.pruning_modifiers
-        if 0 <= m.end_epoch <= epoch
-        and getattr(m, "leave_enabled", False)
-        and getattr(m, "applied_sparsity", None) is not None
-    ]
-    return max(done, key=lambda m: m.end_epoch, default=None)
-
-
 def scheduled_sparsity(manager: Any, epoch: int) -> float:
-    """Mean ``applied_sparsity`` of the active pruning modifier, else of the last one whose
-    masks are still enforced (fine-tuning after pruning); 0.0 when there is none."""
-    modifier = current_pruning_modifier(manager, epoch) or last_enforced_pruning_modifier(
-        manager, epoch
-    )
-    value = getattr(modifier, "applied_sparsity", None)
-    if value is None:
-        return 0.0
-    if isinstance(value, list | tuple):
-        return float(sum(value) / len(value)) if value else 0.0
-    return float(value)
+    """The schedule's sparsity at ``epoch`` (``manager.sparsity_status``); 0.0 without a recipe."""
+    return 0.0 if manager is None else manager.sparsity_status(epoch)["sparsity"]
 
 
 def is_update_epoch(manager: Any, epoch: int) -> bool:
-    """True at the epochs where a pruning modifier changes the sparsity (its start, every
-    ``update_frequency`` epochs after it, and its end)."""
-    if manager is None:
-        return False
-    for modifier in manager.pruning_modifiers:
-        start, end = modifier.start_epoch, modifier.end_epoch
-        freq = getattr(modifier, "update_frequency", 0) or 0
-        if freq <= 0 or epoch < start or (0 <= end < epoch):
-            continue
-        if (epoch - start) % freq == 0 or epoch == end:
-            return True
-    return False
+    """True at the epochs where a pruning modifier changes the sparsity (the manager says)."""
+    return manager is not None and manager.sparsity_status(epoch)["update_epoch"]
 
 
 def write_sparsity_distribution(out_dir: Path, epoch: int, model: torch.nn.Module) -> Path:
@@ -83,9 +40,8 @@ def write_sparsity_distribution(out_dir: Path, epoch: int, model: torch.nn.Modul
 def zero_pattern_digest(model: torch.nn.Module) -> str:
     """SHA-1 of which Linear/Conv weights are exactly zero (equal digests = equal masks)."""
     digest = hashlib.sha1()
-    prunable = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
     for name, layer in model.named_modules():
-        if isinstance(layer, prunable):
+        if isinstance(layer, PRUNABLE_TYPES):
             zeros = (layer.weight.detach() == 0).flatten().cpu().numpy()
             digest.update(name.encode())
             digest.update(np.packbits(zeros).tobytes())

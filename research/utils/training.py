@@ -19,6 +19,7 @@ from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.utils import NativeScaler
 
+from sparseml.params import PRUNABLE_TYPES
 from sparseml.serialization import atomic_copy, atomic_write_text
 
 from . import models as _models  # also registers vit_digits, resnet_digits
@@ -228,10 +229,9 @@ def mask_ema_like_model(ema_model: torch.nn.Module, model: torch.nn.Module) -> N
     An average of weights that were pruned at some step decays towards zero but never reaches
     it; copying the model's zeros keeps the EMA model as sparse as the model it tracks.
     """
-    prunable = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
     ema_layers = dict(ema_model.named_modules())
     for name, layer in model.named_modules():
-        if isinstance(layer, prunable) and name in ema_layers:
+        if isinstance(layer, PRUNABLE_TYPES) and name in ema_layers:
             ema_layers[name].weight.mul_(layer.weight != 0)
 
 

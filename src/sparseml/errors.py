@@ -22,6 +22,14 @@ class NumericalError(SparsificationError, RuntimeError):
     """A computation met NaN/Inf values or a matrix that is not positive definite."""
 
 
+class CheckpointError(SparsificationError, RuntimeError):
+    """A checkpoint file is missing, corrupt or does not match the model.
+
+    ``sparseml.serialization`` raises it; the research scripts' own checkpoint errors derive
+    from it (``utils.errors.CheckpointError``), so there is one concept to catch.
+    """
+
+
 class GradSamplerError(SparsificationError, RuntimeError):
     """A second-order pruner could not draw the gradient samples it needs."""
 

@@ -18,9 +18,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from sparseml.errors import RecipeError
+from sparseml.modifiers import pruning as _pruning
 from sparseml.modifiers.base import Modifier
 from sparseml.params import unwrap
 from sparseml.recipe import dump_modifiers, load_modifiers
@@ -62,6 +63,14 @@ class ScheduledModifierManager:
     @property
     def pruning_modifiers(self) -> list[Modifier]:
         return self._of_type("pruning")
+
+    def sparsity_status(self, epoch: float) -> dict[str, Any]:
+        """``{"sparsity", "update_epoch", "modifier"}`` of the pruning schedule at ``epoch``."""
+        return _pruning.sparsity_status(self.pruning_modifiers, epoch)
+
+    def masks(self) -> dict[str, Tensor]:
+        """Parameter name -> boolean keep-mask of every pruning modifier (empty before modify)."""
+        return _pruning.masks_by_name(self.pruning_modifiers)
 
     @property
     def learning_rate_modifiers(self) -> list[Modifier]:

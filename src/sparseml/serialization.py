@@ -25,7 +25,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from sparseml.errors import SparsificationError
+from sparseml.errors import CheckpointError, SparsificationError
 from sparseml.params import unwrap
 
 # Temporary names: .<target name>.<pid>.<random>.tmp (hidden; pid and random keep concurrent
@@ -35,10 +35,6 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # Below this many free bytes a write failure without an errno is reported as a full disk:
 # torch.save turns the OSError of its file object into a RuntimeError.
 _NEARLY_FULL = 1 << 20
-
-
-class CheckpointError(SparsificationError, RuntimeError):
-    """A checkpoint file is missing, corrupt or does not match the model."""
 
 
 class FileWriteError(SparsificationError, OSError):

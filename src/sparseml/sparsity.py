@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+from sparseml.params import PRUNABLE_TYPES  # one definition: what __ALL_PRUNABLE__ selects
+
+__all__ = ["PRUNABLE_TYPES", "QUANTIZABLE_TYPES", "ModuleSparsificationInfo", "tensor_sparsity"]
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Conv3d)
 
 

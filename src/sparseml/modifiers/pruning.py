@@ -250,3 +250,74 @@ class PruningModifier(Modifier):
             self.enforcer.enable()
         else:
             self.enforcer.disable()
+
+
+# ----- schedule questions over a manager's pruning modifiers --------------------------------------
+# Duck-typed: ConstantPruningModifier is a pruning modifier without deriving from PruningModifier
+# (its ``applied_sparsity`` is None and it has no update_frequency).
+def active_pruning_modifier(modifiers: list[Modifier], epoch: float) -> Modifier | None:
+    """The first modifier (manager order) with ``start_epoch <= epoch < end_epoch``."""
+    for modifier in modifiers:
+        end = modifier.end_epoch if modifier.end_epoch >= 0 else math.inf
+        if modifier.start_epoch <= epoch < end:
+            return modifier
+    return None
+
+
+def last_enforced_pruning_modifier(modifiers: list[Modifier], epoch: float) -> Modifier | None:
+    """The modifier that ended last before ``epoch`` and still enforces its masks."""
+    done = [
+        m
+        for m in modifiers
+        if 0 <= m.end_epoch <= epoch
+        and getattr(m, "leave_enabled", False)
+        and getattr(m, "applied_sparsity", None) is not None
+    ]
+    return max(done, key=lambda m: m.end_epoch, default=None)
+
+
+def is_update_epoch(modifiers: list[Modifier], epoch: float) -> bool:
+    """True where a modifier changes the sparsity: its start, every ``update_frequency``
+    epochs after it, and its end."""
+    for modifier in modifiers:
+        start, end = modifier.start_epoch, modifier.end_epoch
+        freq = getattr(modifier, "update_frequency", 0) or 0
+        if freq <= 0 or epoch < start or (0 <= end < epoch):
+            continue
+        if (epoch - start) % freq == 0 or epoch == end:
+            return True
+    return False
+
+
+def sparsity_status(modifiers: list[Modifier], epoch: float) -> dict[str, Any]:
+    """The schedule at ``epoch``: ``sparsity`` (mean ``applied_sparsity`` of the active
+    modifier, else of the last one whose masks are still enforced, else 0.0), ``update_epoch``
+    (:func:`is_update_epoch`) and ``modifier`` (the class name of the one reported, or None)."""
+    modifier = active_pruning_modifier(modifiers, epoch) or last_enforced_pruning_modifier(
+        modifiers, epoch
+    )
+    value = getattr(modifier, "applied_sparsity", None)
+    if value is None:
+        sparsity = 0.0
+    elif isinstance(value, list | tuple):
+        sparsity = float(sum(value) / len(value)) if value else 0.0
+    else:
+        sparsity = float(value)
+    return {
+        "sparsity": sparsity,
+        "update_epoch": is_update_epoch(modifiers, epoch),
+        "modifier": None if modifier is None else type(modifier).__name__,
+    }
+
+
+def masks_by_name(modifiers: list[Modifier]) -> dict[str, Tensor]:
+    """Parameter name -> boolean keep-mask; a parameter under several modifiers gets the AND."""
+    masks: dict[str, Tensor] = {}
+    for modifier in modifiers:
+        for ref, mask in zip(getattr(modifier, "refs", []), getattr(modifier, "masks", [])):
+            mask = mask.detach().to(torch.bool)
+            if ref.name in masks:
+                masks[ref.name] = masks[ref.name] & mask.to(masks[ref.name].device)
+            else:
+                masks[ref.name] = mask.clone()
+    return masks

@@ -1,0 +1,84 @@
+"""Data of a one-shot sweep: a rank's shard of a split, and the grad sampler's batch stream.
+
+Loader options are ``data.loader_kwargs`` (shared with training). Call
+``compat.ensure_torchvision()`` before importing (timm is imported here).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.data import create_loader
+
+from .data import check_batch_fits, open_split
+from .errors import SetupError
+
+
+class ShardedDataset(torch.utils.data.Dataset):
+    """Every ``parts``-th sample of ``base`` starting at ``index`` (one rank's share).
+
+    ``transform`` is forwarded to the base data set, where timm's ``create_loader`` sets it.
+    """
+
+    def __init__(self, base: Any, index: int, parts: int) -> None:
+        self.base, self.index, self.parts = base, index, parts
+
+    @property
+    def transform(self) -> Any:
+        return self.base.transform
+
+    @transform.setter
+    def transform(self, value: Any) -> None:
+        self.base.transform = value
+
+    def __len__(self) -> int:
+        return len(range(self.index, len(self.base), self.parts))
+
+    def __getitem__(self, i: int) -> Any:
+        return self.base[self.index + i * self.parts]
+
+
+def open_dataset(name: str, root: str | None, split: str, training: bool, rank: int, world: int):
+    ds = open_split(name, root, split, is_training=training)
+    return ShardedDataset(ds, rank, world) if world > 1 else ds
+
+
+class GradSamplerData:
+    """``data_loader_builder`` for the grad sampler: an endless stream of training batches.
+
+    Yields ``([inputs], {}, target)`` on ``device``. A recipe's ``grad_sampler_kwargs`` may set
+    ``batch_size``; other keys are ignored (as in CAP).
+    """
+
+    def __init__(self, dataset: Any, options: dict, batch_size: int, augment: bool) -> None:
+        self.dataset, self.options, self.batch_size, self.augment = (
+            dataset,
+            options,
+            batch_size,
+            augment,
+        )
+        self._loaders: dict[int, Any] = {}
+
+    def loader(self, batch_size: int) -> Any:
+        check_batch_fits("-gb/--grad_sampler_batch_size", batch_size, len(self.dataset))
+        if batch_size not in self._loaders:
+            self._loaders[batch_size] = create_loader(
+                self.dataset,
+                batch_size=batch_size,
+                is_training=True,
+                no_aug=not self.augment,
+                **self.options,
+            )
+        return self._loaders[batch_size]
+
+    def __call__(self, device: Any = None, batch_size: int | None = None, **_ignored: Any):
+        loader = self.loader(batch_size or self.batch_size)
+        device = torch.device(device) if device is not None else self.options["device"]
+        while True:
+            empty = True
+            for inputs, target in loader:
+                empty = False
+                yield [inputs.to(device)], {}, target.to(device)
+            if empty:  # an endless loop over nothing would hang the run
+                raise SetupError("the grad sampler loader yields no batch; lower -gb")
