@@ -161,21 +161,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Reject values that would fail later with a traceback, an endless loop or a hang."""
-    opt.check_at_least("--epochs", args.epochs, 1, "the number of epochs")
-    opt.check_at_least("-b/--batch-size", args.batch_size, 1, "the batch size")
+def check_shared_args(args: argparse.Namespace) -> None:
+    """Checks of the options both scripts share (``options.py``)."""
     opt.check_at_least(
         "-vb/--validation-batch-size", args.validation_batch_size, 1, "the batch size"
     )
     opt.check_at_least("-gb/--gs-batch-size", args.gs_batch_size, 1, "the grad sampler batch size")
     opt.check_at_least("--num-classes", args.num_classes, 1, "the number of classes")
     opt.check_at_least("-j/--workers", args.workers, 0, "the number of loader processes")
-    opt.check_at_least("--log-interval", args.log_interval, 1, "the logging interval in updates")
     opt.check_at_least("--timeout", args.timeout, 1, "the process group timeout in seconds")
+    opt.check_file("--initial-checkpoint", args.initial_checkpoint)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject values that would fail later with a traceback, an endless loop or a hang."""
+    check_shared_args(args)
+    opt.check_at_least("--epochs", args.epochs, 1, "the number of epochs")
+    opt.check_at_least("-b/--batch-size", args.batch_size, 1, "the batch size")
+    opt.check_at_least("--log-interval", args.log_interval, 1, "the logging interval in updates")
     opt.check_at_least("--start-epoch", args.start_epoch, 0, "the first epoch")
     opt.check_at_least("--stop-epoch", args.stop_epoch, 1, "the epoch to stop before")
-    opt.check_file("--initial-checkpoint", args.initial_checkpoint)
     opt.check_file("--resume", args.resume)
     opt.check_at_least(
         "--checkpoint-hist", args.checkpoint_hist, 0, "the number of best checkpoints"
@@ -248,14 +253,7 @@ def parse_one_shot_args(argv: Sequence[str] | None = None) -> argparse.Namespace
 
 def validate_one_shot_args(args: argparse.Namespace) -> None:
     """The same checks for ``one_shot_pruning.py``."""
-    opt.check_at_least(
-        "-vb/--validation-batch-size", args.validation_batch_size, 1, "the batch size"
-    )
-    opt.check_at_least("-gb/--gs-batch-size", args.gs_batch_size, 1, "the batch size")
-    opt.check_at_least("--num-classes", args.num_classes, 1, "the number of classes")
-    opt.check_at_least("-j/--workers", args.workers, 0, "the number of loader processes")
+    check_shared_args(args)
     opt.check_at_least("--threads", args.threads, 0, "the number of threads")
-    opt.check_at_least("--timeout", args.timeout, 1, "the process group timeout in seconds")
-    opt.check_file("--initial-checkpoint", args.initial_checkpoint)
     if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes; other nodes may lack it
         opt.check_writable_dir(args.output_option, Path(args.output) / args.experiment)
