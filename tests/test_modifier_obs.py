@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import sparseml.modifiers.obs as obs_module
 from sparseml.errors import NumericalError, RecipeError
+from sparseml.layouts import BlockLayout
 from sparseml.modifiers import OBSPruningModifier
-from sparseml.modifiers.block_fisher import BlockLayout
 from sparseml.pytorch.optim import ScheduledModifierManager
 from toy import builder, mlp, sampler, train_recording_zeros, weights_of
 

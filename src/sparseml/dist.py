@@ -5,9 +5,16 @@ Everything degrades to single-process behaviour when no process group is initial
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.distributed as tdist
 from torch import Tensor
+
+from sparseml.errors import NumericalError
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -95,3 +102,18 @@ def all_gather_shards(local: Tensor, n: int) -> Tensor:
 def barrier() -> None:
     if is_distributed():
         tdist.barrier()
+
+
+def on_all_ranks(fn: Callable[[], T], owner: str) -> T:
+    """``fn()``, failing on every rank if it fails on one (not a hang at the next collective)."""
+    error = None
+    try:
+        result = fn()
+    except Exception as err:  # re-raised below, after the other ranks learnt about it
+        error = err
+    failed = all_reduce_sum_(torch.tensor([float(error is not None)]))
+    if error is not None:
+        raise error
+    if failed.item() > 0:
+        raise NumericalError(f"{owner} failed on another rank; nothing was written")
+    return result

@@ -289,6 +289,68 @@ def mspace_block_inverse(
     return H
 
 
+class BlockFisherBuilder:
+    """Streams gradient samples of one (d,) vector into its block inverses H (n_b, B, B).
+
+    The single entry point of the block Fisher, used by the pruners and the benchmarks alike.
+    With fewer samples than the block size (m < B, or ``mspace=True``) the samples are kept
+    (``(m, d)`` in ``dtype``) and `mspace_block_inverse` applies Woodbury in sample space
+    (exact for any damp; H in ``dtype``); otherwise each chunk is added to a float64 (by
+    default, ``gram_dtype``) Gram with one batched GEMM and `invert_block_fisher` inverts it in
+    place (H in ``gram_dtype``). ``num_grads`` is the number of samples that will be added; the
+    normalisation uses the number actually added.
+
+    Args:
+        d: coordinates of the vector. block_size: B. num_grads: m. damp: lambda > 0.
+        device: where the Gram or the stored samples (and H) live.
+        dtype: dtype of stored samples and of an m-space H (the work dtype).
+    """
+
+    def __init__(
+        self,
+        d: int,
+        block_size: int,
+        num_grads: int,
+        damp: float,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        gram_dtype: torch.dtype = torch.float64,
+        mspace: bool | None = None,
+    ) -> None:
+        _check_num_grads_damp(num_grads, damp)
+        self.d, self.block_size, self.damp, self.dtype = d, block_size, damp, dtype
+        self.mspace = (num_grads < block_size) if mspace is None else mspace
+        self.count = 0
+        if self.mspace:
+            self.store = torch.zeros(num_grads, d, device=device, dtype=dtype)
+        else:
+            shape = (num_blocks(d, block_size), block_size, block_size)
+            self.store = torch.zeros(shape, device=device, dtype=gram_dtype)
+
+    def add(self, grads: Tensor) -> None:
+        """Add a (c, d) chunk of samples."""
+        if grads.dim() != 2 or grads.shape[1] != self.d:
+            raise RecipeError(f"grads must have shape (c, {self.d}), got {tuple(grads.shape)}")
+        c = grads.shape[0]
+        if self.mspace:
+            if self.count + c > self.store.shape[0]:
+                raise RecipeError(f"more than num_grads={self.store.shape[0]} samples added")
+            self.store[self.count : self.count + c] = grads.to(self.store.device)
+        else:
+            accumulate_block_gram(grads, self.block_size, out=self.store)
+        self.count += c
+
+    def finish(self) -> Tensor:
+        """H (n_b, B, B) of the samples added so far (consumes the builder's storage)."""
+        if self.count < 1:
+            raise RecipeError("no gradient samples were added to the Fisher")
+        if self.mspace:
+            grads = self.store[: self.count]
+            return mspace_block_inverse(grads, self.block_size, self.damp, dtype=self.dtype)
+        return invert_block_fisher(self.store, self.count, self.damp)
+
+
 def block_fisher_inverse(
     grads: Tensor,
     block_size: int,
@@ -300,24 +362,21 @@ def block_fisher_inverse(
 ) -> Tensor:
     """H (n_b, B, B) of the damped empirical block Fisher of ``grads`` (m, d).
 
-    ``mspace`` None picks `mspace_block_inverse` when m < B; otherwise the Gram path consumes the
-    gradients in chunks of ``chunk_size`` rows (one batched GEMM each, accumulated in
-    ``gram_dtype``) and `invert_block_fisher` inverts in place, so H has dtype ``gram_dtype``;
-    the m-space form returns H in float32 (float64 for float64 gradients).
+    `BlockFisherBuilder` fed in chunks of ``chunk_size`` rows: the m-space form when m < B
+    (H in float32, float64 for float64 gradients), else the ``gram_dtype`` Gram (H in it).
     """
     if grads.dim() != 2 or grads.shape[0] < 1:
         raise RecipeError(f"grads must have shape (m, d) with m >= 1, got {tuple(grads.shape)}")
     if chunk_size < 1:
         raise RecipeError(f"chunk_size must be >= 1, got {chunk_size!r}")
     m, d = grads.shape
-    if mspace or (mspace is None and m < block_size):
-        return mspace_block_inverse(grads, block_size, damp, dtype=work_dtype([grads.dtype]))
-    gram = torch.zeros(
-        num_blocks(d, block_size), block_size, block_size, dtype=gram_dtype, device=grads.device
-    )
+    builder = BlockFisherBuilder(
+        d, block_size, m, damp, device=grads.device, dtype=work_dtype([grads.dtype]),
+        gram_dtype=gram_dtype, mspace=mspace,
+    )  # fmt: skip
     for s in range(0, m, chunk_size):
-        accumulate_block_gram(grads[s : s + chunk_size], block_size, out=gram)
-    return invert_block_fisher(gram, m, damp)
+        builder.add(grads[s : s + chunk_size])
+    return builder.finish()
 
 
 def block_diag(H: Tensor, d: int) -> Tensor:

@@ -1,14 +1,27 @@
-"""Recipe modifiers; importing this package registers every built-in modifier tag."""
+"""Recipe modifiers. Each module registers its own tags (``@register_modifier``) when it is
+imported; importing this package imports every built-in module, so every built-in tag exists.
+A pruner of one's own registers the same way: define it in any module and import that module.
+"""
 
-from importlib import import_module
-
+from sparseml.modifiers import (  # noqa: F401  (imported for their registrations)
+    cap,
+    fast_cap,
+    magnitude,
+    mfac,
+    obs,
+    training,
+)
 from sparseml.modifiers.base import Modifier
+from sparseml.modifiers.cap import CAPruningModifier
+from sparseml.modifiers.fast_cap import FastCAPruningModifier
 from sparseml.modifiers.magnitude import (
     ConstantPruningModifier,
     GlobalMagnitudePruningModifier,
     GMPruningModifier,
     MagnitudePruningModifier,
 )
+from sparseml.modifiers.mfac import MFACPruningModifier
+from sparseml.modifiers.obs import OBSPruningModifier
 from sparseml.modifiers.pruning import PruningModifier
 from sparseml.modifiers.training import (
     EpochRangeModifier,
@@ -17,31 +30,18 @@ from sparseml.modifiers.training import (
     SetWeightDecayModifier,
 )
 
-# Second-order pruner families, each in its own module.
-_FAMILIES = {
-    "obs": ["OBSPruningModifier"],
-    "cap": ["CAPruningModifier"],
-    "fast_cap": ["FastCAPruningModifier"],
-    "mfac": ["MFACPruningModifier"],
-}
-for _module, _names in _FAMILIES.items():
-    try:
-        _mod = import_module(f"sparseml.modifiers.{_module}")
-    except ModuleNotFoundError as _err:  # family not built yet in this checkout
-        if _err.name != f"sparseml.modifiers.{_module}":
-            raise
-        continue
-    for _name in _names:
-        globals()[_name] = getattr(_mod, _name)
-
 __all__ = [
+    "CAPruningModifier",
     "ConstantPruningModifier",
     "EpochRangeModifier",
+    "FastCAPruningModifier",
     "GMPruningModifier",
     "GlobalMagnitudePruningModifier",
     "LearningRateFunctionModifier",
+    "MFACPruningModifier",
     "MagnitudePruningModifier",
     "Modifier",
+    "OBSPruningModifier",
     "PruningModifier",
     "SetLearningRateModifier",
     "SetWeightDecayModifier",

@@ -6,11 +6,12 @@ Paper: Kuznedelev, Kurtic, Frantar, Alistarh, https://arxiv.org/abs/2210.09223
 from __future__ import annotations
 
 import logging
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from sparseml.dist import on_all_ranks
 from sparseml.fields import Field, FieldValueError, as_int, as_str, optional
 from sparseml.kernels.cap import (
     cap_eliminate,
@@ -20,18 +21,11 @@ from sparseml.kernels.cap import (
     prefix_mask,
 )
 from sparseml.kernels.fisher import from_blocks, to_blocks
-from sparseml.masks import create_masks
-from sparseml.modifiers.block_fisher import (
-    BlockLayout,
-    BlockPart,
-    build_block_inverses,
-    on_all_ranks,
-)
-from sparseml.modifiers.second_order import SecondOrderPruningModifier
+from sparseml.layouts import BlockPart
+from sparseml.modifiers.block_pruner import BlockPruningModifier
 from sparseml.registry import register_modifier
 
 LOG = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def _blocks_in_parallel(value: Any) -> int:
@@ -42,7 +36,7 @@ def _blocks_in_parallel(value: Any) -> int:
 
 
 @register_modifier
-class CAPruningModifier(SecondOrderPruningModifier):
+class CAPruningModifier(BlockPruningModifier):
     """Gradual or one-shot CAP pruning: correlation-aware greedy OBS inside Fisher blocks.
 
     Per pruning step (and recomputation), the block-diagonal inverse empirical Fisher
@@ -100,75 +94,58 @@ class CAPruningModifier(SecondOrderPruningModifier):
         if self.traces_backup_dir is not None:
             LOG.warning("CAPruningModifier keeps no weight traces: traces_backup_dir is unused")
 
-    # ----- blocks --------------------------------------------------------------------------
-    def _blocks(self, p: BlockPart, H: Tensor, flat: Tensor, keep: Tensor):
-        """(W, pruned, valid) of part ``p`` as (n, B) blocks on H's device."""
-        bsz, sl = self.fisher_block_size, slice(p.c0, p.c1)
-        W = to_blocks(flat[sl].to(H.device), bsz)  # work dtype (float32 or float64)
-        pruned = to_blocks((~keep[sl]).to(H.device, torch.float32), bsz) > 0
-        valid = to_blocks(torch.ones(p.c1 - p.c0, device=H.device), bsz) > 0
-        return W, pruned, valid
+    # ----- the method -------------------------------------------------------------------------
+    def estimate(self, module: nn.Module, layout) -> list[dict[str, Tensor]]:
+        """Per part: H, the blocks (W, valid) and, unstructured, the elimination order and the
+        cumulative losses; the order depends on weights, masks and H only (a sweep reuses it)."""
+        inverses = super().estimate(module, layout)
+        weights = layout.take(self.flat_weights())
+        kept = layout.take([m.reshape(-1) for m in self.masks])
+        bsz, bpb = self.fisher_block_size, self._per_batch()
 
-    # ----- pruning step -----------------------------------------------------------------------
-    def prune_step(self, module: nn.Module, targets: list[float]) -> None:
-        if not self.refs:
-            return
-        layout = BlockLayout([r.param.numel() for r in self.refs], self.fisher_block_size)
-        parts, owner = layout.parts, type(self).__name__
-        inverses = self.cached("fisher", lambda: build_block_inverses(self, module, layout))
-        flat = self.flat_weights()
-        keep = [m.reshape(-1) for m in self.masks]
-        bpb = None if self.blocks_in_parallel < 0 else self.blocks_in_parallel
-        blocks = [self._blocks(p, H, flat[p.index], keep[p.index]) for p, H in zip(parts, inverses)]
-        with torch.no_grad():
-            if self.mask_spec.kind == "nm":
-                new = on_all_ranks(lambda: self._nm_local(blocks, inverses, bpb), owner)
-            else:
-                new = self._unstructured(layout, blocks, inverses, targets, bpb)
-        device = self.refs[0].param.device
-        new_w = layout.gather(
-            [from_blocks(w, p.c1 - p.c0) for (w, _), p in zip(new, parts)], device, flat[0].dtype
-        )
-        new_k = layout.gather(
-            [from_blocks(k.float(), p.c1 - p.c0) for (_, k), p in zip(new, parts)], device
-        )
-        for i, w in enumerate(new_w):
-            self.write_weights(i, w)
-        self.set_masks([k.view(r.param.shape) > 0.5 for k, r in zip(new_k, self.refs)])
-
-    def _nm_local(self, blocks, inverses, bpb) -> list[tuple[Tensor, Tensor]]:
-        spec = self.mask_spec
-        return [
-            cap_nm_prune(W, H, pruned, spec.n, spec.group, valid=valid, blocks_per_batch=bpb)
-            for (W, pruned, valid), H in zip(blocks, inverses)
-        ]
-
-    def _unstructured(self, layout: BlockLayout, blocks, inverses, targets, bpb):
-        parts, owner = layout.parts, type(self).__name__
-
-        def eliminate() -> list[tuple[Tensor, Tensor]]:
-            return [
-                cap_eliminate(W, H, pruned, valid=valid, blocks_per_batch=bpb)
-                for (W, pruned, valid), H in zip(blocks, inverses)
-            ]
-
-        # The order depends on weights, masks and H only: a sparsity sweep reuses it.
-        elims = self.cached("elimination", lambda: on_all_ranks(eliminate, owner))
-        local = [from_blocks(losses, p.c1 - p.c0) for (_, losses), p in zip(elims, parts)]
-        device = self.refs[0].param.device
-        scores = [s.view_as(r.param) for s, r in zip(layout.gather(local, device), self.refs)]
-        masks = create_masks(
-            self.masked_scores(scores), targets, self.mask_spec, self.global_sparsity
-        )
-
-        def reconstruct() -> list[tuple[Tensor, Tensor]]:
+        def eliminate() -> list[dict[str, Tensor]]:
             out = []
-            for p, (W, _, valid), H, (order, _) in zip(parts, blocks, inverses, elims):
-                prune = to_blocks((~masks[p.index].reshape(-1)[p.c0 : p.c1]).float(), W.shape[1])
-                # Counts per block keep the selection's totals; ties resolve along the order.
-                counts = prefix_counts(order, prune.to(W.device) > 0, valid)
-                W_new = cap_reconstruct(W, H, order, counts, blocks_per_batch=bpb)
-                out.append((W_new, prefix_mask(order, counts, valid)))
+            for w, k, H in zip(weights, kept, inverses):
+                W = to_blocks(w.to(H.device), bsz)  # work dtype (float32 or float64)
+                valid = to_blocks(torch.ones(w.numel(), device=H.device), bsz) > 0
+                est = {"H": H, "W": W, "valid": valid}
+                if self.mask_spec.kind != "nm":
+                    pruned = to_blocks((~k).to(H.device, torch.float32), bsz) > 0
+                    est["order"], est["losses"] = cap_eliminate(
+                        W, H, pruned, valid=valid, blocks_per_batch=bpb
+                    )
+                out.append(est)
             return out
 
-        return on_all_ranks(reconstruct, owner)
+        return on_all_ranks(eliminate, type(self).__name__)
+
+    def select_masks(self, scores: list[Tensor], targets: list[float]) -> list[Tensor]:
+        if self.mask_spec.kind == "nm":  # which N of each group go is decided in part_update
+            return self.masks
+        return super().select_masks(scores, targets)
+
+    def part_scores(self, part: BlockPart, w: Tensor, est: dict, pruned: Tensor) -> Tensor:
+        if self.mask_spec.kind == "nm":
+            return torch.zeros_like(w)
+        return from_blocks(est["losses"], w.numel())
+
+    def part_update(
+        self, part: BlockPart, w: Tensor, est: dict, kept: Tensor, new: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        W, H, valid, bpb = est["W"], est["H"], est["valid"], self._per_batch()
+        if self.mask_spec.kind == "nm":
+            pruned = to_blocks((~kept).to(H.device, torch.float32), W.shape[1]) > 0
+            spec = self.mask_spec
+            W_new, keep = cap_nm_prune(
+                W, H, pruned, spec.n, spec.group, valid=valid, blocks_per_batch=bpb
+            )
+        else:
+            prune = to_blocks((~kept | new).to(H.device, torch.float32), W.shape[1]) > 0
+            # Counts per block keep the selection's totals; ties resolve along the order.
+            counts = prefix_counts(est["order"], prune, valid)
+            W_new = cap_reconstruct(W, H, est["order"], counts, blocks_per_batch=bpb)
+            keep = prefix_mask(est["order"], counts, valid)
+        return from_blocks(W_new, w.numel()), from_blocks(keep, w.numel()) > 0
+
+    def _per_batch(self) -> int | None:
+        return None if self.blocks_in_parallel < 0 else self.blocks_in_parallel

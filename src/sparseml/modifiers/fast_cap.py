@@ -10,10 +10,11 @@ import logging
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from sparseml.curvature import shared_block_fishers
 from sparseml.fields import Field, as_bool, as_int, optional
-from sparseml.kernels.fast_cap import accumulate_shared_fisher, fast_cap_prune
+from sparseml.kernels.fast_cap import fast_cap_prune
 from sparseml.kernels.fisher import from_blocks, to_blocks
 from sparseml.memory import MemoryItem
 from sparseml.modifiers.second_order import SecondOrderPruningModifier
@@ -94,24 +95,16 @@ class FastCAPruningModifier(SecondOrderPruningModifier):
         items.append(MemoryItem("gradient chunk", chunk * width, self.refs[0].param.device))
         return items, f"fisher_block_size={block} and {len(self.refs)} parameters"
 
-    def _build_fishers(self, module: nn.Module) -> tuple[list[Tensor], int]:
-        """One (B, B) float64 Gram sum per parameter, and the number of samples in it."""
-        bsz = self.fisher_block_size
-        fishers = [
-            torch.zeros(bsz, bsz, dtype=torch.float64, device=self.fisher_device(r.param))
-            for r in self.refs
-        ]
-        count = 0
-        for chunk in self.gradient_chunks(module):
-            for grads, F in zip(chunk, fishers):
-                accumulate_shared_fisher(grads, bsz, out=F)
-            count += chunk[0].shape[0]
-        return fishers, count
-
     def prune_step(self, module: nn.Module, targets: list[float]) -> None:
         if not self.refs:
             return
-        fishers, count = self.cached("fisher", lambda: self._build_fishers(module))
+        devices = [self.fisher_device(r.param) for r in self.refs]
+        fishers, count = self.cached(
+            "curvature",
+            lambda: shared_block_fishers(
+                self.gradient_chunks(module), self.fisher_block_size, devices
+            ),
+        )
         bsz, spec = self.fisher_block_size, self.mask_spec
         nm = (spec.n, spec.group) if spec.kind == "nm" else (None, None)
         masks, flats = [], self.flat_weights()

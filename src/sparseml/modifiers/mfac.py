@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from sparseml import dist
+from sparseml.curvature import matrix_free_inverse, unpruned_gradients
 from sparseml.errors import GradSamplerError
 from sparseml.fields import (
     Field,
@@ -24,12 +25,11 @@ from sparseml.fields import (
     as_str_list,
     optional,
 )
-from sparseml.kernels.mfac import MFACInverse
+from sparseml.layouts import UnprunedLayout
 from sparseml.masks import create_masks
 from sparseml.memory import MemoryItem
 from sparseml.modifiers.pruning import PruningModifier
 from sparseml.modifiers.second_order import SecondOrderPruningModifier
-from sparseml.modifiers.unpruned_layout import UnprunedLayout
 from sparseml.registry import register_modifier
 
 LOG = logging.getLogger(__name__)
@@ -246,15 +246,9 @@ class MFACPruningModifier(SecondOrderPruningModifier):
             grads = self._buffer["grads"][:count].to(device)
         else:
             num = self._num_grads_now()
-            grads = torch.empty(num, hi - lo, device=device, dtype=self.work_dtype)
-            row = 0
-            for chunk in self.gradient_chunks(module, num):
-                layout.fill(grads[row : row + chunk[0].shape[0]], chunk)
-                row += chunk[0].shape[0]
-        full = self.fisher_block_size is None
-        return MFACInverse.build(
-            grads, self.damp, self.fisher_block_size, self.num_pages, overwrite=full
-        )
+            chunks = self.gradient_chunks(module, num)
+            grads = unpruned_gradients(chunks, layout, num, device, self.work_dtype)
+        return matrix_free_inverse(grads, self.damp, self.fisher_block_size, self.num_pages)
 
     def _gather(self, local: Tensor, layout: UnprunedLayout) -> Tensor:
         """Full-layout vector from this rank's part (blocks) or rank 0's copy (full F)."""

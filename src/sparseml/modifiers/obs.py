@@ -10,7 +10,7 @@ Papers:
 from __future__ import annotations
 
 import logging
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,18 +22,16 @@ from sparseml.kernels.obs import (
     obs_prune_update,
     obs_scores,
 )
-from sparseml.masks import create_masks
-from sparseml.modifiers.block_fisher import BlockLayout, build_block_inverses, on_all_ranks
-from sparseml.modifiers.second_order import SecondOrderPruningModifier
+from sparseml.layouts import BlockPart
+from sparseml.modifiers.block_pruner import BlockPruningModifier
 from sparseml.registry import register_modifier
 
 LOG = logging.getLogger(__name__)
 EPS32 = torch.finfo(torch.float32).eps
-T = TypeVar("T")
 
 
 @register_modifier
-class OBSPruningModifier(SecondOrderPruningModifier):
+class OBSPruningModifier(BlockPruningModifier):
     """Gradual or one-shot OBS pruning with a block-diagonal inverse empirical Fisher.
 
     Per pruning step (and per recomputation): m masked gradient samples give, per parameter
@@ -88,51 +86,18 @@ class OBSPruningModifier(SecondOrderPruningModifier):
         if self.traces_backup_dir is not None:
             LOG.warning("OBSPruningModifier keeps no traces: traces_backup_dir is not used")
 
-    # ----- pruning step -----------------------------------------------------------------------
-    def prune_step(self, module: nn.Module, targets: list[float]) -> None:
-        if not self.refs:
-            return
-        layout = BlockLayout([r.param.numel() for r in self.refs], self.fisher_block_size)
-        inverses = self.cached("fisher", lambda: build_block_inverses(self, module, layout))
-        with torch.no_grad():
-            self._obs_step(layout, inverses, targets)
-
-    def _obs_step(self, layout: BlockLayout, inverses: list[Tensor], targets: list[float]) -> None:
+    # ----- the method: scores and update of one part ----------------------------------------
+    def part_scores(self, part: BlockPart, w: Tensor, H: Tensor, pruned: Tensor) -> Tensor:
         spec = self.mask_spec
-        weights = self.flat_weights()
-        kept = [m.reshape(-1) for m in self.masks]
-        independent = self.obs_update == "independent"
+        if spec.kind == "block":
+            return obs_group_scores(w, H, pruned, spec.group)
+        return obs_scores(w, H, pruned, eps=EPS32 * (self.obs_update == "independent"))
 
-        def local_scores() -> list[Tensor]:
-            out = []
-            for p, H in zip(layout.parts, inverses):
-                w, pruned = weights[p.index][p.c0 : p.c1], ~kept[p.index][p.c0 : p.c1]
-                if spec.kind == "block":
-                    out.append(obs_group_scores(w, H, pruned, spec.group))
-                else:
-                    out.append(obs_scores(w, H, pruned, eps=EPS32 * independent))
-            return out
-
-        device = self.refs[0].param.device
-        dtype = weights[0].dtype  # the work dtype: scores never rank in half precision
-        gathered = layout.gather(on_all_ranks(local_scores, type(self).__name__), device, dtype)
-        scores = [s.view_as(r.param) for s, r in zip(gathered, self.refs)]
-        masks = create_masks(self.masked_scores(scores), targets, spec, self.global_sparsity)
-
-        def local_weights() -> list[Tensor]:
-            out = []
-            for p, H in zip(layout.parts, inverses):
-                w = weights[p.index][p.c0 : p.c1]
-                new = kept[p.index][p.c0 : p.c1] & ~masks[p.index].reshape(-1)[p.c0 : p.c1]
-                if not independent:
-                    out.append(obs_prune_update(w, H, new))
-                elif spec.kind == "block":
-                    out.append(obs_independent_update(w, H, new, group=spec.group))
-                else:
-                    out.append(obs_independent_update(w, H, new, eps=EPS32))
-            return out
-
-        new = on_all_ranks(local_weights, type(self).__name__)
-        for i, flat in enumerate(layout.gather(new, device, dtype)):
-            self.write_weights(i, flat)
-        self.set_masks(masks)
+    def part_update(
+        self, part: BlockPart, w: Tensor, H: Tensor, kept: Tensor, new: Tensor
+    ) -> Tensor:
+        if self.obs_update == "joint":
+            return obs_prune_update(w, H, new)
+        if self.mask_spec.kind == "block":
+            return obs_independent_update(w, H, new, group=self.mask_spec.group)
+        return obs_independent_update(w, H, new, eps=EPS32)

@@ -16,11 +16,12 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from sparseml.dist import on_all_ranks
 from sparseml.fields import Field, as_bool, as_dict, as_float, as_int, as_str, one_of, optional
 from sparseml.grad_sampler import GradSampler
 from sparseml.kernels.precision import work_dtype
+from sparseml.layouts import BlockLayout
 from sparseml.memory import MemoryItem, check_fits
-from sparseml.modifiers.block_fisher import BlockLayout, on_all_ranks
 from sparseml.modifiers.pruning import PruningModifier
 from sparseml.schedules import recomputation_targets
 

@@ -1,0 +1,61 @@
+"""Block-diagonal Fisher estimates from gradient chunks: per-block inverses and shared blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from sparseml.dist import on_all_ranks
+from sparseml.kernels.fast_cap import accumulate_shared_fisher
+from sparseml.kernels.fisher import BlockFisherBuilder
+
+
+def block_fisher_inverses(
+    chunks: Iterable[list[Tensor]],
+    layout,
+    *,
+    num_grads: int,
+    damp: float,
+    devices: list[torch.device],
+    dtype: torch.dtype,
+    owner: str,
+) -> list[Tensor]:
+    """H (n_b, B, B) for each of this rank's parts of ``layout``.
+
+    Args:
+        chunks: gradient chunks (one ``(c, numel_i)`` tensor per parameter), ``num_grads``
+            samples in all. layout: a `sparseml.layouts` layout with ``block_size``, ``parts``
+            and ``take``. damp: absolute lambda > 0.
+        devices: where parameter i's blocks live (the ``fisher_inv_device`` or its own).
+        dtype: the work dtype (stored samples and an m-space H).
+        owner: named in errors; the inversion fails on every rank if it fails on one.
+
+    With m >= B the samples are summed into float64 Grams (batched GEMMs) and inverted with a
+    float64 Cholesky (H float64, accurate down to damp ~1e-10 ||G^T G / m||); with m < B the
+    exact sample-space form is used (H in ``dtype``). See `BlockFisherBuilder`.
+    """
+    bsz = layout.block_size
+    builders = [
+        BlockFisherBuilder(p.c1 - p.c0, bsz, num_grads, damp, device=devices[p.index], dtype=dtype)
+        for p in layout.parts
+    ]
+    for chunk in chunks:
+        for piece, builder in zip(layout.take(chunk), builders):
+            builder.add(piece)
+    return on_all_ranks(lambda: [b.finish() for b in builders], owner)
+
+
+def shared_block_fishers(
+    chunks: Iterable[list[Tensor]], block_size: int, devices: list[torch.device]
+) -> tuple[list[Tensor], int]:
+    """One (B, B) float64 Gram sum per parameter (rows of B weights share it), and the sample
+    count: FastCAP's Fisher. Every rank computes every parameter's (the samples are equal)."""
+    fishers = [torch.zeros(block_size, block_size, dtype=torch.float64, device=d) for d in devices]
+    count = 0
+    for chunk in chunks:
+        for grads, F in zip(chunk, fishers):
+            accumulate_shared_fisher(grads, block_size, out=F)
+        count += chunk[0].shape[0]
+    return fishers, count

@@ -1,0 +1,46 @@
+"""First and second moments of gradient samples: the mean gradient and the diagonal Fisher."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+
+class GradientMoments:
+    """Running float64 sums of gradient samples and of their squares, per parameter.
+
+    ``mean()`` is the mean gradient g_bar (WoodTaylor's first-order term, GWProd's sum divided
+    by m); ``diagonal_fisher()`` is diag(F) = (1/m) sum g^2, the diagonal empirical Fisher.
+    """
+
+    def __init__(self, sizes: list[int], device: torch.device | str = "cpu") -> None:
+        self.sums = [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]
+        self.squares = [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]
+        self.count = 0
+
+    def add(self, chunk: list[Tensor]) -> None:
+        for grads, s, q in zip(chunk, self.sums, self.squares):
+            g = grads.to(s.device, torch.float64)
+            s += g.sum(0)
+            q += g.square().sum(0)
+        self.count += chunk[0].shape[0] if chunk else 0
+
+    def _per_sample(self, sums: list[Tensor]) -> list[Tensor]:
+        if self.count < 1:
+            raise ValueError("no gradient samples were added")
+        return [s / self.count for s in sums]
+
+    def mean(self) -> list[Tensor]:
+        return self._per_sample(self.sums)
+
+    def diagonal_fisher(self) -> list[Tensor]:
+        return self._per_sample(self.squares)
+
+
+def tapped(chunks: Iterable[list[Tensor]], moments: GradientMoments) -> Iterator[list[Tensor]]:
+    """The same chunks, each also added to ``moments`` (one pass feeds two estimates)."""
+    for chunk in chunks:
+        moments.add(chunk)
+        yield chunk
