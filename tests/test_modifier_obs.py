@@ -15,7 +15,7 @@ from sparseml.errors import NumericalError, RecipeError
 from sparseml.layouts import BlockLayout
 from sparseml.modifiers import OBSPruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
-from toy import builder, mlp, sampler, train_recording_zeros, weights_of
+from toy import builder, mlp, sampler, weights_of
 
 EPS32 = torch.finfo(torch.float32).eps
 RECIPE = """
@@ -138,19 +138,6 @@ def test_nm_pattern_and_recomputations_keep_masks_monotone():
     assert len(counter) == 3 * 20
     zeros = sum(int((w == 0).sum()) for w in weights_of(model))
     assert zeros == round(0.7 * 96)
-
-
-def test_gradual_pruning_during_training_never_reopens():
-    text = recipe(0.3).replace("final_sparsity: 0.3", "final_sparsity: 0.7")
-    text = text.replace("end_epoch: 1", "end_epoch: 2")
-    model = mlp()
-    manager = ScheduledModifierManager.from_yaml(text)
-    opt = manager.modify(
-        model, torch.optim.SGD(model.parameters(), lr=0.05), steps_per_epoch=2,
-        grad_sampler=sampler(),
-    )  # fmt: skip
-    history = train_recording_zeros(model, opt)
-    assert int(history[-1].sum()) == round(0.7 * 96)
 
 
 def test_sweep_cache_reuses_the_fisher():
