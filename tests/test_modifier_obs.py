@@ -231,3 +231,12 @@ def test_two_ranks_match_one_process(tmp_path):
             for a, b in zip(got, model.parameters()):
                 torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
                 assert torch.equal(a == 0, b == 0)
+
+
+def test_a_pruning_step_reports_where_its_time_went():
+    model = mlp()
+    manager = ScheduledModifierManager.from_yaml(recipe())
+    manager.apply(model, grad_sampler=sampler())
+    timings = manager.modifiers[0].timings
+    assert set(timings) == {"gradients", "curvature", "pruning"}
+    assert all(v > 0 for v in timings.values())
