@@ -2,6 +2,7 @@
 
 from importlib import import_module
 
+from sparseml.modifiers import quantization  # noqa: F401  (registers !QuantizationModifier)
 from sparseml.modifiers.base import Modifier
 from sparseml.modifiers.magnitude import (
     ConstantPruningModifier,
