@@ -68,6 +68,13 @@ def _bits(value: Any) -> int:
     return bits
 
 
+def _epoch_or_never(value: Any) -> float | None:
+    # SparseML writes null for "never"; -1 is this package's "never" for epochs.
+    if value is None or (not isinstance(value, bool) and value == -1):
+        return None
+    return as_float(0.0)(value)
+
+
 def _no_kwargs(value: Any) -> dict:
     # SparseML forwards these to torch FakeQuantize constructors; the grids here are fixed by
     # the other fields, so a non-empty dict would be silently ignored: refuse it instead.
@@ -123,8 +130,8 @@ class QuantizationModifier(Modifier):
         "submodules": Field(None, optional(as_str_list), "submodule names (null: whole model)"),
         "weight_bits": Field(8, _bits, "bits of the weight grid"),
         "activation_bits": Field(8, _bits, "bits of the activation grid"),
-        "disable_quantization_observer_epoch": Field(None, optional(as_float(0.0)), "epoch"),
-        "freeze_bn_stats_epoch": Field(None, optional(as_float(0.0)), "epoch"),
+        "disable_quantization_observer_epoch": Field(None, _epoch_or_never, "null: never"),
+        "freeze_bn_stats_epoch": Field(None, _epoch_or_never, "null: never"),
         "exclude_module_types": Field(None, optional(as_str_list), "class names left float"),
         "exclude_batchnorm": Field(True, as_bool, "BatchNorm is never quantized here"),
         "quantize_linear_activations": Field(True, as_bool, "quantize Linear inputs"),
