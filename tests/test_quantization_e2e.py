@@ -79,10 +79,10 @@ def write(path: Path, text: str) -> Path:
 
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, digits_dir) -> dict:
-    """A resnet_digits GM-pruned to 75% of its block convs (60 train images per class, the
+    """A resnet_digits GM-pruned to 75% of its block convs (48 train images per class, the
     whole validation split): its data, checkpoint and float accuracy."""
     root = tmp_path_factory.mktemp("qat")
-    data = copy_digits_subset(digits_dir, root / "data", 60, 1000)
+    data = copy_digits_subset(digits_dir, root / "data", 48, 1000)
     recipe = write(root / "gm.yaml", GM)
     result = sparse_training.main(args(data, root, "gm", recipe))
     return {"data": data, "root": root, "ckpt": result["out_dir"] / "resnet_digits_last.pth"}
@@ -100,24 +100,32 @@ def test_qat_after_gm_keeps_masks_matches_float_and_resumes_exactly(pruned) -> N
         [*args(data, root, "float", write(root / "c.yaml", CONSTANT), "0.0005"), *start]
     )
     qat_recipe = write(root / "q.yaml", QAT)
-    qat = sparse_training.main([*args(data, root, "qat", qat_recipe, "0.0005"), *start])
+    qat_args = [*args(data, root, "qat", qat_recipe, "0.0005"), *start, "--checkpoint-freq", "1"]
+    qat = sparse_training.main(qat_args)
     # The quantization costs at most 1.5 points against the same fine-tuning in float.
     assert qat["eval"]["top1"] >= float_run["eval"]["top1"] - 1.5, (qat, float_run)
     final = load_checkpoint(qat["out_dir"] / "resnet_digits_last.pth")
-    for key, mask in zeros(load_checkpoint(pruned["ckpt"])).items():
-        assert mask.float().mean() > 0.5 and torch.equal(final["state_dict"][key] == 0, mask)
+    masks = zeros(load_checkpoint(pruned["ckpt"]))
+    assert sum(int(m.sum()) for m in masks.values()) > 0.5 * sum(m.numel() for m in masks.values())
+    for key, mask in masks.items():
+        assert torch.equal(final["state_dict"][key] == 0, mask), key
     bits = quant_bits_by_layer(final["manager"])
     assert bits["layer1.0.conv1"] == {"weight_bits": 8, "activation_bits": 8} and "fc" in bits
     plain = timm.create_model("resnet_digits")
     plain.load_state_dict(final["state_dict"])  # no renamed or extra keys
 
-    part = [*args(data, root, "part", qat_recipe, "0.0005"), *start]
-    sparse_training.main([*part, "--stop-epoch", "1"])
-    last = root / "part" / "resnet_digits_last.pth"
-    resumed = sparse_training.main([*part, "--resume", str(last)])
+    # Resume after the first QAT epoch (observers running, stopped at an epoch end) in the
+    # same folder: the second epoch (observers and BatchNorm frozen) ends bit for bit equal.
+    epoch0 = qat["out_dir"] / "resnet_digits_epoch=0.pth"
+    resumed = sparse_training.main([*qat_args, "--resume", str(epoch0)])
     assert resumed["eval"] == qat["eval"]
+    again = load_checkpoint(qat["out_dir"] / "resnet_digits_last.pth")
     for key, value in final["state_dict"].items():
-        assert torch.equal(load_checkpoint(last)["state_dict"][key], value), key
+        assert torch.equal(again["state_dict"][key], value), key
+    key = next(k for k in final["manager"] if k.startswith("QuantizationModifier"))
+    for part in ("act_stats", "weight_scales"):
+        for name, value in final["manager"][key][part].items():
+            assert torch.equal(again["manager"][key][part][name], value), (part, name)
 
 
 @pytest.mark.slow
@@ -143,14 +151,15 @@ def test_one_shot_sweep_calibrates_a_quantization_modifier(
     seen = []
     real = quant_mod.calibrate
     monkeypatch.setattr(quant_mod, "calibrate", lambda *a: seen.append(real(*a)) or seen[-1])
-    data = copy_digits_subset(digits_dir, tmp_path / "data", 4, 3)
-    model = timm.create_model("resnet_digits")
+    data = copy_digits_subset(digits_dir, tmp_path / "data", 6, 3)
+    model = timm.create_model("vit_digits", depth=1)
     ckpt = tmp_path / "dense.pth"
     torch.save({"state_dict": model.state_dict()}, ckpt)
     recipe = write(tmp_path / "gm_int8.yaml", (RESEARCH / "recipes" / "quantization" /
                    "gm_int8_one_shot_digits.yaml").read_text())  # fmt: skip
     rows = one_shot_pruning.main([
-        "--model", "resnet_digits", "--dataset", "", "--data-dir", str(data),
+        "--model", "vit_digits", "--model-kwargs", "depth=1", "--dataset", "",
+        "--data-dir", str(data),
         "--initial-checkpoint", str(ckpt), "--sparseml-recipe", str(recipe),
         "--sparsities", "0.5", "--output-dir", str(tmp_path / "out"), "-vb", "20",
         "--workers", "0", "--save-model", "--no-report",
@@ -158,7 +167,7 @@ def test_one_shot_sweep_calibrates_a_quantization_modifier(
     row = next(r for r in rows if r["method"] != "dense")
     assert row["settings"]["quantization"]["weight_bits"] == 8
     assert row["measured_sparsity"] == pytest.approx(0.5, abs=0.01)
-    assert seen == [2]  # 40 training images in batches of 20: the whole (finite) pass
+    assert seen == [2]  # num_calibration_steps of the 3 batches of 20 training images
 
 
 @pytest.mark.parametrize("name", ["vit_digits", "resnet_digits"])
