@@ -357,3 +357,48 @@ def test_resume_with_another_selection_is_refused() -> None:
     with pytest.raises(RecipeError, match="saved quantization state"):
         other.load_state_dict(state)
     assert isinstance(other.modifiers[0], QuantizationModifier)
+
+
+# ----- two ranks ----------------------------------------------------------------------------------
+
+
+def _dist_worker(rank: int, world: int, init_file, out_file: str) -> None:
+    import datetime
+
+    import torch.distributed as tdist
+
+    tdist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),  # a missed collective fails instead of hanging
+    )  # fmt: skip
+    try:
+        torch.set_num_threads(1)
+        model, opt, manager = qat_setup()
+        wrapped = manager.modify(model, opt, steps_per_epoch=4)
+        gen = torch.Generator().manual_seed(rank)  # each rank its own data
+        for _ in range(12):
+            x = torch.randn(8, 8, generator=gen) * (1 + rank)
+            F.mse_loss(model(x), x[:, :4]).backward()
+            wrapped.step()
+            wrapped.zero_grad()
+        calibrated = convnet()
+        batches = [torch.randn(4, 2, 5, 5, generator=gen) * (1 + rank) for _ in range(2)]
+        one_shot = ScheduledModifierManager.from_yaml("!QuantizationModifier\n  start_epoch: 0\n")
+        one_shot.apply(calibrated, calib_loader=batches)
+        states = [m.state_dict() for m in (manager, one_shot)]
+        torch.save([list(s.values())[-1]["act_stats"] for s in states], f"{out_file}.{rank}")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_two_ranks_share_activation_ranges(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "stats"
+    mp.spawn(_dist_worker, args=(2, tmp_path / "init", str(out)), nprocs=2)
+    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    for rank0, rank1 in zip(*ranks):  # after training (averaged every step), after calibration
+        assert rank0.keys() == rank1.keys() and rank0
+        for name in rank0:
+            assert torch.equal(rank0[name], rank1[name]), name

@@ -13,6 +13,13 @@ checkpoint loads into a plain model. Observer state (activation ranges, frozen w
 lives on the modifier and in the manager's ``state_dict``, hence in checkpoints, for exact
 resume; under ``torch.distributed`` the activation ranges are averaged over ranks every step.
 
+Why PyTorch's functional ``torch.fake_quantize_*`` ops rather than ``torch.ao.quantization``
+``FakeQuantize`` modules: those are modules with buffers; attached to the model they add
+state-dict keys (a checkpoint would no longer load into a plain model) and DDP would overwrite
+their ranges with rank 0's; kept aside they would still need their own save and restore. The
+ops are the same maintained kernels (straight-through gradient, QDQ in ONNX export) with the
+state kept as plain tensors here, so resume, rank averaging and export stay in one place.
+
 Sample (SparseML's fields)::
 
     - !ConstantPruningModifier
