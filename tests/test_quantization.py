@@ -119,6 +119,10 @@ def test_forward_is_the_fake_quantized_model_and_names_do_not_change() -> None:
     expected = F.linear(fq_in("4", h), fq_w(lin.weight), lin.bias)
     assert torch.allclose(out, expected, atol=1e-6)
     assert isinstance(model[0].weight, nn.Parameter)  # the parameter is back after the call
+    with pytest.raises(RuntimeError):
+        model(torch.randn(5, 3, 5, 5))  # a forward that raises puts the parameter back too
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+    assert dict(model.named_parameters()) == params
     plain = convnet(1)
     plain.load_state_dict(model.state_dict())  # a checkpoint loads into a plain model
     assert quant_bits_by_layer(manager) == {

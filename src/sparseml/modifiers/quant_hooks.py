@@ -66,6 +66,11 @@ def select_layers(model: nn.Module, mod: Any) -> tuple[list[QuantLayer], list[nn
             embeddings |= isinstance(module, nn.Embedding)
             if not isinstance(module, nn.Linear | _CONV) or type(module).__name__ in excluded:
                 continue
+            if not isinstance(module._parameters.get("weight"), nn.Parameter):
+                raise RecipeError(
+                    f"{owner}: layer {name!r} has no plain weight parameter (parametrized or "
+                    "lazy?); exclude it with exclude_module_types or submodules"
+                )
             linear = isinstance(module, nn.Linear)
             quant_input = (
                 mod.quantize_linear_activations if linear else mod.quantize_conv_activations
