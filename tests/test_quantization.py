@@ -363,6 +363,13 @@ def test_resume_with_another_selection_is_refused() -> None:
     assert isinstance(other.modifiers[0], QuantizationModifier)
 
 
+def test_sparseml_import_paths() -> None:
+    from sparseml.pytorch.sparsification import QuantizationModifier as A
+    from sparseml.pytorch.sparsification.quantization import QuantizationModifier as B
+
+    assert A is B is QuantizationModifier
+
+
 # ----- two ranks ----------------------------------------------------------------------------------
 
 
@@ -395,6 +402,7 @@ def _dist_worker(rank: int, world: int, init_file, out_file: str) -> None:
         tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_two_ranks_share_activation_ranges(tmp_path) -> None:
     import torch.multiprocessing as mp
