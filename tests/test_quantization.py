@@ -326,13 +326,16 @@ def test_cap_qat_recipe_loads_unchanged_and_selects_its_submodule() -> None:
         ("weight_bits: 16", "'weight_bits' = 16 must be an integer in [2, 8]"),
         ("activation_qconfig_kwargs: {observer: minmax}", "is not supported"),
         ("custom_quantizable_module_types: [MyLayer]", "is not supported"),
-        ("end_epoch: 0", "'end_epoch' = 0.0 must be > start_epoch"),
+        ("start_epoch: 0\n  end_epoch: 0", "'end_epoch' = 0.0 must be > start_epoch"),
         ("num_calibration_steps: 0", "must be an integer >= 1"),
+        ("freeze_bn_stats_epoch: -0.5", "must be a number >= 0.0"),
+        ("start_epoch: 2\n  disable_quantization_observer_epoch: 1", "must be >= start_epoch (2)"),
+        ("activation_bits: 2\n  reduce_range: true", "'reduce_range' = True needs activation_bits"),
     ],
 )
 def test_bad_fields_are_one_clear_error(line: str, message: str) -> None:
     with pytest.raises(RecipeError, match="QuantizationModifier") as err:
-        ScheduledModifierManager.from_yaml(f"!QuantizationModifier\n  start_epoch: 0\n  {line}\n")
+        ScheduledModifierManager.from_yaml(f"!QuantizationModifier\n  {line}\n")
     assert message in str(err.value)
 
 

@@ -157,6 +157,16 @@ class QuantizationModifier(Modifier):
     SPARSIFICATION_TYPES = ("quantization",)
     END_RULE = "gt"
 
+    def validate(self) -> None:
+        super().validate()
+        start = max(self._values["start_epoch"], 0.0)
+        for name in ("disable_quantization_observer_epoch", "freeze_bn_stats_epoch"):
+            when = self._values[name]
+            if when is not None and when < start:  # it would freeze before anything was seen
+                raise self.field_error(name, f"must be >= start_epoch ({start:g}) or null")
+        if self._values["reduce_range"] and self._values["activation_bits"] < 3:
+            raise self.field_error("reduce_range", "needs activation_bits >= 3")
+
     def reset_state(self) -> None:
         super().reset_state()
         self.layers: list[QuantLayer] = []
