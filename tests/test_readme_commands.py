@@ -31,7 +31,7 @@ COVERED = {
         SHORT_GRADUAL,
     ),
     "RECIPE=research/recipes/quantization/gm_qat_digits.yaml bash research/run_gradual_pruning.sh": (
-        {"RECIPE": "research/recipes/quantization/gm_qat_digits.yaml"},
+        {"RECIPE": "research/recipes/quantization/gm_qat_digits.yaml", "BATCH_SIZE": "32"},
         [
             "--recipe-variables",
             "num_epochs=1,pruning_start=0,pruning_end=0,qat_start=0,observer_freeze=1",
