@@ -85,9 +85,9 @@ def check_recipe(args: argparse.Namespace) -> Any:
     """Load the recipe once to fail fast; fill in default sparsities. Returns the modifier."""
     if not Path(args.sparseml_recipe).is_file():
         raise SetupError(f"recipe {args.sparseml_recipe} does not exist")
-    pruner = osp.pruning_modifier(
-        osp.load_one_shot_manager(args.sparseml_recipe, None, args.recipe_variables)
-    )
+    manager = osp.load_one_shot_manager(args.sparseml_recipe, None, args.recipe_variables)
+    pruner = osp.pruning_modifier(manager)
+    args.quantization = osp.quantization_settings(manager)  # calibrated after each prune
     if not args.sparsities:
         args.sparsities = [float(pruner.final_sparsity)]
     for s in args.sparsities:  # e.g. an N:M mask allows only s = N/M
@@ -175,6 +175,8 @@ def prune_one(args, dense, sparsity: float, device, loaders: dict, cache) -> dic
         kwargs["grad_sampler"] = osp.grad_sampler_for(loaders["gs"])
     if cache is not None:
         kwargs["sweep_cache"] = cache  # Fisher (and CAP order) built once per method
+    if "calib" in loaders:
+        kwargs["calib_loader"] = loaders["calib"]
     ev.reset_peak_memory(device)
     start = time.perf_counter()
     manager.apply(model, **kwargs)
@@ -213,6 +215,13 @@ def build_loaders(args, model, device, needs_grads: bool) -> tuple[dict, dict]:
             val, batch_size=args.validation_batch_size, is_training=False, **options
         )
     }
+    if (
+        getattr(args, "quantization", None) is not None
+    ):  # one pass over the training shard, no augmentation
+        calib = osd.open_dataset(name, root, args.train_split, False, args.rank, args.world_size)
+        loaders["calib"] = create_loader(
+            calib, batch_size=args.validation_batch_size, is_training=False, **options
+        )
     if needs_grads:
         train = osd.open_dataset(name, root, args.train_split, True, args.rank, args.world_size)
         loaders["gs"] = osd.GradSamplerData(
@@ -267,6 +276,8 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
         "val_split": args.val_split,
     }
     method_settings = {**dense_settings, **osp.modifier_settings(pruner), "seed": args.seed}
+    if getattr(args, "quantization", None) is not None:
+        method_settings["quantization"] = args.quantization
     if needs_grads:
         method_settings.update(
             gs_batch_size=args.gs_batch_size,

@@ -30,6 +30,13 @@ COVERED = {
         {"RECIPE": "research/recipes/gradual_pruning/cap_digits.yaml"},
         SHORT_GRADUAL,
     ),
+    "RECIPE=research/recipes/quantization/gm_qat_digits.yaml bash research/run_gradual_pruning.sh": (
+        {"RECIPE": "research/recipes/quantization/gm_qat_digits.yaml", "BATCH_SIZE": "32"},
+        [
+            "--recipe-variables",
+            "num_epochs=1,pruning_start=0,pruning_end=0,qat_start=0,observer_freeze=1",
+        ],
+    ),
     "bash .ci/run": None,  # this very suite
 }
 

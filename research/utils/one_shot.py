@@ -49,11 +49,18 @@ def load_one_shot_manager(
         pruner.init_sparsity = sparsity
         pruner.final_sparsity = sparsity
     pruner.validate()  # relations between fields (e.g. N:M needs sparsity N/M)
-    return ScheduledModifierManager([pruner])
+    # A QuantizationModifier stays: apply() calibrates it on the pruned model (int8 one-shot).
+    return ScheduledModifierManager([pruner, *manager.quantization_modifiers])
 
 
 def pruning_modifier(manager: ScheduledModifierManager) -> PruningModifier:
-    return manager.modifiers[0]
+    return next(m for m in manager.modifiers if isinstance(m, PruningModifier))
+
+
+def quantization_settings(manager: ScheduledModifierManager) -> dict[str, Any] | None:
+    """Field values of the recipe's QuantizationModifier (None without one)."""
+    quant = manager.quantization_modifiers
+    return quant[0].field_values() if quant else None
 
 
 def needs_gradients(modifier: Any) -> bool:

@@ -196,10 +196,20 @@ class ScheduledModifierManager:
         epoch: float = math.inf,
         loggers: Any = None,
         finalize: bool = True,
+        calib_loader: Any = None,
         **kwargs: Any,
     ) -> None:
-        """One-shot: run every modifier to its end state (epoch = +inf), then finalize."""
+        """One-shot: run every modifier to its end state (epoch = +inf), then finalize.
+
+        ``calib_loader`` (batches: a tensor, ``(inputs, target)`` or the grad sampler's
+        ``(args, kwargs, target)``) calibrates the activation ranges of quantization modifiers
+        on the model as pruned by the others (eval mode, no gradients); their scales are then
+        frozen. A recipe that quantizes layer inputs needs it.
+        """
         self.initialize(module, epoch, loggers, **kwargs)
+        for mod in self.quantization_modifiers:
+            if mod.enabled and mod.initialized:
+                mod.calibrate(module, calib_loader)
         if finalize:
             self.finalize(module)
 

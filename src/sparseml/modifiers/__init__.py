@@ -9,6 +9,7 @@ from sparseml.modifiers import (  # noqa: F401  (imported for their registration
     magnitude,
     mfac,
     obs,
+    quantization,
     training,
 )
 from sparseml.modifiers.base import Modifier
@@ -23,6 +24,7 @@ from sparseml.modifiers.magnitude import (
 from sparseml.modifiers.mfac import MFACPruningModifier
 from sparseml.modifiers.obs import OBSPruningModifier
 from sparseml.modifiers.pruning import PruningModifier
+from sparseml.modifiers.quantization import QuantizationModifier
 from sparseml.modifiers.training import (
     EpochRangeModifier,
     LearningRateFunctionModifier,
@@ -43,6 +45,7 @@ __all__ = [
     "Modifier",
     "OBSPruningModifier",
     "PruningModifier",
+    "QuantizationModifier",
     "SetLearningRateModifier",
     "SetWeightDecayModifier",
 ]
