@@ -75,6 +75,8 @@ def compress_tensor(tensor: Tensor) -> tuple[dict[str, Any], dict[str, Tensor]]:
         parts = cf.encode_nm(tensor, nonzero, choice.n, choice.m)
     else:  # a copy: safetensors refuses tensors that share memory (tied weights, views)
         parts = {"": tensor.contiguous().clone()}
+    if "negzero" in parts:
+        entry["negzero"] = True
     entry["crc32"] = {part: _crc(t) for part, t in parts.items()}
     return entry, parts
 
@@ -199,7 +201,8 @@ def _decode(path: Path, name: str, entry: Any, stored: dict[str, Tensor], used: 
         raise _error(path, f"tensor {name}: shape {shape!r} is not a list of sizes")
     shape_t, crcs = tuple(shape), entry.get("crc32") or {}
     parts = {}
-    for part in _PARTS[layout]:
+    names = _PARTS[layout] + (("negzero",) if entry.get("negzero") and layout != "dense" else ())
+    for part in names:
         key = _key(name, part)
         if key not in stored:
             raise _error(path, f"tensor {name}: stored part {key!r} is missing")
@@ -221,6 +224,18 @@ def _check_parts(
     layout: str, entry: dict, parts: dict[str, Tensor], shape: tuple, dtype: torch.dtype
 ) -> str:
     """What does not fit together ('' when all does): shapes, dtypes, counts, N:M positions."""
+    problem = _check_layout(layout, entry, parts, shape, dtype)
+    if problem or "negzero" not in parts:
+        return problem
+    unstored = math.prod(shape) - parts["values"].numel()
+    if parts["negzero"].dtype != torch.uint8 or parts["negzero"].numel() != math.ceil(unstored / 8):
+        return f"negzero has {parts['negzero'].numel()} bytes, {unstored} entries need {math.ceil(unstored / 8)}"
+    return ""
+
+
+def _check_layout(
+    layout: str, entry: dict, parts: dict[str, Tensor], shape: tuple, dtype: torch.dtype
+) -> str:
     numel = math.prod(shape)
     if layout == "dense":
         t = parts[""]

@@ -1,7 +1,9 @@
 """Tensor layouts of compressed sparse checkpoints: bitmask, packed N:M, dense (pure tensor code).
 
-A weight is "zero" here when all its bits are zero, so ``-0.0`` and NaN count as values and
-every layout reproduces the tensor bit for bit. Groups for N:M are those of ``sparseml.masks``:
+A weight is "zero" when it compares equal to 0 (``+0.0``, ``-0.0``; NaN is a value; for
+integer and bool tensors any set bit is a value). Zeros are not stored, except that the sign of
+each ``-0.0`` (multiplying a negative weight by a 0/1 mask gives one) is kept in an optional
+``negzero`` bit stream, so every layout reproduces the tensor bit for bit. Groups for N:M are those of ``sparseml.masks``:
 ``m`` consecutive entries of the row-major flattening, i.e. along the input dimension of the
 2-D view ``(out, in * kh * kw)``; ``n`` is the number of zeros each group has at least.
 
@@ -13,6 +15,10 @@ Layouts (the byte format is documented in ``docs/compressed-format.md``):
   and ``indices`` (uint8 bit stream of each kept entry's position in its group, ``bits_for(m)``
   bits each, least significant bit first, groups in order);
 * ``dense``: the tensor as it is.
+
+``bitmask`` and ``nm`` may add ``negzero`` (uint8 bit stream like ``bitmask``): one bit per
+entry not stored in ``values`` (row-major order), set where that entry is ``-0.0``; present only
+when the tensor has such an entry.
 """
 
 from __future__ import annotations
@@ -32,14 +38,23 @@ _SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 def nonzero_bits(tensor: Tensor) -> Tensor:
-    """Boolean tensor (flattened): True where the entry's bits are not all zero."""
+    """Boolean tensor (flattened): True for values, False for zeros (``+0.0`` and ``-0.0``)."""
     flat = tensor.detach().reshape(-1)
     if flat.dtype == torch.bool:
         return flat.clone()
-    as_int = _INT_OF_SIZE.get(flat.element_size())
-    if as_int is None or flat.is_complex():
+    if flat.is_complex() or flat.element_size() not in _INT_OF_SIZE:
         raise TypeError(f"dtype {flat.dtype} has no compressed layout")
-    return flat.contiguous().view(as_int) != 0
+    if flat.is_floating_point():
+        return flat != 0  # NaN != 0: a value
+    return flat.contiguous().view(_INT_OF_SIZE[flat.element_size()]) != 0
+
+
+def negative_zeros(tensor: Tensor) -> Tensor:
+    """Boolean tensor (flattened): True where the entry is ``-0.0``."""
+    flat = tensor.detach().reshape(-1)
+    if not flat.is_floating_point():
+        return torch.zeros(flat.shape, dtype=torch.bool)
+    return (flat == 0) & torch.signbit(flat)
 
 
 def pack_bits(bits: Tensor) -> Tensor:
@@ -95,20 +110,43 @@ def choose_layout(tensor: Tensor, nonzero: Tensor) -> Choice:
     shape = tuple(tensor.shape)
     best = Choice("dense", numel * item)
     nnz = int(nonzero.sum())
-    bitmask = Choice("bitmask", math.ceil(numel / 8) + nnz * item + ENTRY_OVERHEAD)
-    candidates = [bitmask]
+    # -0.0 entries need their sign bits (an upper bound: all unstored entries get one)
+    signs = bool(negative_zeros(tensor).any())
+
+    def sign_bytes(stored: int) -> int:
+        return math.ceil((numel - stored) / 8) + ENTRY_OVERHEAD if signs else 0
+
+    size = math.ceil(numel / 8) + nnz * item + ENTRY_OVERHEAD + sign_bytes(nnz)
+    candidates = [Choice("bitmask", size)]
     for m in NM_GROUPS:
         n = min_zeros_per_group(nonzero, shape, m)
         if n:
             kept = numel // m * (m - n)
             size = kept * item + math.ceil(kept * bits_for(m) / 8) + ENTRY_OVERHEAD
-            candidates.append(Choice("nm", size, n, m))
+            candidates.append(Choice("nm", size + sign_bytes(kept), n, m))
     smallest = min(candidates, key=lambda c: (c.nbytes, c.layout != "nm"))
     return smallest if smallest.nbytes < best.nbytes else best
 
 
+def _with_signs(parts: dict[str, Tensor], tensor: Tensor, stored: Tensor) -> dict[str, Tensor]:
+    """Add ``negzero`` (over the entries not stored) when any of them is ``-0.0``."""
+    negative = negative_zeros(tensor)[~stored]
+    if bool(negative.any()):
+        parts["negzero"] = pack_bits(negative)
+    return parts
+
+
+def _restore_signs(out: Tensor, parts: dict[str, Tensor], stored: Tensor) -> Tensor:
+    if "negzero" in parts:
+        unstored = (~stored).nonzero().squeeze(1)
+        negative = unpack_bits(parts["negzero"], unstored.numel())
+        out[unstored[negative]] = -0.0
+    return out
+
+
 def encode_bitmask(tensor: Tensor, nonzero: Tensor) -> dict[str, Tensor]:
-    return {"bitmask": pack_bits(nonzero), "values": tensor.detach().reshape(-1)[nonzero].clone()}
+    values = tensor.detach().reshape(-1)[nonzero].clone()
+    return _with_signs({"bitmask": pack_bits(nonzero), "values": values}, tensor, nonzero)
 
 
 def decode_bitmask(parts: dict[str, Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -116,7 +154,15 @@ def decode_bitmask(parts: dict[str, Tensor], shape: tuple[int, ...], dtype: torc
     nonzero = unpack_bits(parts["bitmask"], numel)
     out = torch.zeros(numel, dtype=dtype)
     out[nonzero] = parts["values"]
-    return out.view(shape)
+    return _restore_signs(out, parts, nonzero).view(shape)
+
+
+def _positions(parts: dict[str, Tensor], m: int) -> Tensor:
+    """(groups, m - n) in-group positions of the stored values, from the ``indices`` stream."""
+    values = parts["values"]
+    width = bits_for(m)
+    bits = unpack_bits(parts["indices"], values.numel() * width).view(-1, width).to(torch.int64)
+    return (bits << torch.arange(width)).sum(dim=1).view(values.shape)
 
 
 def encode_nm(tensor: Tensor, nonzero: Tensor, n: int, m: int) -> dict[str, Tensor]:
@@ -126,25 +172,23 @@ def encode_nm(tensor: Tensor, nonzero: Tensor, n: int, m: int) -> dict[str, Tens
     idx = key.argsort(dim=1)[:, : m - n].sort(dim=1).values
     values = tensor.detach().reshape(-1, m).gather(1, idx)
     bits = (idx.reshape(-1, 1) >> torch.arange(bits_for(m))) & 1
-    return {"values": values, "indices": pack_bits(bits.reshape(-1).bool())}
+    stored = torch.zeros_like(groups).scatter_(1, idx, True).view(-1)
+    parts = {"values": values, "indices": pack_bits(bits.reshape(-1).bool())}
+    return _with_signs(parts, tensor, stored)
 
 
 def decode_nm(
     parts: dict[str, Tensor], shape: tuple[int, ...], dtype: torch.dtype, m: int
 ) -> Tensor:
     values = parts["values"]
-    width = bits_for(m)
-    bits = unpack_bits(parts["indices"], values.numel() * width).view(-1, width).to(torch.int64)
-    idx = (bits << torch.arange(width)).sum(dim=1).view(values.shape)
+    idx = _positions(parts, m)
     out = torch.zeros(values.shape[0], m, dtype=dtype)
     out.scatter_(1, idx, values)
-    return out.view(shape)
+    stored = torch.zeros(out.shape, dtype=torch.bool).scatter_(1, idx, True).view(-1)
+    return _restore_signs(out.view(-1), parts, stored).view(shape)
 
 
 def nm_indices_valid(parts: dict[str, Tensor], m: int) -> bool:
     """Positions inside the group and strictly increasing in each group (so no duplicates)."""
-    values = parts["values"]
-    width = bits_for(m)
-    bits = unpack_bits(parts["indices"], values.numel() * width).view(-1, width).to(torch.int64)
-    idx = (bits << torch.arange(width)).sum(dim=1).view(values.shape)
+    idx = _positions(parts, m)
     return bool((idx < m).all()) and bool((idx.diff(dim=1) > 0).all())
