@@ -132,6 +132,19 @@ def test_mismatched_checkpoint_is_a_setup_error(vit_checkpoint, tmp_path):
         export.main([*VIT_ARGS, "--batch-size", "0", "--output", str(tmp_path)])
 
 
+def test_only_2of4_linears_are_converted():
+    from utils.semi_structured import convert_linears, is_2of4
+
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 64))
+    prune_2of4_weight = nm_mask(net[0].weight.abs().reshape(-1), 1, 4).view(32, 64)
+    with torch.no_grad():
+        net[0].weight.masked_fill_(~prune_2of4_weight, 0.0)  # 1 zero in 4: not 2:4
+    before = net[0].weight.clone()
+    rows = convert_linears(net)
+    assert [r["reason"] for r in rows] == ["not 2:4", "not 2:4"]
+    assert torch.equal(net[0].weight, before) and not is_2of4(before)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -201,3 +214,27 @@ def test_training_save_compressed_mirrors_best_and_last(small_digits, tmp_path):
         assert all(torch.equal(packed[k], v) for k, v in expected.items()), kind
         fc1 = packed["blocks.0.mlp.fc1.weight"]
         assert float((fc1 == 0).float().mean()) > 0.5 and not torch.signbit(fc1[fc1 == 0]).any()
+
+
+# ----- research/bench/bench_inference.py: what it times must compute the same thing ------------
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_bench_csr_paths_compute_the_dense_result():
+    import importlib.util
+
+    path = Path(export.__file__).parent / "bench" / "bench_inference.py"
+    spec = importlib.util.spec_from_file_location("bench_inference", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48)
+    bench.prune_(layer.weight.data, 0.9)
+    assert float((layer.weight == 0).float().mean()) == pytest.approx(0.9, abs=1e-3)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(bench.CSRLinear(layer)(x), layer(x))
+    model = timm.create_model("vit_digits", depth=1).eval()
+    sparse = bench.csr_model(model)
+    assert sum(isinstance(m, bench.CSRLinear) for m in sparse.modules()) == 4  # qkv proj fc1 fc2
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(images), model(images), rtol=1e-4, atol=1e-5)

@@ -71,12 +71,12 @@ def compare(fns: dict[str, Callable[[], object]], budget: float,
             sync: Callable[[], None] = lambda: None) -> dict[str, float]:  # fmt: skip
     """Median seconds per call of each function, timed in turns (one call each per round) so
     that a change in the machine's load hits all of them alike: one warm-up round, then rounds
-    until each had ``budget`` seconds and at least 3 calls."""
+    until each had ``budget`` seconds and at least 2 calls."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()
     sync()
-    while min(sum(t) for t in times.values()) < budget or len(times[next(iter(fns))]) < 3:
+    while min(sum(t) for t in times.values()) < budget or len(times[next(iter(fns))]) < 2:
         for key, fn in fns.items():
             start = time.perf_counter()
             fn()
@@ -208,11 +208,17 @@ def bench_cuda(rows: list[list[str]], gemms, batches, budget: float) -> None:
                          f"{t_dense / t_24:.2f}x"])  # fmt: skip
 
 
-def print_table(head: list[str], rows: list[list[str]]) -> None:
-    print("| " + " | ".join(head) + " |")
-    print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+class Table(list):
+    """Rows of a markdown table, each printed as soon as it is added (long runs show progress)."""
+
+    def __init__(self, head: list[str]) -> None:
+        super().__init__()
+        print("| " + " | ".join(head) + " |")
+        print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|")
+
+    def append(self, row: list[str]) -> None:
+        super().append(row)
+        print("| " + " | ".join(row) + " |", flush=True)
 
 
 def cpu_flags() -> str:
@@ -256,18 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     budget = 0.1 if args.quick else 0.2
     print(f"torch {torch.__version__}, {args.threads} threads, CPU AMX flags: {cpu_flags()}")
     print(f"load average before: {load_average()} (other work on the machine skews the times)")
-    rows: list[list[str]] = []
+    print("\nCPU, float32 (ms per call; speedup = dense PyTorch time / this time)")
+    head = ["case", "batch", "sparsity", "dense", "CSR", "CSR speedup", "ORT", "ORT speedup"]
+    rows = Table(head)
     bench_model(rows, (1, 64) if not args.quick else (1, 16), sparsities, args.threads, budget)
     bench_gemms(rows, gemms, (1,) if args.quick else (1, 64), sparsities, args.threads, budget)
-    print("\nCPU, float32 (ms per call; speedup = dense PyTorch time / this time)")
-    print_table(
-        ["case", "batch", "sparsity", "dense", "CSR", "CSR speedup", "ORT", "ORT speedup"], rows
-    )
     if torch.cuda.is_available() and not args.no_cuda:
-        cuda_rows: list[list[str]] = []
-        bench_cuda(cuda_rows, gemms, (1, 64), budget)
         print(f"\nCUDA {torch.cuda.get_device_name()}, float16 (ms per call)")
-        print_table(["case", "batch", "pattern", "dense", "2:4", "2:4 speedup"], cuda_rows)
+        cuda_rows = Table(["case", "batch", "pattern", "dense", "2:4", "2:4 speedup"])
+        bench_cuda(cuda_rows, gemms, (1, 64), budget)
     else:
         print("\nCUDA: not available here, no 2:4 semi-structured timings")
     print(f"\n{time.perf_counter() - start:.0f} s in all; load average after: {load_average()}")
