@@ -30,7 +30,7 @@ def cuda_problem() -> str:
 
 
 def is_2of4(weight: torch.Tensor) -> bool:
-    nonzero = cf.nonzero_bits(weight)
+    nonzero = cf.nonzero_mask(weight)
     return (cf.min_zeros_per_group(nonzero, tuple(weight.shape), 4) or 0) >= 2
 
 

@@ -23,7 +23,7 @@ def is_layer_weight(name: str, tensor: torch.Tensor) -> bool:
 
 
 def layer_row(name: str, tensor: torch.Tensor, total: int) -> dict[str, Any]:
-    nonzero = cf.nonzero_bits(tensor)
+    nonzero = cf.nonzero_mask(tensor)
     shape = tuple(tensor.shape)
     best = next(
         (f"{n}:{m}" for n, m in NM_PATTERNS if (cf.nm_share(nonzero, shape, n, m) or 0) >= 1.0),
@@ -45,7 +45,7 @@ def sparsity_report(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """``{"layers": [row...], "totals": {...}}`` for a state dict."""
     floats = {k: v for k, v in state.items() if v.is_floating_point()}
     total = sum(v.numel() for v in floats.values())
-    zeros = sum(int((~cf.nonzero_bits(v)).sum()) for v in floats.values())
+    zeros = sum(int((~cf.nonzero_mask(v)).sum()) for v in floats.values())
     rows = [layer_row(k, v, total) for k, v in state.items() if is_layer_weight(k, v)]
     layer_params = sum(r["numel"] for r in rows)
     layer_zeros = sum(round(r["sparsity"] * r["numel"]) for r in rows)

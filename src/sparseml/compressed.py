@@ -59,7 +59,7 @@ def compress_tensor(tensor: Tensor) -> tuple[dict[str, Any], dict[str, Tensor]]:
     tensor = tensor.detach().cpu()
     entry: dict[str, Any] = {"dtype": _dtype_name(tensor.dtype), "shape": list(tensor.shape)}
     try:
-        nonzero = cf.nonzero_bits(tensor)
+        nonzero = cf.nonzero_mask(tensor)
     except TypeError:
         nonzero = None
     if nonzero is None:

@@ -37,7 +37,7 @@ _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
-def nonzero_bits(tensor: Tensor) -> Tensor:
+def nonzero_mask(tensor: Tensor) -> Tensor:
     """Boolean tensor (flattened): True for values, False for zeros (``+0.0`` and ``-0.0``)."""
     flat = tensor.detach().reshape(-1)
     if flat.dtype == torch.bool:
