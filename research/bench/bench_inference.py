@@ -13,8 +13,9 @@ weights are zero), batch 1 and 64, on
 * single GEMMs of DeiT-Tiny/Small Linear layers (197 tokens per image, MLP 4x) and of
   ResNet-50 convolutions seen as GEMMs (im2col: output pixels x (in * kh * kw) x out).
 
-Dense PyTorch and ONNX Runtime do the same work whatever the zeros (dense kernels), so they are
-timed once per shape and batch; the speedup columns are dense time / that time (< 1: slower).
+All three run the same pruned weights; PyTorch dense and ONNX Runtime with dense kernels (the
+zeros cost as much as other values). Speedup columns: PyTorch dense time / that time (< 1:
+slower).
 CUDA (when present): dense float16 vs 2:4 semi-structured (``to_sparse_semi_structured``) for
 the same GEMM shapes; 2:4 is 50% sparsity by construction.
 
@@ -31,9 +32,12 @@ CPU runtimes that would skip the zeros, and why they are not here:
 * ONNX Runtime's CPU provider has no sparse float GEMM for such weights: zeros cost as much as
   other values (the ORT columns show it).
 
-Timings are medians of repeated runs after a warm-up; on a machine shared with other work they
-vary by tens of percent between runs. Default settings take about 3 minutes on 2 cores,
-``--quick`` (batch 1 GEMMs, 50% and 90%) well under one.
+Timings are medians of turns taken after a warm-up (each contender runs once per round, so a
+change in the machine's load hits all alike). PyTorch's thread pool suffers most when the cores
+are oversubscribed (its threads wait for each other at every op): on a busy machine small
+PyTorch ops look many times slower than they are, ONNX Runtime less so. Defaults: ~2 min of CPU
+time (user time 2 min 7 s here; 1-2 min wall on 2 free cores, 6 min at load average 7);
+``--quick`` (batch-1 GEMMs and a batch-16 model, 50% and 90%) about a fifth of that.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ from torch import nn
 from sparseml import compressed_format as cf
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# Relative to the largest output: both models round every layer's output to half precision,
+# but the sparse kernels sum in another order, so results differ by a few units in the last
+# place per layer (bfloat16 has 8 significant bits, float16 11).
+TOLERANCE = {"float16": 1e-2, "bfloat16": 5e-2}
 
 
 def cuda_problem() -> str:
@@ -79,6 +83,6 @@ def check_model(model: nn.Module, x: torch.Tensor, dtype_name: str) -> dict[str,
         "layers": layers,
         "max_abs_diff": diff,
         "max_abs_output": scale,
-        # half precision accumulates in a different order in the sparse kernels
-        "ok": diff <= 2e-2 * max(scale, 1.0),
+        "tolerance": TOLERANCE[dtype_name] * max(scale, 1.0),
+        "ok": diff <= TOLERANCE[dtype_name] * max(scale, 1.0),
     }
