@@ -41,6 +41,7 @@ from timm.data import create_loader, resolve_data_config  # noqa: E402
 from timm.models import create_model, safe_model_name  # noqa: E402
 from timm.utils import random_seed  # noqa: E402
 
+from sparseml.compressed import SUFFIX  # noqa: E402
 from sparseml.errors import RecipeError  # noqa: E402
 from sparseml.sparsity import ModuleSparsificationInfo  # noqa: E402
 from utils import evaluation as ev  # noqa: E402
@@ -53,6 +54,7 @@ from utils.checkpoint import (  # noqa: E402
     check_finite_weights,
     file_digest,
     load_dense_weights,
+    save_compressed_weights,
     save_state_dict,
 )
 from utils.data import configure_grad_sampler, loader_kwargs, resolve_data_dir  # noqa: E402
@@ -326,9 +328,11 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
         )
         if is_primary(args):
             res.append_row(out_dir, row)
+            stem = f"{safe_model_name(args.model)}_{args.method}_sparsity={sparsity:g}"
             if args.save_model:
-                name = f"{safe_model_name(args.model)}_{args.method}_sparsity={sparsity:g}.pth"
-                save_state_dict(done["model"], out_dir / name)
+                save_state_dict(done["model"], out_dir / f"{stem}.pth")
+            if args.save_compressed:
+                save_compressed_weights(done["model"], out_dir / f"{stem}{SUFFIX}")
             if wandb is not None:
                 keys = ("accuracy", "top5", "loss", "measured_sparsity", "seconds")
                 wandb.log({"sparsity": sparsity, **{f"val/{k}": row[k] for k in keys}})

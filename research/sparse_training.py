@@ -37,6 +37,7 @@ from timm.models import safe_model_name  # noqa: E402
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs  # noqa: E402
 from timm.utils import ModelEmaV3, distribute_bn, random_seed  # noqa: E402
 
+from sparseml.compressed import SUFFIX  # noqa: E402
 from sparseml.errors import RecipeError  # noqa: E402
 from sparseml.sparsity import ModuleSparsificationInfo  # noqa: E402
 from utils import checkpoint as ckpt_io  # noqa: E402
@@ -185,6 +186,11 @@ def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> 
     if best_path is not None:
         ckpt_io.save_checkpoint(best_path, **save)
     state["hist"].commit()
+    if args.save_compressed:  # each mirrors the .pth beside it (the best one may be older)
+        for kind, kept in (("last", args.save_last), ("best", args.checkpoint_hist > 0)):
+            source = out_dir / f"{name}_{kind}.pth"
+            if kept and source.is_file():
+                ckpt_io.mirror_compressed(source, out_dir / f"{name}_{kind}{SUFFIX}")
 
 
 COMPLETE = "training_complete.json"

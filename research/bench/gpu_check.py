@@ -5,7 +5,9 @@
 Runs the CUDA paths of the Fisher, OBS, CAP, FastCAP and M-FAC kernels, modifiers and the
 M-FAC optimizer against their CPU results, AMP training steps and ``fisher_inv_device`` /
 ``available_devices`` (``pytest -m gpu``), then times the Fisher build (float32 and float64
-Gram), CAP elimination, FastCAP and the M-FAC build at DeiT-Small layer sizes on CUDA.
+Gram), CAP elimination, FastCAP and the M-FAC build at DeiT-Small layer sizes on CUDA, and a
+2:4 semi-structured DeiT-Small fc1 against dense (``research/export.py --formats
+semi_structured`` runs the same conversion; its test is ``tests/test_export.py``).
 Exits 0 with a message where CUDA is absent; non-zero when a test fails.
 """
 
@@ -87,6 +89,35 @@ def run_benchmarks(rows: list[tuple], m: int, block: int) -> None:
     for name, d in LAYERS.items():
         bench_layer(rows, name, d, m, block)
         torch.cuda.empty_cache()
+    bench_semi_structured(rows)
+
+
+def bench_semi_structured(rows: list[tuple]) -> None:
+    """2:4 semi-structured fc1 of DeiT-Small (batch 64 x 197 tokens) against dense, float16."""
+    sys.path.insert(0, str(ROOT / "research"))
+    from utils.semi_structured import convert_linears, cuda_problem
+
+    problem = cuda_problem()
+    if problem:
+        rows.append(("bench", "2:4 semi-structured fc1", "DeiT-Small, float16", problem))
+        return
+    layer = torch.nn.Linear(384, 1536, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        w = layer.weight.view(-1, 4)
+        w.scatter_(1, w.abs().argsort(dim=1)[:, :2], 0.0)
+    x = torch.randn(64 * 197, 384, device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        ref = layer(x)
+        t_dense = timed(lambda: layer(x))
+        converted = convert_linears(torch.nn.Sequential(layer))
+        if not converted[0]["converted"]:
+            rows.append(("bench", "2:4 semi-structured fc1", "DeiT-Small", converted[0]["reason"]))
+            return
+        diff = float((layer(x) - ref).abs().max())
+        t_sparse = timed(lambda: layer(x))
+    case = f"DeiT-Small fc1 384->1536, 12608 rows, float16, max abs diff {diff:.2g}"
+    rows.append(("bench", "dense / 2:4 semi-structured", case,
+                 f"{1e3 * t_dense:.3f} / {1e3 * t_sparse:.3f} ms ({t_dense / t_sparse:.2f}x)"))  # fmt: skip
 
 
 def main() -> int:

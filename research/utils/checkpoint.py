@@ -13,11 +13,14 @@ Checkpoints of older versions (``model``, ``ema``, ``scaler`` keys) still resume
 
 One-shot sweeps read and write bare weights here too (:func:`load_dense_weights`,
 :func:`save_state_dict`), read by ``models.load_weights`` like sparse_training's --initial-checkpoint.
+``--save-compressed`` files (:func:`save_compressed_weights`, :func:`mirror_compressed`) hold
+the weights of a model or checkpoint as ``sparseml.compressed`` writes them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import random
 import zipfile
@@ -27,10 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparseml.compressed import save_compressed
 from sparseml.serialization import atomic_save
 
 from . import models as _models
 from .errors import CheckpointError
+from .weights import read_state_dict
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -183,3 +188,19 @@ def check_finite_weights(model: torch.nn.Module, source: str) -> None:
 def save_state_dict(model: torch.nn.Module, path: Path) -> None:
     """``torch.save`` of the CPU state dict, atomically (see ``sparseml.serialization``)."""
     atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+
+
+def save_compressed_weights(model: torch.nn.Module, path: Path) -> None:
+    """The model's CPU state dict as a compressed sparse checkpoint, atomically."""
+    save_compressed({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+
+
+def mirror_compressed(checkpoint: Path, target: Path) -> None:
+    """Write ``target``: the weights of ``checkpoint`` (EMA when it holds them, as timm loads
+    it), compressed. Skipped when ``target`` already mirrors this version of the file: it takes
+    the checkpoint's modification time, which the best-checkpoint copy keeps too."""
+    stat = checkpoint.stat()
+    if target.is_file() and target.stat().st_mtime_ns == stat.st_mtime_ns:
+        return
+    save_compressed(read_state_dict(checkpoint, "checkpoint"), target)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))

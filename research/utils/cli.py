@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-interval", type=int, default=50, help="log every N updates")
     a("--checkpoint-freq", type=int, default=-1, help="save every N epochs (-1: never)")
     a("--save-last", action="store_true", help="keep <model>_last.pth updated every epoch")
+    a(
+        "--save-compressed",
+        action="store_true",
+        help="also write <model>_best / _last.sparse.safetensors: the weights of those checkpoints "
+        "(EMA when kept), compressed (sparseml.compressed)",
+    )
     a("--amp", action="store_true", help="mixed precision")
     a("--amp-dtype", default="float16", choices=["float16", "bfloat16"], help="AMP dtype")
     a("--no-ddp-bb", action="store_true", help="DDP without broadcast_buffers")
@@ -182,6 +188,11 @@ def validate_args(args: argparse.Namespace) -> None:
     opt.check_at_least("--start-epoch", args.start_epoch, 0, "the first epoch")
     opt.check_at_least("--stop-epoch", args.stop_epoch, 1, "the epoch to stop before")
     opt.check_file("--resume", args.resume)
+    if args.save_compressed and not args.save_last and args.checkpoint_hist < 1:
+        raise SetupError(
+            "--save-compressed writes next to the best and last checkpoints, and this run keeps "
+            "neither: add --save-last or --checkpoint-hist N (N >= 1)"
+        )
     opt.check_at_least(
         "--checkpoint-hist", args.checkpoint_hist, 0, "the number of best checkpoints"
     )
@@ -223,6 +234,11 @@ def build_one_shot_parser() -> argparse.ArgumentParser:
     a = opt.add_run_options(p, "one_shot", "<model>_<dataset>", "cap_one_shot")
     a("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     a("--save-model", action="store_true", help="save each pruned state dict")
+    a(
+        "--save-compressed",
+        action="store_true",
+        help="save each pruned model as <model>_<method>_sparsity=S.sparse.safetensors",
+    )
     a("--no-report", action="store_true", help="no table and plot at the end")
     a("--overwrite", action="store_true", help="recompute rows made with other settings")
     return p

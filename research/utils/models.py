@@ -28,6 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .errors import CheckpointError, SetupError
+from .weights import read_state_dict
 
 DIGITS_CFG = {
     "num_classes": 10,
@@ -100,10 +101,6 @@ def resnet_digits(pretrained: bool = False, **kwargs: Any) -> ResNet:
 
 
 # ----- loading weights ----------------------------------------------------------------------------
-# Keys under which timm, CAP and our training script store the model's weights, in preference order.
-_WEIGHT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
-
-
 def check_model_name(name: str) -> None:
     """Unknown ``--model`` names stop here with timm's closest names, not deep in timm."""
     if is_model(name):
@@ -149,30 +146,6 @@ def model_kwargs(args: Any) -> dict[str, Any]:
     if args.img_size and "img_size" not in kwargs and takes_img_size(args.model):
         kwargs["img_size"] = args.img_size
     return kwargs
-
-
-def read_state_dict(path: str | Path, option: str) -> dict[str, torch.Tensor]:
-    """The weights in ``path``: a bare state dict, a training checkpoint or a safetensors file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{option} {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch and safetensors raise several types for corrupt files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{option} {path} is unreadable: {first}") from err
-    for key in _WEIGHT_KEYS:
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{option} {path} holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _listing(items: list[str], limit: int = 3) -> str:

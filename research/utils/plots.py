@@ -6,6 +6,7 @@
   results (a fixed sparsity N/M, usually one point) get their own markers.
 * :func:`plot_training` (gradual runs): top-1 accuracy and scheduled sparsity per epoch, from
   ``summary.csv``.
+* :func:`plot_layer_sparsity` (``inspect_sparsity.py``): sparsity per layer as bars.
 
 Titles name the model and the data set. matplotlib is imported inside the functions: the
 scripts need it only when they draw.
@@ -177,4 +178,29 @@ def plot_training(
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     ax.set_title(f"Gradual pruning of {model} on {dataset}")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return _save(fig, path)
+
+
+def plot_layer_sparsity(report: dict[str, Any], path: str | Path, title: str) -> Path:
+    """One horizontal bar per layer (``sparsity_table.sparsity_report``), coloured by the
+    N:M pattern it satisfies, with the weighted mean over the layers as a dashed line."""
+    plt = _pyplot()
+    rows = report["layers"]
+    fig, ax = plt.subplots(figsize=(8.0, max(2.5, 0.28 * len(rows) + 1.5)))
+    patterns = sorted({r["nm"] or "unstructured" for r in rows})
+    colors = {p: f"C{i}" for i, p in enumerate(patterns)}
+    ys = list(range(len(rows)))[::-1]  # first layer on top
+    for pattern in patterns:
+        picked = [(y, r) for y, r in zip(ys, rows) if (r["nm"] or "unstructured") == pattern]
+        ax.barh([y for y, _ in picked], [100 * r["sparsity"] for _, r in picked],
+                color=colors[pattern], label=pattern)  # fmt: skip
+    mean = 100 * report["totals"]["layer_sparsity"]
+    ax.axvline(mean, color="black", linestyle="--", linewidth=1, label=f"all layers {mean:.1f}%")
+    ax.set_yticks(ys, [r["name"] for r in rows], fontsize=7)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("sparsity (%)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)

@@ -232,7 +232,10 @@ def mask_ema_like_model(ema_model: torch.nn.Module, model: torch.nn.Module) -> N
     ema_layers = dict(ema_model.named_modules())
     for name, layer in model.named_modules():
         if isinstance(layer, PRUNABLE_TYPES) and name in ema_layers:
-            ema_layers[name].weight.mul_(layer.weight != 0)
+            weight = ema_layers[name].weight
+            # masked_fill, not a multiplication: +0.0 (x * 0 gives -0.0 for negative x, which
+            # compressed checkpoints must store) and no NaN kept; the EMA may live on the CPU.
+            weight.masked_fill_((layer.weight == 0).to(weight.device), 0.0)
 
 
 def write_run_files(args: argparse.Namespace, out_dir: Path) -> Path | None:

@@ -38,3 +38,8 @@ def close_matches(name: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ``" (did you mean: a, b?)"`` for the names closest to ``name``, or ``""``."""
     found = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
     return f" (did you mean: {', '.join(found)}?)" if found else ""
+
+
+class CompressedFileError(CheckpointError, ValueError):
+    """A compressed sparse checkpoint is truncated, corrupt, of another format version, or its
+    entries do not fit together (``sparseml.compressed``); the message names the file."""

@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Export a pruned timm model: compressed checkpoint, ONNX, 2:4 semi-structured check (CUDA).
+
+    python research/export.py --model vit_digits --initial-checkpoint pruned.pth \
+        --output export/ --formats compressed onnx [semi_structured]
+
+Writes into ``--output``:
+
+* ``<model>.sparse.safetensors`` (``compressed``): the weights as bitmask / packed N:M / dense
+  tensors (``docs/compressed-format.md``), reloaded and checked bit for bit;
+* ``<model>.onnx`` (``onnx``): float32, dynamic batch, checked with ONNX Runtime (max abs
+  difference to PyTorch <= 1e-4);
+* ``export_report.json``: file sizes, per-layer sparsity and N:M conformity, and for every
+  form the max abs difference of its outputs to the PyTorch model on a seeded input.
+
+``semi_structured`` (CUDA, compute capability 8.0+) converts 2:4 Linear weights with
+``torch.sparse.to_sparse_semi_structured`` and compares the outputs with the dense model in
+float16 or bfloat16; it writes no file (load the compressed file on the GPU and convert there).
+``--initial-checkpoint`` takes our training checkpoints, one-shot ``--save-model`` files, plain
+state dicts and compressed files. Exit status: 0 done, 1 a check failed, 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from utils import options as opt
+
+FORMATS = ("compressed", "onnx", "semi_structured")
+ONNX_TOLERANCE = 1e-4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = opt.new_parser("Export a pruned timm model (compressed, ONNX, 2:4 on CUDA)")
+    opt.add_model_options(p)
+    a = opt.Adder(p.add_argument_group("export"))
+    a("--output", default="", help="folder of the exported files (default: output/export/<model>)")
+    a("--formats", nargs="+", choices=FORMATS, default=["compressed", "onnx"], help="what to write")
+    a("--batch-size", type=int, default=2, help="batch of the seeded check input")
+    a("--seed", type=int, default=0, help="seed of the check input")
+    a("--half-dtype", default="float16", choices=["float16", "bfloat16"], help="semi_structured")
+    return p
+
+
+if __name__ == "__main__":  # --help and usage errors before torch and timm load
+    opt.answer_usage_early(build_parser)
+
+from utils.compat import ensure_torchvision  # noqa: E402
+
+ensure_torchvision()
+
+import torch  # noqa: E402
+from timm.models import create_model, safe_model_name  # noqa: E402
+
+from sparseml.compressed import SUFFIX, load_compressed, save_compressed  # noqa: E402
+from sparseml.serialization import atomic_write_text  # noqa: E402
+from utils import faults, onnx_io  # noqa: E402
+from utils import models as _models  # noqa: E402  (registers vit_digits, resnet_digits)
+from utils import semi_structured as semi  # noqa: E402
+from utils.errors import SetupError  # noqa: E402
+from utils.pretrained import PRETRAINED_HINT, pretrained_kwargs  # noqa: E402
+from utils.sparsity_table import sparsity_report  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.formats = list(dict.fromkeys(args.formats))
+    opt.check_at_least("--batch-size", args.batch_size, 1, "the batch size")
+    opt.check_at_least("--num-classes", args.num_classes, 1, "the number of classes")
+    opt.check_file("--initial-checkpoint", args.initial_checkpoint)
+    if "semi_structured" in args.formats and semi.cuda_problem():
+        raise SetupError(
+            f"--formats semi_structured needs an NVIDIA GPU with 2:4 sparse kernels: "
+            f"{semi.cuda_problem()}; drop semi_structured here (compressed and onnx run on CPU)"
+        )
+    args.output = Path(args.output or Path("output") / "export" / args.model.replace("/", "_"))
+    opt.check_writable_dir("--output", args.output)
+    return args
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    _models.check_model_name(args.model)
+    kwargs = _models.model_kwargs(args)
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    if args.pretrained:
+        kwargs.update(pretrained_kwargs(args.model, "--initial-checkpoint"))
+    try:
+        model = create_model(args.model, pretrained=args.pretrained, **kwargs)
+    except (RuntimeError, OSError, ValueError) as err:
+        hint = PRETRAINED_HINT if args.pretrained else ""
+        raise SetupError(f"cannot build model {args.model!r}: {err}{hint}") from err
+    if args.initial_checkpoint:
+        _models.load_weights(model, args.initial_checkpoint, "--initial-checkpoint")
+    return model.float().eval()
+
+
+def check_input(model: torch.nn.Module, args: argparse.Namespace) -> torch.Tensor:
+    size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    if args.img_size:
+        size = (size[0], args.img_size, args.img_size)
+    gen = torch.Generator().manual_seed(args.seed)
+    return torch.randn((args.batch_size, *size), generator=gen)
+
+
+def dense_float32_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Size of the plain safetensors file of ``state`` in float32: the reference size."""
+    from safetensors.torch import save
+
+    plain = {k: (v.float() if v.is_floating_point() else v).clone() for k, v in state.items()}
+    return len(save(plain))
+
+
+def export_compressed(model, state, x, ref, path: Path) -> dict:
+    save_compressed(state, path)
+    loaded = load_compressed(path)
+    same = loaded.keys() == state.keys() and all(
+        loaded[k].dtype == v.dtype and torch.equal(loaded[k], v) for k, v in state.items()
+    )
+    model.load_state_dict(loaded)  # the reloaded weights drive the model from here on
+    with torch.inference_mode():
+        diff = float((model(x) - ref).abs().max())
+    return {"path": str(path), "bytes": path.stat().st_size, "bitwise_equal": same,
+            "max_abs_diff": diff, "ok": same and diff == 0.0}  # fmt: skip
+
+
+def export_onnx(model, x, ref, path: Path) -> dict:
+    onnx_io.export_onnx(model, x, path)
+    out = torch.from_numpy(onnx_io.run(onnx_io.session(path), x))
+    diff = float((out - ref).abs().max())
+    return {"path": str(path), "bytes": path.stat().st_size, "max_abs_diff": diff,
+            "tolerance": ONNX_TOLERANCE, "ok": diff <= ONNX_TOLERANCE}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    model = build_model(args)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    x = check_input(model, args)
+    with torch.inference_mode():
+        ref = model(x)
+    args.output.mkdir(parents=True, exist_ok=True)
+    name = safe_model_name(args.model)
+    report = {
+        "model": args.model,
+        "checkpoint": args.initial_checkpoint or None,
+        "input_shape": list(x.shape),
+        "seed": args.seed,
+        "dense_float32_bytes": dense_float32_bytes(state),
+        "sparsity": sparsity_report(state),
+        "exports": {},
+    }
+    exports = report["exports"]
+    if "compressed" in args.formats:
+        exports["compressed"] = export_compressed(
+            model, state, x, ref, args.output / (name + SUFFIX)
+        )
+        exports["compressed"]["ratio_to_dense_float32"] = (
+            exports["compressed"]["bytes"] / report["dense_float32_bytes"]
+        )
+    if "onnx" in args.formats:
+        exports["onnx"] = export_onnx(model, x, ref, args.output / f"{name}.onnx")
+    if "semi_structured" in args.formats:
+        exports["semi_structured"] = semi.check_model(model, x, args.half_dtype)
+    report_path = args.output / "export_report.json"
+    atomic_write_text(report_path, json.dumps(report, indent=1) + "\n")
+    summarize(report, report_path)
+    failed = [k for k, v in exports.items() if not v["ok"]]
+    if failed:
+        print(f"error: check failed for {', '.join(failed)} (see {report_path})", file=sys.stderr)
+        sys.exit(faults.EXIT_FAILED)
+    return report
+
+
+def summarize(report: dict, report_path: Path) -> None:
+    totals = report["sparsity"]["totals"]
+    print(
+        f"{report['model']}: {totals['layers']} layers, {100 * totals['layer_sparsity']:.2f}% of "
+        f"their weights zero ({totals['layers_2of4']} layers 2:4)"
+    )
+    for kind, e in report["exports"].items():
+        size = f"{e['bytes']:,} bytes, " if "bytes" in e else ""
+        if kind == "compressed":
+            size += f"{100 * e['ratio_to_dense_float32']:.1f}% of dense float32, "
+        if kind == "semi_structured":
+            size += f"{e['converted']}/{e['linear_layers']} Linear layers 2:4 in {e['dtype']}, "
+        where = f" -> {e['path']}" if "path" in e else ""
+        print(
+            f"  {kind}: {size}max abs diff {e['max_abs_diff']:.3g} ({'ok' if e['ok'] else 'FAILED'}){where}"
+        )
+    print(f"report: {report_path}")
+
+
+if __name__ == "__main__":
+    faults.run_main(main)

@@ -1,0 +1,50 @@
+"""Reading weights from any file the project writes or reads, without importing timm.
+
+:func:`read_state_dict` takes a bare state dict, a training checkpoint (timm keys, CAP's keys),
+a safetensors file or a compressed sparse checkpoint (``sparseml.compressed``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+# Keys under which timm, CAP and our training script store the model's weights, in preference order.
+_WEIGHT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+def read_state_dict(path: str | Path, option: str) -> dict[str, torch.Tensor]:
+    """The weights in ``path``: a bare state dict, a training checkpoint, a safetensors file or
+    a compressed sparse checkpoint (``sparseml.compressed``, recognised by its header)."""
+    from sparseml.compressed import SUFFIX, is_compressed, load_compressed
+    from sparseml.errors import CompressedFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{option} {path} does not exist")
+    if path.name.endswith(SUFFIX) or is_compressed(path):  # a cut header: still its errors
+        try:
+            return load_compressed(path)
+        except CompressedFileError as err:
+            raise CheckpointError(f"{option}: {err}") from err
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch and safetensors raise several types for corrupt files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{option} {path} is unreadable: {first}") from err
+    for key in _WEIGHT_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{option} {path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
