@@ -10,6 +10,8 @@ from sparseml.modifiers import (  # noqa: F401  (imported for their registration
     mfac,
     obs,
     training,
+    woodfisher,
+    woodtaylor,
 )
 from sparseml.modifiers.base import Modifier
 from sparseml.modifiers.cap import CAPruningModifier
@@ -29,6 +31,8 @@ from sparseml.modifiers.training import (
     SetLearningRateModifier,
     SetWeightDecayModifier,
 )
+from sparseml.modifiers.woodfisher import WoodFisherPruningModifier
+from sparseml.modifiers.woodtaylor import WoodTaylorPruningModifier
 
 __all__ = [
     "CAPruningModifier",
@@ -45,4 +49,6 @@ __all__ = [
     "PruningModifier",
     "SetLearningRateModifier",
     "SetWeightDecayModifier",
+    "WoodFisherPruningModifier",
+    "WoodTaylorPruningModifier",
 ]
