@@ -117,3 +117,65 @@ def test_dynamic_blocks_memory_scales_with_density(one_thread) -> None:
     assert fisher_bytes() == sum(-(-n // B) for n in active) * B * B * 8 <= 4 * B * B * 8
     mod.dynamic_blocks = False
     assert fisher_bytes() == 12 * B * B * 8
+
+
+DIST_CASES = {
+    "obs-dynamic": ("OBSPruningModifier", {"dynamic_blocks": "true", "num_recomputations": 2}),
+    "woodtaylor-dynamic-normalized": (
+        "WoodTaylorPruningModifier",
+        {"dynamic_blocks": "true", "num_recomputations": 2, "normalize_hgp": "true"},
+    ),
+    "woodtaylor-full": ("WoodTaylorPruningModifier", {"fisher_block_size": "null"}),
+    "woodfisher-flops": ("WoodFisherPruningModifier", {"flops_power": 0.5}),
+}
+
+
+def _dist_run(case: str) -> list[torch.Tensor]:
+    tag, extra = DIST_CASES[case]
+    fields = {
+        "params": '["re:.*weight"]',
+        "init_sparsity": 0.5,
+        "final_sparsity": 0.5,
+        "num_grads": M,
+        "damp": 0.01,
+        "fisher_block_size": B,
+        "global_sparsity": "true",
+    }
+    if tag == "WoodFisherPruningModifier":
+        del fields["fisher_block_size"]
+    net = model()
+    batch = ([torch.randn(2, 8)], {}, None)
+    one_shot(net, tag, {**fields, **extra}, TableGrads(grads(), batch))
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def _worker(rank: int, init_file: str, out: str) -> None:
+    import datetime
+
+    import torch.distributed as tdist
+
+    tdist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+        timeout=datetime.timedelta(seconds=120),
+    )  # fmt: skip
+    try:
+        torch.set_num_threads(1)
+        torch.save({c: _dist_run(c) for c in DIST_CASES}, f"{out}.{rank}")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_two_ranks_equal_one_process(tmp_path, one_thread) -> None:
+    # blocks (compacted ones too) are split over the ranks; the global norm of H g_bar and
+    # the full inverse's results are shared, so both ranks end where one process does
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "weights")
+    mp.spawn(_worker, args=(str(tmp_path / "init"), out), nprocs=2)
+    for rank in range(2):
+        saved = torch.load(f"{out}.{rank}", weights_only=True)
+        for case in DIST_CASES:
+            for a, b in zip(saved[case], _dist_run(case)):
+                assert torch.equal(a == 0, b == 0), f"{case}: rank {rank} masks differ"
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=case)

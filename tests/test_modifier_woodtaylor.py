@@ -143,3 +143,27 @@ def test_one_pass_gives_fisher_and_mean(monkeypatch, one_thread) -> None:
     q.prune("WoodTaylorPruningModifier", 0.5, fisher_block_size=4)
     q.prune("WoodTaylorPruningModifier", 0.5)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_full_woodtaylor_masks_equal_float32_math(dtype, one_thread) -> None:
+    # the contract test runs the blockwise form (it sets fisher_block_size); the matrix-free
+    # form must equally give float32 math's masks whatever the parameters' dtype
+    def run(dt):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(0.02)
+        net = net.to(dtype).to(dt)  # the same (rounded) starting values in every run
+        grads = 0.05 * torch.randn(16, 256, generator=torch.Generator().manual_seed(1))
+        fields = {"params": '["re:.*weight"]', "init_sparsity": 0.6, "final_sparsity": 0.6}
+        fields |= {"num_grads": 16, "damp": 0.01, "global_sparsity": "true"}
+        one_shot(net, "WoodTaylorPruningModifier", fields, TableGrads(grads))
+        return net
+
+    mine, ref = run(dtype), run(torch.float32)
+    for a, b in zip(mine.parameters(), ref.parameters()):
+        assert a.dtype == dtype
+        assert torch.equal(a == 0, b == 0)
+        torch.testing.assert_close(a.float(), b.to(dtype).float())
