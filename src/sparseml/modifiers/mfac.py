@@ -113,6 +113,7 @@ class MFACPruningModifier(SecondOrderPruningModifier):
         # the base's block-size / mask-group check does not apply: M-FAC blocks hold unpruned
         # weights only and its update is not joint per mask group
         PruningModifier.validate(self)
+        self.check_recomputation_fields()
         if self._values["num_recomputations"] != 1 and (
             self.mask_spec.kind == "nm" or self._values["use_gradient_buffering"]
         ):

@@ -96,12 +96,7 @@ class SecondOrderPruningModifier(PruningModifier):
 
     def validate(self) -> None:
         super().validate()
-        poly = self._values["recomputation_inter_func"] == "poly"
-        if poly != (self._values["recompute_degree"] is not None):
-            raise self.field_error(
-                "recompute_degree", "is required with, and only allowed with, "
-                "recomputation_inter_func: poly"
-            )  # fmt: skip
+        self.check_recomputation_fields()
         spec = self.mask_spec
         block = self._values.get("fisher_block_size")
         if spec.group > 1 and block is not None and block % spec.group:
@@ -110,6 +105,14 @@ class SecondOrderPruningModifier(PruningModifier):
             )
         if spec.kind == "nm" and self._values["num_recomputations"] != 1:
             raise self.field_error("num_recomputations", "must be 1 with an N:M mask_type")
+
+    def check_recomputation_fields(self) -> None:
+        poly = self._values["recomputation_inter_func"] == "poly"
+        if poly != (self._values["recompute_degree"] is not None):
+            raise self.field_error(
+                "recompute_degree", "is required with, and only allowed with, "
+                "recomputation_inter_func: poly"
+            )  # fmt: skip
 
     def on_initialize(self, module: nn.Module, **kwargs: Any) -> None:
         self.grad_sampler = GradSampler.from_kwargs(
