@@ -29,7 +29,7 @@ from sparseml.layouts import UnprunedLayout
 from sparseml.memory import MemoryItem
 from sparseml.modifiers.matrix_free_obs import full_inverse_memory, matrix_free_obs_step
 from sparseml.modifiers.pruning import PruningModifier
-from sparseml.modifiers.second_order import SecondOrderPruningModifier
+from sparseml.modifiers.second_order import SecondOrderPruningModifier, block_size_or_full
 from sparseml.registry import register_modifier
 
 LOG = logging.getLogger(__name__)
@@ -42,12 +42,6 @@ def _num_grads(value: Any) -> int | dict[float, int]:
     if 0.0 not in out:
         raise FieldValueError("as a mapping {sparsity: count} must include the key 0.0")
     return dict(sorted(out.items()))
-
-
-def _block_size(value: Any) -> int | None:
-    if value is None or (not isinstance(value, bool) and value in (-1, 0)):
-        return None  # the full Fisher, as the reference's -1
-    return as_int(1)(value)
 
 
 @register_modifier
@@ -93,7 +87,7 @@ class MFACPruningModifier(SecondOrderPruningModifier):
     FIELDS = {
         "num_grads": Field(64, _num_grads, "m, or {sparsity: m} (key 0.0 required)"),
         "damp": Field(1e-5, as_float(0.0, lo_open=True), "lambda: Fisher dampening (> 0)"),
-        "fisher_block_size": Field(2000, _block_size, "B; null or -1 for the full Fisher"),
+        "fisher_block_size": Field(2000, block_size_or_full, "B; null or -1 for the full Fisher"),
         "num_pages": Field(1, as_int(1), "column pages for the full Fisher"),
         "global_sparsity": Field(False, as_bool, "one threshold over all params"),
         "use_gradient_buffering": Field(None, optional(as_bool), "buffer training gradients"),

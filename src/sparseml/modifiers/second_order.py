@@ -43,6 +43,15 @@ T = TypeVar("T")
 # Fields that change only the target, not the curvature estimate or the pruning order.
 _TARGET_FIELDS = ("init_sparsity", "final_sparsity", "flops_target", "start_epoch", "end_epoch")
 
+
+def block_size_or_full(value: Any) -> int | None:
+    """A Fisher block size, or None (also -1 or 0, the references' spelling) for one full
+    Fisher over all weights."""
+    if value is None or (not isinstance(value, bool) and value in (-1, 0)):
+        return None
+    return as_int(1)(value)
+
+
 SECOND_ORDER_FIELDS = {
     "num_grads": Field(1024, as_int(1), "m: gradient samples per Fisher estimate"),
     "damp": Field(1e-7, as_float(0.0, lo_open=True), "lambda: Fisher dampening (> 0)"),

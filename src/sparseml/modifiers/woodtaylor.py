@@ -21,8 +21,8 @@ from sparseml.layouts import BlockPart
 from sparseml.memory import MemoryItem
 from sparseml.modifiers.block_pruner import BlockPruningModifier, run_block_step
 from sparseml.modifiers.matrix_free_obs import FullFisherMixin, matrix_free_obs_step
-from sparseml.modifiers.mfac import _block_size
 from sparseml.modifiers.obs_family import DYNAMIC_BLOCKS_FIELDS, OBS_FAMILY_FIELDS, OBSFamilyMixin
+from sparseml.modifiers.second_order import block_size_or_full
 from sparseml.registry import register_modifier
 
 
@@ -86,7 +86,7 @@ class WoodTaylorPruningModifier(OBSFamilyMixin, FullFisherMixin, BlockPruningMod
     FIELDS = {
         **OBS_FAMILY_FIELDS,
         **DYNAMIC_BLOCKS_FIELDS,
-        "fisher_block_size": Field(None, _block_size, "B; null or -1: one full Fisher"),
+        "fisher_block_size": Field(None, block_size_or_full, "B; null or -1: one full Fisher"),
         "damp": Field(1e-5, as_float(0.0, lo_open=True), "lambda: Fisher dampening (> 0)"),
         "normalize_hgp": Field(False, as_bool, "use H g_bar / ||H g_bar||"),
         "obs_update": Field(
