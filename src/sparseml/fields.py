@@ -179,7 +179,9 @@ class FieldModel:
         for base in reversed(cls.__mro__[1:]):
             merged.update(getattr(base, "fields", {}))
         merged.update(cls.__dict__.get("FIELDS", {}))
-        cls.fields = merged
+        # ``FIELDS = {"name": None}`` removes an inherited field (e.g. a block size from a
+        # pruner that has no blocks).
+        cls.fields = {name: field for name, field in merged.items() if field is not None}
 
     def __init__(self, **kwargs: Any) -> None:
         object.__setattr__(self, "_values", {})

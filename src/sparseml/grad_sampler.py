@@ -181,6 +181,18 @@ class GradSampler:
         self.passes, self.position = 0, 0
         self._resume_at = (int(state["passes"]), int(state["position"]))
 
+    def example_batch(self) -> tuple:
+        """The first ``(args, kwargs, target)`` batch of a fresh pass over the loader, drawn
+        without moving the sample stream (for shape probes such as counting FLOPs)."""
+        loader = self.builder(**self.builder_kwargs)
+        with preserved_rng(seed=self._seed_at(0, -1)):
+            batch = next(iter(loader), _END)
+        if batch is _END:
+            raise GradSamplerError("the grad sampler's data loader yields no batches")
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 3):
+            raise GradSamplerError("grad sampler batches must be (args, kwargs, target) triples")
+        return tuple(batch)
+
     def _one_gradient(
         self, module: nn.Module, params: list[nn.Parameter], dtype: torch.dtype
     ) -> list[Tensor]:

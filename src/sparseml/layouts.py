@@ -10,6 +10,8 @@ vectors on every rank, so all ranks end with the same masks and weights.
 - `LayerLayout`: one part per whole parameter (per-layer estimates such as K-FAC), the
   parameters dealt out to the ranks.
 - `UnprunedLayout`: the unpruned coordinates only, concatenated (M-FAC, full WoodFisher).
+- `CompactLayout`: Fisher blocks of B consecutive *unpruned* coordinates of each parameter
+  (dynamic blocks: the Fisher holds (1 - s) of the static layout's blocks at sparsity s).
 """
 
 from __future__ import annotations
@@ -138,3 +140,39 @@ class UnprunedLayout:
             if a < b:
                 cols = idx[a - off : b - off].to(src.device)
                 out[:, a - lo : b - lo] = src[:, cols].to(out.device, out.dtype)
+
+
+class CompactLayout:
+    """`BlockLayout` over each parameter's unpruned coordinates only (dynamic Fisher blocks).
+
+    Parameter i's kept coordinates (flat indices ``index[i]``, in order) form a compacted
+    vector of ``len(index[i])`` entries, cut into blocks of B consecutive entries (the last
+    one zero-padded) and shared over ranks exactly as `BlockLayout` shares a dense layout.
+    Parts, ``c0``/``c1`` included, refer to positions in the compacted vectors. ``take``
+    gathers the kept coordinates; ``gather`` scatters them back, zeros at pruned coordinates.
+    """
+
+    def __init__(self, masks: list[Tensor], block_size: int) -> None:
+        self.index = [m.reshape(-1).nonzero().squeeze(1) for m in masks]
+        self.numels = [m.numel() for m in masks]
+        self.compact = BlockLayout([i.numel() for i in self.index], block_size)
+        self.block_size, self.parts = block_size, self.compact.parts
+
+    def take(self, full: list[Tensor]) -> list[Tensor]:
+        """This rank's pieces (..., c1 - c0) of per-parameter tensors (..., numel)."""
+        out = []
+        for p in self.parts:
+            src = full[p.index]
+            out.append(src[..., self.index[p.index][p.c0 : p.c1].to(src.device)])
+        return out
+
+    def gather(
+        self, local: list[Tensor], device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> list[Tensor]:
+        """Per-parameter full (numel,) ``dtype`` vectors, zero at the pruned coordinates."""
+        out = []
+        for idx, n, vec in zip(self.index, self.numels, self.compact.gather(local, device, dtype)):
+            full = torch.zeros(n, device=device, dtype=dtype)
+            full[idx.to(device)] = vec
+            out.append(full)
+        return out

@@ -47,21 +47,41 @@ def interpolate(x: float, x0: float, x1: float, y0: float, y1: float, inter_func
     return y0 + q * (y1 - y0)
 
 
+RECOMPUTATION_FUNCS = ("linear", "cubic", "poly")
+
+
 def recomputation_targets(
-    current: float, target: float, num_recomputations: int, inter_func: str = "linear"
+    current: float,
+    target: float,
+    num_recomputations: int,
+    inter_func: str = "linear",
+    degree: int | None = None,
 ) -> list[float]:
     """Intermediate sparsities for ``num_recomputations`` Fisher rebuilds in one pruning step.
 
     They are spaced from the model's *actual* current sparsity ``current`` to ``target``
-    (the last one equals ``target``), so an already sparse model never gets an intermediate
-    target below its sparsity. ``inter_func`` shapes the spacing (linear or cubic).
+    (the last one equals ``target`` exactly: no float comparison decides it, unlike the
+    WoodFisher reference's assert, spec W3), so an already sparse model never gets an
+    intermediate target below its sparsity. Rebuild i of R aims at
+    ``start + (1 - (1 - i/R)^degree) (target - start)``: ``linear`` is degree 1, ``cubic``
+    degree 3 and ``poly`` takes ``degree`` (an integer >= 1), the WoodFisher repository's
+    ``--recompute-schedule poly --recompute-degree``.
     """
     if num_recomputations < 1:
         raise RecipeError(f"num_recomputations must be >= 1, got {num_recomputations}")
+    if inter_func not in RECOMPUTATION_FUNCS:
+        raise RecipeError(
+            f"recomputation_inter_func {inter_func!r} is not one of {', '.join(RECOMPUTATION_FUNCS)}"
+        )
+    if inter_func == "poly" and (isinstance(degree, bool) or not isinstance(degree, int)):
+        raise RecipeError(f"recomputation_inter_func poly needs an integer degree, got {degree!r}")
+    power = {"linear": 1, "cubic": 3}.get(inter_func, degree)
+    if power < 1:
+        raise RecipeError(f"recompute_degree must be an integer >= 1, got {power}")
     start = min(current, target)
     steps = []
     for i in range(1, num_recomputations + 1):
-        q = progress_value(i / num_recomputations, inter_func)
+        q = 1.0 - (1.0 - i / num_recomputations) ** power
         steps.append(target if i == num_recomputations else start + q * (target - start))
     return steps
 

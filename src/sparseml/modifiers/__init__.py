@@ -11,6 +11,8 @@ from sparseml.modifiers import (  # noqa: F401  (imported for their registration
     obs,
     quantization,
     training,
+    woodfisher,
+    woodtaylor,
 )
 from sparseml.modifiers.base import Modifier
 from sparseml.modifiers.cap import CAPruningModifier
@@ -31,6 +33,8 @@ from sparseml.modifiers.training import (
     SetLearningRateModifier,
     SetWeightDecayModifier,
 )
+from sparseml.modifiers.woodfisher import WoodFisherPruningModifier
+from sparseml.modifiers.woodtaylor import WoodTaylorPruningModifier
 
 __all__ = [
     "CAPruningModifier",
@@ -48,4 +52,6 @@ __all__ = [
     "QuantizationModifier",
     "SetLearningRateModifier",
     "SetWeightDecayModifier",
+    "WoodFisherPruningModifier",
+    "WoodTaylorPruningModifier",
 ]

@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from sparseml.curvature import block_fisher_inverses
 from sparseml.dist import on_all_ranks
 from sparseml.layouts import BlockLayout, BlockPart
-from sparseml.masks import create_masks
 from sparseml.modifiers.second_order import SecondOrderPruningModifier
 
 
@@ -94,19 +93,18 @@ class BlockPruningModifier(SecondOrderPruningModifier):
 
     def estimate(self, module: nn.Module, layout) -> list[Any]:
         """Per part: H (n_b, B, B), the damped block inverse empirical Fisher."""
+        return self.block_inverses(self.gradient_chunks(module), layout)
+
+    def block_inverses(self, chunks, layout) -> list[Tensor]:
+        """Per part of ``layout``: H (n_b, B, B) from the gradient ``chunks``."""
         return block_fisher_inverses(
-            self.gradient_chunks(module),
+            chunks,
             layout,
             num_grads=self.num_grads,
             damp=self.damp,
             devices=[self.fisher_device(r.param) for r in self.refs],
             dtype=self.work_dtype,
             owner=type(self).__name__,
-        )
-
-    def select_masks(self, scores: list[Tensor], targets: list[float]) -> list[Tensor]:
-        return create_masks(
-            self.masked_scores(scores), targets, self.mask_spec, self.global_sparsity
         )
 
     def prune_step(self, module: nn.Module, targets: list[float]) -> None:

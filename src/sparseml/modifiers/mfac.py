@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from sparseml import dist
 from sparseml.curvature import matrix_free_inverse, unpruned_gradients
@@ -26,10 +26,10 @@ from sparseml.fields import (
     optional,
 )
 from sparseml.layouts import UnprunedLayout
-from sparseml.masks import create_masks
 from sparseml.memory import MemoryItem
+from sparseml.modifiers.matrix_free_obs import full_inverse_memory, matrix_free_obs_step
 from sparseml.modifiers.pruning import PruningModifier
-from sparseml.modifiers.second_order import SecondOrderPruningModifier
+from sparseml.modifiers.second_order import SecondOrderPruningModifier, block_size_or_full
 from sparseml.registry import register_modifier
 
 LOG = logging.getLogger(__name__)
@@ -42,12 +42,6 @@ def _num_grads(value: Any) -> int | dict[float, int]:
     if 0.0 not in out:
         raise FieldValueError("as a mapping {sparsity: count} must include the key 0.0")
     return dict(sorted(out.items()))
-
-
-def _block_size(value: Any) -> int | None:
-    if value is None or (not isinstance(value, bool) and value in (-1, 0)):
-        return None  # the full Fisher, as the reference's -1
-    return as_int(1)(value)
 
 
 @register_modifier
@@ -93,7 +87,7 @@ class MFACPruningModifier(SecondOrderPruningModifier):
     FIELDS = {
         "num_grads": Field(64, _num_grads, "m, or {sparsity: m} (key 0.0 required)"),
         "damp": Field(1e-5, as_float(0.0, lo_open=True), "lambda: Fisher dampening (> 0)"),
-        "fisher_block_size": Field(2000, _block_size, "B; null or -1 for the full Fisher"),
+        "fisher_block_size": Field(2000, block_size_or_full, "B; null or -1 for the full Fisher"),
         "num_pages": Field(1, as_int(1), "column pages for the full Fisher"),
         "global_sparsity": Field(False, as_bool, "one threshold over all params"),
         "use_gradient_buffering": Field(None, optional(as_bool), "buffer training gradients"),
@@ -113,6 +107,7 @@ class MFACPruningModifier(SecondOrderPruningModifier):
         # the base's block-size / mask-group check does not apply: M-FAC blocks hold unpruned
         # weights only and its update is not joint per mask group
         PruningModifier.validate(self)
+        self.check_recomputation_fields()
         if self._values["num_recomputations"] != 1 and (
             self.mask_spec.kind == "nm" or self._values["use_gradient_buffering"]
         ):
@@ -150,7 +145,7 @@ class MFACPruningModifier(SecondOrderPruningModifier):
         if not buffered or torch.device(self.grads_device) != device:
             items.append(MemoryItem("gradients", m * d * width, device))
         if block is None:  # Z overwrites the gradients; A and its factors are m x m float64
-            items.append(MemoryItem("m x m factors", 3 * m * m * 8, device))
+            items.append(full_inverse_memory(m, d, width, device)[1])
         elif block < m:
             items.append(
                 MemoryItem("Fisher blocks", -(-d // block) * block * block * width, device)
@@ -191,39 +186,11 @@ class MFACPruningModifier(SecondOrderPruningModifier):
         build = lambda: self._build_inverse(module, layout, device)  # noqa: E731  (needs autograd)
         with self.timed("curvature"):
             inv = build() if self._buffer is not None else self.cached("curvature", build)
-        with torch.no_grad(), self.timed("pruning"):
-            self._obs_update(inv, layout, targets, device)
+        with self.timed("pruning"):
+            block = self.fisher_block_size
+            matrix_free_obs_step(self, inv, layout, targets, device, block_size=block)
         if self._buffer is not None:
             self._reset_buffer()
-
-    def _obs_update(self, inv, layout: UnprunedLayout, targets: list[float], device) -> None:
-        """Scores, masks and the summed single-weight OBS update from the inverse ``inv``."""
-        dtype = self.work_dtype  # never half precision: w^2 would round and near-ties flip
-        weights = [w.to(device) for w in self.flat_weights()]
-        index = [i.to(device) for i in layout.index]
-        diag = self._gather(inv.diag().to(dtype), layout).clamp_min(torch.finfo(dtype).tiny)
-        kept = [w[i] for w, i in zip(weights, index)]
-        scores = []  # w^2 / (2 [F^-1]_qq) on kept weights; masked_scores puts -inf on the rest
-        for ref, i, kept_w, seg in zip(self.refs, index, kept, layout.segments(diag)):
-            score = torch.zeros(ref.param.numel(), device=device, dtype=dtype)
-            score[i] = kept_w.square() / (2 * seg)
-            scores.append(score.view(ref.param.shape))
-        masks = create_masks(
-            self.masked_scores(scores), targets, self.mask_spec, self.global_sparsity
-        )
-        # x = -w / diag on the weights pruned now, 0 elsewhere (and on padding)
-        x = torch.zeros(layout.total, device=device, dtype=dtype)
-        for kept_w, i, mask, seg, x_seg in zip(
-            kept, index, masks, layout.segments(diag), layout.segments(x)
-        ):
-            drop = ~mask.reshape(-1).to(device)[i]
-            x_seg.copy_(torch.where(drop, -kept_w / seg, 0.0))
-        lo, hi = layout.local
-        delta = self._gather(inv.mul(x[lo:hi]).to(dtype), layout)
-        for n, (w, i, seg) in enumerate(zip(weights, index, layout.segments(delta))):
-            w[i] += seg
-            self.write_weights(n, w)
-        self.set_masks(masks)
 
     def _build_inverse(self, module: nn.Module, layout: UnprunedLayout, device: torch.device):
         lo, hi = layout.local
@@ -250,16 +217,6 @@ class MFACPruningModifier(SecondOrderPruningModifier):
             chunks = self.gradient_chunks(module, num)
             grads = unpruned_gradients(chunks, layout, num, device, self.work_dtype)
         return matrix_free_inverse(grads, self.damp, self.fisher_block_size, self.num_pages)
-
-    def _gather(self, local: Tensor, layout: UnprunedLayout) -> Tensor:
-        """Full-layout vector from this rank's part (blocks) or rank 0's copy (full F)."""
-        if not dist.is_distributed():
-            return local
-        if self.fisher_block_size is None:
-            return dist.broadcast_(local.contiguous())
-        size = self.fisher_block_size
-        rows = dist.all_gather_shards(local.reshape(-1, size), layout.total // size)
-        return rows.reshape(-1)
 
     # ----- helpers --------------------------------------------------------------------------------
     def _num_grads_now(self) -> int:

@@ -24,6 +24,7 @@ from sparseml.kernels.obs import (
 )
 from sparseml.layouts import BlockPart
 from sparseml.modifiers.block_pruner import BlockPruningModifier
+from sparseml.modifiers.obs_family import DYNAMIC_BLOCKS_FIELDS, OBS_FAMILY_FIELDS, OBSFamilyMixin
 from sparseml.registry import register_modifier
 
 LOG = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ EPS32 = torch.finfo(torch.float32).eps
 
 
 @register_modifier
-class OBSPruningModifier(BlockPruningModifier):
+class OBSPruningModifier(OBSFamilyMixin, BlockPruningModifier):
     """Gradual or one-shot OBS pruning with a block-diagonal inverse empirical Fisher.
 
     Per pruning step (and per recomputation): m masked gradient samples give, per parameter
@@ -66,6 +67,9 @@ class OBSPruningModifier(BlockPruningModifier):
     | num_recomputations | - | Fisher rebuilds between the current and the target sparsity |
     | obs_update | - | joint (exact per block) or independent (oBERT/WF reference) |
     | mask_type | - | unstructured, block4 (groups of 4, B % 4 == 0) or "N:M" |
+    | scale_prune_update | - | share of the update applied (0: OBD, scores only) |
+    | flops_power, flops_target | - | FLOPs-aware scores / MACs target (`obs_family`) |
+    | dynamic_blocks | - | blocks of B consecutive *unpruned* weights (spec 7.5) |
 
     Blocks never cross parameters; the last block of a parameter is zero-padded (exact).
     With m < B the inverse is built in the m-dimensional sample space (exact for any damp);
@@ -73,10 +77,17 @@ class OBSPruningModifier(BlockPruningModifier):
     on ``fisher_inv_device`` (else on their parameter's device). Under torch.distributed the
     blocks of all parameters are split over the ranks; scores and new weights are gathered,
     so every rank ends with the same masks and weights. ``traces_backup_dir`` (found in WF
-    recipes) is accepted and unused: OBS keeps no traces.
+    recipes) is accepted and unused: OBS keeps no traces. The WoodFisher repository's
+    blockwise pruners are this class: ``woodfisherblock`` with ``--fittable-params P`` is
+    ``fisher_block_size: P`` (and ``obs_update: independent`` for its update),
+    ``--flops-power``/``--flops-target`` are ``flops_power``/``flops_target`` and
+    ``woodfisherblockdynamic`` is ``dynamic_blocks: true`` (see `obs_family` and
+    docs/woodfisher-mapping.md).
     """
 
     FIELDS = {
+        **OBS_FAMILY_FIELDS,
+        **DYNAMIC_BLOCKS_FIELDS,
         "obs_update": Field("joint", one_of("joint", "independent"), "joint or reference update"),
         "traces_backup_dir": Field(None, optional(as_str), "accepted for WF recipes; unused"),
     }

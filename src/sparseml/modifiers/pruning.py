@@ -114,7 +114,8 @@ class PruningModifier(Modifier):
             p for p in self._values["params"] if p != "__ALL_PRUNABLE__"
         ]:
             raise self.field_error("params", "must be empty when final_sparsity is a mapping")
-        finals = list(final) if isinstance(final, dict) else [final]
+        # None: the subclass sets its own target (e.g. a FLOPs target) and checks it itself
+        finals = [] if final is None else list(final) if isinstance(final, dict) else [final]
         if isinstance(init, float) and any(init > f + 1e-12 for f in finals):
             raise self.field_error("init_sparsity", f"must be <= final_sparsity ({final})")
         if spec.kind != "nm" and (self._values["n"] is not None or self._values["m"] is not None):

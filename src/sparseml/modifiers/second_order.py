@@ -20,13 +20,26 @@ from torch import Tensor, nn
 
 from sparseml import dist
 from sparseml.dist import on_all_ranks
-from sparseml.fields import Field, as_bool, as_dict, as_float, as_int, as_str, one_of, optional
+from sparseml.errors import RecipeError
+from sparseml.fields import (
+    Field,
+    FieldValueError,
+    as_bool,
+    as_dict,
+    as_float,
+    as_int,
+    as_str,
+    brief,
+    one_of,
+    optional,
+)
 from sparseml.grad_sampler import GradSampler
 from sparseml.kernels.precision import work_dtype
 from sparseml.layouts import BlockLayout
+from sparseml.masks import create_masks
 from sparseml.memory import MemoryItem, check_fits
 from sparseml.modifiers.pruning import PruningModifier
-from sparseml.schedules import recomputation_targets
+from sparseml.schedules import RECOMPUTATION_FUNCS, recomputation_targets
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,14 +47,26 @@ T = TypeVar("T")
 # drawing gradient samples, turning them into the curvature estimate, scoring and updating.
 PHASES = ("gradients", "curvature", "pruning")
 # Fields that change only the target, not the curvature estimate or the pruning order.
-_TARGET_FIELDS = ("init_sparsity", "final_sparsity", "start_epoch", "end_epoch")
+_TARGET_FIELDS = ("init_sparsity", "final_sparsity", "flops_target", "start_epoch", "end_epoch")
+
+
+def block_size_or_full(value: Any) -> int | None:
+    """A Fisher block size, or None (also -1 or 0, the references' spelling) for one full
+    Fisher over all weights."""
+    if value is None or (not isinstance(value, bool) and value in (-1, 0)):
+        return None
+    return as_int(1)(value)
+
 
 SECOND_ORDER_FIELDS = {
     "num_grads": Field(1024, as_int(1), "m: gradient samples per Fisher estimate"),
     "damp": Field(1e-7, as_float(0.0, lo_open=True), "lambda: Fisher dampening (> 0)"),
     "fisher_block_size": Field(50, as_int(1), "B: Fisher block size"),
     "num_recomputations": Field(1, as_int(1), "Fisher rebuilds per pruning step"),
-    "recomputation_inter_func": Field("linear", one_of("linear", "cubic"), "spacing of rebuilds"),
+    "recomputation_inter_func": Field(
+        "linear", one_of(*RECOMPUTATION_FUNCS), "spacing of rebuilds (poly: recompute_degree)"
+    ),
+    "recompute_degree": Field(None, optional(as_int(1)), "degree of the poly spacing"),
     "grad_sampler_kwargs": Field({}, as_dict, "keyword arguments for data_loader_builder"),
     "fisher_inv_device": Field(
         None, optional(as_str), "device holding Fisher blocks (default: param's)"
@@ -66,16 +91,44 @@ class SecondOrderPruningModifier(PruningModifier):
         self.sweep_cache: dict | None = None
         self.timings: dict[str, float] = dict.fromkeys(PHASES, 0.0)
 
+    @classmethod
+    def _canonical_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The WoodFisher repository's ``recompute_num: R`` (R recomputations after the first
+        Fisher, so R + 1 builds per pruning step) is ``num_recomputations: R + 1``."""
+        if "recompute_num" in kwargs:
+            kwargs = dict(kwargs)
+            value = kwargs.pop("recompute_num")
+            if "num_recomputations" in kwargs:
+                raise RecipeError(
+                    f"{cls.__name__}: give num_recomputations or recompute_num, not both"
+                )
+            try:
+                kwargs["num_recomputations"] = as_int(0)(value) + 1
+            except FieldValueError as err:
+                raise RecipeError(
+                    f"{cls.__name__}: field 'recompute_num' = {brief(value)} {err}"
+                ) from None
+        return super()._canonical_kwargs(kwargs)
+
     def validate(self) -> None:
         super().validate()
+        self.check_recomputation_fields()
         spec = self.mask_spec
-        block = self._values["fisher_block_size"]
+        block = self._values.get("fisher_block_size")
         if spec.group > 1 and block is not None and block % spec.group:
             raise self.field_error(
                 "fisher_block_size", f"must be a multiple of the mask group size {spec.group}"
             )
         if spec.kind == "nm" and self._values["num_recomputations"] != 1:
             raise self.field_error("num_recomputations", "must be 1 with an N:M mask_type")
+
+    def check_recomputation_fields(self) -> None:
+        poly = self._values["recomputation_inter_func"] == "poly"
+        if poly != (self._values["recompute_degree"] is not None):
+            raise self.field_error(
+                "recompute_degree", "is required with, and only allowed with, "
+                "recomputation_inter_func: poly"
+            )  # fmt: skip
 
     def on_initialize(self, module: nn.Module, **kwargs: Any) -> None:
         self.grad_sampler = GradSampler.from_kwargs(
@@ -90,7 +143,7 @@ class SecondOrderPruningModifier(PruningModifier):
         self._check_fisher_device()
         self._clamp_block_size()
         owner = type(self).__name__
-        items, fields = self.memory_plan(self.fisher_block_size, self.num_grads)
+        items, fields = self.memory_plan(self._values.get("fisher_block_size"), self.num_grads)
         smaller = ((self.memory_plan(**kw)[0], text) for kw, text in self.smaller_settings())
         on_all_ranks(lambda: check_fits(owner, items, fields, smaller), owner)
 
@@ -139,13 +192,14 @@ class SecondOrderPruningModifier(PruningModifier):
 
     def memory_plan(self, block: int, m: int) -> tuple[list[MemoryItem], str]:
         """Per-rank allocations of a block-diagonal Fisher pruner (OBS, CAP) and their drivers."""
-        sizes = [r.param.numel() for r in self.refs]
+        sizes = self.block_sizes()
         layout = BlockLayout(sizes, block)
         n_local = sum(p.b1 - p.b0 for p in layout.parts)
         d_local = sum(p.c1 - p.c0 for p in layout.parts)
         width = torch.finfo(self.work_dtype).bits // 8
         device = self.fisher_device(self.refs[0].param) if self.refs else torch.device("cpu")
-        chunk = min(self.GRAD_CHUNK, m) * sum(sizes) * width
+        # a chunk holds whole gradients (dynamic blocks compact them only afterwards)
+        chunk = min(self.GRAD_CHUNK, m) * sum(r.param.numel() for r in self.refs) * width
         if m < block:  # sample-space form: the sampled chunks are kept, then H (work dtype)
             items = [
                 MemoryItem("sampled gradients", m * d_local * width, device),
@@ -157,6 +211,11 @@ class SecondOrderPruningModifier(PruningModifier):
             items = [MemoryItem("Fisher blocks (float64)", n_local * block * block * 8, device)]
             items.append(MemoryItem("gradient chunk", chunk, self.refs[0].param.device))
         return items, f"fisher_block_size={block}, num_grads={m} and {sum(sizes)} weights"
+
+    def block_sizes(self) -> list[int]:
+        """Weights the Fisher blocks cover per parameter (all of them; dynamic blocks: the
+        unpruned ones)."""
+        return [r.param.numel() for r in self.refs]
 
     def cached(self, name: str, build: Callable[[], T]) -> T:
         """``build()``, reused across a one-shot sweep when the caller passes ``sweep_cache``.
@@ -190,10 +249,23 @@ class SecondOrderPruningModifier(PruningModifier):
             self.grad_sampler.load_state_dict(state["grad_sampler"])
 
     # ----- pruning step --------------------------------------------------------------------------
+    def schedule_levels(self) -> list[float]:
+        """Where the schedule's targets stand now: the sparsities (a FLOPs-target pruner: the
+        MACs removed); the recomputations are spaced from here to the targets."""
+        return self.current_sparsities()
+
+    def select_masks(self, scores: list[Tensor], targets: list[float]) -> list[Tensor]:
+        """Keep-masks from scores (higher = keep) at ``targets``; pruned entries go first."""
+        return create_masks(
+            self.masked_scores(scores), targets, self.mask_spec, self.global_sparsity
+        )
+
     def prune(self, module: nn.Module, targets: list[float]) -> None:
-        current = self.current_sparsities()
+        current = self.schedule_levels()
         plans = [
-            recomputation_targets(c, t, self.num_recomputations, self.recomputation_inter_func)
+            recomputation_targets(
+                c, t, self.num_recomputations, self.recomputation_inter_func, self.recompute_degree
+            )
             for c, t in zip(current, targets)
         ]
         self.timings = dict.fromkeys(PHASES, 0.0)
