@@ -13,6 +13,11 @@ Writes into ``--output``:
 * ``export_report.json``: file sizes, per-layer sparsity and N:M conformity, and for every
   form the max abs difference of its outputs to the PyTorch model on a seeded input.
 
+A checkpoint of a quantization-aware training run (its recipe has a ``QuantizationModifier``)
+needs ``--sparseml-recipe`` (the training recipe): its fake quantization is rebuilt from the
+checkpoint's saved ranges, the ONNX file holds QuantizeLinear/DequantizeLinear pairs and is
+checked against the fake-quantized PyTorch model, and the report lists the bits per layer.
+
 ``semi_structured`` (CUDA, compute capability 8.0+) converts 2:4 Linear weights with
 ``torch.sparse.to_sparse_semi_structured`` and compares the outputs with the dense model in
 float16 or bfloat16; it writes no file (load the compressed file on the GPU and convert there).
@@ -42,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=2, help="batch of the seeded check input")
     a("--seed", type=int, default=0, help="seed of the check input")
     a("--half-dtype", default="float16", choices=["float16", "bfloat16"], help="semi_structured")
+    a(
+        "--sparseml-recipe",
+        default="",
+        help="the recipe a quantized (QAT) checkpoint was trained with: the ONNX file is then "
+        "its QDQ int8 form",
+    )
     return p
 
 
@@ -56,13 +67,15 @@ import torch  # noqa: E402
 from timm.models import create_model, safe_model_name  # noqa: E402
 
 from sparseml.compressed import SUFFIX, load_compressed, save_compressed  # noqa: E402
+from sparseml.modifiers.quantization import quant_bits_by_layer  # noqa: E402
 from sparseml.serialization import atomic_write_text  # noqa: E402
-from utils import faults, onnx_io  # noqa: E402
+from utils import faults, onnx_io, onnx_qdq  # noqa: E402
 from utils import models as _models  # noqa: E402  (registers vit_digits, resnet_digits)
 from utils import semi_structured as semi  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
 from utils.pretrained import PRETRAINED_HINT, pretrained_kwargs  # noqa: E402
 from utils.sparsity_table import sparsity_report  # noqa: E402
+from utils.weights import read_manager_state  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,6 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opt.check_at_least("--batch-size", args.batch_size, 1, "the batch size")
     opt.check_at_least("--num-classes", args.num_classes, 1, "the number of classes")
     opt.check_file("--initial-checkpoint", args.initial_checkpoint)
+    opt.check_file("--sparseml-recipe", args.sparseml_recipe)
     if "semi_structured" in args.formats and semi.cuda_problem():
         raise SetupError(
             f"--formats semi_structured needs an NVIDIA GPU with 2:4 sparse kernels: "
@@ -96,6 +110,25 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     if args.initial_checkpoint:
         _models.load_weights(model, args.initial_checkpoint, "--initial-checkpoint")
     return model.float().eval()
+
+
+def quantize_like_training(model: torch.nn.Module, args: argparse.Namespace) -> dict:
+    """Bits per quantized layer (empty for a float model), after rebuilding the checkpoint's
+    fake quantization from ``--sparseml-recipe``."""
+    saved = None
+    if args.initial_checkpoint:
+        saved = read_manager_state(args.initial_checkpoint, "--initial-checkpoint")
+    if not args.sparseml_recipe:
+        bits = quant_bits_by_layer(saved)
+        if bits:
+            raise SetupError(
+                f"--initial-checkpoint {args.initial_checkpoint} is quantization-aware trained "
+                f"({len(bits)} quantized layers): add --sparseml-recipe <its training recipe> "
+                "to export its int8 (QDQ) form"
+            )
+        return {}
+    manager = onnx_qdq.restore_quantization(model, args.sparseml_recipe, saved)
+    return quant_bits_by_layer(manager)
 
 
 def check_input(model: torch.nn.Module, args: argparse.Namespace) -> torch.Tensor:
@@ -127,17 +160,21 @@ def export_compressed(model, state, x, ref, path: Path) -> dict:
             "max_abs_diff": diff, "ok": same and diff == 0.0}  # fmt: skip
 
 
-def export_onnx(model, x, ref, path: Path) -> dict:
-    onnx_io.export_onnx(model, x, path)
-    out = torch.from_numpy(onnx_io.run(onnx_io.session(path), x))
-    diff = float((out - ref).abs().max())
-    return {"path": str(path), "bytes": path.stat().st_size, "max_abs_diff": diff,
-            "tolerance": ONNX_TOLERANCE, "ok": diff <= ONNX_TOLERANCE}  # fmt: skip
+def export_onnx(model, x, ref, path: Path, quantized: bool) -> dict:
+    if quantized:  # QDQ graph, compared with the fake-quantized model
+        out = onnx_qdq.export_onnx(model, x, path)
+    else:
+        onnx_io.export_onnx(model, x, path)
+        got = torch.from_numpy(onnx_io.run(onnx_io.session(path), x))
+        out = {"path": str(path), "max_abs_diff": float((got - ref).abs().max())}
+    ok = out["max_abs_diff"] <= ONNX_TOLERANCE
+    return {**out, "bytes": path.stat().st_size, "tolerance": ONNX_TOLERANCE, "ok": ok}
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     model = build_model(args)
+    bits = quantize_like_training(model, args)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     x = check_input(model, args)
     with torch.inference_mode():
@@ -151,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seed": args.seed,
         "dense_float32_bytes": dense_float32_bytes(state),
         "sparsity": sparsity_report(state),
+        "quantization": bits,
         "exports": {},
     }
     exports = report["exports"]
@@ -162,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
             exports["compressed"]["bytes"] / report["dense_float32_bytes"]
         )
     if "onnx" in args.formats:
-        exports["onnx"] = export_onnx(model, x, ref, args.output / f"{name}.onnx")
+        exports["onnx"] = export_onnx(model, x, ref, args.output / f"{name}.onnx", bool(bits))
     if "semi_structured" in args.formats:
         exports["semi_structured"] = semi.check_model(model, x, args.half_dtype)
     report_path = args.output / "export_report.json"
@@ -187,6 +225,8 @@ def summarize(report: dict, report_path: Path) -> None:
             size += f"{100 * e['ratio_to_dense_float32']:.1f}% of dense float32, "
         if kind == "semi_structured":
             size += f"{e['converted']}/{e['linear_layers']} Linear layers 2:4 in {e['dtype']}, "
+        if "quantize_linear" in e:
+            size += f"{e['quantize_linear']} QuantizeLinear nodes (int8), "
         where = f" -> {e['path']}" if "path" in e else ""
         print(
             f"  {kind}: {size}max abs diff {e['max_abs_diff']:.3g} ({'ok' if e['ok'] else 'FAILED'}){where}"

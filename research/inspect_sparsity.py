@@ -6,7 +6,8 @@
 CKPT: a training checkpoint of ``sparse_training.py`` (its EMA weights when it holds them, as
 timm loads it), a ``--save-model`` file of ``one_shot_pruning.py``, a plain state dict (torch or
 safetensors) or a compressed sparse checkpoint (``*.sparse.safetensors``; the table then also
-says how each layer is stored). Layers are the weights of 2+ dimensions; "N:M" is the first of
+says how each layer is stored). For a quantization-aware trained checkpoint a "bits" column
+gives each layer's quantization (``w8a8``: int8 weights and inputs; ``float``: not quantized). Layers are the weights of 2+ dimensions; "N:M" is the first of
 2:4, 4:8, 1:4 (N zeros in every M consecutive inputs) that the layer satisfies, "2:4 groups"
 the share of its groups of 4 holding at least two zeros. Exit status 2 for a bad file or option.
 """
@@ -35,11 +36,12 @@ if __name__ == "__main__":  # --help and usage errors before torch loads
     answer_usage_early(build_parser)
 
 from sparseml.compressed import file_metadata, is_compressed  # noqa: E402
+from sparseml.modifiers.quantization import quant_bits_by_layer  # noqa: E402
 from sparseml.serialization import atomic_write_text  # noqa: E402
 from utils import faults  # noqa: E402
 from utils.options import check_file, check_writable_dir  # noqa: E402
-from utils.sparsity_table import format_table, sparsity_report  # noqa: E402
-from utils.weights import read_state_dict  # noqa: E402
+from utils.sparsity_table import add_bits, format_table, sparsity_report  # noqa: E402
+from utils.weights import read_manager_state, read_state_dict  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     state = read_state_dict(args.checkpoint, "CKPT")
     report = sparsity_report(state)
     report["checkpoint"] = str(args.checkpoint)
+    bits = quant_bits_by_layer(read_manager_state(args.checkpoint, "CKPT"))
+    if bits:  # a quantization-aware trained checkpoint: bits per layer
+        add_bits(report, bits)
     layouts = None
     if is_compressed(args.checkpoint):
         entries = file_metadata(args.checkpoint)

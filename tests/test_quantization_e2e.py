@@ -15,6 +15,8 @@ from conftest import RESEARCH, copy_digits_subset, ensure_research
 ensure_research()
 import timm  # noqa: E402
 
+import export  # noqa: E402
+import inspect_sparsity  # noqa: E402
 import one_shot_pruning  # noqa: E402
 import sparse_training  # noqa: E402
 from sparseml.modifiers import quantization as quant_mod  # noqa: E402
@@ -22,6 +24,7 @@ from sparseml.modifiers.quantization import quant_bits_by_layer  # noqa: E402
 from sparseml.pytorch.optim import ScheduledModifierManager  # noqa: E402
 from utils import models  # noqa: E402, F401  (registers the digits models)
 from utils.checkpoint import load_checkpoint  # noqa: E402
+from utils.errors import SetupError  # noqa: E402
 from utils.onnx_qdq import export_onnx  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,6 +129,20 @@ def test_qat_after_gm_keeps_masks_matches_float_and_resumes_exactly(pruned) -> N
     for part in ("act_stats", "weight_scales"):
         for name, value in final["manager"][key][part].items():
             assert torch.equal(again["manager"][key][part][name], value), (part, name)
+
+    # Deploy: export.py rebuilds the int8 model from the checkpoint and its recipe (QDQ ONNX
+    # checked against the fake-quantized model by ONNX Runtime); inspect reports the bits.
+    last = qat["out_dir"] / "resnet_digits_last.pth"
+    common = ["--model", "resnet_digits", "--initial-checkpoint", str(last)]
+    out = root / "export"
+    report = export.main([*common, "--output", str(out), "--sparseml-recipe", str(qat_recipe)])
+    onnx_row = report["exports"]["onnx"]
+    assert onnx_row["ok"] and onnx_row["quantize_linear"] >= 2 * len(bits), onnx_row
+    assert report["quantization"] == bits
+    with pytest.raises(SetupError, match="--sparseml-recipe"):
+        export.main([*common, "--output", str(out)])
+    table = inspect_sparsity.main([str(last)])
+    assert {r["name"]: r["bits"] for r in table["layers"]}["layer1.0.conv1.weight"] == "w8a8"
 
 
 @pytest.mark.slow

@@ -61,12 +61,27 @@ def sparsity_report(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {"layers": rows, "totals": totals}
 
 
+def add_bits(report: dict[str, Any], bits: dict[str, dict[str, int | None]]) -> None:
+    """Mark each layer's row with its quantization (``w8a8``, ``w8``; None: float), from
+    ``quant_bits_by_layer`` (keys are module names, rows are ``<module>.weight``)."""
+    for row in report["layers"]:
+        b = bits.get(row["name"].removesuffix(".weight"))
+        row["bits"] = None
+        if b is not None:
+            act = b["activation_bits"]
+            row["bits"] = f"w{b['weight_bits']}" + (f"a{act}" if act else "")
+    report["totals"]["quantized_layers"] = sum(r["bits"] is not None for r in report["layers"])
+
+
 def format_table(report: dict[str, Any], layouts: dict[str, str] | None = None) -> str:
     """The report as a fixed-width text table (``layouts``: the stored layout per tensor)."""
     rows, totals = report["layers"], report["totals"]
+    quantized = any(r.get("bits") for r in rows)
     width = max([len("layer"), *(len(r["name"]) for r in rows)])
     head = f"{'layer':<{width}}  {'shape':<18} {'sparsity':>8}  {'N:M':>4}  {'2:4 groups':>10}"
-    head += f"  {'params':>7}" + ("  stored as" if layouts else "")
+    head += (
+        f"  {'params':>7}" + ("   bits" if quantized else "") + ("  stored as" if layouts else "")
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         groups = "-" if r["groups_2of4"] is None else f"{100 * r['groups_2of4']:.1f}%"
@@ -75,6 +90,8 @@ def format_table(report: dict[str, Any], layouts: dict[str, str] | None = None) 
             f"{100 * r['sparsity']:>7.2f}%  {r['nm'] or '-':>4}  {groups:>10}  "
             f"{100 * r['param_share']:>6.2f}%"
         )
+        if quantized:
+            line += f"  {r.get('bits') or 'float':>5}"
         if layouts:
             line += f"  {layouts.get(r['name'], '?')}"
         lines.append(line)

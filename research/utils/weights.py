@@ -1,7 +1,8 @@
 """Reading weights from any file the project writes or reads, without importing timm.
 
 :func:`read_state_dict` takes a bare state dict, a training checkpoint (timm keys, CAP's keys),
-a safetensors file or a compressed sparse checkpoint (``sparseml.compressed``).
+a safetensors file or a compressed sparse checkpoint (``sparseml.compressed``);
+:func:`read_manager_state` the recipe manager's state a training checkpoint carries.
 """
 
 from __future__ import annotations
@@ -48,3 +49,19 @@ def read_state_dict(path: str | Path, option: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{option} {path} holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def read_manager_state(path: str | Path, option: str) -> dict[str, Any] | None:
+    """The recipe manager's saved state in a training checkpoint (its ``manager`` entry: masks,
+    schedule, quantization ranges), or None for files without one (state dicts, compressed)."""
+    from sparseml.compressed import SUFFIX, is_compressed
+
+    path = Path(path)
+    if path.name.endswith(SUFFIX) or path.suffix == ".safetensors" or is_compressed(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the same file was readable for its weights; say what failed
+        raise CheckpointError(f"{option} {path} is unreadable: {err}") from err
+    manager = state.get("manager") if isinstance(state, dict) else None
+    return manager if isinstance(manager, dict) else None
