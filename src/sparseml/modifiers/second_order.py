@@ -62,7 +62,7 @@ class SecondOrderPruningModifier(PruningModifier):
     def validate(self) -> None:
         super().validate()
         spec = self.mask_spec
-        block = self._values["fisher_block_size"]
+        block = self._values.get("fisher_block_size")
         if spec.group > 1 and block is not None and block % spec.group:
             raise self.field_error(
                 "fisher_block_size", f"must be a multiple of the mask group size {spec.group}"
@@ -83,19 +83,19 @@ class SecondOrderPruningModifier(PruningModifier):
         self._check_fisher_device()
         self._clamp_block_size()
         owner = type(self).__name__
-        items, fields = self.memory_plan(self.fisher_block_size, self.num_grads)
+        items, fields = self.memory_plan(self._values.get("fisher_block_size"), self.num_grads)
         smaller = ((self.memory_plan(**kw)[0], text) for kw, text in self.smaller_settings())
         on_all_ranks(lambda: check_fits(owner, items, fields, smaller), owner)
 
     def smaller_settings(self) -> Iterator[tuple[dict, str]]:
         """Settings that need less memory, largest first: halved block sizes."""
-        block, group = self.fisher_block_size, self.mask_spec.group
-        while block > group:
+        block, group = self._values.get("fisher_block_size"), self.mask_spec.group
+        while block is not None and block > group:
             block = max(group, block // 2 // group * group)
             yield {"block": block, "m": self.num_grads}, f"fisher_block_size: {block}"
 
     def _check_fisher_device(self) -> None:
-        name = self.fisher_inv_device
+        name = self._values.get("fisher_inv_device")
         if name is None:
             return
         try:
@@ -201,7 +201,8 @@ class SecondOrderPruningModifier(PruningModifier):
         return work_dtype(r.param.dtype for r in self.refs)
 
     def fisher_device(self, param: Tensor) -> torch.device:
-        return torch.device(self.fisher_inv_device) if self.fisher_inv_device else param.device
+        device = self._values.get("fisher_inv_device")
+        return torch.device(device) if device else param.device
 
     def gradient_chunks(
         self, module: nn.Module, num_grads: int | None = None
