@@ -68,3 +68,37 @@ def test_hutchinson_converges_within_five_standard_errors(one_thread):
     tolerance = 5 * (2 * off / m).sqrt() + 1e-6
     assert ((got - diag.double()).abs() <= tolerance).all()
     assert not torch.allclose(got, diag.double(), rtol=1e-6, atol=1e-9)  # an estimate, not exact
+
+
+class Attention(nn.Module):
+    """Fused scaled-dot-product attention, whose fast CPU kernel has no double backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(4, 12), nn.Linear(4, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+        return self.head(F.scaled_dot_product_attention(q, k, v).squeeze(1).mean(1))
+
+
+def test_models_with_fused_attention_get_hessian_products(one_thread):
+    torch.manual_seed(0)
+    net = Attention()
+    gen = torch.Generator().manual_seed(4)
+    data = [([torch.randn(2, 5, 4, generator=gen)], {}, torch.tensor([0, 2]))]
+    sampler = GradSampler(lambda **kw: data, F.cross_entropy)
+    sizes = [net.qkv.weight.numel()]
+    pairs = sampler.iter_hessian_products(
+        net, [net.qkv.weight], 1, unit_vectors(sizes, [torch.device("cpu")], torch.float32)
+    )
+    got = hessian_diagonal(pairs, sizes, 1)[0]
+
+    def loss(w):
+        (args, _, t) = data[0]
+        out = functional_call(net, {"qkv.weight": w.view(12, 4)}, tuple(args))
+        return F.cross_entropy(out, t)
+
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        H = torch.autograd.functional.hessian(loss, net.qkv.weight.detach().reshape(-1))
+    torch.testing.assert_close(got, torch.diagonal(H).double(), rtol=1e-5, atol=1e-7)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparseml import dist
 from sparseml.errors import GradSamplerError, NumericalError
@@ -347,7 +348,8 @@ class GradSampler:
     ) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
         """One batch: (v, H v) for each v of ``vectors`` (flat per-parameter pieces), with H the
         Hessian of the batch loss in ``params``; one double-backward pass per vector."""
-        loss = self._batch_loss(module)
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+            loss = self._batch_loss(module)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         for v in vectors:
