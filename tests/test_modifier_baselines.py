@@ -1,10 +1,13 @@
 """The baseline pruners (diagonal Fisher, Hessian diagonal, K-FAC, GWProd) against their
 formulas, their field checks, and CAP's GWProd recipe loaded and run unchanged."""
 
+import datetime
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -12,6 +15,8 @@ from sparseml.errors import RecipeError
 from sparseml.grad_sampler import GradSampler
 from sparseml.masks import MaskSpec, create_masks
 from sparseml.pytorch.optim import ScheduledModifierManager
+from toy import mlp as toy_mlp
+from toy import sampler as toy_sampler
 
 CAP_GW = Path(__file__).parent / "fixtures" / "gw_vit_sp=0.50_Ng=4096.yaml"
 
@@ -208,3 +213,45 @@ def test_caps_gwprod_recipe_loads_and_runs_unchanged(one_thread):
     assert sampler.row == 4096
     zeros = sum(int((w == 0).sum()) for w in weights)
     assert zeros == round(0.5 * sum(w.numel() for w in weights))
+
+
+DIST_RECIPES = [
+    recipe("DiagFisherPruningModifier", "num_grads: 8\n    damp: 1.0e-4"),
+    recipe("GWProdPruningModifier", "num_grads: 8"),
+    recipe("HessianDiagPruningModifier", "num_grads: 4\n    damp: 1.0e-4"),
+    recipe("KFACPruningModifier", "num_grads: 4\n    damp: 1.0e-3"),
+    recipe("KFACPruningModifier", "num_grads: 4\n    damp: 1.0e-3\n    mask_type: '2:4'"),
+]
+
+
+def _dist_worker(rank, world, init_file, out_file):
+    tdist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )  # fmt: skip
+    try:
+        torch.set_num_threads(1)
+        result = []
+        for text in DIST_RECIPES:
+            model = toy_mlp()
+            ScheduledModifierManager.from_yaml(text).apply(model, grad_sampler=toy_sampler())
+            result.append([p.detach() for p in model.parameters()])
+        torch.save(result, f"{out_file}.{rank}")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_two_ranks_match_one_process(tmp_path):
+    """Both ranks see the same batches (the toy loader ignores the seed), so the rank-averaged
+    estimates (K-FAC factors, Hessian diagonal with shared probes) equal one process's."""
+    out = tmp_path / "weights"
+    mp.spawn(_dist_worker, args=(2, tmp_path / "init", str(out)), nprocs=2)
+    for i, text in enumerate(DIST_RECIPES):
+        model = toy_mlp()
+        ScheduledModifierManager.from_yaml(text).apply(model, grad_sampler=toy_sampler())
+        for rank in range(2):
+            got = torch.load(f"{out}.{rank}", weights_only=True)[i]
+            for a, b in zip(got, model.parameters()):
+                torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+                assert torch.equal(a == 0, b == 0)

@@ -10,7 +10,8 @@ Two estimators of diag(H), H the Hessian of the mini-batch loss averaged over m 
   error of H_qq is sqrt(sum_{j != q} H_qj^2 / m), on top of the batch-to-batch variance of H.
 
 The products come from `sparseml.grad_sampler.GradSampler.iter_hessian_products`; each rank
-estimates from its own batches and the estimates are averaged over the ranks.
+estimates from its own batches (with the same probes) and the estimates are averaged over the
+ranks.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ from sparseml import dist
 _MIX = 0x9E3779B97F4A7C15
 
 
-def probe_seed(sampler_state: dict[str, int], rank: int) -> int:
-    """A probe seed fixed by the sample stream's position (exact resume) and the rank."""
+def probe_seed(sampler_state: dict[str, int]) -> int:
+    """A probe seed fixed by the sample stream's position (so a resumed run draws the same
+    probes). Every rank draws the same probes: averaging z * (H_r z) over the ranks is then
+    z * (H z) for the Hessian H of the loss over all ranks' batches, as one process with a
+    W times larger batch would compute it."""
     s = sampler_state
-    return (s["seed"] + _MIX * (s["passes"] + 3 * s["position"] + 7 * rank + 1)) % 2**63
+    return (s["seed"] + _MIX * (s["passes"] + 3 * s["position"] + 1)) % 2**63
 
 
 def rademacher_probes(
@@ -78,5 +82,5 @@ def hessian_diagonal(
     if sums is None:
         raise ValueError("no Hessian-vector products were given")
     out = [s / num_batches for s in sums]
-    dist.all_reduce_mean_(out)
+    dist.all_reduce_mean_(out, torch.float64)
     return out

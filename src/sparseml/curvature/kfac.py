@@ -97,7 +97,8 @@ def kfac_factors(
     if sums is None:
         raise ValueError("no batches of layer statistics were given")
     flat = [t / count for pair in sums for t in pair]
-    dist.all_reduce_mean_(flat)  # each rank used its own batches: average the estimates
+    # each rank used its own batches: average the estimates (float64: exact for equal ones)
+    dist.all_reduce_mean_(flat, torch.float64)
     return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(sums))]
 
 

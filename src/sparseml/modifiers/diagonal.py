@@ -17,7 +17,6 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from sparseml import dist
 from sparseml.curvature import (
     GradientMoments,
     hessian_diagonal,
@@ -144,8 +143,8 @@ class HessianDiagPruningModifier(BlockPruningModifier):
     | mask_type | - | unstructured, block4 or "N:M" |
 
     Batches come from the grad sampler; the double backward runs on the unwrapped model (DDP
-    is not involved) and each rank's estimate is averaged over the ranks. Probes are seeded by
-    the sample stream's position, so a resumed run draws the same probes.
+    is not involved) and each rank's estimate is averaged over the ranks; all ranks use the same
+    probes, seeded by the sample stream's position (a resumed run draws the same ones).
     """
 
     WITHOUT_FIELDS = NO_BLOCKS
@@ -177,7 +176,7 @@ class HessianDiagPruningModifier(BlockPruningModifier):
                 )
             vectors = unit_vectors(sizes, devices, dtype)
         else:
-            seed = probe_seed(self.grad_sampler.state_dict(), dist.rank())
+            seed = probe_seed(self.grad_sampler.state_dict())
             vectors = rademacher_probes(sizes, devices, dtype, seed)
         pairs = self.grad_sampler.iter_hessian_products(
             module,
