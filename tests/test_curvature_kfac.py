@@ -130,3 +130,20 @@ def test_a_layer_that_the_forward_does_not_call_is_a_clear_error():
     sampler = GradSampler(loader, F.cross_entropy)
     with pytest.raises(GradSamplerError, match="layer 1 .*not called"):
         list(sampler.iter_layer_stats(net, [net.fc, nn.Linear(2, 2)], 1))
+
+
+def test_nan_layer_statistics_and_hessian_products_stop_with_a_numerical_error():
+    from sparseml.curvature import unit_vectors
+    from sparseml.errors import NumericalError
+
+    net = Net()
+    x = torch.randn(2, 1, 4, 4)
+    x[0, 0, 0, 0] = float("nan")
+    poisoned = [([x], {}, torch.tensor([0, 1]))]
+    # a finite loss (the loss check passes) whose statistics and derivatives are not finite
+    sampler = GradSampler(lambda **kw: poisoned, lambda out, t: (out.nan_to_num() ** 3).sum())
+    with pytest.raises(NumericalError, match="layer statistics"):
+        list(sampler.iter_layer_stats(net, [net.conv, net.fc], 1))
+    vectors = unit_vectors([net.fc.weight.numel()], [torch.device("cpu")], torch.float32)
+    with pytest.raises(NumericalError, match="Hessian-vector products"):
+        list(sampler.iter_hessian_products(net, [net.fc.weight], 1, vectors))

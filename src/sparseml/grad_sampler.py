@@ -11,6 +11,12 @@ that runs dry before ``num_grads`` samples is restarted (iterated again); one th
 nothing raises ``GradSamplerError``. Under ``torch.distributed`` every rank draws samples from
 its own data and the gradients are averaged, unless the model is DDP-wrapped (DDP's backward
 already averages them).
+
+Pruners that need more than gradients draw from the same stream: ``iter_layer_stats`` gives
+each batch's layer inputs and output gradients (K-FAC) and ``iter_hessian_products`` the
+products H v of each batch's loss Hessian (the Hessian diagonal). Both follow the rules of
+``iter_chunks`` (eval mode, training gradients set aside, NaN check, progress log); the rank
+average is taken by the estimator in `sparseml.curvature`, once per estimate.
 """
 
 from __future__ import annotations
