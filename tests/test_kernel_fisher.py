@@ -9,6 +9,7 @@ import torch
 
 from sparseml.errors import NumericalError, RecipeError
 from sparseml.kernels.fisher import (
+    BlockFisherBuilder,
     accumulate_block_gram,
     block_diag,
     block_fisher_inverse,
@@ -210,3 +211,18 @@ def test_gram_on_another_device_than_grads() -> None:
     torch.testing.assert_close(out, cpu, rtol=1e-4, atol=1e-4)
     H = block_fisher_inverse(grads.cuda(), 16, 1e-2)
     torch.testing.assert_close(H.cpu(), block_fisher_inverse(grads, 16, 1e-2), rtol=1e-4, atol=1e-3)
+
+
+def test_mspace_builder_keeps_chunks_without_copying():
+    # m < B: the samples are used where they are (a copy would double the peak memory)
+    grads = torch.randn(6, 40, dtype=torch.float64)
+    builder = BlockFisherBuilder(40, 16, 6, 1e-2, dtype=torch.float64)
+    for s in (0, 3):
+        builder.add(grads[s : s + 3])
+    assert [g.data_ptr() for g in builder.store] == [grads[0:3].data_ptr(), grads[3:].data_ptr()]
+    torch.testing.assert_close(builder.finish(), block_fisher_inverse(grads, 16, 1e-2))
+    # a narrow column slice of a wide chunk (another rank's share) is copied, not pinned
+    wide = torch.randn(6, 400, dtype=torch.float64)
+    builder = BlockFisherBuilder(40, 16, 6, 1e-2, dtype=torch.float64)
+    builder.add(wide[:, :40])
+    assert builder.store[0].data_ptr() != wide.data_ptr()

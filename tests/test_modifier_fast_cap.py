@@ -12,7 +12,7 @@ from sparseml.errors import RecipeError
 from sparseml.modifiers import FastCAPruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
 from test_kernel_fast_cap import column_obs_reference
-from toy import builder, mlp, sampler, train_recording_zeros, weights_of
+from toy import builder, mlp, sampler, weights_of
 
 RECIPE = """
 pruning_modifiers:
@@ -88,18 +88,6 @@ def test_nm_and_recomputed_steps_are_exact_and_monotone():
     ScheduledModifierManager.from_yaml(text).apply(model, grad_sampler=sampler(counter))
     assert len(counter) == 2 * 20
     assert [int((w == 0).sum()) for w in weights_of(model)] == [48, 24]
-
-
-def test_gradual_pruning_during_training_never_reopens():
-    text = recipe(0.3, final=0.7).replace("end_epoch: 1", "end_epoch: 2")
-    model = mlp()
-    manager = ScheduledModifierManager.from_yaml(text)
-    opt = manager.modify(
-        model, torch.optim.SGD(model.parameters(), lr=0.05), steps_per_epoch=2,
-        grad_sampler=sampler(),
-    )  # fmt: skip
-    history = train_recording_zeros(model, opt)
-    assert [int(z) for z in (history[-1][:64].sum(), history[-1][64:].sum())] == [45, 22]
 
 
 def test_global_sparsity_is_ignored_with_a_warning(caplog):

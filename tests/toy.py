@@ -30,17 +30,3 @@ def sampler(counter=None) -> dict:
 
 def weights_of(model) -> list[torch.Tensor]:
     return [model[0].weight.detach().reshape(-1), model[2].weight.detach().reshape(-1)]
-
-
-def train_recording_zeros(model, optimizer, steps: int = 6) -> list[torch.Tensor]:
-    """Train on the toy task; after each step record which weights are exactly zero."""
-    batches, history = builder()(), []
-    for _ in range(steps):
-        (x,), _, target = next(batches)
-        F.mse_loss(model(x), target).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        history.append(torch.cat([w == 0 for w in weights_of(model)]))
-    for before, after in zip(history, history[1:]):
-        assert torch.all(after[before])  # pruned stays pruned
-    return history

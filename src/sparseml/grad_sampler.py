@@ -89,6 +89,9 @@ class GradSampler:
         self.seed = int(dist.broadcast_(torch.tensor([torch.initial_seed() % 2**62]))[0])
         self.passes, self.position = 0, 0
         self._resume_at: tuple[int, int] | None = None
+        # Wall seconds spent drawing samples (forward, backward, rank averaging): pruners
+        # subtract it from their phases to report gradient collection on its own.
+        self.seconds = 0.0
 
     @classmethod
     def from_kwargs(
@@ -271,9 +274,11 @@ class GradSampler:
                     torch.empty(count, p.numel(), device=p.device, dtype=dtype) for p in params
                 ]
                 for row in range(count):
+                    t0 = time.perf_counter()
                     grads = self._one_gradient(module, params, dtype)
                     if averaging:
                         dist.all_reduce_mean_(grads)
+                    self.seconds += time.perf_counter() - t0
                     for buf, g, i in zip(chunk, grads, range(len(grads))):
                         if flat_masks is not None:
                             g = g.masked_fill(~flat_masks[i].to(g.device), 0)

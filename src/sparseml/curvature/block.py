@@ -41,10 +41,14 @@ def block_fisher_inverses(
         BlockFisherBuilder(p.c1 - p.c0, bsz, num_grads, damp, device=devices[p.index], dtype=dtype)
         for p in layout.parts
     ]
+    _feed(chunks, layout, builders)  # no chunk outlives the loop (they can be GBs)
+    return on_all_ranks(lambda: [b.finish() for b in builders], owner)
+
+
+def _feed(chunks: Iterable[list[Tensor]], layout, builders: list[BlockFisherBuilder]) -> None:
     for chunk in chunks:
         for piece, builder in zip(layout.take(chunk), builders):
             builder.add(piece)
-    return on_all_ranks(lambda: [b.finish() for b in builders], owner)
 
 
 def shared_block_fishers(

@@ -237,7 +237,7 @@ def invert_block_fisher(
 
 
 def mspace_block_inverse(
-    grads: Tensor,
+    grads: Tensor | list[Tensor],
     block_size: int,
     damp: float,
     *,
@@ -253,21 +253,26 @@ def mspace_block_inverse(
     (K, solve) + m B^2 (Z^T Z), i.e. cheaper than the Gram path when m < B.
 
     Args:
-        grads: (m, d) gradient samples. dtype: dtype of the returned H.
+        grads: (m, d) gradient samples, or a list of (c_i, d) chunks of them (used as they
+            are: no (m, d) copy is made). dtype: dtype of the returned H.
     """
     _check_block_size(block_size)
-    if grads.dim() != 2:
-        raise RecipeError(f"grads must have shape (m, d), got {tuple(grads.shape)}")
-    m, d = grads.shape
+    pieces = list(grads) if isinstance(grads, (list, tuple)) else [grads]
+    if not pieces or any(g.dim() != 2 or g.shape[1] != pieces[0].shape[1] for g in pieces):
+        shapes = [tuple(g.shape) for g in pieces]
+        raise RecipeError(f"grads must be (m, d) or (c_i, d) chunks, got shapes {shapes}")
+    m, d = sum(g.shape[0] for g in pieces), pieces[0].shape[1]
+    device = pieces[0].device
     _check_num_grads_damp(m, damp)
     n_b = num_blocks(d, block_size)
-    H = torch.empty(n_b, block_size, block_size, dtype=dtype, device=grads.device)
-    step = blocks_per_chunk or chunk_blocks(block_size * max(block_size, m), grads.device)
-    if grads.device.type == "cpu":
+    H = torch.empty(n_b, block_size, block_size, dtype=dtype, device=device)
+    step = blocks_per_chunk or chunk_blocks(block_size * max(block_size, m), device)
+    if device.type == "cpu":
         step = min(step, -(-n_b // torch.get_num_threads()))
 
     def invert_chunk(s: int) -> None:
-        g = to_blocks(grads[:, s * block_size : (s + step) * block_size].double(), block_size)
+        cols = slice(s * block_size, (s + step) * block_size)
+        g = to_blocks(torch.cat([x[:, cols].double() for x in pieces]), block_size)
         g = g.transpose(0, 1)  # (n, m, B)
         bad = ~torch.isfinite(g).flatten(1).all(dim=1)
         if bad.any():
@@ -285,7 +290,7 @@ def mspace_block_inverse(
         h.diagonal(dim1=-2, dim2=-1).add_(1.0)
         H[s : s + step] = h.div_(damp)
 
-    for_each_chunk(invert_chunk, n_b, step, grads.device)
+    for_each_chunk(invert_chunk, n_b, step, device)
     return H
 
 
@@ -293,9 +298,10 @@ class BlockFisherBuilder:
     """Streams gradient samples of one (d,) vector into its block inverses H (n_b, B, B).
 
     The single entry point of the block Fisher, used by the pruners and the benchmarks alike.
-    With fewer samples than the block size (m < B, or ``mspace=True``) the samples are kept
-    (``(m, d)`` in ``dtype``) and `mspace_block_inverse` applies Woodbury in sample space
-    (exact for any damp; H in ``dtype``); otherwise each chunk is added to a float64 (by
+    With fewer samples than the block size (m < B, or ``mspace=True``) the chunks are kept as
+    they come (no copy when they are in ``dtype`` on ``device`` and not a small slice of a
+    larger tensor) and `mspace_block_inverse` applies Woodbury in sample space (exact for any
+    damp; H in ``dtype``); otherwise each chunk is added to a float64 (by
     default, ``gram_dtype``) Gram with one batched GEMM and `invert_block_fisher` inverts it in
     place (H in ``gram_dtype``). ``num_grads`` is the number of samples that will be added; the
     normalisation uses the number actually added.
@@ -322,8 +328,9 @@ class BlockFisherBuilder:
         self.d, self.block_size, self.damp, self.dtype = d, block_size, damp, dtype
         self.mspace = (num_grads < block_size) if mspace is None else mspace
         self.count = 0
+        self.num_grads, self.device = num_grads, torch.device(device)
         if self.mspace:
-            self.store = torch.zeros(num_grads, d, device=device, dtype=dtype)
+            self.store: Tensor | list[Tensor] = []
         else:
             shape = (num_blocks(d, block_size), block_size, block_size)
             self.store = torch.zeros(shape, device=device, dtype=gram_dtype)
@@ -334,9 +341,14 @@ class BlockFisherBuilder:
             raise RecipeError(f"grads must have shape (c, {self.d}), got {tuple(grads.shape)}")
         c = grads.shape[0]
         if self.mspace:
-            if self.count + c > self.store.shape[0]:
-                raise RecipeError(f"more than num_grads={self.store.shape[0]} samples added")
-            self.store[self.count : self.count + c] = grads.to(self.store.device)
+            if self.count + c > self.num_grads:
+                raise RecipeError(f"more than num_grads={self.num_grads} samples added")
+            # Keep a view only when it does not pin a much larger tensor (another rank's part)
+            # and needs no conversion; otherwise a compact copy.
+            base = grads if grads._base is None else grads._base
+            shared = grads.numel() * 2 < base.numel()
+            kept = grads.to(self.device, self.dtype)
+            self.store.append(kept.clone() if kept is grads and shared else kept)
         else:
             accumulate_block_gram(grads, self.block_size, out=self.store)
         self.count += c
@@ -345,10 +357,10 @@ class BlockFisherBuilder:
         """H (n_b, B, B) of the samples added so far (consumes the builder's storage)."""
         if self.count < 1:
             raise RecipeError("no gradient samples were added to the Fisher")
+        store, self.store = self.store, []  # released as soon as H exists
         if self.mspace:
-            grads = self.store[: self.count]
-            return mspace_block_inverse(grads, self.block_size, self.damp, dtype=self.dtype)
-        return invert_block_fisher(self.store, self.count, self.damp)
+            return mspace_block_inverse(store, self.block_size, self.damp, dtype=self.dtype)
+        return invert_block_fisher(store, self.count, self.damp)
 
 
 def block_fisher_inverse(

@@ -113,8 +113,10 @@ class BlockPruningModifier(SecondOrderPruningModifier):
         if not self.refs:
             return
         layout = self.block_layout()
-        estimates = self.cached("curvature", lambda: self.estimate(module, layout))
-        run_block_step(self, self, layout, estimates, targets)
+        with self.timed("curvature"):
+            estimates = self.cached("curvature", lambda: self.estimate(module, layout))
+        with self.timed("pruning"):
+            run_block_step(self, self, layout, estimates, targets)
 
     def part_scores(self, part: BlockPart, w: Tensor, est: Any, pruned: Tensor) -> Tensor:
         raise TypeError(f"{type(self).__name__} does not define part_scores")

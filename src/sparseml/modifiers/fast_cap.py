@@ -99,16 +99,17 @@ class FastCAPruningModifier(SecondOrderPruningModifier):
         if not self.refs:
             return
         devices = [self.fisher_device(r.param) for r in self.refs]
-        fishers, count = self.cached(
-            "curvature",
-            lambda: shared_block_fishers(
-                self.gradient_chunks(module), self.fisher_block_size, devices
-            ),
-        )
+        with self.timed("curvature"):
+            fishers, count = self.cached(
+                "curvature",
+                lambda: shared_block_fishers(
+                    self.gradient_chunks(module), self.fisher_block_size, devices
+                ),
+            )
         bsz, spec = self.fisher_block_size, self.mask_spec
         nm = (spec.n, spec.group) if spec.kind == "nm" else (None, None)
         masks, flats = [], self.flat_weights()
-        with torch.no_grad():
+        with torch.no_grad(), self.timed("pruning"):
             for i, (ref, F, target) in enumerate(zip(self.refs, fishers, targets)):
                 d = ref.param.numel()
                 W = to_blocks(flats[i].to(F.device), bsz)

@@ -189,8 +189,9 @@ class MFACPruningModifier(SecondOrderPruningModifier):
             return
         device = self._compute_device()
         build = lambda: self._build_inverse(module, layout, device)  # noqa: E731  (needs autograd)
-        inv = build() if self._buffer is not None else self.cached("fisher", build)
-        with torch.no_grad():
+        with self.timed("curvature"):
+            inv = build() if self._buffer is not None else self.cached("curvature", build)
+        with torch.no_grad(), self.timed("pruning"):
             self._obs_update(inv, layout, targets, device)
         if self._buffer is not None:
             self._reset_buffer()

@@ -10,12 +10,15 @@ estimate, choose masks (``create_masks`` / ``set_masks``) and write the updated 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from sparseml import dist
 from sparseml.dist import on_all_ranks
 from sparseml.fields import Field, as_bool, as_dict, as_float, as_int, as_str, one_of, optional
 from sparseml.grad_sampler import GradSampler
@@ -27,6 +30,9 @@ from sparseml.schedules import recomputation_targets
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
+# Where a pruning step's time goes (``SecondOrderPruningModifier.timings``, logged per step):
+# drawing gradient samples, turning them into the curvature estimate, scoring and updating.
+PHASES = ("gradients", "curvature", "pruning")
 # Fields that change only the target, not the curvature estimate or the pruning order.
 _TARGET_FIELDS = ("init_sparsity", "final_sparsity", "start_epoch", "end_epoch")
 
@@ -58,6 +64,7 @@ class SecondOrderPruningModifier(PruningModifier):
         super().reset_state()
         self.grad_sampler: GradSampler | None = None
         self.sweep_cache: dict | None = None
+        self.timings: dict[str, float] = dict.fromkeys(PHASES, 0.0)
 
     def validate(self) -> None:
         super().validate()
@@ -138,15 +145,17 @@ class SecondOrderPruningModifier(PruningModifier):
         d_local = sum(p.c1 - p.c0 for p in layout.parts)
         width = torch.finfo(self.work_dtype).bits // 8
         device = self.fisher_device(self.refs[0].param) if self.refs else torch.device("cpu")
-        if m < block:  # sample-space form: the gradients, then H in the work dtype
+        chunk = min(self.GRAD_CHUNK, m) * sum(sizes) * width
+        if m < block:  # sample-space form: the sampled chunks are kept, then H (work dtype)
             items = [
                 MemoryItem("sampled gradients", m * d_local * width, device),
                 MemoryItem("Fisher blocks", n_local * block * block * width, device),
             ]
+            if dist.is_distributed():  # this rank's columns are copied out of each chunk
+                items.append(MemoryItem("gradient chunk", chunk, self.refs[0].param.device))
         else:
             items = [MemoryItem("Fisher blocks (float64)", n_local * block * block * 8, device)]
-        chunk = min(self.GRAD_CHUNK, m) * sum(sizes) * width
-        items.append(MemoryItem("gradient chunk", chunk, self.refs[0].param.device))
+            items.append(MemoryItem("gradient chunk", chunk, self.refs[0].param.device))
         return items, f"fisher_block_size={block}, num_grads={m} and {sum(sizes)} weights"
 
     def cached(self, name: str, build: Callable[[], T]) -> T:
@@ -187,9 +196,29 @@ class SecondOrderPruningModifier(PruningModifier):
             recomputation_targets(c, t, self.num_recomputations, self.recomputation_inter_func)
             for c, t in zip(current, targets)
         ]
+        self.timings = dict.fromkeys(PHASES, 0.0)
         for step in range(self.num_recomputations):
             self.prune_step(module, [plan[step] for plan in plans])
             self.enforcer.apply()
+        LOG.info(
+            "%s: pruning step took %s",
+            type(self).__name__,
+            ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()),
+        )
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Add the block's wall time to ``self.timings[phase]``, except the time spent drawing
+        gradient samples inside it, which goes to ``timings["gradients"]``."""
+        sampler = self.grad_sampler
+        drawn, start = (sampler.seconds if sampler else 0.0), time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            drew = (sampler.seconds if sampler else 0.0) - drawn
+            self.timings["gradients"] += drew
+            self.timings[phase] = self.timings.get(phase, 0.0) + spent - drew
 
     def prune_step(self, module: nn.Module, targets: list[float]) -> None:
         raise TypeError(f"{type(self).__name__} does not define prune_step")
