@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparseml import dist
+from sparseml.autograd_stats import hessian_products, layer_stats
 from sparseml.errors import GradSamplerError, NumericalError
 from sparseml.params import unwrap
 
@@ -296,41 +297,7 @@ class GradSampler:
         self, module: nn.Module, layers: list[nn.Module], dtype: torch.dtype
     ) -> list[tuple[Tensor, Tensor]]:
         """One batch: per layer, (its input, dL/d its output), detached, in ``dtype``."""
-        inputs: dict[int, Tensor] = {}
-        outputs: dict[int, Tensor] = {}
-
-        def capture(i: int):
-            def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
-                if i in outputs:
-                    raise GradSamplerError(
-                        f"layer {i} of the K-FAC statistics ran twice in one forward pass "
-                        "(a shared layer); K-FAC needs one call per layer"
-                    )
-                inputs[i], outputs[i] = args[0].detach(), out
-
-            return hook
-
-        handles = [m.register_forward_hook(capture(i)) for i, m in enumerate(layers)]
-        try:
-            loss = self._batch_loss(module)
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [i for i in range(len(layers)) if i not in outputs]
-        if missing:
-            raise GradSamplerError(
-                f"layer {missing[0]} of the K-FAC statistics was not called by the model's "
-                "forward (its weight is used elsewhere, e.g. inside nn.MultiheadAttention)"
-            )
-        order = sorted(outputs)
-        grads = torch.autograd.grad(loss, [outputs[i] for i in order], allow_unused=True)
-        return [
-            (
-                inputs[i].to(dtype),
-                (torch.zeros_like(outputs[i]) if g is None else g).detach().to(dtype),
-            )
-            for i, g in zip(order, grads)
-        ]
+        return layer_stats(layers, lambda: self._batch_loss(module), dtype)
 
     def iter_layer_stats(
         self,
@@ -345,7 +312,9 @@ class GradSampler:
         model = unwrap(module)
         with self._sampling(model, num_batches, desc) as progress:
             for done in range(1, num_batches + 1):
+                t0 = time.perf_counter()
                 stats = self._layer_stats(model, layers, dtype)
+                self.seconds += time.perf_counter() - t0
                 _check_finite([t for pair in stats for t in pair], "layer statistics")
                 progress.step(done)
                 yield stats
@@ -361,22 +330,7 @@ class GradSampler:
         Hessian of the batch loss in ``params``; one double-backward pass per vector."""
         with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
             loss = self._batch_loss(module)
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        for v in vectors:
-            out = [p.new_zeros(p.numel(), dtype=dtype) for p in params]
-            if live:
-                hv = torch.autograd.grad(
-                    [grads[i] for i in live],
-                    [params[i] for i in live],
-                    grad_outputs=[v[i].view_as(grads[i]).to(grads[i].dtype) for i in live],
-                    retain_graph=True,
-                    allow_unused=True,
-                )
-                for i, h in zip(live, hv):
-                    if h is not None:
-                        out[i] = h.detach().reshape(-1).to(dtype)
-            yield v, out
+        return hessian_products(loss, params, vectors, dtype)
 
     def iter_hessian_products(
         self,
@@ -392,9 +346,12 @@ class GradSampler:
         model = unwrap(module)
         with self._sampling(model, num_batches, desc) as progress:
             for done in range(1, num_batches + 1):
+                t0 = time.perf_counter()
                 for v, hv in self._hessian_products(model, params, vectors(), dtype):
+                    self.seconds += time.perf_counter() - t0
                     _check_finite(hv, "Hessian-vector products")
                     yield v, hv
+                    t0 = time.perf_counter()
                 progress.step(done)
 
 
