@@ -21,17 +21,14 @@ PRUNERS = sorted(  # the built-in ones (tests may register their own)
     for n, c in modifier_classes().items()
     if issubclass(c, PruningModifier) and c.__module__.startswith("sparseml.")
 )
-SECOND_ORDER = "num_grads: 8\n    damp: 0.01\n    fisher_block_size: 8"
+# Values given to every pruner that has these fields (magnitude pruners have none).
+SAMPLING = {"num_grads": 8, "damp": 0.01, "fisher_block_size": 8}
 LAYER_WISE = {"FastCAPruningModifier", "MagnitudePruningModifier"}
 
 
 def recipe(name: str, gradual: bool) -> str:
-    extra = (
-        SECOND_ORDER
-        if name
-        not in ("GMPruningModifier", "MagnitudePruningModifier", "GlobalMagnitudePruningModifier")
-        else ""
-    )
+    fields = modifier_classes()[name].fields
+    extra = "\n    ".join(f"{k}: {v}" for k, v in SAMPLING.items() if k in fields)
     schedule = (
         "init_sparsity: 0.2\n    final_sparsity: 0.5\n    start_epoch: 0\n    end_epoch: 1\n"
         "    update_frequency: 0.5"
