@@ -21,7 +21,10 @@
 #   OUTPUT_DIR                  results, plot and the cached dense checkpoint
 #                               (default $OUTPUT/one_shot/<model>_<dataset>)
 #   CHECKPOINT                  dense weights; when missing, vit_digits is trained to create it
-#   METHODS                     names (recipe $RECIPE_DIR/<name>$RECIPE_SUFFIX.yaml) or paths
+#   METHODS                     names (recipe $RECIPE_DIR/<name>$RECIPE_SUFFIX.yaml) or paths.
+#                               Names with digits recipes: gm, gm_layer (magnitude), obs, cap,
+#                               fast_cap, mfac, diag_fisher, kfac, hessian_diag, gwprod (the
+#                               baselines; docs/pruners.md compares them all)
 #   SPARSITIES                  space separated fractions
 #   NUM_GRADS, FISHER_BLOCK_SIZE, DAMP   override the recipe variables of the same name
 #   GS_BATCH_SIZE, GS_AUG       grad-sampler batch size; GS_AUG=1 uses train augmentation

@@ -21,7 +21,8 @@ PRUNERS = sorted(  # the built-in ones (tests may register their own)
     for n, c in modifier_classes().items()
     if issubclass(c, PruningModifier) and c.__module__.startswith("sparseml.")
 )
-# Values given to every pruner that has these fields (full-Fisher pruners have no block size).
+# Values given to every pruner that has these fields (magnitude pruners have none; full-Fisher
+# pruners have no block size).
 SAMPLING = {"num_grads": 8, "damp": 0.01, "fisher_block_size": 8}
 LAYER_WISE = {"FastCAPruningModifier", "MagnitudePruningModifier"}
 

@@ -45,7 +45,12 @@ def extra_fields(name: str) -> str:
 
 
 class FixedGrads(GradSampler):
-    """A grad sampler whose i-th sample is row i of a fixed float32 table."""
+    """A grad sampler whose i-th sample is row i of a fixed float32 table.
+
+    The same table feeds the pruners that need more than gradients, so that every dtype sees
+    the same curvature: K-FAC's per-layer (input, output-gradient) batches are fixed float32
+    tensors drawn from a seeded generator (the i-th batch from seed i), and the Hessian of
+    every batch is the fixed matrix T^T T / len(T) of the table T (products in float64)."""
 
     def __init__(self, table: torch.Tensor) -> None:
         super().__init__(lambda **kw: iter(()), lambda out, target: out.sum())
@@ -65,6 +70,23 @@ class FixedGrads(GradSampler):
             out.append(sample[start : start + p.numel()].to(dtype))
             start += p.numel()
         return out
+
+    def _layer_stats(self, module, layers, dtype):
+        gen, self.row = torch.Generator().manual_seed(self.row), self.row + 1
+        return [
+            (
+                torch.randn(4, layer.in_features, generator=gen).to(dtype),
+                0.05 * torch.randn(4, layer.out_features, generator=gen).to(dtype),
+            )
+            for layer in layers
+        ]
+
+    def _hessian_products(self, module, params, vectors, dtype):
+        T = self.table.double()
+        sizes = [p.numel() for p in params]
+        for v in vectors:
+            hv = T.T @ (T @ torch.cat([x.double() for x in v])) / len(T)
+            yield v, [h.to(dtype) for h in hv.split(sizes)]
 
 
 def model32() -> nn.Module:

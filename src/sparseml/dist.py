@@ -40,11 +40,12 @@ def _comm_device(t: Tensor) -> Tensor:
     return t
 
 
-def all_reduce_mean_(tensors: list[Tensor]) -> None:
-    """Average ``tensors`` in place over all ranks (one flat buffer, one collective)."""
+def all_reduce_mean_(tensors: list[Tensor], dtype: torch.dtype = torch.float32) -> None:
+    """Average ``tensors`` in place over all ranks (one flat ``dtype`` buffer, one collective;
+    float64 for estimates that must equal a single process's up to the last bit)."""
     if not is_distributed() or not tensors:
         return
-    flat = _comm_device(torch.cat([t.reshape(-1).float() for t in tensors]))
+    flat = _comm_device(torch.cat([t.reshape(-1).to(dtype) for t in tensors]))
     tdist.all_reduce(flat)
     flat /= world_size()
     offset = 0

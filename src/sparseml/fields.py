@@ -171,6 +171,9 @@ class FieldModel:
 
     FIELDS: dict[str, Field] = {}
     DROPPED_KEYS: tuple[str, ...] = ("log_types",)  # legacy keys accepted and ignored
+    # Inherited fields this class does not have (e.g. a Fisher block size of a pruner that
+    # builds no blocks): giving one is then an unknown-field error, not a silent no-op.
+    WITHOUT_FIELDS: tuple[str, ...] = ()
     fields: dict[str, Field] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -179,9 +182,9 @@ class FieldModel:
         for base in reversed(cls.__mro__[1:]):
             merged.update(getattr(base, "fields", {}))
         merged.update(cls.__dict__.get("FIELDS", {}))
-        # ``FIELDS = {"name": None}`` removes an inherited field (e.g. a block size from a
-        # pruner that has no blocks).
-        cls.fields = {name: field for name, field in merged.items() if field is not None}
+        for name in cls.__dict__.get("WITHOUT_FIELDS", ()):
+            merged.pop(name, None)
+        cls.fields = merged
 
     def __init__(self, **kwargs: Any) -> None:
         object.__setattr__(self, "_values", {})

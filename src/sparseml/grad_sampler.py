@@ -11,6 +11,12 @@ that runs dry before ``num_grads`` samples is restarted (iterated again); one th
 nothing raises ``GradSamplerError``. Under ``torch.distributed`` every rank draws samples from
 its own data and the gradients are averaged, unless the model is DDP-wrapped (DDP's backward
 already averages them).
+
+Pruners that need more than gradients draw from the same stream: ``iter_layer_stats`` gives
+each batch's layer inputs and output gradients (K-FAC) and ``iter_hessian_products`` the
+products H v of each batch's loss Hessian (the Hessian diagonal). Both follow the rules of
+``iter_chunks`` (eval mode, training gradients set aside, NaN check, progress log); the rank
+average is taken by the estimator in `sparseml.curvature`, once per estimate.
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparseml import dist
+from sparseml.autograd_stats import hessian_products, layer_stats
 from sparseml.errors import GradSamplerError, NumericalError
+from sparseml.params import unwrap
 
 LOG = logging.getLogger(__name__)
 HOW_TO = (
@@ -193,24 +202,61 @@ class GradSampler:
             raise GradSamplerError("grad sampler batches must be (args, kwargs, target) triples")
         return tuple(batch)
 
-    def _one_gradient(
-        self, module: nn.Module, params: list[nn.Parameter], dtype: torch.dtype
-    ) -> list[Tensor]:
+    def _batch_loss(self, module: nn.Module) -> Tensor:
+        """The loss of the stream's next batch, with its graph (checked finite)."""
         batch = self._next_batch()
         if not (isinstance(batch, (tuple, list)) and len(batch) == 3):
             raise GradSamplerError("grad sampler batches must be (args, kwargs, target) triples")
         args, kwargs, target = batch
-        module.zero_grad(set_to_none=True)
         loss = self.loss_fn(module(*args, **kwargs), target)
         if not torch.isfinite(loss):
             raise NumericalError(f"grad sampler loss is {loss.item()}; nothing was pruned")
-        loss.backward()
+        return loss
+
+    def _one_gradient(
+        self, module: nn.Module, params: list[nn.Parameter], dtype: torch.dtype
+    ) -> list[Tensor]:
+        module.zero_grad(set_to_none=True)
+        self._batch_loss(module).backward()
         return [
             p.grad.detach().reshape(-1).to(dtype)
             if p.grad is not None
             else p.new_zeros(p.numel(), dtype=dtype)
             for p in params
         ]
+
+    @contextmanager
+    def _sampling(self, module: nn.Module, num: int, desc: str) -> Iterator[_Progress]:
+        """Eval mode and the training ``.grad`` set aside while sampling; both restored after.
+
+        The module is put in eval mode (BN running stats, no dropout). The ``.grad`` of every
+        parameter is set aside before the first sample and put back afterwards, so a prune
+        fired from inside a training step leaves that step's (possibly accumulated) gradient
+        untouched. Yields the progress logger of ``num`` samples.
+        """
+        if num < 1:
+            raise GradSamplerError(f"num_grads must be >= 1, got {num}")
+        per_pass = self.batches_per_pass()
+        if per_pass is not None and num > per_pass:
+            LOG.warning(
+                "%s: num_grads %d exceeds the %d batches the grad sampler's loader holds; "
+                "samples repeat (about %.1f passes)",
+                desc,
+                num,
+                per_pass,
+                num / max(per_pass, 1),
+            )
+        was_training = module.training
+        training_grads = [(p, p.grad) for p in module.parameters()]
+        for p, _ in training_grads:
+            p.grad = None
+        module.eval()
+        try:
+            yield _Progress(desc, num)
+        finally:
+            for p, grad in training_grads:
+                p.grad = grad
+            module.train(was_training)
 
     def iter_chunks(
         self,
@@ -225,35 +271,15 @@ class GradSampler:
         """Yield chunks of samples: per chunk a list with one ``(c, numel)`` tensor per param.
 
         Samples are returned in ``dtype`` (float32, or float64 for float64 models), whatever
-        the parameters' dtype. The module is put in eval mode while sampling (BN running
-        stats, no dropout) and restored afterwards. The ``.grad`` of every parameter is set
-        aside before the first sample and put back afterwards, so a prune fired from inside
-        a training step leaves that step's (possibly accumulated) gradient untouched. Progress
-        (count, rate, ETA) is logged at INFO level about every 10 seconds and at the end.
+        the parameters' dtype. Sampling runs under `_sampling` (eval mode, training gradients
+        set aside and restored). Progress (count, rate, ETA) is logged at INFO level about
+        every 10 seconds and at the end.
         """
-        if num_grads < 1:
-            raise GradSamplerError(f"num_grads must be >= 1, got {num_grads}")
         averaging = dist.is_distributed() and not isinstance(
             module, nn.parallel.DistributedDataParallel
         )
-        was_training = module.training
-        training_grads = [(p, p.grad) for p in module.parameters()]
-        for p, _ in training_grads:
-            p.grad = None
-        module.eval()
-        start = last_log = time.monotonic()
         flat_masks = [m.reshape(-1) for m in masks] if masks is not None else None
-        per_pass = self.batches_per_pass()
-        if per_pass is not None and num_grads > per_pass:
-            LOG.warning(
-                "%s: num_grads %d exceeds the %d batches the grad sampler's loader holds; "
-                "samples repeat (about %.1f passes)",
-                desc,
-                num_grads,
-                per_pass,
-                num_grads / max(per_pass, 1),
-            )
-        try:
+        with self._sampling(module, num_grads, desc) as progress:
             done = 0
             while done < num_grads:
                 count = min(chunk_size, num_grads - done)
@@ -271,25 +297,101 @@ class GradSampler:
                             g = g.masked_fill(~flat_masks[i].to(g.device), 0)
                         buf[row] = g
                     done += 1
-                    now = time.monotonic()
-                    if now - last_log > 10 or done in (1, num_grads):  # 1: the first ETA
-                        rate = done / max(now - start, 1e-9)
-                        LOG.info(
-                            "%s: %d/%d samples (%.1f/s, ETA %.0f s)",
-                            desc,
-                            done,
-                            num_grads,
-                            rate,
-                            (num_grads - done) / rate,
-                        )
-                        last_log = now
-                if not all(torch.isfinite(c).all() for c in chunk):
-                    raise NumericalError(
-                        "NaN/Inf in sampled gradients; nothing was written to the model "
-                        "(check the loss, learning rate or data)"
-                    )
+                    progress.step(done)
+                _check_finite(chunk, "sampled gradients")
                 yield chunk
-        finally:
-            for p, grad in training_grads:
-                p.grad = grad
-            module.train(was_training)
+
+    # ----- more than gradients: layer statistics (K-FAC) and Hessian-vector products -----------
+    # Both run on the unwrapped model and never touch ``.grad`` (torch.autograd.grad with
+    # explicit inputs), so DDP's reducer is not involved; each rank uses its own batches and the
+    # estimator averages its per-rank result over the ranks once (sparseml.curvature).
+    def _layer_stats(
+        self, module: nn.Module, layers: list[nn.Module], dtype: torch.dtype
+    ) -> list[tuple[Tensor, Tensor]]:
+        """One batch: per layer, (its input, dL/d its output), detached, in ``dtype``."""
+        return layer_stats(layers, lambda: self._batch_loss(module), dtype)
+
+    def iter_layer_stats(
+        self,
+        module: nn.Module,
+        layers: list[nn.Module],
+        num_batches: int,
+        desc: str = "layer statistics",
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[list[tuple[Tensor, Tensor]]]:
+        """Per batch of the stream, per layer: (input, gradient of the batch-mean loss with
+        respect to the layer's output), in ``dtype`` — what K-FAC's factors are built from."""
+        model = unwrap(module)
+        with self._sampling(model, num_batches, desc) as progress:
+            for done in range(1, num_batches + 1):
+                t0 = time.perf_counter()
+                stats = self._layer_stats(model, layers, dtype)
+                self.seconds += time.perf_counter() - t0
+                _check_finite([t for pair in stats for t in pair], "layer statistics")
+                progress.step(done)
+                yield stats
+
+    def _hessian_products(
+        self,
+        module: nn.Module,
+        params: list[nn.Parameter],
+        vectors: Iterable[list[Tensor]],
+        dtype: torch.dtype,
+    ) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+        """One batch: (v, H v) for each v of ``vectors`` (flat per-parameter pieces), with H the
+        Hessian of the batch loss in ``params``; one double-backward pass per vector."""
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+            loss = self._batch_loss(module)
+        return hessian_products(loss, params, vectors, dtype)
+
+    def iter_hessian_products(
+        self,
+        module: nn.Module,
+        params: list[nn.Parameter],
+        num_batches: int,
+        vectors: Callable[[], Iterable[list[Tensor]]],
+        desc: str = "Hessian-vector products",
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+        """(v, H v) pairs: for each of ``num_batches`` batches, every v of ``vectors()``
+        (per-parameter flat pieces in ``dtype``), H the Hessian of that batch's loss."""
+        model = unwrap(module)
+        with self._sampling(model, num_batches, desc) as progress:
+            for done in range(1, num_batches + 1):
+                t0 = time.perf_counter()
+                for v, hv in self._hessian_products(model, params, vectors(), dtype):
+                    self.seconds += time.perf_counter() - t0
+                    _check_finite(hv, "Hessian-vector products")
+                    yield v, hv
+                    t0 = time.perf_counter()
+                progress.step(done)
+
+
+class _Progress:
+    """Logs count, rate and ETA at INFO level about every 10 seconds, first and last."""
+
+    def __init__(self, desc: str, total: int) -> None:
+        self.desc, self.total = desc, total
+        self.start = self.last = time.monotonic()
+
+    def step(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last > 10 or done in (1, self.total):  # 1: the first ETA
+            rate = done / max(now - self.start, 1e-9)
+            LOG.info(
+                "%s: %d/%d samples (%.1f/s, ETA %.0f s)",
+                self.desc,
+                done,
+                self.total,
+                rate,
+                (self.total - done) / rate,
+            )
+            self.last = now
+
+
+def _check_finite(tensors: list[Tensor], what: str) -> None:
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise NumericalError(
+            f"NaN/Inf in {what}; nothing was written to the model "
+            "(check the loss, learning rate or data)"
+        )

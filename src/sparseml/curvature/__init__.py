@@ -13,17 +13,43 @@ a batch source instead.
 | `shared_block_fishers` | one B x B Gram sum per parameter (FastCAP) | B^2 per parameter |
 | `unpruned_gradients` + `matrix_free_inverse` | M-FAC inverse of the full (or blocked) Fisher | m d |
 | `GradientMoments` | mean gradient and diagonal empirical Fisher | 2 d float64 |
+| `gradient_sums` | sum of g (or of abs(g)) over the samples (GWProd) | d float64 |
+| `kfac_factors` + `damped_inverses` | K-FAC G^-1 (x) A^-1 per Linear/Conv2d layer | sum out^2 + in^2 |
+| `hessian_diagonal` | diag of the loss Hessian (exact or Hutchinson) | d float64 |
 
 The kernels behind these (`sparseml.kernels.fisher.BlockFisherBuilder`, `kernels.mfac`) are the
 same entry points the benchmarks time.
 """
 
 from sparseml.curvature.block import block_fisher_inverses, shared_block_fishers
+from sparseml.curvature.hessian import (
+    hessian_diagonal,
+    probe_seed,
+    rademacher_probes,
+    unit_vectors,
+)
+from sparseml.curvature.kfac import (
+    KFACFactors,
+    damped_inverses,
+    kfac_factors,
+    kfac_inverse_diag,
+    kfac_matvec,
+)
 from sparseml.curvature.matrix_free import matrix_free_inverse, unpruned_gradients
-from sparseml.curvature.moments import GradientMoments, tapped
+from sparseml.curvature.moments import GradientMoments, gradient_sums, tapped
 
 __all__ = [
     "GradientMoments",
+    "KFACFactors",
+    "damped_inverses",
+    "gradient_sums",
+    "hessian_diagonal",
+    "kfac_factors",
+    "kfac_inverse_diag",
+    "kfac_matvec",
+    "probe_seed",
+    "rademacher_probes",
+    "unit_vectors",
     "block_fisher_inverses",
     "matrix_free_inverse",
     "shared_block_fishers",

@@ -44,3 +44,19 @@ def tapped(chunks: Iterable[list[Tensor]], moments: GradientMoments) -> Iterator
     for chunk in chunks:
         moments.add(chunk)
         yield chunk
+
+
+def gradient_sums(
+    chunks: Iterable[list[Tensor]],
+    sizes: list[int],
+    device: torch.device | str = "cpu",
+    absolute: bool = False,
+) -> list[Tensor]:
+    """Per parameter, the float64 sum over the samples of g (or of |g| with ``absolute``):
+    the first-order statistic of the gradient-times-weight (GWProd) scores."""
+    sums = [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]
+    for chunk in chunks:
+        for grads, s in zip(chunk, sums):
+            g = grads.to(s.device, torch.float64)
+            s += (g.abs() if absolute else g).sum(0)
+    return sums

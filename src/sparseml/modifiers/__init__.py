@@ -5,7 +5,10 @@ A pruner of one's own registers the same way: define it in any module and import
 
 from sparseml.modifiers import (  # noqa: F401  (imported for their registrations)
     cap,
+    diagonal,
     fast_cap,
+    gwprod,
+    kfac,
     magnitude,
     mfac,
     obs,
@@ -16,7 +19,10 @@ from sparseml.modifiers import (  # noqa: F401  (imported for their registration
 )
 from sparseml.modifiers.base import Modifier
 from sparseml.modifiers.cap import CAPruningModifier
+from sparseml.modifiers.diagonal import DiagFisherPruningModifier, HessianDiagPruningModifier
 from sparseml.modifiers.fast_cap import FastCAPruningModifier
+from sparseml.modifiers.gwprod import GWProdPruningModifier
+from sparseml.modifiers.kfac import KFACPruningModifier
 from sparseml.modifiers.magnitude import (
     ConstantPruningModifier,
     GlobalMagnitudePruningModifier,
@@ -39,10 +45,14 @@ from sparseml.modifiers.woodtaylor import WoodTaylorPruningModifier
 __all__ = [
     "CAPruningModifier",
     "ConstantPruningModifier",
+    "DiagFisherPruningModifier",
     "EpochRangeModifier",
     "FastCAPruningModifier",
     "GMPruningModifier",
+    "GWProdPruningModifier",
     "GlobalMagnitudePruningModifier",
+    "HessianDiagPruningModifier",
+    "KFACPruningModifier",
     "LearningRateFunctionModifier",
     "MFACPruningModifier",
     "MagnitudePruningModifier",

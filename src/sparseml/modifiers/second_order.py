@@ -149,13 +149,13 @@ class SecondOrderPruningModifier(PruningModifier):
 
     def smaller_settings(self) -> Iterator[tuple[dict, str]]:
         """Settings that need less memory, largest first: halved block sizes."""
-        block, group = self.fisher_block_size, self.mask_spec.group
-        while block > group:
+        block, group = self._values.get("fisher_block_size"), self.mask_spec.group
+        while block is not None and block > group:
             block = max(group, block // 2 // group * group)
             yield {"block": block, "m": self.num_grads}, f"fisher_block_size: {block}"
 
     def _check_fisher_device(self) -> None:
-        name = self.fisher_inv_device
+        name = self._values.get("fisher_inv_device")
         if name is None:
             return
         try:
@@ -302,7 +302,8 @@ class SecondOrderPruningModifier(PruningModifier):
         return work_dtype(r.param.dtype for r in self.refs)
 
     def fisher_device(self, param: Tensor) -> torch.device:
-        return torch.device(self.fisher_inv_device) if self.fisher_inv_device else param.device
+        device = self._values.get("fisher_inv_device")
+        return torch.device(device) if device else param.device
 
     def gradient_chunks(
         self, module: nn.Module, num_grads: int | None = None

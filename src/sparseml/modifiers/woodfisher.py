@@ -78,9 +78,9 @@ class WoodFisherPruningModifier(OBSFamilyMixin, FullFisherMixin, SecondOrderPrun
     the averaged samples; rank 0's scores and update are broadcast, so all ranks agree.
     """
 
+    WITHOUT_FIELDS = ("fisher_block_size",)  # one Fisher over everything: blockwise is OBS
     FIELDS = {
         **OBS_FAMILY_FIELDS,
-        "fisher_block_size": None,  # one Fisher over everything: blockwise is OBS
         "damp": Field(1e-5, as_float(0.0, lo_open=True), "lambda: Fisher dampening (> 0)"),
     }
 
