@@ -82,7 +82,7 @@ class OBSPruningModifier(OBSFamilyMixin, BlockPruningModifier):
     ``fisher_block_size: P`` (and ``obs_update: independent`` for its update),
     ``--flops-power``/``--flops-target`` are ``flops_power``/``flops_target`` and
     ``woodfisherblockdynamic`` is ``dynamic_blocks: true`` (see `obs_family` and
-    docs/woodfisher-mapping.md).
+    docs/pruners.md).
     """
 
     FIELDS = {

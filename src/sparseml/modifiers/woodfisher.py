@@ -64,7 +64,7 @@ class WoodFisherPruningModifier(OBSFamilyMixin, FullFisherMixin, SecondOrderPrun
     | grad_sampler_kwargs | - | keyword arguments of the grad sampler's loader |
     | fisher_inv_device | - | device of the gradients and the inverse's factors |
 
-    Mapping from the WoodFisher repository's pruners (docs/woodfisher-mapping.md):
+    Mapping from the WoodFisher repository's pruners (docs/pruners.md):
     ``woodfisher`` -> this class; ``woodfisherblock`` (``--fittable-params P``) ->
     `OBSPruningModifier` with ``fisher_block_size: P`` (``obs_update: independent`` for the
     reference's update); ``woodfisherblock`` with FLOPs options -> OBS with ``flops_power`` /
