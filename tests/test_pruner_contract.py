@@ -21,10 +21,10 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from torch import nn
 
-from sparseml.grad_sampler import GradSampler
 from sparseml.modifiers.pruning import PruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
 from sparseml.registry import modifier_classes
+from table_grads import TableGrads
 
 PRUNERS = sorted(  # the built-in ones (tests may register their own)
     n
@@ -44,17 +44,13 @@ def extra_fields(name: str) -> str:
     return "\n    ".join(given + ([EXTRA[name]] if name in EXTRA else []))
 
 
-class FixedGrads(GradSampler):
-    """A grad sampler whose i-th sample is row i of a fixed float32 table.
+class FixedGrads(TableGrads):
+    """A grad sampler whose i-th sample is row i of a fixed float32 table, resumable.
 
     The same table feeds the pruners that need more than gradients, so that every dtype sees
     the same curvature: K-FAC's per-layer (input, output-gradient) batches are fixed float32
     tensors drawn from a seeded generator (the i-th batch from seed i), and the Hessian of
     every batch is the fixed matrix T^T T / len(T) of the table T (products in float64)."""
-
-    def __init__(self, table: torch.Tensor) -> None:
-        super().__init__(lambda **kw: iter(()), lambda out, target: out.sum())
-        self.table, self.row = table, 0
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "row": self.row}
@@ -62,14 +58,6 @@ class FixedGrads(GradSampler):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.row = state["row"]
-
-    def _one_gradient(self, module, params, dtype):
-        sample, self.row = self.table[self.row % len(self.table)], self.row + 1
-        out, start = [], 0
-        for p in params:
-            out.append(sample[start : start + p.numel()].to(dtype))
-            start += p.numel()
-        return out
 
     def _layer_stats(self, module, layers, dtype):
         gen, self.row = torch.Generator().manual_seed(self.row), self.row + 1
