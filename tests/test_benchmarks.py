@@ -1,0 +1,170 @@
+"""The benchmarks (research/bench/run_benchmarks.sh) and the Fashion-MNIST data layer.
+
+No test needs the Debian package: the data are synthetic files in the original idx format,
+passed through ``--data-dir`` or ``FMNIST_DIR`` (the benchmark's injectable data source).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, ensure_research
+
+ensure_research()
+from utils import fmnist  # noqa: E402
+from utils.data import open_split, resolve_data_dir  # noqa: E402
+from utils.errors import SetupError  # noqa: E402
+
+
+def write_fmnist(root: Path, train: int = 200, test: int = 100, seed: int = 0) -> Path:
+    """Four idx.gz files like the real ones: 28x28 uint8 images, labels 0-9 (class-dependent
+    brightness, so a model can learn something)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 64, size=(n, 28, 28)) + labels[:, None, None] * 19
+        fmnist.write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8))
+        fmnist.write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+# ----- idx reader and data layer -------------------------------------------------------------
+def test_idx_reader_reads_the_original_format(tmp_path: Path) -> None:
+    root = write_fmnist(tmp_path / "fm", train=30, test=20)
+    raw = gzip.decompress((root / "train-images-idx3-ubyte.gz").read_bytes())
+    assert raw[:4] == bytes([0, 0, 8, 3])  # the format's magic number: ubyte, 3 dims
+    assert int.from_bytes(raw[4:8], "big") == 30 and int.from_bytes(raw[8:12], "big") == 28
+    images, labels = fmnist.load_split(root, "train")
+    assert images.shape == (30, 28, 28) and images.dtype == np.uint8
+    assert np.array_equal(images.reshape(-1), np.frombuffer(raw[16:], dtype=np.uint8))
+    assert labels.tolist() == [i % 10 for i in range(30)]
+    # uncompressed files are read too
+    plain = tmp_path / "plain-labels-idx1-ubyte"
+    fmnist.write_idx(plain, np.arange(7, dtype=np.uint8))
+    assert fmnist.read_idx(plain).tolist() == list(range(7))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda raw: raw[:-5], "truncated or corrupt"),
+        (lambda raw: bytes([0, 0, 9]) + raw[3:], "bad magic number"),
+        (lambda raw: raw[:10], "header cut short"),
+    ],
+)
+def test_idx_reader_refuses_damaged_files(tmp_path: Path, damage, message: str) -> None:
+    root = write_fmnist(tmp_path / "fm", train=10, test=10)
+    path = root / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(damage(gzip.decompress(path.read_bytes()))))
+    with pytest.raises(SetupError, match=message):
+        fmnist.load_split(root, "train")
+
+
+def test_missing_data_names_the_install_command(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FMNIST_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(SetupError, match="apt-get install dataset-fashion-mnist") as err:
+        resolve_data_dir("fashion_mnist", None)
+    assert "train-images-idx3-ubyte.gz" in str(err.value)
+    (tmp_path / "part").mkdir()
+    write_fmnist(tmp_path / "part")
+    (tmp_path / "part" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(SetupError, match="lacks t10k-labels-idx1-ubyte.gz;"):
+        resolve_data_dir("fashion_mnist", str(tmp_path / "part"))
+
+
+def test_data_layer_splits(tmp_path: Path, monkeypatch) -> None:
+    root = write_fmnist(tmp_path / "fm", train=40, test=20)
+    monkeypatch.setenv("FMNIST_DIR", str(root))  # the default location when --data-dir is absent
+    name, found = resolve_data_dir("fashion_mnist", None)
+    assert (name, found) == ("fashion_mnist", str(root))
+    train = open_split(name, found, "train")
+    val = open_split(name, found, "validation")  # timm's default --val-split: the test set
+    assert (len(train), len(val), len(open_split(name, found, "val"))) == (40, 20, 20)
+    img, label = val[3]
+    assert img.mode == "RGB" and img.size == (28, 28) and label == 3
+    with pytest.raises(SetupError, match="split 'holdout' unknown"):
+        open_split(name, found, "holdout")
+
+
+# ----- the benchmark script ----------------------------------------------------------------------
+def bench(tmp_path: Path, fm: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    full.update(PYTHON=sys.executable, FMNIST_DIR=str(fm), RESULTS=str(tmp_path / "results"))
+    full.update(THREADS="1", KERNEL_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline", **env)
+    cmd = ["bash", "research/bench/run_benchmarks.sh", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=600)
+
+
+def test_benchmark_without_data_exits_2_naming_the_package(tmp_path: Path) -> None:
+    done = bench(tmp_path, tmp_path / "absent", "--quick", STEPS="quality")
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "apt-get install dataset-fashion-mnist" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert bench(tmp_path, tmp_path, "--fast").returncode == 2  # unknown option
+
+
+TINY = {
+    "METHODS": "gm cap",
+    "QUALITY_ARGS": "--train-limit 0 --val-limit 0 --epochs 1 --sparsities 0.5 0.9 --seeds 0 1 "
+    "--num-grads 8 --gs-batch-size 8 --nm-methods cap --gradual-methods gm --gradual-epochs 1",
+    "COST_ARGS": "--models deit_tiny --methods cap obs --num-grads 8 --block-size 32 "
+    "--deit-blocks 1 --eval-images 8",
+    "SCALING_ARGS": "--d 2000 4000 8000 --B 8 16 32 --m 32 48 64 --gemm-n 256",
+}
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_every_table_and_reruns_without_recomputing(tmp_path: Path):
+    fm = write_fmnist(tmp_path / "fm")
+    done = bench(tmp_path, fm, "--quick", **TINY)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    out = tmp_path / "results"
+    env = json.loads((out / "env.json").read_text())
+    assert env["torch"] and env["threads"] == 1 and env["cpu_model"]
+    quality = lines(out / "quality.csv")
+    # gm once, cap over 2 seeds at 2 sparsities, cap 2:4 over 2 seeds
+    assert any(line.startswith("vit_fmnist,cap,0.9,2,") for line in quality), quality
+    assert any(line.startswith("vit_fmnist,gm,0.5,1,") for line in quality), quality
+    assert any(line.startswith("vit_fmnist,cap_2to4,0.5,2,") for line in quality), quality
+    assert len(lines(out / "gradual.csv")) == 2 and len(lines(out / "cost.csv")) == 3
+    cost = {json.loads(x)["method"]: json.loads(x) for x in lines(out / "cost" / "cost.jsonl")}
+    assert cost["cap"]["d"] == 442368 and cost["cap"]["peak_rss"] > cost["cap"]["runtime_rss"]
+    assert set(cost["cap"]) >= {"gradients_s", "curvature_s", "pruning_s", "eval_s"}
+    fits = json.loads((out / "scaling" / "fits.json").read_text())["exponents"]
+    assert set(fits) == {"fisher_d", "fisher_B", "fisher_m", "cap_d", "cap_B"}
+    for name in ("quality_vit_fmnist.png", "cost_phases.png", "scaling.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    summary = (out / "summary.md").read_text()
+    assert "| 0.9 |" in summary and "Fitted exponents" in summary
+
+    # Second run: every row is there, nothing is recomputed (no sweep, training or worker).
+    records = {p: p.read_text() for p in out.rglob("*.jsonl")}
+    again = bench(tmp_path, fm, "--quick", **TINY)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert {p: p.read_text() for p in out.rglob("*.jsonl")} == records
+    assert "one-shot" not in again.stdout and "== cost:" not in again.stdout
+    assert "== scaling: d=" not in again.stdout and "training" not in again.stdout
+
+    # A row cut short by a kill is dropped and computed again; the others stay.
+    path = out / "cost" / "cost.jsonl"
+    kept = lines(path)
+    path.write_text("\n".join(kept[:-1]) + "\n" + kept[-1][: len(kept[-1]) // 2])
+    third = bench(tmp_path, fm, "--quick", STEPS="cost", **TINY)
+    assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
+    now = lines(path)
+    assert now[:-2] == kept[:-1] and third.stdout.count("== cost:") == 1
+    assert json.loads(now[-1])["key"] == json.loads(kept[-1])["key"]
