@@ -95,6 +95,32 @@ def test_data_layer_splits(tmp_path: Path, monkeypatch) -> None:
         open_split(name, found, "holdout")
 
 
+# ----- recipes ---------------------------------------------------------------------------------
+FMNIST_RECIPES = sorted((ROOT / "research" / "recipes").glob("*/*_fmnist*.yaml"))
+
+
+@pytest.mark.parametrize("path", FMNIST_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_fmnist_recipes_prune_the_blocks_of_both_models(path: Path) -> None:
+    """One regex serves the ViT (qkv, proj, fc1, fc2 of every block) and the ResNet (the convs
+    of every residual block; stem, downsample and head stay dense)."""
+    import timm
+
+    import utils.models  # noqa: F401  (registers vit_fmnist, resnet_fmnist)
+    from sparseml.modifiers.pruning import PruningModifier
+    from sparseml.params import select_params
+    from sparseml.pytorch.optim import ScheduledModifierManager
+
+    modifiers = ScheduledModifierManager.from_yaml(str(path)).modifiers
+    (pruner,) = [m for m in modifiers if isinstance(m, PruningModifier)]
+    vit, resnet = timm.create_model("vit_fmnist"), timm.create_model("resnet_fmnist")
+    vit_names = [r.name for r in select_params(vit, pruner.params, "test")]
+    assert len(vit_names) == 4 * len(vit.blocks) and all("blocks." in n for n in vit_names)
+    res_names = [r.name for r in select_params(resnet, pruner.params, "test")]
+    assert sorted(res_names) == sorted(
+        f"layer{i}.0.conv{j}.weight" for i in range(1, 5) for j in (1, 2)
+    )
+
+
 # ----- the benchmark script ----------------------------------------------------------------------
 def bench(tmp_path: Path, fm: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from bench_common import SetupError, guarded, record, records
+
+from sparseml.layouts import BlockLayout
 
 METHODS = {  # name -> (modifier, damp); B and m come from the options
     "cap": ("CAPruningModifier", 1e-4),
@@ -91,22 +92,21 @@ def recipe(args: argparse.Namespace, method: str, m: int, params: str) -> str:
     )
 
 
-def sizes(args: argparse.Namespace, method: str, m: int, d: int, n_layers: int) -> dict[str, int]:
-    """Bytes of the Fisher blocks (from the layout), one gradient chunk and an upper estimate
-    of the run's memory (for the cap) per method."""
-    B = args.block_size
-    n_b = math.ceil(d / B)  # per-parameter padding adds at most one block per layer
-    n_b_max = n_b + n_layers
+def sizes(args: argparse.Namespace, method: str, m: int, numels: list[int]) -> dict[str, int]:
+    """Bytes of the Fisher blocks (from the block layout: every parameter padded to whole
+    blocks), one gradient chunk and an estimate of the run's memory (for the cap)."""
+    B, d, n_layers = args.block_size, sum(numels), len(numels)
+    n_b = BlockLayout(numels, B).total
     chunk = min(GRAD_CHUNK, m) * d * 4
     if method in BLOCK_METHODS:
         width = 8 if m >= B else 4
-        fisher = n_b_max * B * B * width
+        fisher = n_b * B * B * width
         held = fisher + (m * d * 4 if m < B else chunk)
     elif method == "fast_cap":
         fisher = n_layers * B * B * 8
         held = fisher + chunk
     else:  # M-FAC: m gradients, then blocks of its own or Z factors
-        fisher = n_b_max * B * B * 4 if m > B else m * d * 4
+        fisher = n_b * B * B * 4 if m > B else m * d * 4
         held = fisher + m * d * 4 + chunk
     return {"fisher_bytes": fisher, "chunk_bytes": chunk, "estimate_bytes": held}
 
@@ -192,8 +192,8 @@ def gradient_at_224(model, timm_name: str, kwargs: dict, args) -> float:
     return sorted(times)[1]
 
 
-def prunable(args: argparse.Namespace, name: str) -> tuple[int, int]:
-    """(weights, layers) selected by the model's regex (built here, on the meta device)."""
+def prunable(args: argparse.Namespace, name: str) -> list[int]:
+    """Sizes of the weights selected by the model's regex (built here, on the meta device)."""
     import re
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -207,8 +207,7 @@ def prunable(args: argparse.Namespace, name: str) -> tuple[int, int]:
     with torch.device("meta"):
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
     pattern = re.compile(params.removeprefix("re:"))
-    chosen = [p.numel() for n, p in model.named_parameters() if pattern.match(n)]
-    return sum(chosen), len(chosen)
+    return [p.numel() for n, p in model.named_parameters() if pattern.match(n)]
 
 
 def spawn(args: argparse.Namespace, job: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     done = records(path)
     cap = args.mem_cap_gb * 2**30
     for name in args.models:
-        d, n_layers = prunable(args, name)
+        numels = prunable(args, name)
+        d, n_layers = sum(numels), len(numels)
         ref_done = False
         for m in sorted(args.num_grads):
             for method in args.methods:
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
                 if key in done and not done[key].get("skipped"):
                     ref_done = True
                     continue
-                size = sizes(args, method, m, d, n_layers)
+                size = sizes(args, method, m, numels)
                 common = {"model": name, "method": method, "m": m, "B": args.block_size, "d": d}
                 common.update(layers=n_layers, img_size=args.img_size, sparsity=args.sparsity)
                 common.update(threads=args.threads, gs_batch_size=args.gs_batch_size, **size)

@@ -167,6 +167,15 @@ def sweep_jobs(args) -> list[tuple[str, Path, list[float], bool]]:
 
 
 def one_shot(args, model: str, checkpoint: Path, data: Path, out: Path) -> None:
+    # Rows are skipped by (method, sparsity): when the gradient settings change, the earlier
+    # sweeps no longer count (the recipes' own settings are checked by one_shot_pruning.py).
+    want = {"num_grads": args.num_grads, "gs_batch_size": args.gs_batch_size}
+    meta = out / model / "sweep.json"
+    if meta.is_file() and json.loads(meta.read_text()) != want:
+        print(f"== {model}: gradient settings changed; removing the earlier sweeps", flush=True)
+        for folder in (out / model).glob("seed*"):
+            shutil.rmtree(folder)
+    meta.write_text(json.dumps(want))
     for i, seed in enumerate(args.seeds):
         folder = out / model / f"seed{seed}"
         done = res.latest_rows(res.read_rows(folder))
