@@ -182,8 +182,9 @@ def test_quick_benchmark_writes_every_table_and_reruns_without_recomputing(tmp_p
     again = bench(tmp_path, fm, "--quick", **TINY)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert {p: p.read_text() for p in out.rglob("*.jsonl")} == records
-    assert "one-shot" not in again.stdout and "== cost:" not in again.stdout
-    assert "== scaling: d=" not in again.stdout and "training" not in again.stdout
+    assert ": one-shot " not in again.stdout and "== cost: deit_tiny" not in again.stdout
+    assert "== scaling: d=" not in again.stdout and "training of" not in again.stdout
+    assert ": gradual " not in again.stdout
 
     # A row cut short by a kill is dropped and computed again; the others stay.
     path = out / "cost" / "cost.jsonl"
@@ -192,5 +193,5 @@ def test_quick_benchmark_writes_every_table_and_reruns_without_recomputing(tmp_p
     third = bench(tmp_path, fm, "--quick", STEPS="cost", **TINY)
     assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
     now = lines(path)
-    assert now[:-2] == kept[:-1] and third.stdout.count("== cost:") == 1
+    assert now[:-2] == kept[:-1] and third.stdout.count("== cost: deit_tiny") == 1
     assert json.loads(now[-1])["key"] == json.loads(kept[-1])["key"]

@@ -139,22 +139,41 @@ def fmt(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+ORDER = ("gm", "obs", "mfac", "fast_cap", "cap")  # the table's column order; others after
+
+
+def method_order(methods: list[str]) -> list[str]:
+    return sorted(methods, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+
+
+def cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return ""
+    spread = f" ± {fmt(row['std'])}" if row["seeds"] > 1 else ""
+    return f"{fmt(row['mean'])}{spread}"
+
+
 def quality_md(rows: list[dict[str, Any]]) -> list[str]:
+    """Per model: unstructured sparsities x methods, then the 2:4 results in one row."""
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
-        methods = list(dict.fromkeys(r["method"] for r in mine))
         dense = next((r["dense"] for r in mine if r["dense"] is not None), None)
         seeds = max(r["seeds"] for r in mine)
-        lines += [f"**{model}** (dense {fmt(dense)}%; top-1 mean ± std over up to {seeds} "
-                  "gradient-sample seeds; magnitude methods: one run)", "",
-                  "| sparsity | " + " | ".join(methods) + " |",
-                  "|---:|" + "---:|" * len(methods)]  # fmt: skip
+        plain = method_order(list({r["method"] for r in mine if not r["method"].endswith("_2to4")}))
         cells = {(r["method"], r["sparsity"]): r for r in mine}
-        for s in sorted({r["sparsity"] for r in mine}):
-            row = [cells.get((m, s)) for m in methods]
-            text = [f"{fmt(c['mean'])} ± {fmt(c['std'])}" if c else "" for c in row]
-            lines.append(f"| {s:g} | " + " | ".join(text) + " |")
+        lines += [f"**{model}**: dense {fmt(dense)}% top-1. One-shot top-1 (%), mean ± std over "
+                  f"{seeds} seeds of the gradient sample (gm: one run, it draws none).", "",
+                  "| sparsity | " + " | ".join(plain) + " |", "|---:|" + "---:|" * len(plain)]  # fmt: skip
+        for s in sorted({r["sparsity"] for r in mine if r["method"] in plain}):
+            lines.append(f"| {s:g} | " + " | ".join(cell(cells.get((m, s))) for m in plain) + " |")
+        nm = method_order([m.removesuffix("_2to4") for m in {r["method"] for r in mine}
+                           if m.endswith("_2to4")])  # fmt: skip
+        if nm:
+            lines += ["", "| 2:4 (50%) | " + " | ".join(nm) + " |", "|---|" + "---:|" * len(nm)]
+            lines.append(
+                "| top-1 | " + " | ".join(cell(cells.get((f"{m}_2to4", 0.5))) for m in nm) + " |"
+            )
         lines.append("")
     return lines
 

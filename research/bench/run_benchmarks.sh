@@ -40,7 +40,7 @@ if [[ $quick == 1 ]]; then
     METHODS=${METHODS:-"gm obs mfac fast_cap cap"}
     quality=(--models vit_fmnist --sparsities 0.5 0.7 0.9 --seeds 0 1 --epochs 1
              --train-limit 2000 --val-limit 1000 --num-grads 32 --gradual-epochs 1)
-    cost=(--deit-blocks 1 --resnet-stages 1 --num-grads 64 --eval-images 64)
+    cost=(--deit-blocks 1 --resnet-stages 1 --num-grads 32 --eval-images 64)
     scaling=(--d 50000 100000 200000 --B 48 96 192 --m 192 256 384 --gemm-n 1024 --repeats 1)
 else
     RESULTS=${RESULTS:-research/bench/results}
