@@ -142,8 +142,8 @@ def test_benchmark_without_data_exits_2_naming_the_package(tmp_path: Path) -> No
 TINY = {
     "METHODS": "gm cap",
     "QUALITY_ARGS": "--train-limit 0 --val-limit 0 --epochs 1 --sparsities 0.5 0.9 --seeds 0 1 "
-    "--num-grads 8 --gs-batch-size 8 --nm-methods cap --gradual-methods gm --gradual-epochs 1",
-    "COST_ARGS": "--models deit_tiny --methods cap obs --num-grads 8 --block-size 32 "
+    "--num-grads 8 --gs-batch-size 8 --nm-methods --gradual-methods gm --gradual-epochs 1",
+    "COST_ARGS": "--models deit_tiny --methods cap --num-grads 8 --block-size 32 "
     "--deit-blocks 1 --eval-images 8",
     "SCALING_ARGS": "--d 2000 4000 8000 --B 8 16 32 --m 32 48 64 --gemm-n 256",
 }
@@ -162,11 +162,11 @@ def test_quick_benchmark_writes_every_table_and_reruns_without_recomputing(tmp_p
     env = json.loads((out / "env.json").read_text())
     assert env["torch"] and env["threads"] == 1 and env["cpu_model"]
     quality = lines(out / "quality.csv")
-    # gm once, cap over 2 seeds at 2 sparsities, cap 2:4 over 2 seeds
+    # gm once (it draws no gradients), cap over 2 seeds at 2 sparsities; no 2:4 (--nm-methods)
     assert any(line.startswith("vit_fmnist,cap,0.9,2,") for line in quality), quality
     assert any(line.startswith("vit_fmnist,gm,0.5,1,") for line in quality), quality
-    assert any(line.startswith("vit_fmnist,cap_2to4,0.5,2,") for line in quality), quality
-    assert len(lines(out / "gradual.csv")) == 2 and len(lines(out / "cost.csv")) == 3
+    assert not any("2to4" in line for line in quality), quality
+    assert len(lines(out / "gradual.csv")) == 2 and len(lines(out / "cost.csv")) == 2
     cost = {json.loads(x)["method"]: json.loads(x) for x in lines(out / "cost" / "cost.jsonl")}
     assert cost["cap"]["d"] == 442368 and cost["cap"]["peak_rss"] > cost["cap"]["runtime_rss"]
     assert set(cost["cap"]) >= {"gradients_s", "curvature_s", "pruning_s", "eval_s"}
@@ -189,9 +189,46 @@ def test_quick_benchmark_writes_every_table_and_reruns_without_recomputing(tmp_p
     # A row cut short by a kill is dropped and computed again; the others stay.
     path = out / "cost" / "cost.jsonl"
     kept = lines(path)
-    path.write_text("\n".join(kept[:-1]) + "\n" + kept[-1][: len(kept[-1]) // 2])
+    path.write_text(kept[0][: len(kept[0]) // 2])
     third = bench(tmp_path, fm, "--quick", STEPS="cost", **TINY)
     assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
     now = lines(path)
-    assert now[:-2] == kept[:-1] and third.stdout.count("== cost: deit_tiny") == 1
-    assert json.loads(now[-1])["key"] == json.loads(kept[-1])["key"]
+    assert len(now) == 2 and third.stdout.count("== cost: deit_tiny") == 1
+    assert json.loads(now[1])["key"] == json.loads(kept[0])["key"]
+
+
+def test_records_skip_a_line_cut_by_a_kill(tmp_path: Path) -> None:
+    from utils import results as res
+
+    path = tmp_path / "r.jsonl"
+    res.append_record(path, {"key": "a", "v": 1})
+    res.append_record(path, {"key": "b", "v": 2})
+    text = path.read_text()
+    path.write_text(text[: len(text) - 6])  # the kill cut row b
+    assert list(res.read_records(path)) == ["a"]
+    res.append_record(path, {"key": "b", "v": 3})  # on a line of its own
+    assert {k: r["v"] for k, r in res.read_records(path).items()} == {"a": 1, "b": 3}
+    with pytest.raises(ValueError):  # NaN is not JSON: never written as a token
+        res.append_record(path, {"key": "c", "v": float("nan")})
+
+
+def test_sweep_jobs_follow_the_recipes(tmp_path: Path, monkeypatch) -> None:
+    """Every method is a recipe <name>_fmnist.yaml (+ _2to4 if present): a new pruner joins by
+    its recipe alone; a method without one stops before any work."""
+    sys.path.insert(0, str(ROOT / "research" / "bench"))
+    import bench_quality as bq
+
+    args = bq.parse_args(["--out", str(tmp_path)])
+    jobs = {name: (sparsities, grads) for name, _, sparsities, grads in bq.sweep_jobs(args)}
+    assert set(jobs) == {"gm", "obs", "mfac", "fast_cap", "cap"} | {
+        f"{m}_2to4" for m in ("gm", "obs", "fast_cap", "cap")
+    }
+    assert jobs["cap_2to4"] == ([0.5], True) and jobs["gm"] == ([0.5, 0.6, 0.7, 0.8, 0.9], False)
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "newpruner_fmnist.yaml").write_text("# a new pruner's recipe\n")
+    monkeypatch.setattr(bq, "ONE_SHOT", recipes)
+    args = bq.parse_args(["--out", str(tmp_path), "--methods", "newpruner", "--nm-methods"])
+    assert [job[0] for job in bq.sweep_jobs(args)] == ["newpruner"]
+    with pytest.raises(SetupError, match="--methods nosuch: no recipe"):
+        bq.sweep_jobs(bq.parse_args(["--out", str(tmp_path), "--methods", "nosuch"]))

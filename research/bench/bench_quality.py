@@ -152,13 +152,18 @@ def dense_model(args, model: str, data: Path, out: Path) -> Path:
     return checkpoint
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (as the user would type it)."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def sweep_jobs(args) -> list[tuple[str, Path, list[float], bool]]:
     """(method name, recipe, sparsities, draws gradients) of every one-shot job."""
     jobs = []
     for method in args.methods:
         recipe = ONE_SHOT / f"{method}_fmnist.yaml"
         if not recipe.is_file():
-            raise SetupError(f"--methods {method}: no recipe {recipe.relative_to(ROOT)}")
+            raise SetupError(f"--methods {method}: no recipe {shown(recipe)}")
         jobs.append((method, recipe, args.sparsities, method not in NO_GRADIENTS))
         nm = ONE_SHOT / f"{method}_fmnist_2to4.yaml"
         if nm.is_file() and (args.nm_methods is None or method in args.nm_methods):
@@ -220,7 +225,7 @@ def gradual(args, model: str, checkpoint: Path, data: Path, out: Path) -> None:
             continue
         recipe = GRADUAL / f"{method}_fmnist.yaml"
         if not recipe.is_file():
-            raise SetupError(f"--gradual-methods {method}: no recipe {recipe.relative_to(ROOT)}")
+            raise SetupError(f"--gradual-methods {method}: no recipe {shown(recipe)}")
         folder = out / model / f"gradual_{method}"
         cmd = [RESEARCH / "sparse_training.py", "--config", config_for(model), "--model", model]
         cmd += ["--dataset", fmnist.FMNIST, "--data-dir", data, "--initial-checkpoint", checkpoint]
