@@ -232,3 +232,19 @@ def test_sweep_jobs_follow_the_recipes(tmp_path: Path, monkeypatch) -> None:
     assert [job[0] for job in bq.sweep_jobs(args)] == ["newpruner"]
     with pytest.raises(SetupError, match="--methods nosuch: no recipe"):
         bq.sweep_jobs(bq.parse_args(["--out", str(tmp_path), "--methods", "nosuch"]))
+
+
+def test_cost_runs_over_the_memory_cap_are_not_started(tmp_path: Path, capsys) -> None:
+    sys.path.insert(0, str(ROOT / "research" / "bench"))
+    import bench_cost
+    import report
+
+    args = ["--out", str(tmp_path), "--models", "deit_tiny", "--methods", "cap", "obs"]
+    args += ["--num-grads", "256", "--deit-blocks", "12", "--mem-cap-gb", "8"]
+    bench_cost.main(args)  # 7.6 GiB of float64 blocks for 5.3M weights: 1.3 x 8.9 + 1 > 8
+    rows = report.cost_rows(tmp_path)
+    assert [(r["method"], r["d"]) for r in rows] == [("cap", 5308416), ("obs", 5308416)]
+    assert all("GiB + 1 GiB > cap" in r["skipped"] for r in rows)
+    assert "skipped" in capsys.readouterr().out
+    sizes = bench_cost.sizes(bench_cost.parse_args(args), "cap", 256, [5308416])
+    assert sizes["fisher_bytes"] == 27648 * 192 * 192 * 8  # n_blocks * B * B * 8 bytes
