@@ -1,5 +1,5 @@
-"""Shared parts of the benchmark scripts (``run_benchmarks.sh``): paths, the machine's
-description, subprocess steps and the JSONL records.
+"""Shared parts of the benchmark scripts (``run_benchmarks.sh``): paths, subprocess steps and
+the JSONL records (the machine's description: ``bench_env``).
 
 Records are JSON lines appended durably (``utils.results.append_record``: flush + fsync, a cut
 line dropped on the next read), keyed by a ``key`` string; a rerun skips every key already
@@ -9,7 +9,6 @@ there, so a killed benchmark continues where it stopped.
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ if str(RESEARCH) not in sys.path:  # utils.* (the research scripts' package)
 from utils import results as res  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
 
-__all__ = ["ROOT", "RESEARCH", "SetupError", "cpu_model", "environment", "guarded", "records"]
+__all__ = ["ROOT", "RESEARCH", "SetupError", "guarded", "record", "records", "run"]
 
 
 def guarded(main: Any) -> None:
@@ -35,49 +34,6 @@ def guarded(main: Any) -> None:
     except SetupError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else lscpu, else platform's guess."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def environment(threads: int) -> dict[str, Any]:
-    """What the numbers depend on: versions, threads, CPU, cores, memory, load at the start."""
-    import torch
-
-    try:
-        mem = next(
-            int(line.split()[1]) * 1024
-            for line in Path("/proc/meminfo").read_text().splitlines()
-            if line.startswith("MemTotal:")
-        )
-    except (OSError, StopIteration):
-        mem = None
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": threads,
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "mem_total_bytes": mem,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "cuda": torch.cuda.is_available(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
 
 
 def records(path: str | Path) -> dict[str, dict[str, Any]]:

@@ -66,15 +66,7 @@ except SetupError as err:
 fi
 mkdir -p "$RESULTS"
 
-"$PYTHON" - "$RESULTS" "$THREADS" "$KERNEL_THREADS" <<'EOF'
-import json, sys
-sys.path.insert(0, "research/bench")
-from bench_common import environment
-from sparseml.serialization import atomic_write_text
-env = environment(int(sys.argv[2]))
-env["kernel_threads"] = int(sys.argv[3])
-atomic_write_text(f"{sys.argv[1]}/env.json", json.dumps(env, indent=2))
-EOF
+"$PYTHON" research/bench/bench_env.py "$RESULTS" "$THREADS" "$KERNEL_THREADS"
 
 for step in $STEPS; do
     t0=$(date +%s)
