@@ -191,7 +191,7 @@ def test_quick_benchmark_writes_every_table_and_reruns_without_recomputing(tmp_p
     kept = lines(path)
     path.write_text(kept[0][: len(kept[0]) // 2])
     cmd = [sys.executable, "research/bench/bench_cost.py", "--out", str(out), "--threads", "1"]
-    cmd += ["--resnet-stages", "1", *TINY["COST_ARGS"].split()]  # as run_benchmarks --quick
+    cmd += ["--deit-blocks", "1", *TINY["COST_ARGS"].split()]  # as run_benchmarks --quick
     third = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
     now = lines(path)

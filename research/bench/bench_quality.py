@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from bench_common import RESEARCH, ROOT, SetupError, guarded, record, records, run
 
+from sparseml.serialization import atomic_write_text
 from utils import fmnist
 from utils import results as res
 
@@ -77,7 +78,7 @@ def prepare_data(data_dir: str | None, out: Path, name: str, train: int, val: in
         return source
     dest = out / name
     meta = {"source": str(source), "train": train, "val": val}
-    if (dest / "subset.json").is_file() and json.loads((dest / "subset.json").read_text()) == meta:
+    if read_json(dest / "subset.json") == meta:
         return dest
     tmp = out / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -91,6 +92,14 @@ def prepare_data(data_dir: str | None, out: Path, name: str, train: int, val: in
     shutil.rmtree(dest, ignore_errors=True)
     os.rename(tmp, dest)
     return dest
+
+
+def read_json(path: Path) -> object:
+    """The JSON in ``path``; None when it is missing or unreadable (then treated as stale)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def config_for(model: str) -> Path:
@@ -124,17 +133,16 @@ def dense_model(args, model: str, data: Path, out: Path) -> Path:
     want = {
         "epochs": args.epochs,
         "config": config_for(model).read_text(),
-        "data": json.loads(subset.read_text()) if subset.is_file() else str(data),
+        "data": read_json(subset) if subset.is_file() else str(data),
     }
     meta = out / model / "dense.json"
-    known = json.loads(meta.read_text()) if meta.is_file() else None
-    if (out / model).exists() and known != want:
+    if (out / model).exists() and read_json(meta) != want:
         print(f"== {model}: dense settings changed; removing {out / model}", flush=True)
         shutil.rmtree(out / model)
     if checkpoint.is_file() and (folder / "training_complete.json").is_file():
         return checkpoint
     (out / model).mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps(want))
+    atomic_write_text(meta, json.dumps(want))
     cmd = [RESEARCH / "sparse_training.py", "--config", config_for(model), "--model", model]
     cmd += ["--dataset", fmnist.FMNIST, "--data-dir", data, "--epochs", args.epochs]
     cmd += ["--workers", 0, "--output", out / model, "--experiment", "dense_training"]
@@ -176,11 +184,11 @@ def one_shot(args, model: str, checkpoint: Path, data: Path, out: Path) -> None:
     # sweeps no longer count (the recipes' own settings are checked by one_shot_pruning.py).
     want = {"num_grads": args.num_grads, "gs_batch_size": args.gs_batch_size}
     meta = out / model / "sweep.json"
-    if meta.is_file() and json.loads(meta.read_text()) != want:
+    if meta.is_file() and read_json(meta) != want:
         print(f"== {model}: gradient settings changed; removing the earlier sweeps", flush=True)
         for folder in (out / model).glob("seed*"):
             shutil.rmtree(folder)
-    meta.write_text(json.dumps(want))
+    atomic_write_text(meta, json.dumps(want))
     for i, seed in enumerate(args.seeds):
         folder = out / model / f"seed{seed}"
         done = res.latest_rows(res.read_rows(folder))

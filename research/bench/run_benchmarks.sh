@@ -38,9 +38,11 @@ export OMP_NUM_THREADS="$THREADS" WANDB_MODE="${WANDB_MODE:-offline}"
 if [[ $quick == 1 ]]; then
     RESULTS=${RESULTS:-research/bench/results/quick}
     METHODS=${METHODS:-"gm obs mfac fast_cap cap"}
-    quality=(--models vit_fmnist --sparsities 0.5 0.7 0.9 --seeds 0 1 --epochs 1
+    # One seed, 2:4 for CAP only, DeiT-Tiny only: every process loads torch and timm (seconds
+    # each), so the quick run is mostly their count. The full run does all of it.
+    quality=(--models vit_fmnist --sparsities 0.5 0.7 0.9 --seeds 0 --epochs 2 --nm-methods cap
              --train-limit 2000 --val-limit 1000 --num-grads 32 --gradual-epochs 1)
-    cost=(--deit-blocks 1 --resnet-stages 1 --num-grads 32 --eval-images 64)
+    cost=(--models deit_tiny --deit-blocks 1 --num-grads 32 --eval-images 64)
     scaling=(--d 50000 100000 200000 --B 48 96 192 --m 192 256 384 --gemm-n 1024 --repeats 1)
 else
     RESULTS=${RESULTS:-research/bench/results}
