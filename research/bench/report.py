@@ -162,8 +162,9 @@ def quality_md(rows: list[dict[str, Any]]) -> list[str]:
         seeds = max(r["seeds"] for r in mine)
         plain = method_order(list({r["method"] for r in mine if not r["method"].endswith("_2to4")}))
         cells = {(r["method"], r["sparsity"]): r for r in mine}
-        lines += [f"**{model}**: dense {fmt(dense)}% top-1. One-shot top-1 (%), mean ± std over "
-                  f"{seeds} seeds of the gradient sample (gm: one run, it draws none).", "",
+        spread = (f"mean ± std over {seeds} seeds of the gradient sample (gm: one run, it "
+                  "draws none)" if seeds > 1 else "one seed of the gradient sample")  # fmt: skip
+        lines += [f"**{model}**: dense {fmt(dense)}% top-1. One-shot top-1 (%), {spread}.", "",
                   "| sparsity | " + " | ".join(plain) + " |", "|---:|" + "---:|" * len(plain)]  # fmt: skip
         for s in sorted({r["sparsity"] for r in mine if r["method"] in plain}):
             lines.append(f"| {s:g} | " + " | ".join(cell(cells.get((m, s))) for m in plain) + " |")
