@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.deit_blocks <= 12:
         p.error(f"--deit-blocks must be in 1..12, got {args.deit_blocks}")
-    if not all(s in "1234" for s in args.resnet_stages.split(",")):
+    if not all(s in {"1", "2", "3", "4"} for s in args.resnet_stages.split(",")):
         p.error(f"--resnet-stages must list stages 1-4 (e.g. 3 or 1,2), got {args.resnet_stages}")
     return args
 

@@ -2,7 +2,7 @@
 # The README's benchmarks: quality on Fashion-MNIST, cost at DeiT-Tiny / ResNet-50 layer sizes,
 # kernel scaling, then the tables and plots.
 #
-#   bash research/bench/run_benchmarks.sh            # full run (<= 60 min on 2 quiet cores)
+#   bash research/bench/run_benchmarks.sh            # full run (sized for 60 min, 2 quiet cores)
 #   bash research/bench/run_benchmarks.sh --quick    # small settings (<= 5 min), results/quick/
 #
 # Writes $RESULTS (default research/bench/results, or research/bench/results/quick with
