@@ -15,8 +15,9 @@ the evaluation time (a forward over ``--eval-images`` random images), the peak r
 (``runtime_rss``), and the sizes the peak is compared with: Fisher blocks
 (n_blocks * B * B * bytes: float64 Gram when m >= B, float32 sample-space H when m < B),
 the model, one gradient chunk (64 samples), and the modifier's memory plan. A run whose
-estimate (times ``SAFETY``, plus 1 GiB) exceeds ``--mem-cap-gb`` (18) is not started (its
-row says why; a rerun retries it).
+estimate (times ``SAFETY``, plus 1 GiB) exceeds ``--mem-cap-gb`` (18), or the memory
+preflight's share of the free memory (``sparseml.memory``), is not started (its row says why;
+a rerun retries it).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from bench_common import SetupError, guarded, record, records
 
 from sparseml.layouts import BlockLayout
+from sparseml.memory import HEADROOM, free_bytes
 
 METHODS = {  # name -> (modifier, damp); B and m come from the options
     "cap": ("CAPruningModifier", 1e-4),
@@ -124,8 +127,6 @@ def rss_bytes() -> int:
 def run_worker(args: argparse.Namespace) -> None:
     """One (model, method, m) run in this fresh process; prints its measurements as JSON."""
     job = json.loads(args.worker)
-    import torch
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from utils.compat import ensure_torchvision
 
@@ -243,7 +244,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     path = Path(args.out) / "cost" / "cost.jsonl"
     done = records(path)
-    cap = args.mem_cap_gb * 2**30
+    # The cap, and never more than the memory preflight's share of what is free right now.
+    free = free_bytes(torch.device("cpu"))
+    cap = min(args.mem_cap_gb * 2**30, HEADROOM * free if free else float("inf"))
     for name in args.models:
         numels = prunable(args, name)
         d, n_layers = sum(numels), len(numels)
@@ -261,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
                 if SAFETY * size["estimate_bytes"] + 2**30 > cap:
                     gib = size["estimate_bytes"] / 2**30
                     why = f"estimated {SAFETY:g} x {gib:.1f} GiB + 1 GiB > cap"
-                    print(f"== {key}: skipped ({why} {args.mem_cap_gb:g} GiB)", flush=True)
+                    why += f" {cap / 2**30:.1f} GiB"
+                    print(f"== {key}: skipped ({why})", flush=True)
                     record(path, key, {**common, "skipped": why})
                     continue
                 print(f"== cost: {key}", flush=True)
