@@ -94,7 +94,7 @@ def test_gradual_recipe_schedule_is_continuous(path):
 
 
 def _model_for(path: Path):
-    for family in ("digits", "resnet50d", "convnext", "vit"):
+    for family in ("digits", "fmnist", "resnet50d", "convnext", "vit"):
         if family in path.stem:
             return _model(family)
     return None
@@ -109,6 +109,7 @@ def _model(family: str):
 
     names = {
         "digits": "vit_digits",
+        "fmnist": "vit_fmnist",  # the ResNet side: tests/test_benchmarks.py
         "resnet50d": "resnet50d",
         "convnext": "convnext_tiny",
         "vit": "vit_tiny_patch16_224",
@@ -132,5 +133,5 @@ def test_params_select_the_intended_layers(path):
         names = [r.name for r in select_params(model, pruner.params, type(pruner).__name__)]
         assert names
         assert all(n.endswith(".weight") for n in names)
-        if "vit" in path.stem or "digits" in path.stem:
+        if "vit" in path.stem or "digits" in path.stem or "fmnist" in path.stem:
             assert len(names) == 4 * len(model.blocks)  # qkv, proj, fc1, fc2 of each block

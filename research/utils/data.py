@@ -4,7 +4,8 @@
 ImageFolder tree (``train/<class>/*.png``, ``val/<class>/*.png``; 32x32 RGB; stratified 80/20
 split with a fixed seed) and from then on reads it like any other folder data set through
 ``timm.data.create_dataset``. Every other name goes to timm unchanged (an ImageFolder or tar root,
-``torch/<name>`` with local files, ...). Call ``compat.ensure_torchvision()`` before importing.
+``torch/<name>`` with local files, ...). ``--dataset fashion_mnist`` reads the original idx files
+(``utils.fmnist``: ``--data-dir``, else ``$FMNIST_DIR``, else the Debian package). Call ``compat.ensure_torchvision()`` before importing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from timm.data import create_dataset
 
+from . import fmnist
 from .errors import SetupError
 
 DIGITS = "digits"
@@ -111,6 +113,8 @@ def resolve_data_dir(dataset: str | None, data_dir: str | None) -> tuple[str, st
     name = dataset or ""
     if name.lower() == DIGITS:
         return "", str(prepare_digits(data_dir))
+    if name.lower() == fmnist.FMNIST:
+        return fmnist.FMNIST, str(fmnist.check_dir(data_dir))
     if name.lower().startswith(_REMOTE_PREFIXES):
         return name, data_dir
     if not data_dir:
@@ -143,6 +147,8 @@ class _RGBDataset(torch.utils.data.Dataset):
 
 
 def open_split(name: str, root: str | None, split: str, **kwargs: Any) -> Any:
+    if name == fmnist.FMNIST:  # in memory from the idx files (resolve_data_dir checked them)
+        return fmnist.FashionMNIST(root, split)
     try:
         ds = create_dataset(name, root=root, split=split, **kwargs)
     except (FileNotFoundError, RuntimeError) as err:  # timm: "Found 0 images in subfolders"

@@ -125,7 +125,11 @@ def add_model_options(p: argparse.ArgumentParser, default_model: str = "vit_digi
 def add_data_options(p: argparse.ArgumentParser) -> Adder:
     a = Adder(p.add_argument_group("dataset"))
     a("--data-dir", default=None, help="dataset root (digits: where to cache it)")
-    a("--dataset", default="", help="'digits', '' (ImageFolder), torch/<name>, ...")
+    a(
+        "--dataset",
+        default="",
+        help="'digits', 'fashion_mnist' (idx files), '' (ImageFolder), torch/<name>, ...",
+    )
     a("--train-split", default="train", help="training split (grad sampler, training)")
     a("--val-split", default="validation", help="evaluation split")
     a("-b", "--batch-size", type=int, default=128, help="training batch size per process")

@@ -61,8 +61,11 @@ def row_key(method: str, sparsity: float) -> tuple[str, float]:
     return method, round(float(sparsity), 6)
 
 
-def _parse_lines(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """Rows of a JSONL file and the numbers of the lines that hold no row."""
+def _parse_lines(
+    path: Path, required: tuple[str, ...] = ("method", "sparsity")
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Rows of a JSONL file and the numbers of the lines that hold no row (a row is a JSON
+    object with every ``required`` key)."""
     rows, bad = [], []
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
@@ -71,7 +74,7 @@ def _parse_lines(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             row = None
-        if isinstance(row, dict) and "method" in row and "sparsity" in row:
+        if isinstance(row, dict) and all(k in row for k in required):
             rows.append(row)
         else:
             bad.append(number)
@@ -165,6 +168,26 @@ def append_row(out_dir: str | Path, row: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _append_durably(out / JSONL, json.dumps(row, sort_keys=False, allow_nan=False) + "\n")
     write_csv(out)
+
+
+def append_record(path: str | Path, row: dict[str, Any]) -> None:
+    """Append any JSON object as one line of ``path`` (flush + fsync; the benchmarks' records)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _append_durably(path, json.dumps(row, allow_nan=False) + "\n")
+
+
+def read_records(path: str | Path, key: str = "key") -> dict[Any, dict[str, Any]]:
+    """``{row[key]: row}`` of a JSONL file written by :func:`append_record` (the last row of a
+    key wins); lines cut short by a kill are skipped with a warning, so their rows are
+    computed again by a rerun."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    rows, bad = _parse_lines(path, (key,))
+    if bad:
+        _logger.warning("%s lines %s are incomplete (interrupted write?); ignored", path, bad)
+    return {row[key]: row for row in rows}
 
 
 def rewrite_rows(out_dir: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -1,0 +1,283 @@
+"""Quality on Fashion-MNIST: dense training, one-shot sweeps over seeds, a short gradual run.
+
+For every model (``--models``): train it dense once (``research/sparse_training.py`` with
+``research/configs/fmnist_<family>.yaml``; cached in ``<out>/<model>/dense.pth`` once the
+training wrote ``training_complete.json``, resumed when interrupted), then prune it one-shot
+with every method (``research/recipes/one_shot/<method>_fmnist.yaml``) to every sparsity, once
+per seed of the gradient sample (``--seed`` of ``one_shot_pruning.py``: the grad sampler's
+stream), plus 2:4 where ``<method>_fmnist_2to4.yaml`` exists. Methods that draw no gradients
+(magnitude) run for the first seed only. Rows go to ``<out>/<model>/seed<k>/results.jsonl``
+(one-shot) and ``<out>/<model>/gradual.jsonl`` (GM vs CAP gradually to 90% with fine-tuning). A rerun
+skips finished rows without starting a process for them.
+
+A new method joins by its recipe alone: ``--methods ... woodfisher`` runs
+``one_shot/woodfisher_fmnist.yaml`` (and ``woodfisher_fmnist_2to4.yaml`` if present).
+
+``--train-limit`` / ``--val-limit`` (the quick mode) write the first N images of each split as
+idx files under ``<out>/quality/data`` and use those; without them the full 60,000 / 10,000 are
+used. The gradual runs train on the first ``--gradual-train-limit`` images (20,000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_common import RESEARCH, ROOT, SetupError, guarded, record, records, run
+
+from sparseml.serialization import atomic_write_text
+from utils import fmnist
+from utils import results as res
+
+ONE_SHOT = RESEARCH / "recipes" / "one_shot"
+GRADUAL = RESEARCH / "recipes" / "gradual_pruning"
+NO_GRADIENTS = {"gm"}  # magnitude pruning: the seed changes nothing
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", required=True, help="results folder (e.g. research/bench/results)")
+    p.add_argument("--data-dir", default=None, help="idx files (default: $FMNIST_DIR, Debian's)")
+    p.add_argument("--models", nargs="+", default=["vit_fmnist", "resnet_fmnist"])
+    p.add_argument("--methods", nargs="+", default=["gm", "obs", "mfac", "fast_cap", "cap"])
+    p.add_argument("--nm-methods", nargs="*", default=None, help="2:4 runs (default: --methods)")
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=2, help="dense training epochs")
+    p.add_argument("--train-limit", type=int, default=0, help="first N training images (0: all)")
+    p.add_argument("--val-limit", type=int, default=0, help="first N test images (0: all)")
+    p.add_argument("--num-grads", type=int, default=0, help="m of every method (0: recipes')")
+    p.add_argument("--gs-batch-size", type=int, default=16, help="images per gradient sample")
+    p.add_argument("--gradual-models", nargs="*", default=None, help="default: the first model")
+    p.add_argument("--gradual-methods", nargs="*", default=["gm", "cap"])
+    p.add_argument("--gradual-epochs", type=int, default=2)
+    p.add_argument(
+        "--gradual-train-limit", type=int, default=20000, help="first N training images (0: all)"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1)")
+    args = p.parse_args(argv)
+    if args.gradual_models is None:
+        args.gradual_models = args.models[:1]
+    for option in ("epochs", "gradual_epochs", "gs_batch_size", "threads"):
+        if getattr(args, option) < 1:
+            p.error(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    return args
+
+
+def prepare_data(data_dir: str | None, out: Path, name: str, train: int, val: int) -> Path:
+    """The idx folder to use: the real one, or its first ``train`` / ``val`` images written
+    once as idx files to ``out/<name>`` (0 = all of a split)."""
+    source = fmnist.check_dir(data_dir)  # SetupError naming the install command
+    if not (train or val):
+        return source
+    dest = out / name
+    meta = {"source": str(source), "train": train, "val": val}
+    if read_json(dest / "subset.json") == meta:
+        return dest
+    tmp = out / f"{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for prefix, limit in (("train", train), ("t10k", val)):
+        images, labels = fmnist.load_split(source, prefix)
+        n = limit or len(labels)
+        fmnist.write_idx(tmp / f"{prefix}-images-idx3-ubyte.gz", images[:n])
+        fmnist.write_idx(tmp / f"{prefix}-labels-idx1-ubyte.gz", labels[:n].astype(np.uint8))
+    (tmp / "subset.json").write_text(json.dumps(meta))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.rename(tmp, dest)
+    return dest
+
+
+def read_json(path: Path) -> object:
+    """The JSON in ``path``; None when it is missing or unreadable (then treated as stale)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def config_for(model: str) -> Path:
+    family = "resnet" if "resnet" in model else "vit"
+    return RESEARCH / "configs" / f"fmnist_{family}.yaml"
+
+
+def train_once(cmd: list[str], folder: Path, threads: int, what: str) -> None:
+    """Run a training into ``folder`` unless it completed; resume an interrupted one."""
+    if (folder / "training_complete.json").is_file():
+        return
+    last = sorted(folder.glob("*_last.pth"))
+    if last:
+        cmd = [*cmd, "--resume", str(last[0])]
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+    run(cmd, threads, what)
+    if not (folder / "training_complete.json").is_file():
+        raise SetupError(f"{what} ended without training_complete.json in {folder}")
+
+
+def dense_model(args, model: str, data: Path, out: Path) -> Path:
+    """The cached dense checkpoint of ``model``, trained first if needed.
+
+    ``<out>/<model>/dense.json`` records what it was trained with (epochs, config, data); when
+    that changed, the model's whole folder (its one-shot and gradual results too) is stale
+    and removed, so no row ever mixes two dense models.
+    """
+    folder, checkpoint = out / model / "dense_training", out / model / "dense.pth"
+    subset = data / "subset.json"
+    want = {
+        "epochs": args.epochs,
+        "config": config_for(model).read_text(),
+        "data": read_json(subset) if subset.is_file() else str(data),
+    }
+    meta = out / model / "dense.json"
+    if (out / model).exists() and read_json(meta) != want:
+        print(f"== {model}: dense settings changed; removing {out / model}", flush=True)
+        shutil.rmtree(out / model)
+    if checkpoint.is_file() and (folder / "training_complete.json").is_file():
+        return checkpoint
+    (out / model).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(meta, json.dumps(want))
+    cmd = [RESEARCH / "sparse_training.py", "--config", config_for(model), "--model", model]
+    cmd += ["--dataset", fmnist.FMNIST, "--data-dir", data, "--epochs", args.epochs]
+    cmd += ["--workers", 0, "--output", out / model, "--experiment", "dense_training"]
+    cmd += ["--log-interval", 1000, "--save-last"]
+    start = time.perf_counter()
+    train_once(cmd, folder, args.threads, f"dense training of {model} ({args.epochs} epochs)")
+    best = sorted(folder.glob("*_best.pth"))
+    if not best:
+        raise SetupError(f"no *_best.pth in {folder}")
+    shutil.copyfile(best[0], f"{checkpoint}.tmp")
+    os.replace(f"{checkpoint}.tmp", checkpoint)
+    record(out / "training.jsonl", f"{model}|dense", {
+        "model": model, "epochs": args.epochs, "seconds": time.perf_counter() - start,
+    })  # fmt: skip
+    return checkpoint
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (as the user would type it)."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def sweep_jobs(args) -> list[tuple[str, Path, list[float], bool]]:
+    """(method name, recipe, sparsities, draws gradients) of every one-shot job."""
+    jobs = []
+    for method in args.methods:
+        recipe = ONE_SHOT / f"{method}_fmnist.yaml"
+        if not recipe.is_file():
+            raise SetupError(f"--methods {method}: no recipe {shown(recipe)}")
+        jobs.append((method, recipe, args.sparsities, method not in NO_GRADIENTS))
+        nm = ONE_SHOT / f"{method}_fmnist_2to4.yaml"
+        if nm.is_file() and (args.nm_methods is None or method in args.nm_methods):
+            jobs.append((f"{method}_2to4", nm, [0.5], method not in NO_GRADIENTS))
+    return jobs
+
+
+def one_shot(args, model: str, checkpoint: Path, data: Path, out: Path) -> None:
+    # Rows are skipped by (method, sparsity): when the gradient settings change, the earlier
+    # sweeps no longer count (the recipes' own settings are checked by one_shot_pruning.py).
+    want = {"num_grads": args.num_grads, "gs_batch_size": args.gs_batch_size}
+    meta = out / model / "sweep.json"
+    if meta.is_file() and read_json(meta) != want:
+        print(f"== {model}: gradient settings changed; removing the earlier sweeps", flush=True)
+        for folder in (out / model).glob("seed*"):
+            shutil.rmtree(folder)
+    atomic_write_text(meta, json.dumps(want))
+    for i, seed in enumerate(args.seeds):
+        folder = out / model / f"seed{seed}"
+        done = res.latest_rows(res.read_rows(folder))
+        for method, recipe, sparsities, grads in sweep_jobs(args):
+            if i > 0 and not grads:
+                continue
+            todo = [s for s in sparsities if res.row_key(method, s) not in done]
+            if not todo:
+                continue
+            cmd = [RESEARCH / "one_shot_pruning.py", "--model", model, "--initial-checkpoint"]
+            cmd += [checkpoint, "--dataset", fmnist.FMNIST, "--data-dir", data]
+            cmd += ["--sparseml-recipe", recipe, "--method", method, "--sparsities", *todo]
+            cmd += ["--gs-loader", "-gb", args.gs_batch_size, "--gs-no-aug", "-vb", 500]
+            cmd += ["--workers", 0, "--threads", args.threads, "--seed", seed, "--no-report"]
+            cmd += ["--output", out / model, "--experiment", folder.name]
+            if args.num_grads and "num_grads:" in recipe.read_text():
+                cmd += ["--recipe-variables", f"num_grads={args.num_grads}"]
+            run(cmd, args.threads, f"{model} seed {seed}: one-shot {method} at {todo}")
+
+
+def number(text: str | None, scale: float = 1.0) -> float | None:
+    try:
+        value = float(text) * scale
+    except (TypeError, ValueError):
+        return None
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def final_row(summary: Path) -> dict[str, str]:
+    with summary.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise SetupError(f"{summary} holds no epoch")
+    return rows[-1]
+
+
+def gradual(args, model: str, checkpoint: Path, data: Path, out: Path) -> None:
+    path = out / model / "gradual.jsonl"
+    for method in args.gradual_methods:
+        key = f"{model}|{method}|{args.gradual_epochs}|m={args.num_grads}|n={data.name}"
+        if key in records(path):
+            continue
+        recipe = GRADUAL / f"{method}_fmnist.yaml"
+        if not recipe.is_file():
+            raise SetupError(f"--gradual-methods {method}: no recipe {shown(recipe)}")
+        folder = out / model / f"gradual_{method}"
+        cmd = [RESEARCH / "sparse_training.py", "--config", config_for(model), "--model", model]
+        cmd += ["--dataset", fmnist.FMNIST, "--data-dir", data, "--initial-checkpoint", checkpoint]
+        cmd += ["--sparseml-recipe", recipe, "--workers", 0, "--output", out / model]
+        cmd += ["--experiment", folder.name, "--log-interval", 1000, "--save-last"]
+        # Pruning steps at epochs 0..E-2, the last epoch (at least) fine-tunes the sparse model.
+        end = max(0, args.gradual_epochs - 2)
+        variables = f"num_epochs={args.gradual_epochs},pruning_end={end}"
+        if args.num_grads and "num_grads:" in recipe.read_text():
+            variables += f",num_grads={args.num_grads}"
+        cmd += ["--recipe-variables", variables]
+        start = time.perf_counter()
+        what = f"{model}: gradual {method} to 90% ({args.gradual_epochs} epochs)"
+        train_once(cmd, folder, args.threads, what)
+        last = final_row(folder / "summary.csv")
+        record(path, key, {
+            "model": model, "method": method, "epochs": args.gradual_epochs,
+            "accuracy": number(last.get("eval_top1")), "sparsity": number(last.get("sparsity")),
+            "prunable_sparsity": number(last.get("prunable_sparsity_percent"), 0.01),
+            "seconds": time.perf_counter() - start,
+        })  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out) / "quality"
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(args.data_dir, out, "data", args.train_limit, args.val_limit)
+    # the gradual runs train on fewer images (they are several epochs long); same test set
+    limit = args.gradual_train_limit
+    if args.train_limit and limit:
+        limit = min(limit, args.train_limit)
+    small = prepare_data(
+        args.data_dir, out, "data_gradual", limit or args.train_limit, args.val_limit
+    )
+    sweep_jobs(args)  # every recipe exists: fail before hours of work
+    checkpoints = {}
+    for model in args.models:
+        checkpoints[model] = dense_model(args, model, data, out)
+        one_shot(args, model, checkpoints[model], data, out)
+    for model in args.gradual_models:
+        checkpoint = checkpoints.get(model) or dense_model(args, model, data, out)
+        gradual(args, model, checkpoint, small, out)
+
+
+if __name__ == "__main__":
+    guarded(main)
