@@ -99,7 +99,7 @@ def float64_oracle(args: argparse.Namespace, k: int) -> torch.Tensor:
     del grads
     eye = torch.eye(bsz, dtype=torch.float64)
     out = torch.empty(x.shape[1], bsz, bsz)
-    torch.set_num_threads(1)  # see sparseml.kernels.fisher.for_each_chunk
+    torch.set_num_threads(1)  # see sparseml.kernels.chunking.for_each_chunk
     for s in range(0, x.shape[1], 64):
         xs = x[:, s : s + 64].transpose(0, 1)  # (n, k, B)
         gram = xs.transpose(1, 2) @ xs

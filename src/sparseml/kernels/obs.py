@@ -28,14 +28,8 @@ import torch
 from torch import Tensor
 
 from sparseml.errors import NumericalError, RecipeError
-from sparseml.kernels.fisher import (
-    block_diag,
-    block_matvec,
-    chunk_blocks,
-    for_each_chunk,
-    from_blocks,
-    to_blocks,
-)
+from sparseml.kernels.chunking import chunk_blocks, for_each_chunk
+from sparseml.kernels.fisher import block_diag, block_matvec, from_blocks, to_blocks
 from sparseml.kernels.precision import work_dtype
 
 
