@@ -62,6 +62,27 @@ default_cfgs = generate_default_cfgs(
 )
 
 
+# The small models' shapes, shared by their digits (32x32) and Fashion-MNIST (28x28) versions.
+SMALL_VIT = dict(
+    patch_size=4,
+    embed_dim=96,
+    depth=4,
+    num_heads=3,
+    mlp_ratio=2.0,
+    class_token=False,
+    global_pool="avg",
+    num_classes=10,
+)
+SMALL_RESNET = dict(
+    block=BasicBlock,
+    layers=(1, 1, 1, 1),
+    channels=(16, 32, 64, 128),
+    stem_width=16,
+    replace_stem_pool=True,
+    num_classes=10,
+)
+
+
 @register_model
 def vit_digits(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT with 4 blocks of width 96 (3 heads) on 4x4 patches of a 32x32 image (~0.31M params).
@@ -69,42 +90,14 @@ def vit_digits(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     Average pooling of the patch tokens instead of a class token: on 1.4k training images it
     converges in about half the epochs.
     """
-    args = dict(
-        img_size=32,
-        patch_size=4,
-        embed_dim=96,
-        depth=4,
-        num_heads=3,
-        mlp_ratio=2.0,
-        class_token=False,
-        global_pool="avg",
-        num_classes=10,
-    )
-    return build_model_with_cfg(
-        VisionTransformer,
-        "vit_digits",
-        pretrained,
-        **{**args, **kwargs},
-    )
+    args = {**SMALL_VIT, "img_size": 32, **kwargs}
+    return build_model_with_cfg(VisionTransformer, "vit_digits", pretrained, **args)
 
 
 @register_model
 def resnet_digits(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet with one basic block per stage, widths 16-128, no stem pooling (~0.36M params)."""
-    args = dict(
-        block=BasicBlock,
-        layers=(1, 1, 1, 1),
-        channels=(16, 32, 64, 128),
-        stem_width=16,
-        replace_stem_pool=True,
-        num_classes=10,
-    )
-    return build_model_with_cfg(
-        ResNet,
-        "resnet_digits",
-        pretrained,
-        **{**args, **kwargs},
-    )
+    return build_model_with_cfg(ResNet, "resnet_digits", pretrained, **{**SMALL_RESNET, **kwargs})
 
 
 @register_model
@@ -112,33 +105,15 @@ def vit_fmnist(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """``vit_digits``' shape on 28x28: 4 blocks of width 96 (3 heads), 49 patch tokens of 4x4
     pixels, average pooling (~0.31M params: an epoch of 60,000 images stays a few minutes on CPU).
     """
-    args = dict(
-        img_size=28,
-        patch_size=4,
-        embed_dim=96,
-        depth=4,
-        num_heads=3,
-        mlp_ratio=2.0,
-        class_token=False,
-        global_pool="avg",
-        num_classes=10,
-    )
-    return build_model_with_cfg(VisionTransformer, "vit_fmnist", pretrained, **{**args, **kwargs})
+    args = {**SMALL_VIT, "img_size": 28, **kwargs}
+    return build_model_with_cfg(VisionTransformer, "vit_fmnist", pretrained, **args)
 
 
 @register_model
 def resnet_fmnist(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """``resnet_digits``' shape on 28x28: one basic block per stage, widths 16-128, no stem
     pooling (~0.36M params)."""
-    args = dict(
-        block=BasicBlock,
-        layers=(1, 1, 1, 1),
-        channels=(16, 32, 64, 128),
-        stem_width=16,
-        replace_stem_pool=True,
-        num_classes=10,
-    )
-    return build_model_with_cfg(ResNet, "resnet_fmnist", pretrained, **{**args, **kwargs})
+    return build_model_with_cfg(ResNet, "resnet_fmnist", pretrained, **{**SMALL_RESNET, **kwargs})
 
 
 # ----- loading weights ----------------------------------------------------------------------------
