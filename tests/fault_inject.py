@@ -3,11 +3,8 @@
     python tests/fault_inject.py research/one_shot_pruning.py ARGS...   (also under torchrun)
 
 ``FAULT=enospc`` makes every ``os.fsync`` of the process whose ``RANK`` equals ``FAULT_RANK``
-(default 0) fail with ENOSPC, as a full disk reports a buffered write. ``FAULT=slow_checkpoints``
-makes every atomic write of a ``.pth`` file take 3 s longer (after its rename): a test that
-signals the run once a checkpoint appears then always finds it running, however loaded the
-machine. Nothing else changes: the script runs as ``__main__`` with its own folder first on
-``sys.path``.
+(default 0) fail with ENOSPC, as a full disk reports a buffered write. Nothing else changes: the
+script runs as ``__main__`` with its own folder first on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -16,20 +13,10 @@ import errno
 import os
 import runpy
 import sys
-import time
 
 
 def _enospc(fd: int) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def _slow_replace(replace):
-    def slow(src, dst, *args, **kwargs):
-        replace(src, dst, *args, **kwargs)
-        if str(dst).endswith(".pth"):
-            time.sleep(3)
-
-    return slow
 
 
 def main() -> None:
@@ -40,8 +27,6 @@ def main() -> None:
         fault = os.environ.get("FAULT", "")
         if fault == "enospc":
             os.fsync = _enospc
-        elif fault == "slow_checkpoints":
-            os.replace = _slow_replace(os.replace)
         elif fault:
             raise SystemExit(f"fault_inject: unknown FAULT={fault!r}")
     runpy.run_path(script, run_name="__main__")
