@@ -107,6 +107,13 @@ def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} under {launcher.pid}")
 
 
+def _default_sigint() -> None:
+    # A test run started in the background of a non-interactive shell (``cmd &``) inherits
+    # SIGINT ignored, and Python then never raises KeyboardInterrupt; a job must see Ctrl-C as
+    # a foreground run does.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Job:
     """A process (tree) started in its own session; output to a file; always cleaned up."""
 
@@ -114,7 +121,7 @@ class Job:
         self.log = log
         self.proc = subprocess.Popen(
             cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_default_sigint,
         )  # fmt: skip
         self.started = time.monotonic()
 
