@@ -4,6 +4,7 @@ exact resume, one-shot calibration, recipe fields (SparseML's names) and errors.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -417,3 +418,24 @@ def test_two_ranks_share_activation_ranges(tmp_path) -> None:
         assert rank0.keys() == rank1.keys() and rank0
         for name in rank0:
             assert torch.equal(rank0[name], rank1[name]), name
+
+
+def test_caps_own_qat_recipe_file_runs_unchanged() -> None:
+    # tests/fixtures/50ep_vit_qat.yaml is CAP's research/recipes/quantization/50ep_vit_qat.yaml
+    # byte for byte: ConstantPruningModifier on every weight + QuantizationModifier, 50 epochs
+    fixture = Path(__file__).parent / "fixtures" / "50ep_vit_qat.yaml"
+    manager = ScheduledModifierManager.from_yaml(str(fixture))
+    assert manager.max_epochs == 50
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].weight[:, :3] = 0.0  # a pruned model: these zeros must survive
+    opt = manager.modify(model, torch.optim.AdamW(model.parameters(), lr=1e-3), steps_per_epoch=2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        model(torch.randn(5, 8, generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    bits = quant_bits_by_layer(manager)
+    assert bits == {name: {"weight_bits": 8, "activation_bits": 8} for name in ("0", "2")}
+    assert bool((model[0].weight.detach()[:, :3] == 0).all())
+    assert float(model[0].weight.detach()[:, 3:].abs().min()) > 0
