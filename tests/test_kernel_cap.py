@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparseml.errors import NumericalError, RecipeError
+from sparseml.kernels import cap as cap_module
 from sparseml.kernels.cap import (
     cap_eliminate,
     cap_nm_prune,
@@ -17,6 +18,14 @@ from sparseml.kernels.cap import (
 )
 
 f64 = torch.float64
+
+
+@pytest.fixture(autouse=True, params=["default", 2, 3])
+def lazy_steps(request, monkeypatch):
+    """Every oracle test also runs with the pending downdates applied every 2 and 3 steps, so
+    the blocked (lazy) path, its flushes and compactions in between are checked on small B."""
+    if request.param != "default":
+        monkeypatch.setattr(cap_module, "_LAZY", request.param)
 
 
 def make_problem(n_b=5, B=6, m=4, damp=1e-2, seed=0, corr=0.0, grad_mask=None):

@@ -15,6 +15,7 @@ where a coordinate is already removed; returned ``mask`` tensors are True where 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -24,29 +25,44 @@ __all__ = ["cap_eliminate", "cap_reconstruct", "prefix_counts", "prefix_mask", "
 
 # Pivots below this fraction of the block's largest initial diagonal entry are rounding noise.
 _PIVOT_FLOOR = 1e-12
-# Default working chunk: ~4 MiB of float64 per batch; bigger batches were no faster on CPU.
-_CHUNK_BYTES = 4 * 2**20
+# Default working set: ~48 MiB of float64 [H | w] per batch (~170 blocks at B = 192). Every
+# greedy step costs ~15 ops whatever the batch holds, so big batches amortise them; on CPU a
+# worker thread per core runs its own batch.
+_CHUNK_BYTES = 48 * 2**20
+# Greedy steps whose rank-1 downdates are applied together as one GEMM.
+_LAZY = 32
 
 
 def _serially(fn: Callable[[int], None], n: int, step: int, device: torch.device) -> None:
-    """``fn(start)`` for every batch start, with one intra-op thread on CPU.
+    """``fn(start)`` for every batch start; on CPU one batch per core, one intra-op thread each.
 
-    The loops issue ~15 small ops per step: intra-op threads only add synchronisation (and
-    stall badly when the cores are shared), and a pool of Python threads is bound by the GIL.
+    The loops issue ~15 ops per step on a few hundred kilobytes: intra-op threads only add
+    synchronisation (and stall badly when the cores are shared), while independent batches on
+    worker threads run side by side (torch releases the GIL inside each op).
     """
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        for start in range(0, n, step):
+    starts = range(0, n, step)
+    if device.type != "cpu":
+        for start in starts:
             fn(start)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if threads == 1 or len(starts) <= 1:
+            for start in starts:
+                fn(start)
+        else:
+            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+                for done in [pool.submit(fn, start) for start in starts]:
+                    done.result()
     finally:
         torch.set_num_threads(threads)
 
 
 def _batches(n_b: int, B: int, blocks_per_batch: int | None) -> int:
-    if blocks_per_batch is None:
-        return max(1, min(n_b, _CHUNK_BYTES // (8 * B * B)))
+    if blocks_per_batch is None:  # at least one batch per intra-op thread (see _serially)
+        share = -(-n_b // max(1, torch.get_num_threads()))
+        return max(1, min(share, _CHUNK_BYTES // (8 * B * B)))
     if blocks_per_batch < 1:
         raise RecipeError(f"blocks_per_batch must be >= 1 or None, got {blocks_per_batch}")
     return blocks_per_batch
@@ -93,29 +109,39 @@ def _greedy(Hb, wb, elim, steps, gid=None, cnt=None, n=0):
     n eliminated coordinates is closed. Returns pivots (nb, T) as original indices (-1 once a
     block has stopped), cumulative losses (nb, T) with 1/2 included, and the final weights
     (nb, B) with every eliminated coordinate exactly 0.
+
+    Blocked (lazy) downdates: the rank-1 Schur updates of up to ``_LAZY`` steps are kept as
+    factors U (nb, r, k) and R (nb, k, r + 1) with the current [H | w] = h - U R; a step only
+    needs the pivot's row of it (a (1, k) x (k, r + 1) product), the diagonal and w, which are
+    downdated in O(r). Every ``_LAZY`` steps the pending updates are applied to h at once as
+    one batched GEMM, so the O(B^3) work of a block runs at matrix-multiply speed instead of as
+    B memory-bound rank-1 updates.
     """
     nb, B = elim.shape
     dev = Hb.device
-    # w rides along as column B of an augmented [H | w]: one rank-1 update moves both. This
-    # function owns it, so every compaction below frees the previous copy.
+    # w rides along as column B of an augmented [H | w]: one update moves both. This function
+    # owns it, so every compaction below frees the previous copy.
     h = torch.empty((nb, B, B + 1), dtype=torch.float64, device=dev)
     h[:, :, :B] = Hb
     h[:, :, B] = wb
     if not torch.isfinite(h.sum()):  # per batch: no H-sized temporary
         raise NumericalError("CAP received NaN/Inf in the inverse Fisher blocks")
-    diag0 = h.diagonal(dim1=1, dim2=2)
-    floor = diag0.amax(1, keepdim=True).clamp_min(1e-300) * _PIVOT_FLOOR
+    floor = h.diagonal(dim1=1, dim2=2).amax(1, keepdim=True).clamp_min(1e-300) * _PIVOT_FLOOR
     _pre_eliminate(h, elim, Hb)
     T = int(steps.max()) if nb else 0
     t_all = int(steps.min()) if nb else 0  # steps before the first block stops
     piv, hist = [], []  # per step: (nb,) original index and score of the pivot
     idx = torch.arange(B, device=dev).expand(nb, B)
-    r = B
+    r, k = B, 0
+    U = R = d = w = base = None
     for t in range(T):
-        if t % 8 == 0:
+        if k == _LAZY or t == 0:
+            if k:  # apply the pending downdates: h -= U^T R
+                h.baddbmm_(U[:k].permute(1, 2, 0), R[:k].transpose(0, 1), alpha=-1.0)
+                k = 0
             r_new = int((~elim).sum(1).max())
             # Dropping eliminated rows/columns cuts the downdate flops from B^3 to ~B^3/3; a
-            # gather costs ~10 downdates, so compact only after a third of r is gone.
+            # gather costs a few flushes, so compact only after a third of r is gone.
             if r - r_new >= max(4, r // 3) or (t == 0 and r_new < r):
                 keep = torch.argsort(elim.to(torch.int8), dim=1, stable=True)[:, :r_new]
                 cols = torch.cat([keep, torch.full_like(keep[:, :1], r)], 1)
@@ -124,17 +150,26 @@ def _greedy(Hb, wb, elim, steps, gid=None, cnt=None, n=0):
                 del flat
                 elim, idx = elim.gather(1, keep), idx.gather(1, keep)
                 gid = None if gid is None else gid.gather(1, keep)
-                r = r_new
-        diag = h.diagonal(dim1=1, dim2=2).clamp_min(floor)
-        w = h[:, :, r]
+                r, U = r_new, None
+            if U is None:  # step-major: U[k] = u (nb, r), R[k] the pivot rows of [H | w]
+                U = torch.empty((_LAZY, nb, r), dtype=h.dtype, device=dev)
+                R = torch.empty((_LAZY, nb, r + 1), dtype=h.dtype, device=dev)
+                base = torch.arange(nb, device=dev) * r
+            d, w = h.diagonal(dim1=1, dim2=2).clone(), h[:, :, r].clone()
+        diag = d.clamp_min(floor)
         s = w.square().div_(diag)
         closed = elim if gid is None else elim | (cnt.gather(1, gid) >= n)
         sp, p = s.masked_fill_(closed, float("inf")).min(1)
         hist.append(sp)
         p1 = p.unsqueeze(1)
         piv.append(idx.gather(1, p1))
-        row = h.gather(1, p1.unsqueeze(2).expand(nb, 1, r + 1))  # [H[p, :], w_p], H symmetric
-        u = row[:, 0, :r] / diag.gather(1, p1)
+        row = R[k]  # [H[p, :], w_p] of the current [H | w] (H symmetric)
+        torch.index_select(h.view(nb * r, r + 1), 0, base + p, out=row)
+        if k:
+            up = U[:k].gather(2, p.view(1, nb, 1).expand(k, nb, 1))  # (k, nb, 1)
+            row.unsqueeze(1).baddbmm_(up.permute(1, 2, 0), R[:k].transpose(0, 1), alpha=-1.0)
+        u = U[k]
+        torch.div(row[:, :r], diag.gather(1, p1), out=u)
         if t < t_all:
             elim.scatter_(1, p1, True)
         else:  # some blocks are done: their pivot is a dummy and must change nothing
@@ -143,14 +178,17 @@ def _greedy(Hb, wb, elim, steps, gid=None, cnt=None, n=0):
             elim.scatter_(1, p1, elim.gather(1, p1) | active)
         if gid is not None:
             cnt.scatter_add_(1, gid.gather(1, p1), (steps > t).unsqueeze(1).long())
-        h.addcmul_(u.unsqueeze(2), row, value=-1.0)
+        d.addcmul_(u, row[:, :r], value=-1.0)
+        w.addcmul_(u, row[:, r : r + 1], value=-1.0)
+        k += 1
     done = torch.arange(T, device=dev) >= steps.unsqueeze(1)
     piv = torch.cat(piv, 1) if T else torch.empty((nb, 0), dtype=torch.long, device=dev)
     piv.masked_fill_(done, -1)
     hist = torch.stack(hist, 1) if T else torch.empty((nb, 0), dtype=h.dtype, device=dev)
     cum = hist.masked_fill_(done, 0.0).mul_(0.5).cumsum(1)
     out = torch.zeros((nb, B), dtype=h.dtype, device=dev)
-    out.scatter_(1, idx, h[:, :, r].masked_fill(elim, 0.0))
+    final = h[:, :, r] if w is None else w
+    out.scatter_(1, idx, final.masked_fill(elim, 0.0))
     return piv, cum, out
 
 
