@@ -186,11 +186,13 @@ def test_wrong_out_shape_raises_recipe_error() -> None:
         accumulate_block_gram(torch.zeros(2, 10), 4, out=torch.zeros(2, 4, 4))
 
 
-def test_nan_gradient_names_the_block() -> None:
+@pytest.mark.parametrize("mspace", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_gradient_names_the_block(bad: float, mspace: bool) -> None:
     grads = _grads(8, 40, seed=7).float()
-    grads[3, 21] = float("nan")  # coordinate 21 is in block 2 for B = 8
+    grads[3, 21] = bad  # coordinate 21 is in block 2 for B = 8
     with pytest.raises(NumericalError, match="block 2 .*NaN/Inf"):
-        block_fisher_inverse(grads, 8, 1e-3)
+        block_fisher_inverse(grads, 8, 1e-3, mspace=mspace)
 
 
 def test_non_positive_definite_block_names_block_and_damp() -> None:

@@ -145,9 +145,9 @@ def _greedy(Hb, wb, elim, steps, gid=None, cnt=None, n=0):
             if r - r_new >= max(4, r // 3) or (t == 0 and r_new < r):
                 keep = torch.argsort(elim.to(torch.int8), dim=1, stable=True)[:, :r_new]
                 cols = torch.cat([keep, torch.full_like(keep[:, :1], r)], 1)
-                flat = (keep.unsqueeze(2) * (r + 1) + cols.unsqueeze(1)).flatten(1)
-                h = h.flatten(1).gather(1, flat).view(nb, r_new, r_new + 1)
-                del flat
+                rows = (keep + torch.arange(nb, device=dev).unsqueeze(1) * r).flatten()
+                h = h.view(nb * r, r + 1).index_select(0, rows).view(nb, r_new, r + 1)
+                h = h.gather(2, cols.unsqueeze(1).expand(nb, r_new, r_new + 1))
                 elim, idx = elim.gather(1, keep), idx.gather(1, keep)
                 gid = None if gid is None else gid.gather(1, keep)
                 r, U = r_new, None

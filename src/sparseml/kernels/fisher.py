@@ -172,7 +172,9 @@ def invert_block_fisher(
 
     def invert_chunk(s: int) -> None:
         f = gram[s : s + step].to(torch.float64, copy=True)
-        bad = ~torch.isfinite(f).flatten(1).all(dim=1)
+        # A block's sum is finite iff its entries are (short of float64 overflow, itself a
+        # fault): one pass, no chunk-sized boolean temporary.
+        bad = ~torch.isfinite(f.sum(dim=(1, 2)))
         if bad.any():
             raise NumericalError(
                 f"Fisher block {s + int(bad.nonzero()[0])} has NaN/Inf Gram entries: check the "
@@ -234,7 +236,7 @@ def mspace_block_inverse(
         cols = slice(s * block_size, (s + step) * block_size)
         g = to_blocks(torch.cat([x[:, cols].double() for x in pieces]), block_size)
         g = g.transpose(0, 1)  # (n, m, B)
-        bad = ~torch.isfinite(g).flatten(1).all(dim=1)
+        bad = ~torch.isfinite(g.sum(dim=(1, 2)))  # as in invert_block_fisher
         if bad.any():
             raise NumericalError(f"Fisher block {s + int(bad.nonzero()[0])} has NaN/Inf gradients")
         k = torch.bmm(g, g.transpose(1, 2))
