@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import weakref
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from sparseml.modifiers.pruning import PruningModifier
+from sparseml.modifiers.second_order import SecondOrderPruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
 from sparseml.registry import modifier_classes
 from table_grads import TableGrads
@@ -181,6 +183,34 @@ def gradual_steps(model, manager, steps, sampler):
         wrapped.step()
         wrapped.zero_grad()
     return opt
+
+
+class ChunkWatch(FixedGrads):
+    """Fails when a gradient is drawn while an earlier chunk of samples is still alive: the
+    pruners must hold one chunk at a time (at DeiT size one is 1.4 GB). Chunks kept on purpose
+    (the m-space form with m < B) are not exercised: here m = 16 >= B = 8."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__(table)
+        self.yielded: list[weakref.ref] = []
+
+    def iter_chunks(self, *args, **kwargs):
+        for chunk in super().iter_chunks(*args, **kwargs):
+            self.yielded += [weakref.ref(t) for t in chunk]
+            yield chunk
+            chunk = None
+
+    def _one_gradient(self, module, params, dtype):
+        alive = sum(ref() is not None for ref in self.yielded)
+        assert alive == 0, f"{alive} tensors of an earlier gradient chunk are still alive"
+        return super()._one_gradient(module, params, dtype)
+
+
+@pytest.mark.parametrize("name", PRUNERS)
+def test_one_gradient_chunk_alive_at_a_time(name: str, monkeypatch, one_thread) -> None:
+    monkeypatch.setattr(SecondOrderPruningModifier, "GRAD_CHUNK", 4)  # 16 samples: 4 chunks
+    sampler = ChunkWatch(grad_table())
+    ScheduledModifierManager.from_yaml(recipe(name, False)).apply(model32(), grad_sampler=sampler)
 
 
 @pytest.mark.parametrize("name", PRUNERS)

@@ -300,6 +300,9 @@ class GradSampler:
                     progress.step(done)
                 _check_finite(chunk, "sampled gradients")
                 yield chunk
+                # Dropped before the next chunk exists: one chunk alive at a time (each can be
+                # GBs); consumers drop theirs too (`sparseml.curvature`).
+                chunk = buf = None
 
     # ----- more than gradients: layer statistics (K-FAC) and Hessian-vector products -----------
     # Both run on the unwrapped model and never touch ``.grad`` (torch.autograd.grad with

@@ -49,6 +49,7 @@ def _feed(chunks: Iterable[list[Tensor]], layout, builders: list[BlockFisherBuil
     for chunk in chunks:
         for piece, builder in zip(layout.take(chunk), builders):
             builder.add(piece)
+        chunk = piece = None  # not alive while the next chunk is drawn
 
 
 def shared_block_fishers(
@@ -62,4 +63,5 @@ def shared_block_fishers(
         for grads, F in zip(chunk, fishers):
             accumulate_shared_fisher(grads, block_size, out=F)
         count += chunk[0].shape[0]
+        chunk = grads = None  # not alive while the next chunk is drawn
     return fishers, count

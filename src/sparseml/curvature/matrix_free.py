@@ -24,6 +24,7 @@ def unpruned_gradients(
     for chunk in chunks:
         layout.fill(grads[row : row + chunk[0].shape[0]], chunk)
         row += chunk[0].shape[0]
+        del chunk  # not alive while the next chunk is drawn
     return grads[:row]
 
 

@@ -44,6 +44,7 @@ def tapped(chunks: Iterable[list[Tensor]], moments: GradientMoments) -> Iterator
     for chunk in chunks:
         moments.add(chunk)
         yield chunk
+        del chunk  # not alive while the next chunk is drawn
 
 
 def gradient_sums(
@@ -59,4 +60,5 @@ def gradient_sums(
         for grads, s in zip(chunk, sums):
             g = grads.to(s.device, torch.float64)
             s += (g.abs() if absolute else g).sum(0)
+        chunk = grads = g = None  # not alive while the next chunk is drawn
     return sums

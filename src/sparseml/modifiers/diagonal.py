@@ -104,6 +104,7 @@ class DiagFisherPruningModifier(BlockPruningModifier):
         moments = GradientMoments([r.param.numel() for r in self.refs], device)
         for chunk in self.gradient_chunks(module):
             moments.add(chunk)
+            del chunk  # not alive while the next chunk is drawn
         return layout.take(moments.diagonal_fisher())
 
 
