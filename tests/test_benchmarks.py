@@ -236,6 +236,53 @@ def test_sweep_jobs_follow_the_recipes(tmp_path: Path, monkeypatch) -> None:
         bq.sweep_jobs(bq.parse_args(["--out", str(tmp_path), "--methods", "nosuch"]))
 
 
+def test_jobs_run_in_order_or_side_by_side_and_stop_at_the_first_failure() -> None:
+    import threading
+    import time
+
+    sys.path.insert(0, str(ROOT / "research" / "bench"))
+    from bench_common import in_parallel
+
+    ran: list[str] = []
+
+    def job(name: str, then: tuple = ()):
+        return lambda: ran.append(name) or list(then)
+
+    in_parallel([job("a", (job("a1"), job("a2"))), job("b", (job("b1"),))], 1)
+    assert ran == ["a", "a1", "a2", "b", "b1"]  # one worker: depth first, in order
+
+    ran.clear()
+    x_in, y_in = threading.Event(), threading.Event()
+
+    def meet(mine, other, name, then=()):
+        def body():  # returns only while the other job runs too
+            mine.set()
+            assert other.wait(10), f"{name} ran alone"
+            return job(name, then)()
+
+        return body
+
+    in_parallel([meet(x_in, y_in, "x", (job("x1"),)), meet(y_in, x_in, "y")], 2)
+    assert sorted(ran) == ["x", "x1", "y"]  # side by side; follow-up jobs run too
+
+    ran.clear()
+    started = threading.Event()
+
+    def slow():
+        started.set()
+        time.sleep(0.5)
+        ran.append("slow")
+
+    def failing():
+        assert started.wait(10)
+        sys.exit(7)
+
+    with pytest.raises(SystemExit) as err:
+        in_parallel([slow, failing, *[job(f"q{i}") for i in range(5)]], 2)
+    assert err.value.code == 7  # the failed script's exit code
+    assert ran == ["slow"]  # the running job ended; the queued ones never started
+
+
 def test_cost_runs_over_the_memory_cap_are_not_started(tmp_path: Path, capsys) -> None:
     sys.path.insert(0, str(ROOT / "research" / "bench"))
     import bench_cost

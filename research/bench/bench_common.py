@@ -12,6 +12,9 @@ import os
 import subprocess
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,9 @@ if str(RESEARCH) not in sys.path:  # utils.* (the research scripts' package)
 from utils import results as res  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
 
-__all__ = ["ROOT", "RESEARCH", "SetupError", "guarded", "record", "records", "run"]
+__all__ = ["ROOT", "RESEARCH", "SetupError", "guarded", "in_parallel", "record", "records", "run"]
+
+Job = Callable[[], "list[Job] | None"]
 
 
 def guarded(main: Any) -> None:
@@ -60,3 +65,27 @@ def run(cmd: list[str], threads: int, what: str, env: dict[str, str] | None = No
     if done.returncode:
         print(f"error: {what} failed (exit {done.returncode})", file=sys.stderr)
         sys.exit(done.returncode)
+
+
+def in_parallel(jobs: list[Job], workers: int) -> None:
+    """Run ``jobs`` on ``workers`` threads (a job runs its research scripts one at a time, so
+    this is the number of processes at once). A job may return further jobs (those that needed
+    its result), queued behind the waiting ones; with one worker they run depth first, in
+    order. The first failure cancels the queued jobs, lets the running ones end and is raised
+    (a failed script's ``SystemExit`` keeps its exit code)."""
+    if workers <= 1:
+        queue = deque(jobs)
+        while queue:
+            queue.extendleft(reversed(queue.popleft()() or []))
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending = {pool.submit(job) for job in jobs}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    pending |= {pool.submit(job) for job in future.result() or []}
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise

@@ -25,11 +25,13 @@ import csv
 import json
 import os
 import shutil
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from bench_common import RESEARCH, ROOT, SetupError, guarded, record, records, run
+from bench_common import RESEARCH, ROOT, SetupError, guarded, in_parallel, record, records, run
 
 from sparseml.serialization import atomic_write_text
 from utils import fmnist
@@ -38,6 +40,7 @@ from utils import results as res
 ONE_SHOT = RESEARCH / "recipes" / "one_shot"
 GRADUAL = RESEARCH / "recipes" / "gradual_pruning"
 NO_GRADIENTS = {"gm"}  # magnitude pruning: the seed changes nothing
+RECORDS = threading.Lock()  # jobs run on threads: one append to a shared record file at a time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradual-models", nargs="*", default=None, help="default: the first model")
     p.add_argument("--gradual-methods", nargs="*", default=["gm", "cap"])
     p.add_argument("--gradual-epochs", type=int, default=2)
+    p.add_argument(
+        "--jobs", type=int, default=1,
+        help="processes at a time, each with --threads threads (default 1)",
+    )  # fmt: skip
     p.add_argument(
         "--gradual-train-limit", type=int, default=20000, help="first N training images (0: all)"
     )
@@ -154,9 +161,10 @@ def dense_model(args, model: str, data: Path, out: Path) -> Path:
         raise SetupError(f"no *_best.pth in {folder}")
     shutil.copyfile(best[0], f"{checkpoint}.tmp")
     os.replace(f"{checkpoint}.tmp", checkpoint)
-    record(out / "training.jsonl", f"{model}|dense", {
-        "model": model, "epochs": args.epochs, "seconds": time.perf_counter() - start,
-    })  # fmt: skip
+    with RECORDS:
+        record(out / "training.jsonl", f"{model}|dense", {
+            "model": model, "epochs": args.epochs, "seconds": time.perf_counter() - start,
+        })  # fmt: skip
     return checkpoint
 
 
@@ -179,7 +187,8 @@ def sweep_jobs(args) -> list[tuple[str, Path, list[float], bool]]:
     return jobs
 
 
-def one_shot(args, model: str, checkpoint: Path, data: Path, out: Path) -> None:
+def one_shot(args, model: str, checkpoint: Path, data: Path, out: Path) -> list[Callable[[], None]]:
+    """One job per seed (each its own folder, its methods in order)."""
     # Rows are skipped by (method, sparsity): when the gradient settings change, the earlier
     # sweeps no longer count (the recipes' own settings are checked by one_shot_pruning.py).
     want = {"num_grads": args.num_grads, "gs_batch_size": args.gs_batch_size}
@@ -189,24 +198,31 @@ def one_shot(args, model: str, checkpoint: Path, data: Path, out: Path) -> None:
         for folder in (out / model).glob("seed*"):
             shutil.rmtree(folder)
     atomic_write_text(meta, json.dumps(want))
-    for i, seed in enumerate(args.seeds):
-        folder = out / model / f"seed{seed}"
-        done = res.latest_rows(res.read_rows(folder))
-        for method, recipe, sparsities, grads in sweep_jobs(args):
-            if i > 0 and not grads:
-                continue
-            todo = [s for s in sparsities if res.row_key(method, s) not in done]
-            if not todo:
-                continue
-            cmd = [RESEARCH / "one_shot_pruning.py", "--model", model, "--initial-checkpoint"]
-            cmd += [checkpoint, "--dataset", fmnist.FMNIST, "--data-dir", data]
-            cmd += ["--sparseml-recipe", recipe, "--method", method, "--sparsities", *todo]
-            cmd += ["--gs-loader", "-gb", args.gs_batch_size, "--gs-no-aug", "-vb", 500]
-            cmd += ["--workers", 0, "--threads", args.threads, "--seed", seed, "--no-report"]
-            cmd += ["--output", out / model, "--experiment", folder.name]
-            if args.num_grads and "num_grads:" in recipe.read_text():
-                cmd += ["--recipe-variables", f"num_grads={args.num_grads}"]
-            run(cmd, args.threads, f"{model} seed {seed}: one-shot {method} at {todo}")
+    return [
+        (lambda seed=seed, first=(i == 0): sweep(args, model, checkpoint, data, out, seed, first))
+        for i, seed in enumerate(args.seeds)
+    ]
+
+
+def sweep(args, model: str, checkpoint: Path, data: Path, out: Path, seed: int, first: bool):
+    """Every one-shot job of one seed, in order (one process at a time writes its folder)."""
+    folder = out / model / f"seed{seed}"
+    done = res.latest_rows(res.read_rows(folder))
+    for method, recipe, sparsities, grads in sweep_jobs(args):
+        if not first and not grads:
+            continue
+        todo = [s for s in sparsities if res.row_key(method, s) not in done]
+        if not todo:
+            continue
+        cmd = [RESEARCH / "one_shot_pruning.py", "--model", model, "--initial-checkpoint"]
+        cmd += [checkpoint, "--dataset", fmnist.FMNIST, "--data-dir", data]
+        cmd += ["--sparseml-recipe", recipe, "--method", method, "--sparsities", *todo]
+        cmd += ["--gs-loader", "-gb", args.gs_batch_size, "--gs-no-aug", "-vb", 500]
+        cmd += ["--workers", 0, "--threads", args.threads, "--seed", seed, "--no-report"]
+        cmd += ["--output", out / model, "--experiment", folder.name]
+        if args.num_grads and "num_grads:" in recipe.read_text():
+            cmd += ["--recipe-variables", f"num_grads={args.num_grads}"]
+        run(cmd, args.threads, f"{model} seed {seed}: one-shot {method} at {todo}")
 
 
 def number(text: str | None, scale: float = 1.0) -> float | None:
@@ -225,30 +241,36 @@ def final_row(summary: Path) -> dict[str, str]:
     return rows[-1]
 
 
-def gradual(args, model: str, checkpoint: Path, data: Path, out: Path) -> None:
+def gradual(args, model: str, checkpoint: Path, data: Path, out: Path) -> list[Callable[[], None]]:
+    """One job per method of the gradual run (each its own folder)."""
+    return [
+        (lambda method=method: gradual_run(args, model, method, checkpoint, data, out))
+        for method in args.gradual_methods
+    ]
+
+
+def gradual_run(args, model: str, method: str, checkpoint: Path, data: Path, out: Path) -> None:
     path = out / model / "gradual.jsonl"
-    for method in args.gradual_methods:
-        key = f"{model}|{method}|{args.gradual_epochs}|m={args.num_grads}|n={data.name}"
-        if key in records(path):
-            continue
-        recipe = GRADUAL / f"{method}_fmnist.yaml"
-        if not recipe.is_file():
-            raise SetupError(f"--gradual-methods {method}: no recipe {shown(recipe)}")
-        folder = out / model / f"gradual_{method}"
-        cmd = [RESEARCH / "sparse_training.py", "--config", config_for(model), "--model", model]
-        cmd += ["--dataset", fmnist.FMNIST, "--data-dir", data, "--initial-checkpoint", checkpoint]
-        cmd += ["--sparseml-recipe", recipe, "--workers", 0, "--output", out / model]
-        cmd += ["--experiment", folder.name, "--log-interval", 1000, "--save-last"]
-        # Pruning steps at epochs 0..E-2, the last epoch (at least) fine-tunes the sparse model.
-        end = max(0, args.gradual_epochs - 2)
-        variables = f"num_epochs={args.gradual_epochs},pruning_end={end}"
-        if args.num_grads and "num_grads:" in recipe.read_text():
-            variables += f",num_grads={args.num_grads}"
-        cmd += ["--recipe-variables", variables]
-        start = time.perf_counter()
-        what = f"{model}: gradual {method} to 90% ({args.gradual_epochs} epochs)"
-        train_once(cmd, folder, args.threads, what)
-        last = final_row(folder / "summary.csv")
+    key = f"{model}|{method}|{args.gradual_epochs}|m={args.num_grads}|n={data.name}"
+    if key in records(path):
+        return
+    recipe = GRADUAL / f"{method}_fmnist.yaml"
+    folder = out / model / f"gradual_{method}"
+    cmd = [RESEARCH / "sparse_training.py", "--config", config_for(model), "--model", model]
+    cmd += ["--dataset", fmnist.FMNIST, "--data-dir", data, "--initial-checkpoint", checkpoint]
+    cmd += ["--sparseml-recipe", recipe, "--workers", 0, "--output", out / model]
+    cmd += ["--experiment", folder.name, "--log-interval", 1000, "--save-last"]
+    # Pruning steps at epochs 0..E-2, the last epoch (at least) fine-tunes the sparse model.
+    end = max(0, args.gradual_epochs - 2)
+    variables = f"num_epochs={args.gradual_epochs},pruning_end={end}"
+    if args.num_grads and "num_grads:" in recipe.read_text():
+        variables += f",num_grads={args.num_grads}"
+    cmd += ["--recipe-variables", variables]
+    start = time.perf_counter()
+    what = f"{model}: gradual {method} to 90% ({args.gradual_epochs} epochs)"
+    train_once(cmd, folder, args.threads, what)
+    last = final_row(folder / "summary.csv")
+    with RECORDS:
         record(path, key, {
             "model": model, "method": method, "epochs": args.gradual_epochs,
             "accuracy": number(last.get("eval_top1")), "sparsity": number(last.get("sparsity")),
@@ -270,13 +292,21 @@ def main(argv: list[str] | None = None) -> None:
         args.data_dir, out, "data_gradual", limit or args.train_limit, args.val_limit
     )
     sweep_jobs(args)  # every recipe exists: fail before hours of work
-    checkpoints = {}
-    for model in args.models:
-        checkpoints[model] = dense_model(args, model, data, out)
-        one_shot(args, model, checkpoints[model], data, out)
-    for model in args.gradual_models:
-        checkpoint = checkpoints.get(model) or dense_model(args, model, data, out)
-        gradual(args, model, checkpoint, small, out)
+    for method in args.gradual_methods:
+        recipe = GRADUAL / f"{method}_fmnist.yaml"
+        if not recipe.is_file():
+            raise SetupError(f"--gradual-methods {method}: no recipe {shown(recipe)}")
+
+    def chain(model: str) -> list[Callable[[], None]]:
+        """Train ``model`` dense (or find it cached); its one-shot and gradual jobs follow."""
+        checkpoint = dense_model(args, model, data, out)
+        jobs = one_shot(args, model, checkpoint, data, out) if model in args.models else []
+        if model in args.gradual_models:
+            jobs += gradual(args, model, checkpoint, small, out)
+        return jobs
+
+    models = list(dict.fromkeys([*args.models, *args.gradual_models]))
+    in_parallel([(lambda model=model: chain(model)) for model in models], args.jobs)
 
 
 if __name__ == "__main__":

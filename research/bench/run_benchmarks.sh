@@ -12,7 +12,9 @@
 # dataset-fashion-mnist` (or FMNIST_DIR=folder holding them); without them it exits with 2.
 #
 # Environment overrides: RESULTS, THREADS (torch threads of the Fashion-MNIST models, default 1:
-# tiny models gain nothing from more, and shared cores make them much slower), KERNEL_THREADS
+# tiny models gain nothing from more, and shared cores make them much slower), JOBS (their
+# processes at a time, default 2: the two models' trainings, then one seed or gradual run per
+# process; the rows do not depend on it), KERNEL_THREADS
 # (cost and scaling steps, default 2), METHODS (one-shot methods: recipes
 # research/recipes/one_shot/<name>_fmnist.yaml, e.g. METHODS="gm obs cap woodfisher"),
 # FMNIST_DIR, PYTHON, and extra arguments appended to each step: QUALITY_ARGS, COST_ARGS,
@@ -31,6 +33,7 @@ done
 
 PYTHON=${PYTHON:-python}
 THREADS=${THREADS:-1}
+JOBS=${JOBS:-2}
 KERNEL_THREADS=${KERNEL_THREADS:-2}
 STEPS=${STEPS:-"quality cost scaling"}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -73,7 +76,7 @@ mkdir -p "$RESULTS"
 for step in $STEPS; do
     t0=$(date +%s)
     case "$step" in
-        quality) "$PYTHON" research/bench/bench_quality.py --out "$RESULTS" --threads "$THREADS" \
+        quality) "$PYTHON" research/bench/bench_quality.py --out "$RESULTS" --threads "$THREADS" --jobs "$JOBS" \
                      --methods "${methods[@]}" "${quality[@]}" "${extra_quality[@]}" ;;
         cost) "$PYTHON" research/bench/bench_cost.py --out "$RESULTS" --threads "$KERNEL_THREADS" \
                   "${cost[@]}" "${extra_cost[@]}" ;;
