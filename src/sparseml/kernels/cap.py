@@ -14,12 +14,10 @@ where a coordinate is already removed; returned ``mask`` tensors are True where 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
 from sparseml.errors import NumericalError, RecipeError
+from sparseml.kernels.chunking import for_each_chunk
 
 __all__ = ["cap_eliminate", "cap_reconstruct", "prefix_counts", "prefix_mask", "cap_nm_prune"]
 
@@ -27,40 +25,15 @@ __all__ = ["cap_eliminate", "cap_reconstruct", "prefix_counts", "prefix_mask", "
 _PIVOT_FLOOR = 1e-12
 # Default working set: ~48 MiB of float64 [H | w] per batch (~170 blocks at B = 192). Every
 # greedy step costs ~15 ops whatever the batch holds, so big batches amortise them; on CPU a
-# worker thread per core runs its own batch.
+# worker thread per core runs its own batch, single-threaded (`for_each_chunk`): the ops are too
+# small for intra-op threads, which only add synchronisation.
 _CHUNK_BYTES = 48 * 2**20
 # Greedy steps whose rank-1 downdates are applied together as one GEMM.
 _LAZY = 32
 
 
-def _serially(fn: Callable[[int], None], n: int, step: int, device: torch.device) -> None:
-    """``fn(start)`` for every batch start; on CPU one batch per core, one intra-op thread each.
-
-    The loops issue ~15 ops per step on a few hundred kilobytes: intra-op threads only add
-    synchronisation (and stall badly when the cores are shared), while independent batches on
-    worker threads run side by side (torch releases the GIL inside each op).
-    """
-    starts = range(0, n, step)
-    if device.type != "cpu":
-        for start in starts:
-            fn(start)
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if threads == 1 or len(starts) <= 1:
-            for start in starts:
-                fn(start)
-        else:
-            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-                for done in [pool.submit(fn, start) for start in starts]:
-                    done.result()
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _batches(n_b: int, B: int, blocks_per_batch: int | None) -> int:
-    if blocks_per_batch is None:  # at least one batch per intra-op thread (see _serially)
+    if blocks_per_batch is None:  # at least one batch per intra-op thread (see for_each_chunk)
         share = -(-n_b // max(1, torch.get_num_threads()))
         return max(1, min(share, _CHUNK_BYTES // (8 * B * B)))
     if blocks_per_batch < 1:
@@ -235,7 +208,7 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None):
         order[bi] = o.to(order.dtype)
         losses[bi] = loss.scatter_(1, o, in_order).float()
 
-    _serially(batch, n_b, bs, dev)
+    for_each_chunk(batch, n_b, bs, dev)
     return order, losses, W_new
 
 
@@ -316,7 +289,7 @@ def cap_reconstruct(
             raise NumericalError("CAP reconstruction produced NaN/Inf: H_SS is singular")
         W_new[bi] = w.to(W.dtype)
 
-    _serially(batch, perm.numel(), bs, W.device)
+    for_each_chunk(batch, perm.numel(), bs, W.device)
     return W_new
 
 

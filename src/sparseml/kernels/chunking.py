@@ -1,6 +1,6 @@
 """Batches of small float64 factorizations: how many blocks per batch, and how batches run.
 
-Shared by the block-Fisher and OBS kernels, whose work is many independent B x B problems.
+Shared by the block-Fisher, OBS and CAP kernels, whose work is many independent B x B problems.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def for_each_chunk(fn: Callable[[int], None], n: int, step: int, device: torch.d
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        if threads == 1 or len(starts) == 1:
+        if threads == 1 or len(starts) <= 1:
             for s in starts:
                 fn(s)
         else:
