@@ -83,10 +83,10 @@ def _greedy(Hb, wb, elim, steps, gid=None, cnt=None, n=0):
     block has stopped), cumulative losses (nb, T) with 1/2 included, and the final weights
     (nb, B) with every eliminated coordinate exactly 0.
 
-    Blocked (lazy) downdates: the rank-1 Schur updates of up to ``_LAZY`` steps are kept as
-    factors U (nb, r, k) and R (nb, k, r + 1) with the current [H | w] = h - U R; a step only
-    needs the pivot's row of it (a (1, k) x (k, r + 1) product), the diagonal and w, which are
-    downdated in O(r). Every ``_LAZY`` steps the pending updates are applied to h at once as
+    Blocked (lazy) downdates: the rank-1 Schur updates of the last k <= ``_LAZY`` steps are
+    kept as factors, u_j (nb, r) and the pivot rows R_j (nb, r + 1), with the current
+    [H | w] = h - sum_j u_j R_j^T; a step only needs the pivot's row of it (a (1, k) x
+    (k, r + 1) product), the diagonal and w, which are downdated in O(r). Every ``_LAZY`` steps the pending updates are applied to h at once as
     one batched GEMM, so the O(B^3) work of a block runs at matrix-multiply speed instead of as
     B memory-bound rank-1 updates.
     """
