@@ -148,7 +148,8 @@ def invert_block_fisher(
         damp: absolute damping lambda > 0.
         blocks_per_chunk: blocks factorised per float64 batch (bounds the extra memory to a few
             such batches per thread); default about 4 MiB of float64 per batch on CPU.
-        inplace: write H into ``gram``'s storage (no second (n_b, B, B) tensor).
+        inplace: write H into ``gram``'s storage (no second (n_b, B, B) tensor; a float64
+            Gram is factorised where it lies, so after a `NumericalError` it holds garbage).
     Returns:
         (n_b, B, B) H in ``gram``'s dtype and device.
     Raises:
@@ -171,7 +172,9 @@ def invert_block_fisher(
         step = min(step, -(-n_b // torch.get_num_threads()))
 
     def invert_chunk(s: int) -> None:
-        f = gram[s : s + step].to(torch.float64, copy=True)
+        f = gram[s : s + step]
+        if not (inplace and f.dtype == torch.float64):  # else factorised where it lies
+            f = f.to(torch.float64, copy=True)
         # A block's sum is finite iff its entries are (short of float64 overflow, itself a
         # fault): one pass, no chunk-sized boolean temporary.
         bad = ~torch.isfinite(f.sum(dim=(1, 2)))
@@ -192,7 +195,9 @@ def invert_block_fisher(
                 f"Cholesky failed at leading minor {int(info[b])} with damp={damp:g}; "
                 f"use a larger damp (e.g. {damp * 10:g}) or a float64 Gram"
             )
-        result[s : s + step] = torch.cholesky_inverse(f, out=f)
+        torch.cholesky_inverse(f, out=f)
+        if f.data_ptr() != result[s : s + step].data_ptr():
+            result[s : s + step] = f
 
     for_each_chunk(invert_chunk, n_b, step, gram.device)
     return result
