@@ -283,6 +283,26 @@ def test_jobs_run_in_order_or_side_by_side_and_stop_at_the_first_failure() -> No
     assert ran == ["slow"]  # the running job ended; the queued ones never started
 
 
+def test_gradual_run_with_other_settings_never_reuses_a_finished_one(tmp_path: Path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "research" / "bench"))
+    import bench_quality as bq
+
+    trained = []
+
+    def fake_train(cmd, folder, threads, what):  # what a finished training leaves behind
+        trained.append(folder.name)
+        folder.mkdir(parents=True)
+        (folder / "summary.csv").write_text(f"epoch,eval_top1\n0,{len(trained)}\n")
+
+    monkeypatch.setattr(bq, "train_once", fake_train)
+    for epochs in (2, 3, 3):
+        args = bq.parse_args(["--out", str(tmp_path), "--gradual-epochs", str(epochs)])
+        bq.gradual_run(args, "vit_fmnist", "gm", tmp_path / "dense.pth", tmp_path / "d", tmp_path)
+    assert trained == ["gradual_gm_2ep", "gradual_gm_3ep"]  # the rerun of 3 epochs skipped
+    rows = bq.records(tmp_path / "vit_fmnist" / "gradual.jsonl")
+    assert sorted((r["epochs"], r["accuracy"]) for r in rows.values()) == [(2, 1.0), (3, 2.0)]
+
+
 def test_cost_runs_over_the_memory_cap_are_not_started(tmp_path: Path, capsys) -> None:
     sys.path.insert(0, str(ROOT / "research" / "bench"))
     import bench_cost

@@ -59,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gs-batch-size", type=int, default=16, help="images per gradient sample")
     p.add_argument("--gradual-models", nargs="*", default=None, help="default: the first model")
     p.add_argument("--gradual-methods", nargs="*", default=["gm", "cap"])
-    p.add_argument("--gradual-epochs", type=int, default=2)
+    p.add_argument(
+        "--gradual-epochs", type=int, default=3,
+        help="pruning steps at the start of every epoch but the last (default 3: two steps)",
+    )  # fmt: skip
     p.add_argument(
         "--jobs", type=int, default=1,
         help="processes at a time, each with --threads threads (default 1)",
@@ -255,7 +258,9 @@ def gradual_run(args, model: str, method: str, checkpoint: Path, data: Path, out
     if key in records(path):
         return
     recipe = GRADUAL / f"{method}_fmnist.yaml"
-    folder = out / model / f"gradual_{method}"
+    # One folder per setting of the key: a finished run with other settings is never reused.
+    m = f"_m{args.num_grads}" if args.num_grads else ""
+    folder = out / model / f"gradual_{method}_{args.gradual_epochs}ep{m}"
     cmd = [RESEARCH / "sparse_training.py", "--config", config_for(model), "--model", model]
     cmd += ["--dataset", fmnist.FMNIST, "--data-dir", data, "--initial-checkpoint", checkpoint]
     cmd += ["--sparseml-recipe", recipe, "--workers", 0, "--output", out / model]
