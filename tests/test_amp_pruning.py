@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparseml.modifiers.pruning import PruningModifier
+from sparseml.pruning import PruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
 from sparseml.registry import modifier_classes
 from toy import builder, mlp
@@ -19,7 +19,9 @@ from toy import builder, mlp
 PRUNERS = sorted(  # the built-in ones (tests may register their own)
     n
     for n, c in modifier_classes().items()
-    if issubclass(c, PruningModifier) and c.__module__.startswith("sparseml.")
+    if issubclass(c, PruningModifier)
+    and c.__module__.startswith("sparseml.")
+    and "final_sparsity" in c.fields
 )
 # Values given to every pruner that has these fields (magnitude pruners have none; full-Fisher
 # pruners have no block size).

@@ -106,8 +106,8 @@ def test_fmnist_recipes_prune_the_blocks_of_both_models(path: Path) -> None:
     import timm
 
     import utils.models  # noqa: F401  (registers vit_fmnist, resnet_fmnist)
-    from sparseml.modifiers.pruning import PruningModifier
     from sparseml.params import select_params
+    from sparseml.pruning import PruningModifier
     from sparseml.pytorch.optim import ScheduledModifierManager
 
     modifiers = ScheduledModifierManager.from_yaml(str(path)).modifiers

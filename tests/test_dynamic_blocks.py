@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sparseml.layouts import CompactLayout
-from sparseml.modifiers import OBSPruningModifier, WoodTaylorPruningModifier
+from sparseml.pruning.methods import OBSPruningModifier, WoodTaylorPruningModifier
 from table_grads import TableGrads, one_shot
 
 B, M = 8, 16
@@ -45,13 +45,13 @@ def test_dynamic_blocks_equal_static_blocks_on_the_active_weights(tag, monkeypat
     # dynamic blocks are blocks of 8 consecutive *surviving* weights
     cls = OBSPruningModifier if tag == "OBSPruningModifier" else WoodTaylorPruningModifier
     seen = []
-    step = cls.prune_step
+    step = cls.prune_once
 
-    def record(self, module, targets):
+    def record(self, module, targets, timings):
         seen.append([m.detach().clone() for m in (module[0].weight, module[2].weight)])
-        step(self, module, targets)
+        step(self, module, targets, timings)
 
-    monkeypatch.setattr(cls, "prune_step", record)
+    monkeypatch.setattr(cls, "prune_once", record)
     fields = {
         "params": '["re:.*weight"]',
         "init_sparsity": 0.5,
@@ -77,7 +77,7 @@ def test_dynamic_blocks_equal_static_blocks_on_the_active_weights(tag, monkeypat
         for layer, w, k in zip(compact, before, kept):
             layer.weight.copy_(w[k].view(1, -1))
     columns = torch.cat([k.reshape(-1) for k in kept])
-    monkeypatch.setattr(cls, "prune_step", step)
+    monkeypatch.setattr(cls, "prune_once", step)
     s = 24 / 72
     one_shot(
         compact,
@@ -107,7 +107,7 @@ def test_dynamic_blocks_memory_scales_with_density(one_thread) -> None:
     mod = one_shot(model(), "OBSPruningModifier", fields, TableGrads(grads()))
 
     def fisher_bytes() -> int:
-        items, _ = mod.memory_plan(B, 2 * B)
+        items, _ = mod.estimator().memory(mod, B, 2 * B)
         return next(i.nbytes for i in items if i.what.startswith("Fisher"))
 
     # 96 weights at 75% sparsity: the 24 active ones fill ceil(n_l / 8) blocks per layer (3

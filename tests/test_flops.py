@@ -108,11 +108,11 @@ def test_flops_power_prunes_costly_layers_first(one_thread) -> None:
         {**FIELDS, "fisher_block_size": 8, "final_sparsity": 0.3, "flops_power": 1.0},
         TableGrads(table(), BATCH),
     )
-    assert mod.macs_per_weight == PER_WEIGHT
+    assert mod.flops.costs == PER_WEIGHT
     # equal raw scores: score / MACs-per-weight ranks the 64-MAC layer lowest
     ones = [torch.ones_like(r.param) for r in mod.refs]
     mod.enforcer.set_masks([o > 0 for o in ones])  # as before the step: nothing pruned
-    masks = mod.select_masks(ones, [72 / 536] * 3)
+    masks = mod.selector().select(mod.masked_scores(ones), [72 / 536] * 3)
     assert [int((~m).sum()) for m in masks] == [72, 0, 0]
     base = convnet()
     one_shot(

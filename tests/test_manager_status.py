@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from sparseml.modifiers.pruning import masks_by_name
 from sparseml.pytorch.optim import ScheduledModifierManager
 
 
@@ -71,9 +70,12 @@ def test_masks_are_the_enforced_zero_pattern():
 
 
 def test_masks_of_one_parameter_under_two_modifiers_are_combined():
-    ref = SimpleNamespace(name="w")
-    first = SimpleNamespace(refs=[ref], masks=[torch.tensor([True, True, False])])
-    second = SimpleNamespace(refs=[ref], masks=[torch.tensor([True, False, True])])
-    combined = masks_by_name([first, second])
-    assert combined["w"].tolist() == [True, False, False]
-    assert first.masks[0].tolist() == [True, True, False]  # the modifiers' masks are untouched
+    def pruner(keep: list[bool]) -> SimpleNamespace:
+        masks = {"w": torch.tensor(keep)}
+        return SimpleNamespace(sparsification_types=("pruning",), named_masks=lambda: masks)
+
+    first, second = pruner([True, True, False]), pruner([True, False, True])
+    manager = ScheduledModifierManager([])
+    manager._modifiers = [first, second]
+    assert manager.masks()["w"].tolist() == [True, False, False]
+    assert first.named_masks()["w"].tolist() == [True, True, False]  # modifiers' masks untouched

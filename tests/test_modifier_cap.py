@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from sparseml.errors import RecipeError
-from sparseml.modifiers import CAPruningModifier
+from sparseml.pruning.methods import CAPruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
 from toy import builder, mlp, sampler, weights_of
 

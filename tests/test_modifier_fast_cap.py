@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sparseml.errors import RecipeError
-from sparseml.modifiers import FastCAPruningModifier
+from sparseml.pruning.methods import FastCAPruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
 from test_kernel_fast_cap import column_obs_reference
 from toy import builder, mlp, sampler, weights_of
@@ -90,14 +88,30 @@ def test_nm_and_recomputed_steps_are_exact_and_monotone():
     assert [int((w == 0).sum()) for w in weights_of(model)] == [48, 24]
 
 
-def test_global_sparsity_is_ignored_with_a_warning(caplog):
+def test_global_sparsity_shares_one_budget_among_layers():
+    """Per-layer targets from one threshold over w^2 / [(F[j:, j:])^-1]_00 of both layers,
+    then each layer swept to its own target (the column-OBS oracle)."""
+    fishers = shared_fishers(mlp(), 20, 8)
+    dense = [w.double().view(-1, 8) for w in weights_of(mlp())]
+    scores = []
+    for W, f in zip(dense, fishers):
+        Fd = f / 20 + 0.01 * (f / 20).diagonal().mean() * torch.eye(8, dtype=torch.float64)
+        d = torch.tensor([torch.linalg.inv(Fd[j:, j:])[0, 0] for j in range(8)])
+        scores.append((W**2 / d).flatten())
+    flat = torch.cat(scores)
+    pruned = torch.zeros(flat.numel(), dtype=torch.bool)
+    pruned[torch.argsort(flat, stable=True)[: round(0.5 * flat.numel())]] = True
+    counts = [int(p.sum()) for p in pruned.split([s.numel() for s in scores])]
+    targets = [c / s.numel() for c, s in zip(counts, scores)]
+    assert targets[0] != targets[1]  # the budget is really shared unevenly
+
     model = mlp()
-    with caplog.at_level(logging.WARNING):
-        ScheduledModifierManager.from_yaml(recipe(0.5, extra="global_sparsity: true")).apply(
-            model, grad_sampler=sampler()
-        )
-    assert "global_sparsity is ignored" in caplog.text
-    assert [int((w == 0).sum()) for w in weights_of(model)] == [32, 16]
+    text = recipe(0.5, extra="global_sparsity: true")
+    ScheduledModifierManager.from_yaml(text).apply(model, grad_sampler=sampler())
+    for got, W, f, t in zip(weights_of(model), dense, fishers, targets):
+        want, keep = column_obs_reference(W, f, 20, t, 1e-2, 8)
+        assert torch.equal(got != 0, keep.flatten())
+        torch.testing.assert_close(got.double(), want.flatten(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

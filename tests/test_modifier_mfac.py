@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseml.errors import GradSamplerError, RecipeError
-from sparseml.modifiers import MFACPruningModifier
+from sparseml.pruning.methods import MFACPruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
 
 RECIPE = """
@@ -173,12 +173,12 @@ def test_gradient_buffering_prunes_from_training_gradients():
         F.mse_loss(model(*args), target).backward()
         opt.step()
         opt.zero_grad()
-        history.append((mod._buffer or {}).get("count"))
+        history.append(None if mod.buffer is None else mod.buffer.count)
     assert history[:3] == [1, 2, 3]  # buffering before the start
     assert history[3] == 1  # reset after the pruning step (new masks), then one push
     for layer in (model[0], model[2]):
         assert (layer.weight == 0).float().mean().item() == pytest.approx(0.6, abs=0.02)
-    assert mod._buffer is None  # freed once the modifier ended
+    assert mod.buffer is None  # freed once the modifier ended
 
 
 def test_buffering_without_training_gradients_raises():

@@ -10,10 +10,10 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import sparseml.modifiers.obs as obs_module
+import sparseml.pruning.methods.obs as obs_module
 from sparseml.errors import NumericalError, RecipeError
 from sparseml.layouts import BlockLayout
-from sparseml.modifiers import OBSPruningModifier
+from sparseml.pruning.methods import OBSPruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
 from toy import builder, mlp, sampler, weights_of
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sparseml.errors import RecipeError
-from sparseml.modifiers import OBSPruningModifier, WoodFisherPruningModifier
+from sparseml.pruning.methods import OBSPruningModifier, WoodFisherPruningModifier
 from sparseml.schedules import recomputation_targets
 from table_grads import TableGrads, one_shot
 
@@ -121,12 +121,12 @@ def test_poly_recomputation_spacing(monkeypatch, one_thread) -> None:
 
     seen = []
 
-    def record(self, module, targets):
+    def record(self, module, targets, timings):
         seen.append(targets[0])
-        original_step(self, module, targets)
+        original_step(self, module, targets, timings)
 
-    original_step = WoodFisherPruningModifier.prune_step
-    monkeypatch.setattr(WoodFisherPruningModifier, "prune_step", record)
+    original_step = WoodFisherPruningModifier.prune_once
+    monkeypatch.setattr(WoodFisherPruningModifier, "prune_once", record)
     model = mlp()
     fields = {**FIELDS, "init_sparsity": 0.6, "final_sparsity": 0.6, "recompute_num": 2}
     fields.update(recomputation_inter_func="poly", recompute_degree=2)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from sparseml.modifiers import WoodTaylorPruningModifier
-from sparseml.modifiers.second_order import SecondOrderPruningModifier
+from sparseml.pruning import PruningModifier
+from sparseml.pruning.methods import WoodTaylorPruningModifier
 from table_grads import TableGrads, one_shot
 
 DAMP, D, K = 0.05, 12, 6
@@ -115,13 +115,13 @@ def test_every_kept_weight_moves_along_minus_h(one_thread) -> None:
 def test_pruned_weights_stay_exactly_zero(block, monkeypatch, one_thread) -> None:
     q = Quadratic(1)
     after = []
-    step = WoodTaylorPruningModifier.prune_step
+    step = WoodTaylorPruningModifier.prune_once
 
-    def record(self, module, targets):
-        step(self, module, targets)
+    def record(self, module, targets, timings):
+        step(self, module, targets, timings)
         after.append(module[0].weight.detach().reshape(-1).clone())
 
-    monkeypatch.setattr(WoodTaylorPruningModifier, "prune_step", record)
+    monkeypatch.setattr(WoodTaylorPruningModifier, "prune_once", record)
     extra = {"num_recomputations": 3} | ({} if block is None else {"fisher_block_size": block})
     final = q.prune("WoodTaylorPruningModifier", 0.75, **extra)
     assert len(after) == 3
@@ -133,13 +133,13 @@ def test_pruned_weights_stay_exactly_zero(block, monkeypatch, one_thread) -> Non
 def test_one_pass_gives_fisher_and_mean(monkeypatch, one_thread) -> None:
     q = Quadratic(2)
     calls = []
-    chunks = SecondOrderPruningModifier.gradient_chunks
+    chunks = PruningModifier.gradient_chunks
 
     def counting(self, module, num_grads=None):
         calls.append(1)
         return chunks(self, module, num_grads)
 
-    monkeypatch.setattr(SecondOrderPruningModifier, "gradient_chunks", counting)
+    monkeypatch.setattr(PruningModifier, "gradient_chunks", counting)
     q.prune("WoodTaylorPruningModifier", 0.5, fisher_block_size=4)
     q.prune("WoodTaylorPruningModifier", 0.5)
     assert len(calls) == 2

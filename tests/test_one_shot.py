@@ -23,8 +23,10 @@ from conftest import copy_digits_subset, ensure_research
 ensure_research()
 import one_shot_pruning as osp_script  # noqa: E402
 from sparseml.manager import ScheduledModifierManager  # noqa: E402
-from sparseml.masks import create_masks  # noqa: E402
-from sparseml.modifiers.second_order import SecondOrderPruningModifier  # noqa: E402
+from sparseml.pruning import PruningModifier  # noqa: E402
+from sparseml.pruning.estimators import Estimator  # noqa: E402
+from sparseml.pruning.fields import BLOCKS, SAMPLING  # noqa: E402
+from sparseml.pruning.updates import Scored  # noqa: E402
 from sparseml.registry import modifier_names, register_modifier  # noqa: E402
 from utils import one_shot_data as osd  # noqa: E402
 from utils import results as res  # noqa: E402
@@ -34,27 +36,41 @@ RECIPES = Path(osp_script.__file__).parent / "recipes" / "one_shot"
 PARAMS = '["re:.*blocks.*.(attn.qkv|attn.proj|mlp.fc1|mlp.fc2).weight"]'
 
 
-@register_modifier
-class DiagFisherTestPruningModifier(SecondOrderPruningModifier):
-    """Test pruner: scores w^2 * (damp + mean g^2), i.e. a diagonal-Fisher OBS score."""
+class DiagSums(Estimator):
+    """Per parameter the sum of g^2 over the samples (a test estimator of its own)."""
 
-    def prune_step(self, module, targets):
-        diag = self.cached("diag", lambda: self._diag(module))
-        scores = [
-            (r.param.detach().reshape(-1).cpu() ** 2 * (d / self.num_grads + self.damp)).reshape(
-                r.param.shape
-            )
-            for r, d in zip(self.refs, diag)
-        ]
-        scores = self.masked_scores(scores)
-        self.set_masks(create_masks(scores, targets, self.mask_spec, self.global_sparsity))
+    def layout(self, pruner):
+        return None
 
-    def _diag(self, module):
-        diag = [torch.zeros(r.param.numel()) for r in self.refs]
-        for chunk in self.gradient_chunks(module):
+    def memory(self, pruner, block, m):
+        return [], "nothing worth counting"
+
+    def build(self, pruner, module, layout):
+        diag = [torch.zeros(r.param.numel()) for r in pruner.refs]
+        for chunk in pruner.gradient_chunks(module):
             for d, g in zip(diag, chunk):
                 d += (g.cpu() ** 2).sum(0)
         return diag
+
+
+@register_modifier
+class DiagFisherTestPruningModifier(PruningModifier):
+    """Test pruner: scores w^2 * (damp + mean g^2), i.e. a diagonal-Fisher OBS score."""
+
+    FIELDS = {**SAMPLING, **BLOCKS}
+
+    def estimator(self):
+        return DiagSums()
+
+    def score(self, estimate):
+        return Scored(
+            [
+                (
+                    r.param.detach().reshape(-1).cpu() ** 2 * (d / self.num_grads + self.damp)
+                ).reshape(r.param.shape)
+                for r, d in zip(self.refs, estimate)
+            ]
+        )
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

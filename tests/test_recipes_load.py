@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ensure_research
-from sparseml.modifiers.pruning import PruningModifier
 from sparseml.params import select_params
+from sparseml.pruning import PruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
 from sparseml.registry import modifier_names
 

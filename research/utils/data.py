@@ -254,15 +254,7 @@ def configure_grad_sampler(args: Any, modifiers: list) -> None:
     Its batch size is ``-gb`` if given, else the recipe's ``grad_sampler_kwargs.batch_size``,
     else the training batch size ``-b``. M-FAC left to buffer training gradients needs none.
     """
-    from sparseml.modifiers.second_order import SecondOrderPruningModifier
-
-    sampling = [
-        m
-        for m in modifiers
-        if isinstance(m, SecondOrderPruningModifier)
-        and not getattr(m, "use_gradient_buffering", False)
-        and not (type(m).__name__ == "MFACPruningModifier" and m.use_gradient_buffering is None)
-    ]
+    sampling = [m for m in modifiers if getattr(m, "gradient_source", None) == "sampler"]
     if not sampling or args.gs_loader:
         return
     recipe_size = next(

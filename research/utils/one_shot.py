@@ -13,8 +13,7 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from sparseml.modifiers.pruning import PruningModifier
-from sparseml.modifiers.second_order import SecondOrderPruningModifier
+from sparseml.pruning import PruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
 
 from .errors import SetupError
@@ -64,7 +63,7 @@ def quantization_settings(manager: ScheduledModifierManager) -> dict[str, Any] |
 
 
 def needs_gradients(modifier: Any) -> bool:
-    return isinstance(modifier, SecondOrderPruningModifier)
+    return bool(getattr(modifier, "needs_gradients", False))
 
 
 def modifier_settings(modifier: Any) -> dict[str, Any]:

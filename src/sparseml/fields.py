@@ -161,6 +161,20 @@ def as_str(value: Any) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class Check:
+    """A declared relation between fields: when ``broken(model)`` is true, validation fails on
+    ``field`` with ``message`` (a text, or a function of the model giving one).
+
+    Classes declare them in ``CHECKS``; a subclass's checks run after its bases' (inherited
+    ones are kept), so the most general rule reports first.
+    """
+
+    field: str
+    broken: Callable[[Any], bool]
+    message: str | Callable[[Any], str]
+
+
 class FieldModel:
     """Base for objects whose constructor keywords are declared ``Field``s.
 
@@ -174,7 +188,9 @@ class FieldModel:
     # Inherited fields this class does not have (e.g. a Fisher block size of a pruner that
     # builds no blocks): giving one is then an unknown-field error, not a silent no-op.
     WITHOUT_FIELDS: tuple[str, ...] = ()
+    CHECKS: tuple[Check, ...] = ()
     fields: dict[str, Field] = {}
+    checks: tuple[Check, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -185,6 +201,10 @@ class FieldModel:
         for name in cls.__dict__.get("WITHOUT_FIELDS", ()):
             merged.pop(name, None)
         cls.fields = merged
+        checks: list[Check] = []
+        for base in reversed(cls.__mro__):
+            checks += [c for c in base.__dict__.get("CHECKS", ()) if c not in checks]
+        cls.checks = tuple(checks)
 
     def __init__(self, **kwargs: Any) -> None:
         object.__setattr__(self, "_values", {})
@@ -238,7 +258,12 @@ class FieldModel:
             ) from None
 
     def validate(self) -> None:
-        """Check relations between fields; raise ``RecipeError`` naming them."""
+        """Check the declared relations between fields (``CHECKS``); raise ``RecipeError``
+        naming the first one broken."""
+        for check in self.checks:
+            if check.field in self._values and check.broken(self):
+                text = check.message if isinstance(check.message, str) else check.message(self)
+                raise self.field_error(check.field, text)
 
     def field_error(self, name: str, message: str) -> RecipeError:
         return RecipeError(

@@ -393,7 +393,9 @@ class _Progress:
 
 
 def _check_finite(tensors: list[Tensor], what: str) -> None:
-    if not all(torch.isfinite(t).all() for t in tensors):
+    # a chunk row by row: the boolean temporary is one sample's size, not the chunk's
+    rows = (row for t in tensors for row in (t if t.dim() > 1 else [t]))
+    if not all(bool(torch.isfinite(row).all()) for row in rows):
         raise NumericalError(
             f"NaN/Inf in {what}; nothing was written to the model "
             "(check the loss, learning rate or data)"

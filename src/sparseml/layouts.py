@@ -139,7 +139,8 @@ class UnprunedLayout:
             a, b = max(lo, off), min(hi, off + idx.numel())
             if a < b:
                 cols = idx[a - off : b - off].to(src.device)
-                out[:, a - lo : b - lo] = src[:, cols].to(out.device, out.dtype)
+                for r in range(src.shape[0]):  # one row at a time: no copy of the whole chunk
+                    out[r, a - lo : b - lo] = src[r, cols].to(out.device, out.dtype)
 
 
 class CompactLayout:

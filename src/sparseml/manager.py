@@ -21,11 +21,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from sparseml.errors import RecipeError
-from sparseml.modifiers import pruning as _pruning
 from sparseml.modifiers.base import Modifier
 from sparseml.params import unwrap
 from sparseml.recipe import dump_modifiers, load_modifiers
-from sparseml.schedules import interpolate
 from sparseml.serialization import atomic_write_text
 
 _logger = logging.getLogger(__name__)
@@ -65,12 +63,32 @@ class ScheduledModifierManager:
         return self._of_type("pruning")
 
     def sparsity_status(self, epoch: float) -> dict[str, Any]:
-        """``{"sparsity", "update_epoch", "modifier"}`` of the pruning schedule at ``epoch``."""
-        return _pruning.sparsity_status(self.pruning_modifiers, epoch)
+        """The pruning schedule at ``epoch``: ``sparsity`` (the mean sparsity of the first
+        active pruning modifier's last step, else of the one that ended last and still holds
+        its masks, else 0.0), ``update_epoch`` (a pruning step falls on ``epoch``) and
+        ``modifier`` (the class name of the one reported, or None)."""
+        mods = self.pruning_modifiers
+        active = next((m for m in mods if m.is_active(epoch)), None)
+        if active is None:
+            holding = [m for m in mods if m.holds_masks_after(epoch)]
+            active = max(holding, key=lambda m: m.end_epoch, default=None)
+        value = None if active is None else active.reported_sparsity()
+        return {
+            "sparsity": 0.0 if value is None else value,
+            "update_epoch": any(m.changes_sparsity_at(epoch) for m in mods),
+            "modifier": None if active is None else type(active).__name__,
+        }
 
     def masks(self) -> dict[str, Tensor]:
-        """Parameter name -> boolean keep-mask of every pruning modifier (empty before modify)."""
-        return _pruning.masks_by_name(self.pruning_modifiers)
+        """Parameter name -> boolean keep-mask of every pruning modifier (empty before modify);
+        a parameter under several modifiers gets the AND."""
+        masks: dict[str, Tensor] = {}
+        for mod in self.pruning_modifiers:
+            for name, mask in mod.named_masks().items():
+                masks[name] = (
+                    mask.clone() if name not in masks else masks[name] & mask.to(masks[name].device)
+                )
+        return masks
 
     @property
     def learning_rate_modifiers(self) -> list[Modifier]:
@@ -271,30 +289,11 @@ class ScheduledModifierManager:
         a model less sparse than its recipe says. ``strict=False`` logs a warning instead.
         Returns the lines (empty when every pruning modifier reaches its target).
         """
-        last = num_epochs - (1.0 / steps_per_epoch if steps_per_epoch else 1e-6)
-        problems = []
-        for mod in self.pruning_modifiers:
-            values = mod.field_values()
-            final, end = values.get("final_sparsity"), mod.end_epoch  # no final: constant masks
-            if final is None or end < 0 or end <= last + 1e-9:
-                continue
-            target = max(final) if isinstance(final, dict) else final
-            start, freq = max(mod.start_epoch, 0.0), values.get("update_frequency", -1.0)
-            init = values.get("init_sparsity")
-            init = init if isinstance(init, float) else 0.0  # __FROM_PARAM__: known only at run
-            epoch = last if freq <= 0 else start + math.floor((last - start) / freq + 1e-9) * freq
-            reached = 0.0  # it never starts when start > last
-            if start <= last + 1e-9:
-                inter = values.get("inter_func", "linear")
-                reached = interpolate(epoch, mod.start_epoch, end, init, target, inter)
-            if reached >= target - 1e-6:  # e.g. holding a constant sparsity: nothing is lost
-                continue
-            need = math.ceil(end + 1 / steps_per_epoch - 1e-9) if steps_per_epoch else int(end) + 1
-            problems.append(
-                f"{type(mod).__name__} ends at epoch {end:g} but the run has {num_epochs} epochs: "
-                f"it would reach about {reached:.2%} sparsity instead of {target:.2%}; run at "
-                f"least {need} epochs or end the modifier earlier"
-            )
+        problems = [
+            problem
+            for mod in self.pruning_modifiers
+            if (problem := mod.run_length_problem(num_epochs, steps_per_epoch)) is not None
+        ]
         if problems and strict:
             raise RecipeError("; ".join(problems))
         for line in problems:

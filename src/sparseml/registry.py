@@ -20,7 +20,8 @@ def register_modifier(cls: T) -> T:
 
 
 def _ensure_loaded() -> None:
-    import sparseml.modifiers  # noqa: F401  (registers every built-in modifier)
+    import sparseml.modifiers  # noqa: F401  (registers the training and quantization modifiers)
+    import sparseml.pruning.methods  # noqa: F401  (registers the pruners)
 
 
 def modifier_names() -> list[str]:

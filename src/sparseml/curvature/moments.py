@@ -7,6 +7,16 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor
 
+SLICE_NUMEL = 2**20  # float64 temporaries per column slice: 8 MiB, whatever the chunk's size
+
+
+def column_slices(grads: Tensor) -> list[tuple[int, int]]:
+    """Column ranges [a, b) of a (c, d) chunk holding about ``SLICE_NUMEL`` entries each: the
+    float64 copies of a slice are a few MiB, not twice the chunk."""
+    c, d = grads.shape
+    step = max(1, SLICE_NUMEL // max(c, 1))
+    return [(a, min(a + step, d)) for a in range(0, d, step)]
+
 
 class GradientMoments:
     """Running float64 sums of gradient samples and of their squares, per parameter.
@@ -22,9 +32,10 @@ class GradientMoments:
 
     def add(self, chunk: list[Tensor]) -> None:
         for grads, s, q in zip(chunk, self.sums, self.squares):
-            g = grads.to(s.device, torch.float64)
-            s += g.sum(0)
-            q += g.square().sum(0)
+            for a, b in column_slices(grads):
+                g = grads[:, a:b].to(s.device, torch.float64)
+                s[a:b] += g.sum(0)
+                q[a:b] += g.square().sum(0)
         self.count += chunk[0].shape[0] if chunk else 0
 
     def _per_sample(self, sums: list[Tensor]) -> list[Tensor]:
@@ -58,7 +69,8 @@ def gradient_sums(
     sums = [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]
     for chunk in chunks:
         for grads, s in zip(chunk, sums):
-            g = grads.to(s.device, torch.float64)
-            s += (g.abs() if absolute else g).sum(0)
+            for a, b in column_slices(grads):
+                g = grads[:, a:b].to(s.device, torch.float64)
+                s[a:b] += (g.abs() if absolute else g).sum(0)
         chunk = grads = g = None  # not alive while the next chunk is drawn
     return sums

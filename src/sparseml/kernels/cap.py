@@ -19,7 +19,14 @@ import torch
 from sparseml.errors import NumericalError, RecipeError
 from sparseml.kernels.chunking import for_each_chunk
 
-__all__ = ["cap_eliminate", "cap_reconstruct", "prefix_counts", "prefix_mask", "cap_nm_prune"]
+__all__ = [
+    "cap_eliminate",
+    "cap_reconstruct",
+    "prefix_counts",
+    "prefix_mask",
+    "cap_nm_prune",
+    "workspace_bytes",
+]
 
 # Pivots below this fraction of the block's largest initial diagonal entry are rounding noise.
 _PIVOT_FLOOR = 1e-12
@@ -39,6 +46,37 @@ def _batches(n_b: int, B: int, blocks_per_batch: int | None) -> int:
     if blocks_per_batch < 1:
         raise RecipeError(f"blocks_per_batch must be >= 1 or None, got {blocks_per_batch}")
     return blocks_per_batch
+
+
+def workspace_bytes(
+    n_b: int,
+    B: int,
+    blocks_per_batch: int | None,
+    device: torch.device | str = "cpu",
+    gathered: bool = True,
+) -> int:
+    """Bytes the elimination or the reconstruction allocate at most at once for ``n_b`` blocks
+    of size B, on top of their inputs (W, H) and outputs (order, losses, new weights).
+
+    Per working batch of nb blocks: the elimination holds the float64 [H | w] (nb, B, B + 1)
+    and, while compacting, its gathered part (2/3 of it), plus a gathered copy of H's rows
+    when the batch is ``gathered`` rather than a contiguous slice of H (blocks of unequal work:
+    padded blocks, earlier pruning). Measured over whole prunes (where the memory freed by the
+    Fisher build is reused): 1.6-1.75 such arrays per batch in flight, 2.0 when gathered; in a
+    fresh process up to 2.5 and 3.8. The lazy factors add 2 x 32 x nb x (B + 1). The reconstruction's batches are a
+    quarter as large and hold about 2.5 (nb, B, B) float64 arrays (H's rows, H_SS, its factor
+    and their index). On CPU one batch per intra-op thread is in flight (`for_each_chunk`).
+    """
+    if n_b < 1:
+        return 0
+    nb = _batches(n_b, B, blocks_per_batch)
+    copies = 2.2 if gathered else 1.75
+    elimination = 8 * nb * (copies * B * (B + 1) + 2 * _LAZY * (B + 1))
+    recon = max(1, nb // (4 if blocks_per_batch is None else 1))
+    reconstruction = 8 * 2.5 * recon * B * B
+    batches = -(-n_b // nb)
+    in_flight = 1 if torch.device(device).type != "cpu" else min(torch.get_num_threads(), batches)
+    return int(in_flight * max(elimination, reconstruction))
 
 
 def _check(W: torch.Tensor, H: torch.Tensor, per_coord: torch.Tensor) -> None:

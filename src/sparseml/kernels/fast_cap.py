@@ -18,7 +18,7 @@ import torch.nn.functional as F_
 
 from sparseml.errors import NumericalError, RecipeError
 
-__all__ = ["accumulate_shared_fisher", "fast_cap_prune"]
+__all__ = ["accumulate_shared_fisher", "fast_cap_prune", "fast_cap_scores"]
 
 
 def accumulate_shared_fisher(
@@ -35,7 +35,10 @@ def accumulate_shared_fisher(
         raise RecipeError(f"grads must be (c, d) and B >= 1; got {tuple(grads.shape)}, B={B}")
     c, d = grads.shape
     rows = -(-d // B)
-    g = F_.pad(grads, (0, rows * B - d)).reshape(c * rows, B)
+    if rows * B == d and grads.is_contiguous():
+        g = grads.view(c * rows, B)  # no copy of the chunk
+    else:
+        g = F_.pad(grads, (0, rows * B - d)).reshape(c * rows, B)
     if out is None:
         out = torch.zeros((B, B), dtype=torch.float64, device=grads.device)
     elif out.shape != (B, B):
@@ -61,6 +64,19 @@ def _inverse_cholesky(F: torch.Tensor, num_grads: int, damp: float) -> torch.Ten
             if info == 0:
                 return U
     raise NumericalError(f"FastCAP Fisher is not positive definite even with damp={damp}+1e-2")
+
+
+def fast_cap_scores(
+    W: torch.Tensor, F: torch.Tensor, num_grads: int, damp: float = 1e-2
+) -> torch.Tensor:
+    """Per-weight loss estimates w^2 / U_jj^2 (rows, B) float64: what the sweep ranks a
+    column by before any error is pushed onto it, comparable across layers (the selectors use
+    them to share one sparsity budget among layers). W (rows, B), F (B, B) as for
+    :func:`fast_cap_prune`; padding scores whatever W holds there (zero)."""
+    if F.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"F must be ({W.shape[1]}, {W.shape[1]}), got {tuple(F.shape)}")
+    U = _inverse_cholesky(F, num_grads, damp)
+    return W.double() ** 2 / U.diagonal() ** 2
 
 
 def _select(scores: torch.Tensor, k: int) -> torch.Tensor:

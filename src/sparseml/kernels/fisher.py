@@ -36,7 +36,7 @@ from sparseml.kernels.chunking import chunk_blocks, for_each_chunk
 from sparseml.kernels.precision import work_dtype
 
 # Gradient entries upcast at a time when a float32 chunk feeds a float64 Gram.
-_UPCAST_NUMEL = 2**22
+UPCAST_NUMEL = 2**22
 
 
 def _check_block_size(block_size: int) -> None:
@@ -115,8 +115,8 @@ def accumulate_block_gram(
         step = blocks_per_chunk
     elif same_device and not upcast:
         step = n_b
-    elif same_device:  # upcast slices of at most _UPCAST_NUMEL entries (32 MiB of float64)
-        step = max(1, _UPCAST_NUMEL // (c * block_size))
+    elif same_device:  # upcast slices of at most UPCAST_NUMEL entries (32 MiB of float64)
+        step = max(1, UPCAST_NUMEL // (c * block_size))
     else:  # bound the transferred slice (a few MiB), not the whole chunk
         step = chunk_blocks(block_size * max(block_size, c), grads.device)
     for first, x in parts:

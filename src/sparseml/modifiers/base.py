@@ -20,13 +20,24 @@ from typing import Any, ClassVar
 import yaml
 from torch import nn
 
-from sparseml.fields import Field, FieldModel, as_float
+from sparseml.fields import Check, Field, FieldModel, as_float
 
 _TOL = 1e-9
 
 
 def epoch_field(default: float = -1.0, doc: str = "") -> Field:
     return Field(default, as_float(-1.0), doc)
+
+
+def _ends_early(mod: Modifier, rule: str) -> bool:
+    start, end = mod._values["start_epoch"], mod._values["end_epoch"]
+    if rule != mod.END_RULE or start < 0 or end < 0:
+        return False
+    return end < start if rule == "ge" else end <= start
+
+
+def _end_message(mod: Modifier, relation: str) -> str:
+    return f"must be {relation} start_epoch ({mod._values['start_epoch']})"
 
 
 class Modifier(FieldModel):
@@ -55,15 +66,12 @@ class Modifier(FieldModel):
         # pruning at initialize, the saved masks are installed right after.
         self.resuming = False
 
-    # ----- validation and identity -----------------------------------------------------------
-    def validate(self) -> None:
-        start, end = self._values["start_epoch"], self._values["end_epoch"]
-        if self.END_RULE and start >= 0 and end >= 0:
-            if self.END_RULE == "ge" and end < start:
-                raise self.field_error("end_epoch", f"must be >= start_epoch ({start})")
-            if self.END_RULE == "gt" and end <= start:
-                raise self.field_error("end_epoch", f"must be > start_epoch ({start})")
+    CHECKS = (
+        Check("end_epoch", lambda m: _ends_early(m, "ge"), lambda m: _end_message(m, ">=")),
+        Check("end_epoch", lambda m: _ends_early(m, "gt"), lambda m: _end_message(m, ">")),
+    )
 
+    # ----- identity ---------------------------------------------------------------------------
     @property
     def sparsification_types(self) -> tuple[str, ...]:
         return self.SPARSIFICATION_TYPES

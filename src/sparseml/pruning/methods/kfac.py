@@ -9,18 +9,17 @@ Papers:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from sparseml.curvature import damped_inverses, kfac_factors, kfac_inverse_diag, kfac_matvec
+from sparseml.curvature import kfac_inverse_diag, kfac_matvec
 from sparseml.curvature.kfac import KFACFactors
-from sparseml.dist import on_all_ranks
 from sparseml.fields import Field, as_float
-from sparseml.layouts import BlockPart, LayerLayout
-from sparseml.memory import MemoryItem
-from sparseml.modifiers.block_pruner import BlockPruningModifier
+from sparseml.layouts import BlockPart
+from sparseml.pruning.estimators import KFAC
+from sparseml.pruning.fields import SAMPLING, SAMPLING_CHECKS
+from sparseml.pruning.modifier import PruningModifier
+from sparseml.pruning.updates import Scored, part_scores, part_updates
 from sparseml.registry import register_modifier
 
 
@@ -40,7 +39,7 @@ def kfac_layer_problem(module: nn.Module) -> str | None:
 
 
 @register_modifier
-class KFACPruningModifier(BlockPruningModifier):
+class KFACPruningModifier(PruningModifier):
     """One-shot or gradual OBS pruning with a K-FAC Fisher per Linear / Conv2d weight.
 
     Per pruning step (and recomputation): ``num_grads`` batches of the grad sampler give per
@@ -50,8 +49,7 @@ class KFACPruningModifier(BlockPruningModifier):
     [F^-1]_qq = [G^-1]_oo [A^-1]_ii for q = (o, i) of the row-major (out, in) weight; one
     threshold (global by default) picks the weights to remove, and the kept ones move by the
     sum of the single-weight OBS corrections, -F^-1 (w * 1[new] / diag(F^-1)), computed as
-    -vec(G^-1 V A^-1) (the WoodFisher reference's K-FAC update, without its dense P x P
-    matrix). ``scale_prune_update`` scales that move (0: scores only).
+    -vec(G^-1 V A^-1). ``scale_prune_update`` scales that move (0: scores only).
 
     Sample recipe::
 
@@ -75,60 +73,39 @@ class KFACPruningModifier(BlockPruningModifier):
     A has no bias column (biases are neither pruned nor updated). A Linear input of shape
     (b, ..., in) counts its tokens as positions, like a Conv2d's output pixels. Only the
     weights of Linear and Conv2d (groups 1, zero padding, nn.Conv2d's own forward) can be
-    selected; every selected layer must run once per forward. Layers are dealt to the ranks
-    (`LayerLayout`); each rank's factors come from its own batches and are averaged.
-    Memory: out^2 + in^2 float64 per layer for the factors and their inverses.
+    selected; every selected layer must run once per forward. Layers are dealt to the ranks;
+    each rank's factors come from its own batches and are averaged.
     """
 
-    WITHOUT_FIELDS = ("fisher_block_size", "fisher_inv_device")
     FIELDS = {
+        **SAMPLING,
         "damp": Field(1e-5, as_float(0.0, lo_open=True), "lambda: pi-damping strength (> 0)"),
         "scale_prune_update": Field(1.0, as_float(0.0, 1.0), "fraction of the OBS update"),
     }
+    CHECKS = SAMPLING_CHECKS
 
-    def on_initialize(self, module: nn.Module, **kwargs: Any) -> None:
+    def setup(self, module: nn.Module) -> None:
         for ref in self.refs:
             problem = "is not a weight" if ref.attr != "weight" else kfac_layer_problem(ref.module)
             if problem:
                 raise self.field_error("params", f"selects {ref.name}, which {problem}")
-        super().on_initialize(module, **kwargs)
 
-    def block_layout(self) -> LayerLayout:
-        return LayerLayout([r.param.numel() for r in self.refs])
+    def estimator(self) -> KFAC:
+        return KFAC(self.damp)
 
-    def estimate(self, module: nn.Module, layout) -> list[KFACFactors]:
-        assert self.grad_sampler is not None
-        layers = [r.module for r in self.refs]
-        stats = self.grad_sampler.iter_layer_stats(
-            module,
-            layers,
-            self.num_grads,
-            desc=f"{type(self).__name__} layer statistics",
-            dtype=self.work_dtype,
-        )
-        factors = kfac_factors(stats, layers)
-        return on_all_ranks(
-            lambda: [damped_inverses(*factors[p.index], self.damp) for p in layout.parts],
-            type(self).__name__,
-        )
+    def score(self, estimate: list[KFACFactors]) -> Scored:
+        return part_scores(self, self.step_layout, estimate, self._part_scores)
 
-    def part_scores(self, part: BlockPart, w: Tensor, est: KFACFactors, pruned: Tensor) -> Tensor:
+    def update_weights(self, estimate, scored: Scored, masks: list[Tensor]):
+        layout, scale = self.step_layout, self.scale_prune_update
+        return part_updates(self, layout, estimate, scored, masks, self._part_update, scale)
+
+    def _part_scores(self, part: BlockPart, w: Tensor, est: KFACFactors, pruned: Tensor):
         diag = kfac_inverse_diag(est).to(w.device)
         return (w.to(torch.float64).square() / (2 * diag)).to(w.dtype)
 
-    def part_update(
-        self, part: BlockPart, w: Tensor, est: KFACFactors, kept: Tensor, new: Tensor
-    ) -> Tensor:
+    def _part_update(self, part: BlockPart, w: Tensor, est: KFACFactors, kept, new: Tensor):
         w64 = w.to(torch.float64)
         diag = kfac_inverse_diag(est).to(w.device)
         v = torch.where(new, w64 / diag, 0.0)
         return (w64 - kfac_matvec(est, v).to(w.device)).to(w.dtype)
-
-    def memory_plan(self, block: int | None, m: int) -> tuple[list[MemoryItem], str]:
-        total = 0
-        for ref in self.refs:
-            out = ref.param.shape[0]
-            total += 2 * 8 * (out**2 + (ref.param.numel() // max(out, 1)) ** 2)
-        device = self.refs[0].param.device if self.refs else torch.device("cpu")
-        items = [MemoryItem("K-FAC factors and inverses (float64)", total, device)]
-        return items, f"the layer sizes of {len(self.refs)} parameters"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparseml.fields import Field, as_str, one_of, optional
+from sparseml.fields import Check, Field, as_bool, as_float, as_str, one_of, optional
 from sparseml.kernels.obs import (
     obs_group_scores,
     obs_independent_update,
@@ -23,16 +23,48 @@ from sparseml.kernels.obs import (
     obs_scores,
 )
 from sparseml.layouts import BlockPart
-from sparseml.modifiers.block_pruner import BlockPruningModifier
-from sparseml.modifiers.obs_family import DYNAMIC_BLOCKS_FIELDS, OBS_FAMILY_FIELDS, OBSFamilyMixin
+from sparseml.pruning.estimators import BlockFisher
+from sparseml.pruning.fields import BLOCKS, SAMPLING, SAMPLING_CHECKS, mask_spec_of
+from sparseml.pruning.flops_plan import FLOPS, FLOPS_CHECKS
+from sparseml.pruning.modifier import PruningModifier
+from sparseml.pruning.updates import Scored, part_scores, part_updates
 from sparseml.registry import register_modifier
 
 LOG = logging.getLogger(__name__)
 EPS32 = torch.finfo(torch.float32).eps
 
+# Fields of the OBS family (OBS, WoodFisher, WoodTaylor, K-FAC): the share of the update.
+OBS_UPDATE = {
+    "scale_prune_update": Field(1.0, as_float(0.0, 1.0), "share of the OBS update (0: OBD)"),
+}
+DYNAMIC_BLOCKS = {
+    "dynamic_blocks": Field(False, as_bool, "Fisher blocks over unpruned weights only"),
+}
+DYNAMIC_CHECKS = (
+    Check(
+        "dynamic_blocks",
+        lambda m: m._values["dynamic_blocks"] and m._values.get("fisher_block_size", 0) is None,
+        "needs a fisher_block_size (blockwise)",
+    ),
+    Check(
+        "dynamic_blocks",
+        lambda m: (
+            m._values["dynamic_blocks"]
+            and getattr(mask_spec_of(m._values), "kind", "") != "unstructured"
+        ),
+        "needs mask_type: unstructured",
+    ),
+)
+TRACES = {"traces_backup_dir": Field(None, optional(as_str), "accepted for WF recipes; unused")}
+
+
+def warn_traces(pruner: Any) -> None:
+    if pruner.traces_backup_dir is not None:
+        LOG.warning("%s keeps no traces: traces_backup_dir is not used", type(pruner).__name__)
+
 
 @register_modifier
-class OBSPruningModifier(OBSFamilyMixin, BlockPruningModifier):
+class OBSPruningModifier(PruningModifier):
     """Gradual or one-shot OBS pruning with a block-diagonal inverse empirical Fisher.
 
     Per pruning step (and per recomputation): m masked gradient samples give, per parameter
@@ -68,45 +100,50 @@ class OBSPruningModifier(OBSFamilyMixin, BlockPruningModifier):
     | obs_update | - | joint (exact per block) or independent (oBERT/WF reference) |
     | mask_type | - | unstructured, block4 (groups of 4, B % 4 == 0) or "N:M" |
     | scale_prune_update | - | share of the update applied (0: OBD, scores only) |
-    | flops_power, flops_target | - | FLOPs-aware scores / MACs target (`obs_family`) |
-    | dynamic_blocks | - | blocks of B consecutive *unpruned* weights (spec 7.5) |
+    | flops_power, flops_target | - | FLOPs-aware scores / MACs target (`flops_plan`) |
+    | dynamic_blocks | - | blocks of B consecutive *unpruned* weights |
 
     Blocks never cross parameters; the last block of a parameter is zero-padded (exact).
     With m < B the inverse is built in the m-dimensional sample space (exact for any damp);
-    otherwise from a float64 Gram (accurate for damp down to ~1e-10 ||G^T G / m||). Blocks live
-    on ``fisher_inv_device`` (else on their parameter's device). Under torch.distributed the
-    blocks of all parameters are split over the ranks; scores and new weights are gathered,
-    so every rank ends with the same masks and weights. ``traces_backup_dir`` (found in WF
-    recipes) is accepted and unused: OBS keeps no traces. The WoodFisher repository's
-    blockwise pruners are this class: ``woodfisherblock`` with ``--fittable-params P`` is
-    ``fisher_block_size: P`` (and ``obs_update: independent`` for its update),
-    ``--flops-power``/``--flops-target`` are ``flops_power``/``flops_target`` and
-    ``woodfisherblockdynamic`` is ``dynamic_blocks: true`` (see `obs_family` and
-    docs/pruners.md).
+    otherwise from a float64 Gram. Under torch.distributed the blocks of all parameters are
+    split over the ranks; scores and new weights are gathered, so every rank ends with the
+    same masks and weights. ``traces_backup_dir`` (found in WF recipes) is accepted and unused.
+    The WoodFisher repository's blockwise pruners are this class: ``woodfisherblock`` with
+    ``--fittable-params P`` is ``fisher_block_size: P`` (and ``obs_update: independent`` for
+    its update) and ``woodfisherblockdynamic`` is ``dynamic_blocks: true`` (docs/pruners.md).
     """
 
     FIELDS = {
-        **OBS_FAMILY_FIELDS,
-        **DYNAMIC_BLOCKS_FIELDS,
+        **SAMPLING,
+        **BLOCKS,
+        **FLOPS,
+        **OBS_UPDATE,
+        **DYNAMIC_BLOCKS,
         "obs_update": Field("joint", one_of("joint", "independent"), "joint or reference update"),
-        "traces_backup_dir": Field(None, optional(as_str), "accepted for WF recipes; unused"),
+        **TRACES,
     }
+    CHECKS = (*SAMPLING_CHECKS, *FLOPS_CHECKS, *DYNAMIC_CHECKS)
 
-    def on_initialize(self, module: nn.Module, **kwargs: Any) -> None:
-        super().on_initialize(module, **kwargs)
-        if self.traces_backup_dir is not None:
-            LOG.warning("OBSPruningModifier keeps no traces: traces_backup_dir is not used")
+    def setup(self, module: nn.Module) -> None:
+        warn_traces(self)
 
-    # ----- the method: scores and update of one part ----------------------------------------
+    def estimator(self) -> BlockFisher:
+        return BlockFisher(self.fisher_block_size, self.damp, self.dynamic_blocks)
+
+    def score(self, estimate: list[Tensor]) -> Scored:
+        return part_scores(self, self.step_layout, estimate, self.part_scores)
+
+    def update_weights(self, estimate: list[Tensor], scored: Scored, masks: list[Tensor]):
+        layout, scale = self.step_layout, self.scale_prune_update
+        return part_updates(self, layout, estimate, scored, masks, self.part_update, scale)
+
     def part_scores(self, part: BlockPart, w: Tensor, H: Tensor, pruned: Tensor) -> Tensor:
         spec = self.mask_spec
         if spec.kind == "block":
             return obs_group_scores(w, H, pruned, spec.group)
         return obs_scores(w, H, pruned, eps=EPS32 * (self.obs_update == "independent"))
 
-    def part_update(
-        self, part: BlockPart, w: Tensor, H: Tensor, kept: Tensor, new: Tensor
-    ) -> Tensor:
+    def part_update(self, part: BlockPart, w: Tensor, H: Tensor, kept: Tensor, new: Tensor):
         if self.obs_update == "joint":
             return obs_prune_update(w, H, new)
         if self.mask_spec.kind == "block":

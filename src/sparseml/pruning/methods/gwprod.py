@@ -11,18 +11,19 @@ Papers:
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from sparseml.curvature import gradient_sums
 from sparseml.fields import Field, one_of
-from sparseml.layouts import BlockPart, LayerLayout
-from sparseml.memory import MemoryItem
-from sparseml.modifiers.block_pruner import BlockPruningModifier
+from sparseml.layouts import BlockPart
+from sparseml.pruning.estimators import GradientSums
+from sparseml.pruning.fields import SAMPLING, SAMPLING_CHECKS
+from sparseml.pruning.modifier import PruningModifier
+from sparseml.pruning.updates import Scored, part_scores
 from sparseml.registry import register_modifier
 
 
 @register_modifier
-class GWProdPruningModifier(BlockPruningModifier):
+class GWProdPruningModifier(PruningModifier):
     """One-shot or gradual pruning by gradient-times-weight scores summed over samples.
 
     Per pruning step (and recomputation), m masked gradient samples g^(i) (mini-batch-mean
@@ -59,41 +60,26 @@ class GWProdPruningModifier(BlockPruningModifier):
     | num_recomputations | - | rescorings between the current and the target sparsity |
     | mask_type | - | unstructured, block4 or "N:M" |
 
-    Unlike the reference, the scores are rebuilt from fresh samples at every pruning step
-    (its accumulator is never reset, so gradual steps mix all earlier samples), and NaN
-    gradients stop the step with an error instead of being skipped.
+    Estimator: `GradientSums`. Unlike the reference, the scores are rebuilt from fresh samples
+    at every pruning step (its accumulator is never reset, so gradual steps mix all earlier
+    samples), and NaN gradients stop the step with an error instead of being skipped.
     """
 
-    WITHOUT_FIELDS = ("fisher_block_size", "fisher_inv_device", "damp")
     FIELDS = {
+        **SAMPLING,
         "score": Field("abs", one_of("abs", "movement"), "sum of abs(w*g), or of -w*g"),
     }
+    WITHOUT_FIELDS = ("damp",)
+    CHECKS = SAMPLING_CHECKS
 
-    def block_layout(self) -> LayerLayout:
-        return LayerLayout([r.param.numel() for r in self.refs])
+    def estimator(self) -> GradientSums:
+        return GradientSums(absolute=self._values["score"] == "abs")
 
-    def estimate(self, module: nn.Module, layout) -> list[Tensor]:
-        sizes = [r.param.numel() for r in self.refs]
-        sums = gradient_sums(
-            self.gradient_chunks(module),
-            sizes,
-            self.refs[0].param.device,
-            absolute=self.score == "abs",
-        )
-        return layout.take(sums)
+    def score(self, estimate: list[Tensor]) -> Scored:
+        return part_scores(self, self.step_layout, estimate, self._part_scores)
 
-    def part_scores(self, part: BlockPart, w: Tensor, est: Tensor, pruned: Tensor) -> Tensor:
+    def _part_scores(self, part: BlockPart, w: Tensor, est: Tensor, pruned: Tensor) -> Tensor:
         w64 = w.to(torch.float64)
         est = est.to(w.device)
-        scores = w64.abs() * est if self.score == "abs" else -w64 * est
+        scores = w64.abs() * est if self._values["score"] == "abs" else -w64 * est
         return scores.to(w.dtype)
-
-    def memory_plan(self, block: int | None, m: int) -> tuple[list[MemoryItem], str]:
-        d = sum(r.param.numel() for r in self.refs)
-        width = torch.finfo(self.work_dtype).bits // 8
-        device = self.refs[0].param.device if self.refs else torch.device("cpu")
-        items = [
-            MemoryItem("gradient sums (float64)", d * 8, device),
-            MemoryItem("gradient chunk", min(self.GRAD_CHUNK, m) * d * width, device),
-        ]
-        return items, f"num_grads={m} and {d} weights"

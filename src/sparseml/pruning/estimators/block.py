@@ -1,0 +1,179 @@
+"""Block-diagonal inverse empirical Fishers: OBS's, CAP's (with its elimination) and
+WoodTaylor's (with the mean gradient).
+
+Per parameter, blocks of B consecutive flattened weights (the last one zero-padded), or with
+``dynamic`` B consecutive *unpruned* weights (`sparseml.layouts.CompactLayout`); the blocks of
+all parameters are dealt to the ranks. H_b = (damp I + G_b^T G_b / m)^-1 from a float64 Gram
+(m >= B) or in the m-dimensional sample space (m < B, exact for any damp).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from sparseml.curvature import GradientMoments, block_fisher_inverses, tapped
+from sparseml.curvature.moments import SLICE_NUMEL
+from sparseml.dist import is_distributed, on_all_ranks
+from sparseml.kernels.cap import cap_eliminate, workspace_bytes
+from sparseml.kernels.fisher import UPCAST_NUMEL, to_blocks
+from sparseml.layouts import BlockLayout, CompactLayout
+from sparseml.memory import MemoryItem
+from sparseml.pruning.estimators.base import (
+    GRAD_CHUNK,
+    Estimator,
+    chunk_item,
+    home,
+    peak,
+    pruning_item,
+    width,
+)
+
+
+class BlockFisher(Estimator):
+    """H (n_b, B, B) per part of this rank's blocks."""
+
+    def __init__(self, block: int, damp: float, dynamic: bool = False) -> None:
+        self.block, self.damp, self.dynamic = block, damp, dynamic
+
+    def layout(self, pruner: Any) -> BlockLayout | CompactLayout:
+        if self.dynamic:
+            return CompactLayout(pruner.masks, self.block)
+        return BlockLayout([r.param.numel() for r in pruner.refs], self.block)
+
+    def span(self, pruner: Any) -> int:
+        return max((r.param.numel() for r in pruner.refs), default=1)
+
+    def sizes(self, pruner: Any) -> list[int]:
+        """Weights the blocks cover per parameter (dynamic: the unpruned ones)."""
+        if self.dynamic and pruner.masks:
+            return [int(m.sum()) for m in pruner.masks]
+        return [r.param.numel() for r in pruner.refs]
+
+    def memory(self, pruner: Any, block: int, m: int) -> tuple[list[MemoryItem], str]:
+        blocks, sampling = self.phases(pruner, block, m)
+        return peak([blocks], sampling, [pruning_item(pruner)]), self.drivers(pruner, block, m)
+
+    def drivers(self, pruner: Any, block: int, m: int) -> str:
+        return f"fisher_block_size={block}, num_grads={m} and {sum(self.sizes(pruner))} weights"
+
+    def phases(self, pruner: Any, block: int, m: int) -> tuple[MemoryItem, list[MemoryItem]]:
+        """This rank's blocks, and what drawing the samples holds besides them."""
+        sizes = self.sizes(pruner)
+        layout = BlockLayout(sizes, block)
+        n_local = sum(p.b1 - p.b0 for p in layout.parts)
+        d_local = sum(p.c1 - p.c0 for p in layout.parts)
+        size, device = width(pruner), home(pruner)
+        # a chunk holds whole gradients (dynamic blocks compact them only afterwards)
+        chunk = chunk_item(pruner, m)
+        if m < block:  # sample-space form: the sampled chunks are kept, then H (work dtype)
+            blocks = MemoryItem("Fisher blocks", n_local * block * block * size, device)
+            sampling = [MemoryItem("sampled gradients", m * d_local * size, device)]
+            if is_distributed():  # this rank's columns are copied out of each chunk
+                sampling.append(chunk)
+            return blocks, sampling
+        blocks = MemoryItem("Fisher blocks (float64)", n_local * block * block * 8, device)
+        sampling = [chunk]
+        if self.dynamic:  # the unpruned columns are gathered out of each chunk
+            sampling.append(MemoryItem("unpruned columns of the chunk", chunk.nbytes, device))
+        if size != 8:  # the chunk is added to the Gram in float64 slices
+            upcast = min(UPCAST_NUMEL, min(GRAD_CHUNK, m) * sum(sizes)) * 8
+            sampling.append(MemoryItem("float64 slice of the chunk", upcast, device))
+        return blocks, sampling
+
+    def smaller(self, pruner: Any) -> Iterator[tuple[dict, str]]:
+        """Halved block sizes, down to the mask group."""
+        block, group = self.block, pruner.mask_spec.group
+        while block > group:
+            block = max(group, block // 2 // group * group)
+            yield {"block": block, "m": pruner.num_grads}, f"fisher_block_size: {block}"
+
+    def inverses(self, pruner: Any, chunks, layout) -> list[torch.Tensor]:
+        return block_fisher_inverses(
+            chunks,
+            layout,
+            num_grads=pruner.num_grads,
+            damp=self.damp,
+            devices=[pruner.fisher_device(r.param) for r in pruner.refs],
+            dtype=pruner.work_dtype,
+            owner=type(pruner).__name__,
+        )
+
+    def build(self, pruner: Any, module: Any, layout) -> list[torch.Tensor]:
+        return self.inverses(pruner, pruner.gradient_chunks(module), layout)
+
+
+class BlockFisherAndMean(BlockFisher):
+    """Per part (H, g_bar piece): the block inverses and the mean gradient, from one pass."""
+
+    def memory(self, pruner: Any, block: int, m: int) -> tuple[list[MemoryItem], str]:
+        blocks, sampling = self.phases(pruner, block, m)
+        d = sum(r.param.numel() for r in pruner.refs)  # the float64 sums of g and g^2
+        moments = MemoryItem("gradient moments", 2 * d * 8, pruner.refs[0].param.device)
+        slices = MemoryItem("float64 column slices", 2 * SLICE_NUMEL * 8, moments.device)
+        plan = peak([blocks, moments], [*sampling, slices], [pruning_item(pruner)])
+        return plan, self.drivers(pruner, block, m)
+
+    def build(self, pruner: Any, module: Any, layout) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        moments = GradientMoments(
+            [r.param.numel() for r in pruner.refs], pruner.refs[0].param.device
+        )
+        inverses = self.inverses(pruner, tapped(pruner.gradient_chunks(module), moments), layout)
+        pieces = layout.take([g.to(pruner.work_dtype) for g in moments.mean()])
+        return list(zip(inverses, pieces))
+
+
+class CAPElimination(BlockFisher):
+    """Per part: H, the blocks (W, valid) and, for unstructured masks, CAP's greedy
+    elimination order with its cumulative losses (`sparseml.kernels.cap.cap_eliminate`).
+
+    The order depends on the weights, masks and H only, so a sweep over sparsities reuses it.
+    Memory: the blocks, the (n_b, B) order and losses, and the elimination's float64 working
+    batches (one per CPU thread in flight).
+    """
+
+    def __init__(self, block: int, damp: float, nm: bool, blocks_per_batch: int | None) -> None:
+        super().__init__(block, damp)
+        self.nm, self.blocks_per_batch = nm, blocks_per_batch
+
+    def memory(self, pruner: Any, block: int, m: int) -> tuple[list[MemoryItem], str]:
+        """The blocks and CAP's per-weight arrays, plus the largest phase: drawing samples,
+        the elimination (and reconstruction) working batches, or the pruning step."""
+        blocks, sampling = self.phases(pruner, block, m)
+        layout = BlockLayout(self.sizes(pruner), block)
+        n_local = sum(p.b1 - p.b0 for p in layout.parts)
+        device = home(pruner)
+        weights = n_local * block * (width(pruner) + 1 + (0 if self.nm else 6))
+        arrays = MemoryItem("CAP blocks, order and losses", weights, device)
+        # every block has the same work (one batch is a slice of H) when the model is dense
+        # and no parameter ends in a padded block
+        sizes = self.sizes(pruner)
+        even = all(n % block == 0 for n in sizes) and all(bool(m.all()) for m in pruner.masks)
+        work = workspace_bytes(n_local, block, self.blocks_per_batch, device, not even)
+        elimination = [MemoryItem("CAP elimination workspace (float64)", work, device)]
+        plan = peak([blocks, arrays], sampling, elimination, [pruning_item(pruner)])
+        return plan, self.drivers(pruner, block, m)
+
+    def build(self, pruner: Any, module: Any, layout) -> list[dict[str, torch.Tensor]]:
+        inverses = super().build(pruner, module, layout)
+        weights = layout.take(pruner.flat_weights())
+        kept = layout.take([m.reshape(-1) for m in pruner.masks])
+        bsz = self.block
+
+        def eliminate() -> list[dict[str, torch.Tensor]]:
+            out = []
+            for w, k, H in zip(weights, kept, inverses):
+                W = to_blocks(w.to(H.device), bsz)  # work dtype (float32 or float64)
+                valid = to_blocks(torch.ones(w.numel(), device=H.device), bsz) > 0
+                est = {"H": H, "W": W, "valid": valid}
+                if not self.nm:
+                    pruned = to_blocks((~k).to(H.device, torch.float32), bsz) > 0
+                    est["order"], est["losses"] = cap_eliminate(
+                        W, H, pruned, valid=valid, blocks_per_batch=self.blocks_per_batch
+                    )
+                out.append(est)
+            return out
+
+        return on_all_ranks(eliminate, type(pruner).__name__)

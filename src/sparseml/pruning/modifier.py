@@ -1,0 +1,492 @@
+"""The one base of every pruner: selected parameters, sparsity schedule, masks, state, and the
+one step skeleton that runs every method.
+
+A method (`sparseml.pruning.methods`) is a composition, declared in its own class:
+
+- its fields (``FIELDS``, from the shared groups of `sparseml.pruning.fields`) and their
+  relations (``CHECKS``);
+- ``estimator()``: the `sparseml.pruning.estimators` estimator it uses (None: the weights
+  alone, as magnitude pruning);
+- ``SELECTORS``: the selector kinds it supports (`sparseml.pruning.selectors`); the recipe's
+  ``mask_type``, ``global_sparsity`` and ``flops_target`` pick one, and an unsupported pick is
+  one recipe error;
+- either ``score(estimate)`` -> selector -> ``update_weights(estimate, scored, masks)``, or, when
+  ``joint`` is true, ``select_and_update(estimate, targets)`` (CAP's N:M greedy, FastCAP's
+  sweep), which returns the masks itself.
+
+A pruning step (`update`) turns the schedule into per-parameter targets and runs
+``num_recomputations`` rounds of: build the estimate (timed, reused across a sweep), then the
+method; pruned weights stay exactly zero (`sparseml.masks.MaskEnforcer`) and masks never reopen.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from sparseml.errors import RecipeError
+from sparseml.fields import Check, FieldValueError, as_int, brief
+from sparseml.grad_sampler import GradSampler
+from sparseml.kernels.precision import work_dtype
+from sparseml.masks import MaskEnforcer, MaskSpec, check_groupable, parse_mask_type
+from sparseml.modifiers.base import Modifier
+from sparseml.params import ParamRef, select_params
+from sparseml.pruning import sampling
+from sparseml.pruning.fields import FROM_PARAM, SCHEDULE, SCHEDULE_CHECKS, mask_spec_of
+from sparseml.pruning.flops_plan import FlopsPlan
+from sparseml.pruning.selectors import (
+    KINDS,
+    FlopsTarget,
+    Reweighted,
+    Threshold,
+    selector_kind,
+)
+from sparseml.pruning.updates import Scored
+from sparseml.schedules import interpolate, recomputation_targets
+
+_MASK_WORDS = {"layer": "unstructured", "global": "unstructured", "block": "block4", "nm": "N:M"}
+
+
+def _kind_of(mod: Any) -> str | None:
+    spec = mask_spec_of(mod._values)
+    if spec is None:
+        return None
+    values = mod._values
+    return selector_kind(spec, values.get("global_sparsity", False), values.get("flops_target"))
+
+
+def _unsupported_field(mod: Any) -> str:
+    return {"flops": "flops_target", "global": "global_sparsity", "layer": "global_sparsity"}.get(
+        _kind_of(mod), "mask_type"
+    )
+
+
+def _unsupported(mod: Any) -> bool:
+    kind = _kind_of(mod)
+    return kind is not None and kind not in mod.SELECTORS
+
+
+def _allowed(mod: Any) -> str:
+    kinds = [k for k in KINDS if k in mod.SELECTORS]
+    names = {"layer": "per-layer", "global": "global", "block": "block4", "nm": "N:M"}
+    allowed = ", ".join(names.get(k, "flops_target") for k in kinds)
+    return f"is not supported by {type(mod).__name__}; it selects with: {allowed}"
+
+
+class PruningModifier(Modifier):
+    """Base of every pruning modifier (not usable in a recipe by itself)."""
+
+    FIELDS = SCHEDULE
+    CHECKS = (
+        *SCHEDULE_CHECKS,
+        Check(
+            "global_sparsity",
+            lambda m: (
+                m._values["global_sparsity"]
+                and isinstance(m._values.get("final_sparsity"), dict)
+                and len(m._values["final_sparsity"]) > 1
+                and _kind_of(m) == "global"
+            ),
+            "must be false when final_sparsity maps several targets to parameters",
+        ),
+    )
+    # The last check: a selector the method cannot use (its own fields are checked first).
+    SELECTOR_CHECK = Check("mask_type", _unsupported, _allowed)
+    SPARSIFICATION_TYPES = ("pruning",)
+    END_RULE = "ge"
+    UPDATES_BETWEEN = True
+    SELECTORS: ClassVar[frozenset[str]] = frozenset(KINDS)
+    GRAD_CHUNK = 64  # gradient samples per chunk (one GEMM accumulation)
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self.refs: list[ParamRef] = []
+        self.enforcer: MaskEnforcer | None = None
+        self.init_targets: list[float] = []
+        self.final_targets: list[float] = []
+        self.applied_sparsity: list[float] | None = None
+        self.grad_sampler: GradSampler | None = None
+        self.sweep_cache: dict | None = None
+        self.flops: FlopsPlan | None = None
+        self.step_layout: Any = None  # the estimator's layout in the current pruning step
+        self.timings: dict[str, float] = dict.fromkeys(sampling.PHASES, 0.0)
+
+    @classmethod
+    def _canonical_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The WoodFisher repository's ``recompute_num: R`` (R recomputations after the first
+        Fisher, so R + 1 builds per pruning step) is ``num_recomputations: R + 1``."""
+        if "recompute_num" in kwargs and "num_recomputations" in cls.fields:
+            kwargs = dict(kwargs)
+            value = kwargs.pop("recompute_num")
+            if "num_recomputations" in kwargs:
+                raise RecipeError(
+                    f"{cls.__name__}: give num_recomputations or recompute_num, not both"
+                )
+            try:
+                kwargs["num_recomputations"] = as_int(0)(value) + 1
+            except FieldValueError as err:
+                raise RecipeError(
+                    f"{cls.__name__}: field 'recompute_num' = {brief(value)} {err}"
+                ) from None
+        return super()._canonical_kwargs(kwargs)
+
+    def validate(self) -> None:
+        super().validate()
+        check = self.SELECTOR_CHECK
+        if check.broken(self):
+            raise self.field_error(_unsupported_field(self), check.message(self))
+
+    # ----- what the method is made of (overridden by methods) ------------------------------------
+    def estimator(self) -> Any:
+        """The estimator this method scores with; None: the weights alone."""
+        return None
+
+    @property
+    def joint(self) -> bool:
+        """True when the method selects and updates in one go (`select_and_update`)."""
+        return False
+
+    def score(self, estimate: Any) -> Scored:
+        """Scores (higher = keep), one tensor per parameter; magnitude by default."""
+        return Scored([r.param.detach().abs() for r in self.refs])
+
+    def update_weights(
+        self, estimate: Any, scored: Scored, masks: list[Tensor]
+    ) -> list[Tensor] | None:
+        """Write the weights for the chosen keep-``masks``; may return the masks kept in the
+        end (None: ``masks``). By default nothing moves."""
+        return None
+
+    def select_and_update(self, estimate: Any, targets: list[float]) -> list[Tensor]:
+        raise TypeError(f"{type(self).__name__} is joint but defines no select_and_update")
+
+    def setup(self, module: nn.Module) -> None:
+        """Checks and measurements on the model at initialize (after the grad sampler)."""
+
+    # ----- questions the scripts and the manager ask ---------------------------------------------
+    @property
+    def gradient_source(self) -> str | None:
+        """Where the gradients come from: ``"sampler"`` (a grad sampler), ``"training"``
+        (the training steps' own), ``"sampler_or_training"`` or None (no gradients)."""
+        return None if type(self).estimator is PruningModifier.estimator else "sampler"
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.gradient_source is not None
+
+    @property
+    def mask_spec(self) -> MaskSpec:
+        values = self._values
+        return parse_mask_type(
+            values.get("mask_type", "unstructured"), values.get("n"), values.get("m")
+        )
+
+    @property
+    def selector_kind(self) -> str:
+        return _kind_of(self)
+
+    def selector(self):
+        """The selector the fields pick (FLOPs: reweighted by MACs, or a MACs target)."""
+        if self.flops is not None and self.flops.target is not None:
+            inner = FlopsTarget(self.flops.costs)
+        else:
+            inner = Threshold(self.mask_spec, self._values.get("global_sparsity", False))
+        if self.flops is not None and self.flops.power > 0:
+            return Reweighted(inner, self.flops.costs, self.flops.power)
+        return inner
+
+    def sparsity_at(self, epoch: float) -> float | None:
+        """The scheduled sparsity at ``epoch`` (the largest target of a mapping; None when the
+        recipe does not say, e.g. a FLOPs target or frozen masks)."""
+        target = self.final_target()
+        if target is None:
+            return None
+        init = self.init_sparsity if isinstance(self.init_sparsity, float) else 0.0
+        return interpolate(epoch, self.start_epoch, self.end_epoch, init, target, self.inter_func)
+
+    def final_target(self) -> float | None:
+        """The sparsity it ends at (the largest of a mapping; None: not a sparsity target)."""
+        final = self._values.get("final_sparsity")
+        if final is None:
+            return None
+        return max(final) if isinstance(final, dict) else final
+
+    def is_active(self, epoch: float) -> bool:
+        """``start_epoch <= epoch < end_epoch`` (no end: from the start on)."""
+        end = self.end_epoch if self.end_epoch >= 0 else math.inf
+        return self.start_epoch <= epoch < end
+
+    def holds_masks_after(self, epoch: float) -> bool:
+        """Ended by ``epoch`` and still enforcing the masks of a pruning step."""
+        return (
+            0 <= self.end_epoch <= epoch
+            and self._values.get("leave_enabled", False)
+            and self.applied_sparsity is not None
+        )
+
+    def reported_sparsity(self) -> float | None:
+        """The mean sparsity its last pruning step aimed at (None before the first)."""
+        value = self.applied_sparsity
+        if value is None:
+            return None
+        return float(sum(value) / len(value)) if value else 0.0
+
+    def changes_sparsity_at(self, epoch: float) -> bool:
+        """A pruning step falls on ``epoch``: the start, every ``update_frequency`` epochs
+        after it, and the end."""
+        start, end, freq = self.start_epoch, self.end_epoch, self.update_frequency
+        if freq <= 0 or epoch < start or (0 <= end < epoch):
+            return False
+        return (epoch - start) % freq == 0 or epoch == end
+
+    def run_length_problem(self, num_epochs: int, steps_per_epoch: int | None) -> str | None:
+        """Why a run of ``num_epochs`` epochs would stop this schedule short of its target
+        (None when it reaches it): the run's last step is at ``num_epochs - 1 /
+        steps_per_epoch``, and a pruning step falls every ``update_frequency`` epochs."""
+        last = num_epochs - (1.0 / steps_per_epoch if steps_per_epoch else 1e-6)
+        target, end = self.final_target(), self.end_epoch
+        if target is None or end < 0 or end <= last + 1e-9:
+            return None
+        start, freq = max(self.start_epoch, 0.0), self.update_frequency
+        epoch = last if freq <= 0 else start + math.floor((last - start) / freq + 1e-9) * freq
+        reached = 0.0 if start > last + 1e-9 else self.sparsity_at(epoch)
+        if reached >= target - 1e-6:  # e.g. holding a constant sparsity: nothing is lost
+            return None
+        need = math.ceil(end + 1 / steps_per_epoch - 1e-9) if steps_per_epoch else int(end) + 1
+        return (
+            f"{type(self).__name__} ends at epoch {end:g} but the run has {num_epochs} epochs: "
+            f"it would reach about {reached:.2%} sparsity instead of {target:.2%}; run at "
+            f"least {need} epochs or end the modifier earlier"
+        )
+
+    def named_masks(self) -> dict[str, Tensor]:
+        """Parameter name -> boolean keep-mask."""
+        return {r.name: m.detach().to(torch.bool) for r, m in zip(self.refs, self.masks)}
+
+    # ----- schedule ---------------------------------------------------------------------------------
+    def targets_for_epoch(self, epoch: float) -> list[float]:
+        """Per-parameter sparsities, or with ``flops_target`` the fraction of MACs removed."""
+        if self.flops is not None and self.flops.target is not None:
+            return [self.flops.removed_at(epoch, self.masks, self)] * len(self.refs)
+        return [
+            interpolate(epoch, self.start_epoch, self.end_epoch, s0, s1, self.inter_func)
+            for s0, s1 in zip(self.init_targets, self.final_targets)
+        ]
+
+    def schedule_levels(self) -> list[float]:
+        """Where the targets stand now; recomputations are spaced from here to the targets."""
+        if self.flops is not None and self.flops.target is not None:
+            return [1.0 - self.flops.kept_fraction(self.masks)] * len(self.refs)
+        return self.current_sparsities()
+
+    # ----- lifecycle ----------------------------------------------------------------------------
+    def initialize(
+        self, module: nn.Module, epoch: float = 0.0, loggers: Any = None, **kwargs: Any
+    ) -> None:
+        self.validate()
+        owner = type(self).__name__
+        final = self._values.get("final_sparsity", 0.0)
+        if isinstance(final, dict):
+            chosen: dict[str, tuple[ParamRef, float]] = {}
+            for target, patterns in final.items():
+                for ref in select_params(module, patterns, owner):
+                    chosen.setdefault(ref.name, (ref, target))
+            self.refs = [ref for ref, _ in chosen.values()]
+            self.final_targets = [t for _, t in chosen.values()]
+        else:
+            self.refs = select_params(module, self.params, owner)
+            self.final_targets = [final] * len(self.refs)
+        spec = self.mask_spec
+        for ref in self.refs:
+            try:
+                check_groupable(ref.name, ref.param.shape, spec)
+            except RecipeError as err:
+                raise self.field_error("mask_type", str(err)) from None
+        if self._values.get("init_sparsity", 0.0) == FROM_PARAM:
+            self.init_targets = [float((r.param == 0).float().mean()) for r in self.refs]
+        else:
+            self.init_targets = [self._values.get("init_sparsity", 0.0)] * len(self.refs)
+        masks = [torch.ones_like(r.param, dtype=torch.bool) for r in self.refs]
+        self.enforcer = MaskEnforcer(self.refs, masks)
+        self.on_initialize(module, **kwargs)
+        super().initialize(module, epoch, loggers, **kwargs)
+        prune_now = self.gradient_source is None or math.isinf(epoch)
+        if prune_now and not self.resuming and self.start_pending(epoch):
+            self.scheduled_update(module, None, epoch, 1)
+
+    def on_initialize(self, module: nn.Module, **kwargs: Any) -> None:
+        source, given = self.gradient_source, kwargs.get("grad_sampler")
+        if source == "sampler" or (source == "sampler_or_training" and given is not None):
+            self.grad_sampler = GradSampler.from_kwargs(
+                given, self.grad_sampler_kwargs, type(self).__name__
+            )
+        self.sweep_cache = kwargs.get("sweep_cache")
+        if self.estimator() is not None:
+            sampling.preflight(self)
+        self.setup(module)
+        fields = self._values
+        if fields.get("flops_target") is not None or fields.get("flops_power", 0) > 0:
+            self.flops = FlopsPlan(module, self)
+
+    def update(self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int) -> None:
+        Modifier.update(self, module, optimizer, epoch, steps_per_epoch)
+        self.enforcer.enable()
+        targets = self.targets_for_epoch(epoch)
+        self.prune(module, targets)
+        self.applied_sparsity = targets
+        self.enforcer.apply()
+        if self.flops is not None:
+            self.flops.after_step(self.masks)
+            if self.flops.target is not None:
+                self.applied_sparsity = self.current_sparsities()
+
+    def on_end(self, module: nn.Module) -> None:
+        if not self._values.get("leave_enabled", False) and self.enforcer is not None:
+            self.enforcer.disable()
+
+    def optimizer_post_step(
+        self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int
+    ) -> None:
+        if self.enforcer is not None and self.enforcer.enabled:
+            self.enforcer.apply()
+
+    def finalize(self, module: nn.Module | None = None, **kwargs: Any) -> None:
+        if self.enforcer is not None:
+            if self.enforcer.enabled:
+                self.enforcer.apply()
+            self.enforcer.disable()
+        super().finalize(module, **kwargs)
+
+    # ----- the step skeleton ----------------------------------------------------------------------
+    def prune(self, module: nn.Module, targets: list[float]) -> None:
+        """Reach ``targets`` in ``num_recomputations`` rounds of estimate -> method."""
+        rounds = self._values.get("num_recomputations", 1)
+        plans = [
+            recomputation_targets(
+                c, t, rounds, self._values.get("recomputation_inter_func", "linear"),
+                self._values.get("recompute_degree"),
+            )
+            for c, t in zip(self.schedule_levels(), targets)
+        ]  # fmt: skip
+        timings = sampling.Timings(self.grad_sampler)
+        for step in range(rounds):
+            self.prune_once(module, [plan[step] for plan in plans], timings)
+            self.enforcer.apply()
+        self.timings = timings.seconds
+        if self.needs_gradients:
+            timings.log(type(self).__name__)
+
+    @torch.no_grad()
+    def _method(self, estimate: Any, targets: list[float]) -> list[Tensor]:
+        if self.joint:
+            return self.select_and_update(estimate, targets)
+        scored = self.score(estimate)
+        masks = self.selector().select(self.masked_scores(scored.scores), targets)
+        return self.update_weights(estimate, scored, masks) or masks
+
+    def prune_once(self, module: nn.Module, targets: list[float], timings: Any) -> None:
+        if not self.refs:
+            return
+        estimator = self.estimator()
+        estimate = None
+        if estimator is not None:
+            layout = self.step_layout = estimator.layout(self)
+            if getattr(layout, "total", 1) == 0:
+                return
+            with timings.phase("curvature"):
+                estimate = self.build_estimate(estimator, module, layout)
+        with timings.phase("pruning"):
+            self.set_masks(self._method(estimate, targets))
+
+    def build_estimate(self, estimator: Any, module: nn.Module, layout: Any) -> Any:
+        """The estimate, reused across a one-shot sweep (`sampling.cached`)."""
+        build = lambda: estimator.build(self, module, layout)  # noqa: E731
+        return sampling.cached(self, self.sweep_cache, "curvature", build)
+
+    # ----- masks and weights ------------------------------------------------------------------------
+    @property
+    def masks(self) -> list[Tensor]:
+        return [] if self.enforcer is None else self.enforcer.masks
+
+    def set_masks(self, masks: list[Tensor]) -> None:
+        """Install new keep-masks; entries already pruned stay pruned."""
+        old = self.enforcer.masks
+        self.enforcer.set_masks([m.to(o.device) & o for m, o in zip(masks, old)])
+
+    def masked_scores(self, scores: list[Tensor]) -> list[Tensor]:
+        """Scores with ``-inf`` on already pruned entries (so they are selected first)."""
+        return [s.masked_fill(~m.to(s.device), -math.inf) for s, m in zip(scores, self.masks)]
+
+    def current_sparsities(self) -> list[float]:
+        return [1.0 - float(m.float().mean()) for m in self.masks]
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """Precision of gradients, scores and updates: float32, or float64 for float64 params."""
+        return work_dtype(r.param.dtype for r in self.refs)
+
+    def fisher_device(self, param: Tensor) -> torch.device:
+        device = self._values.get("fisher_inv_device")
+        return torch.device(device) if device else param.device
+
+    def gradient_chunks(self, module: nn.Module, num_grads: int | None = None):
+        """Chunks of masked gradient samples: per chunk one ``(c, numel)`` tensor per param."""
+        return self.grad_sampler.iter_chunks(
+            module,
+            [r.param for r in self.refs],
+            self.num_grads if num_grads is None else num_grads,
+            chunk_size=self.GRAD_CHUNK,
+            masks=self.masks,
+            desc=f"{type(self).__name__} gradients",
+            dtype=self.work_dtype,
+        )
+
+    def flat_weights(self) -> list[Tensor]:
+        """Flattened weights in ``work_dtype`` (a view for float32 params, else an exact copy)."""
+        return [r.param.detach().reshape(-1).to(self.work_dtype) for r in self.refs]
+
+    @torch.no_grad()
+    def write_weights(self, index: int, flat: Tensor) -> None:
+        """The only place where pruning math is cast back to the parameter's dtype."""
+        param = self.refs[index].param
+        param.data.copy_(flat.reshape(param.shape).to(param.device, param.dtype))
+
+    # ----- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["applied_sparsity"] = self.applied_sparsity
+        state["masks"] = {r.name: m.detach().cpu().clone() for r, m in zip(self.refs, self.masks)}
+        if self.grad_sampler is not None:  # the sample stream's position, for exact resume
+            state["grad_sampler"] = self.grad_sampler.state_dict()
+        if self.flops is not None:
+            state.update(self.flops.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.enforcer is None:
+            raise RuntimeError(f"{type(self).__name__}: initialize before load_state_dict")
+        masks = state.get("masks", {})
+        names = [r.name for r in self.refs]
+        if sorted(masks) != sorted(names):
+            raise RecipeError(
+                f"{type(self).__name__}: saved masks are for {sorted(masks)}, "
+                f"but the recipe selects {sorted(names)}"
+            )
+        super().load_state_dict(state)
+        self.applied_sparsity = state.get("applied_sparsity")
+        self.enforcer.set_masks([masks[n].to(torch.bool) for n in names])
+        if self.started and (self._values.get("leave_enabled", False) or not self.ended):
+            self.enforcer.enable()
+        else:
+            self.enforcer.disable()
+        if self.grad_sampler is not None and state.get("grad_sampler"):
+            self.grad_sampler.load_state_dict(state["grad_sampler"])
+        if self.flops is not None:
+            self.flops.load_state_dict(state)
+
+    @property
+    def flops_reached(self) -> float | None:
+        return None if self.flops is None else self.flops.reached

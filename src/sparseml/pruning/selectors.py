@@ -1,0 +1,101 @@
+"""Selectors: scores (higher = keep) and targets in, keep-masks out.
+
+Entries already pruned carry ``-inf`` scores, so every selector prunes them first and masks
+never reopen. The recipe fields choose the selector (`selector_kind`):
+
+| kind | fields | rule |
+|---|---|---|
+| ``layer`` | ``global_sparsity: false`` | exactly round(s_i N_i) lowest of parameter i |
+| ``global`` | ``global_sparsity: true`` | one threshold: round(s N) lowest over all parameters |
+| ``block`` | ``mask_type: block4`` | groups of 4 ranked by their mean score (global or per layer) |
+| ``nm`` | ``mask_type: "N:M"`` | the n lowest of every group of m consecutive entries |
+| ``flops`` | ``flops_target`` | the shortest lowest-score prefix that removes the MACs asked for |
+
+`Reweighted` divides each parameter's scores by a factor before another selector
+(``flops_power``); `layer_targets` turns any selector's masks into per-parameter sparsities,
+so a method that prunes layer by layer (FastCAP's sweep) can take a global allocation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sparseml.flops import macs_prefix_length
+from sparseml.masks import MaskSpec, create_masks
+
+KINDS = ("layer", "global", "block", "nm", "flops")
+
+
+def selector_kind(spec: MaskSpec, global_sparsity: bool, flops_target: float | None) -> str:
+    if flops_target is not None:
+        return "flops"
+    if spec.kind == "nm":
+        return "nm"
+    if spec.kind == "block":
+        return "block"
+    return "global" if global_sparsity else "layer"
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Lowest scores per parameter or under one threshold; groups and N:M by ``spec``."""
+
+    spec: MaskSpec
+    global_sparsity: bool
+
+    def select(self, scores: list[Tensor], targets: list[float]) -> list[Tensor]:
+        return create_masks(scores, targets, self.spec, self.global_sparsity)
+
+
+@dataclass(frozen=True)
+class FlopsTarget:
+    """The lowest-score prefix (pruned entries first, ties by index like
+    `sparseml.masks.lowest_mask`) whose removal takes away ``targets[0]`` of the dense MACs;
+    ``costs[i]`` is the MACs per weight of parameter i."""
+
+    costs: list[int]
+
+    def select(self, scores: list[Tensor], targets: list[float]) -> list[Tensor]:
+        removed = targets[0]
+        device = scores[0].device
+        flat = torch.cat([s.reshape(-1).to(device, torch.float64) for s in scores])
+        costs = torch.cat(
+            [
+                torch.full((s.numel(),), int(c), dtype=torch.int64, device=device)
+                for s, c in zip(scores, self.costs)
+            ]
+        )
+        dense = sum(int(c) * s.numel() for s, c in zip(scores, self.costs))
+        # the MACs that may stay; the tiny slack absorbs 1 - (1 - t) rounding
+        allowed = math.floor((1.0 - removed) * dense * (1 + 1e-12))
+        order = torch.argsort(flat, stable=True)
+        already = int(torch.isneginf(flat).sum())
+        k = macs_prefix_length(costs, order, dense - allowed, already)
+        keep = torch.ones(flat.numel(), dtype=torch.bool, device=device)
+        keep[order[:k]] = False
+        sizes = [s.numel() for s in scores]
+        return [k_.view(s.shape) for k_, s in zip(torch.split(keep, sizes), scores)]
+
+
+@dataclass(frozen=True)
+class Reweighted:
+    """``inner`` on scores divided by ``factors[i]`` ** ``power`` per parameter."""
+
+    inner: object
+    factors: list[int]
+    power: float
+
+    def select(self, scores: list[Tensor], targets: list[float]) -> list[Tensor]:
+        scaled = [s / float(max(c, 1)) ** self.power for s, c in zip(scores, self.factors)]
+        return self.inner.select(scaled, targets)
+
+
+def layer_targets(selector, scores: list[Tensor], targets: list[float]) -> list[float]:
+    """Per-parameter sparsities of ``selector``'s masks: a global (or FLOPs) allocation handed
+    to a method that reaches each parameter's target by itself."""
+    masks = selector.select(scores, targets)
+    return [1.0 - float(m.sum()) / max(m.numel(), 1) for m in masks]
