@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparseml.errors import NumericalError, RecipeError
+from sparseml.errors import NumericalError
 from sparseml.kernels.mfac import (
     MFACInverse,
     mfac_recursion_reference,
@@ -116,14 +116,14 @@ def test_zero_gradient_coordinates_are_decoupled():
 @pytest.mark.parametrize(
     "kwargs,error",
     [
-        ({"damp": 0.0}, RecipeError),
-        ({"damp": -1.0}, RecipeError),
-        ({"damp": float("nan")}, RecipeError),
-        ({"damp": float("inf")}, RecipeError),
-        ({"block_size": 0}, RecipeError),
-        ({"block_size": 2.5}, RecipeError),
-        ({"num_pages": 0}, RecipeError),
-        ({"block_size": 4, "overwrite": True}, RecipeError),
+        ({"damp": 0.0}, ValueError),
+        ({"damp": -1.0}, ValueError),
+        ({"damp": float("nan")}, ValueError),
+        ({"damp": float("inf")}, ValueError),
+        ({"block_size": 0}, ValueError),
+        ({"block_size": 2.5}, ValueError),
+        ({"num_pages": 0}, ValueError),
+        ({"block_size": 4, "overwrite": True}, ValueError),
     ],
 )
 def test_bad_settings_raise(kwargs, error):

@@ -1,7 +1,18 @@
-"""Exception types shared by the whole package.
+"""Exception types shared by the whole package, and which code raises which.
 
-Every error raised for bad user input names what was wrong and what is allowed, so a user can
-fix a recipe or a command line without reading the source.
+Errors by origin (the research scripts map them to exit codes in ``utils.faults.describe``):
+
+- User input (recipe text and fields, a recipe's patterns matched against the model, CLI
+  options, files) raises a `SparsificationError` subclass such as `RecipeError`: one line, exit
+  status 2. It names what was wrong and what is allowed, so a user can fix a recipe or a command
+  line without reading the source.
+- Kernels and internal code (``sparseml.kernels``, ``sparseml.curvature``, ``sparseml.layouts``,
+  argument checks of helpers) raise ``ValueError`` / ``TypeError`` / ``RuntimeError``: a bad
+  argument there is a bug of the caller, reported with a traceback and exit status 1. Where such
+  a check is the only guard on a user value, the user-input boundary (a parser of recipe text,
+  a field validation) raises the user error instead.
+- `NumericalError`: the data or the settings led to NaN/Inf or a matrix that is not positive
+  definite; one line, exit status 1 (``describe`` checks it before `SparsificationError`).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ a Linear layer's tokens (every leading dimension of its output). So the MACs of 
 ``nnz`` nonzero weights are ``nnz * macs_per_weight``, where ``macs_per_weight`` is measured
 once, by one forward pass with hooks at the model's input size and a batch of 1.
 A bias costs one addition per output position too; it is counted the same way when selected.
+
+`macs_per_weight` raises `sparseml.errors.RecipeError` when the recipe's ``params`` select a
+layer whose MACs are not counted: it is the only check of that recipe choice.
 """
 
 from __future__ import annotations

@@ -8,6 +8,12 @@ sparser (a target below the current sparsity keeps the current mask).
 Grouped patterns use one grouping everywhere (mask creators and OBS/CAP kernels): groups of
 ``g`` consecutive entries of the row-major flattening, i.e. along the input dimension of the 2-D
 view ``(out, in * kh * kw)``. The row length must be divisible by ``g``.
+
+Errors (see `sparseml.errors`): a check on a recipe value raises `RecipeError`, which the
+modifiers turn into a field error; this is the only guard on those values. `parse_mask_type`
+parses recipe text; `check_groupable` tests a parameter against the recipe's ``mask_type``;
+`create_masks` refuses ``global_sparsity`` with per-parameter targets that differ (a
+``final_sparsity`` mapping). Any other bad argument is the caller's bug: ``ValueError``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Each second-order modifier lists what it will allocate per rank (Fisher blocks, 
 buffers, working copies) as `MemoryItem`s before collecting a single gradient. `check_fits`
 logs the plan and raises a `RecipeError` that states the estimate, the fields that drive it
 and a setting that would fit when a device lacks the memory, instead of a multi-TB allocation
-failing (or a machine swapping) hours into a run.
+failing (or a machine swapping) hours into a run. The plan follows from the recipe's
+settings, so this is a user error (one line, exit status 2 in the scripts), not a bug.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ checkpoints work the same with and without DDP. Entries are exact names or ``re:
 matched with ``re.match`` (anchored at the start only, so ``re:.*weight`` also matches
 ``fc.weight_orig``). ``__ALL__`` selects every parameter, ``__ALL_PRUNABLE__`` the weights of
 Linear and Conv layers. Every entry must match at least one parameter.
+
+The patterns are recipe input, so `select_params` raises `sparseml.errors.RecipeError`.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ a batch source instead.
 
 The kernels behind these (`sparseml.kernels.fisher.BlockFisherBuilder`, `kernels.mfac`) are the
 same entry points the benchmarks time.
+
+Like the kernels, this package raises ``ValueError`` / ``RuntimeError`` for bad arguments (a
+caller's bug) and `sparseml.errors.NumericalError` for bad numbers, never a user error.
 """
 
 from sparseml.curvature.block import block_fisher_inverses, shared_block_fishers

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from sparseml.errors import NumericalError, RecipeError
+from sparseml.errors import NumericalError
 from sparseml.kernels.chunking import for_each_chunk
 
 __all__ = [
@@ -44,7 +44,7 @@ def _batches(n_b: int, B: int, blocks_per_batch: int | None) -> int:
         share = -(-n_b // max(1, torch.get_num_threads()))
         return max(1, min(share, _CHUNK_BYTES // (8 * B * B)))
     if blocks_per_batch < 1:
-        raise RecipeError(f"blocks_per_batch must be >= 1 or None, got {blocks_per_batch}")
+        raise ValueError(f"blocks_per_batch must be >= 1 or None, got {blocks_per_batch}")
     return blocks_per_batch
 
 
@@ -82,7 +82,7 @@ def workspace_bytes(
 def _check(W: torch.Tensor, H: torch.Tensor, per_coord: torch.Tensor) -> None:
     n_b, B = W.shape
     if H.shape != (n_b, B, B) or per_coord.shape != (n_b, B):
-        raise RecipeError(
+        raise ValueError(
             f"expected W (n_b, B), H (n_b, B, B) and a (n_b, B) mask/order; got W "
             f"{tuple(W.shape)}, H {tuple(H.shape)}, mask/order {tuple(per_coord.shape)}"
         )
@@ -292,7 +292,7 @@ def cap_reconstruct(
     n_b, B = W.shape
     counts = counts.to(device=W.device, dtype=torch.long)
     if counts.shape != (n_b,) or bool((counts < 0).any() | (counts > B).any()):
-        raise RecipeError(f"counts must have shape ({n_b},) with values in [0, {B}]")
+        raise ValueError(f"counts must have shape ({n_b},) with values in [0, {B}]")
     # Peak ~ 4 float64 (nb, B, B) tensors (H, the H_SS index, H_SS, its factor): a quarter of
     # the elimination's batch keeps both under the same memory.
     bs = max(1, _batches(n_b, B, blocks_per_batch) // (4 if blocks_per_batch is None else 1))
@@ -342,7 +342,7 @@ def prefix_counts(order: torch.Tensor, prune: torch.Tensor, valid: torch.Tensor 
     always agree with the mask. Padded coordinates (valid False) are counted: they lead the order.
     """
     if order.shape != prune.shape:
-        raise RecipeError(f"order {tuple(order.shape)} and prune {tuple(prune.shape)} differ")
+        raise ValueError(f"order {tuple(order.shape)} and prune {tuple(prune.shape)} differ")
     removed = prune.bool() if valid is None else prune.bool() | ~valid.bool()
     return removed.sum(1)
 
@@ -381,13 +381,13 @@ def cap_nm_prune(
     _check(W, H, pruned)
     n_b, B = W.shape
     if not (0 < n <= m) or B % m:
-        raise RecipeError(f"N:M needs 0 < n <= m and B % m == 0; got n={n}, m={m}, B={B}")
+        raise ValueError(f"N:M needs 0 < n <= m and B % m == 0; got n={n}, m={m}, B={B}")
     pre = pruned.bool()
     valid_groups = torch.ones((n_b, B // m), dtype=torch.bool, device=W.device)
     if valid is not None:
         vg = valid.bool().view(n_b, -1, m)
         if bool((vg.any(2) != vg.all(2)).any()):
-            raise RecipeError("N:M groups must be either all valid or all padding")
+            raise ValueError("N:M groups must be either all valid or all padding")
         valid_groups = vg.all(2)
         pre = pre | ~valid.bool()
     need = (n - pre.view(n_b, -1, m).sum(2)).clamp_min(0) * valid_groups

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F_
 
-from sparseml.errors import NumericalError, RecipeError
+from sparseml.errors import NumericalError
 
 __all__ = ["accumulate_shared_fisher", "fast_cap_prune", "fast_cap_scores"]
 
@@ -32,7 +32,7 @@ def accumulate_shared_fisher(
     on another device); the product is one GEMM in the gradients' dtype on their device.
     """
     if grads.dim() != 2 or B < 1:
-        raise RecipeError(f"grads must be (c, d) and B >= 1; got {tuple(grads.shape)}, B={B}")
+        raise ValueError(f"grads must be (c, d) and B >= 1; got {tuple(grads.shape)}, B={B}")
     c, d = grads.shape
     rows = -(-d // B)
     if rows * B == d and grads.is_contiguous():
@@ -42,7 +42,7 @@ def accumulate_shared_fisher(
     if out is None:
         out = torch.zeros((B, B), dtype=torch.float64, device=grads.device)
     elif out.shape != (B, B):
-        raise RecipeError(f"out must have shape ({B}, {B}), got {tuple(out.shape)}")
+        raise ValueError(f"out must have shape ({B}, {B}), got {tuple(out.shape)}")
     out += (g.mT @ g).to(device=out.device, dtype=out.dtype)
     return out
 
@@ -116,15 +116,15 @@ def fast_cap_prune(
     """
     rows, B = W.shape
     if F.shape != (B, B):
-        raise RecipeError(f"F must be ({B}, {B}) to match W {tuple(W.shape)}, got {tuple(F.shape)}")
+        raise ValueError(f"F must be ({B}, {B}) to match W {tuple(W.shape)}, got {tuple(F.shape)}")
     if num_grads < 1 or block_size < 1 or not 0.0 <= sparsity <= 1.0:
-        raise RecipeError(
+        raise ValueError(
             f"need num_grads >= 1, block_size >= 1, 0 <= sparsity <= 1; got num_grads="
             f"{num_grads}, block_size={block_size}, sparsity={sparsity}"
         )
     bs = min(block_size, B)
     if (n is None) != (m is None) or (m is not None and (not 0 < n <= m or B % m or bs % m)):
-        raise RecipeError(
+        raise ValueError(
             f"N:M needs both n and m with 0 < n <= m dividing B={B} and block_size={bs}; "
             f"got n={n}, m={m}"
         )
@@ -132,7 +132,7 @@ def fast_cap_prune(
     if m is not None:
         vg = valid.view(rows, -1, m)
         if bool((vg.any(2) != vg.all(2)).any()):
-            raise RecipeError("N:M groups must be either all valid or all padding")
+            raise ValueError("N:M groups must be either all valid or all padding")
     pruned = torch.zeros_like(valid) if pruned is None else pruned.bool() & valid
     U = _inverse_cholesky(F, num_grads, damp)
     Wd = W.double().masked_fill(pruned | ~valid, 0.0)

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-from sparseml.errors import NumericalError, RecipeError
+from sparseml.errors import NumericalError
 from sparseml.kernels.chunking import chunk_blocks, for_each_chunk
 from sparseml.kernels.precision import work_dtype
 
@@ -41,14 +41,14 @@ UPCAST_NUMEL = 2**22
 
 def _check_block_size(block_size: int) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise RecipeError(f"fisher block_size must be an integer >= 1, got {block_size!r}")
+        raise ValueError(f"fisher block_size must be an integer >= 1, got {block_size!r}")
 
 
 def _check_num_grads_damp(num_grads: int, damp: float) -> None:
     if isinstance(num_grads, bool) or not isinstance(num_grads, int) or num_grads < 1:
-        raise RecipeError(f"num_grads must be an integer >= 1, got {num_grads!r}")
+        raise ValueError(f"num_grads must be an integer >= 1, got {num_grads!r}")
     if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp > 0):
-        raise RecipeError(f"damp must be a finite number > 0, got {damp!r}")
+        raise ValueError(f"damp must be a finite number > 0, got {damp!r}")
 
 
 def num_blocks(d: int, block_size: int) -> int:
@@ -94,13 +94,13 @@ def accumulate_block_gram(
     """
     _check_block_size(block_size)
     if grads.dim() != 2:
-        raise RecipeError(f"grads must have shape (c, d), got {tuple(grads.shape)}")
+        raise ValueError(f"grads must have shape (c, d), got {tuple(grads.shape)}")
     c, d = grads.shape
     n_b, n_full = num_blocks(d, block_size), d // block_size
     if out is None:
         out = torch.zeros(n_b, block_size, block_size, dtype=torch.float32, device=grads.device)
     elif out.shape != (n_b, block_size, block_size):
-        raise RecipeError(
+        raise ValueError(
             f"out must have shape {(n_b, block_size, block_size)} for d={d}, "
             f"block_size={block_size}, got {tuple(out.shape)}"
         )
@@ -163,7 +163,7 @@ def invert_block_fisher(
     """
     _check_num_grads_damp(num_grads, damp)
     if gram.dim() != 3 or gram.shape[1] != gram.shape[2]:
-        raise RecipeError(f"gram must have shape (n_b, B, B), got {tuple(gram.shape)}")
+        raise ValueError(f"gram must have shape (n_b, B, B), got {tuple(gram.shape)}")
     _check_block_size(gram.shape[1])
     n_b, bsz = gram.shape[0], gram.shape[1]
     result = gram if inplace else torch.empty_like(gram)
@@ -227,7 +227,7 @@ def mspace_block_inverse(
     pieces = list(grads) if isinstance(grads, (list, tuple)) else [grads]
     if not pieces or any(g.dim() != 2 or g.shape[1] != pieces[0].shape[1] for g in pieces):
         shapes = [tuple(g.shape) for g in pieces]
-        raise RecipeError(f"grads must be (m, d) or (c_i, d) chunks, got shapes {shapes}")
+        raise ValueError(f"grads must be (m, d) or (c_i, d) chunks, got shapes {shapes}")
     m, d = sum(g.shape[0] for g in pieces), pieces[0].shape[1]
     device = pieces[0].device
     _check_num_grads_damp(m, damp)
@@ -305,11 +305,11 @@ class BlockFisherBuilder:
     def add(self, grads: Tensor) -> None:
         """Add a (c, d) chunk of samples."""
         if grads.dim() != 2 or grads.shape[1] != self.d:
-            raise RecipeError(f"grads must have shape (c, {self.d}), got {tuple(grads.shape)}")
+            raise ValueError(f"grads must have shape (c, {self.d}), got {tuple(grads.shape)}")
         c = grads.shape[0]
         if self.mspace:
             if self.count + c > self.num_grads:
-                raise RecipeError(f"more than num_grads={self.num_grads} samples added")
+                raise RuntimeError(f"more than num_grads={self.num_grads} samples added")
             # Keep a view only when it does not pin a much larger tensor (another rank's part)
             # and needs no conversion; otherwise a compact copy.
             base = grads if grads._base is None else grads._base
@@ -323,7 +323,7 @@ class BlockFisherBuilder:
     def finish(self) -> Tensor:
         """H (n_b, B, B) of the samples added so far (consumes the builder's storage)."""
         if self.count < 1:
-            raise RecipeError("no gradient samples were added to the Fisher")
+            raise RuntimeError("no gradient samples were added to the Fisher")
         store, self.store = self.store, []  # released as soon as H exists
         if self.mspace:
             return mspace_block_inverse(store, self.block_size, self.damp, dtype=self.dtype)
@@ -345,9 +345,9 @@ def block_fisher_inverse(
     (H in float32, float64 for float64 gradients), else the ``gram_dtype`` Gram (H in it).
     """
     if grads.dim() != 2 or grads.shape[0] < 1:
-        raise RecipeError(f"grads must have shape (m, d) with m >= 1, got {tuple(grads.shape)}")
+        raise ValueError(f"grads must have shape (m, d) with m >= 1, got {tuple(grads.shape)}")
     if chunk_size < 1:
-        raise RecipeError(f"chunk_size must be >= 1, got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
     m, d = grads.shape
     builder = BlockFisherBuilder(
         d, block_size, m, damp, device=grads.device, dtype=work_dtype([grads.dtype]),

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparseml.errors import NumericalError, RecipeError
+from sparseml.errors import NumericalError
 from sparseml.kernels.precision import bmm64, gram64
 
 __all__ = ["MFACInverse", "mfac_recursion_reference", "recursion_diag", "recursion_mul"]
@@ -46,9 +46,9 @@ _BLOCK_CHUNK = 1 << 25  # gradient entries regrouped into (k, m, B) at a time by
 
 def _check_damp(damp: float) -> float:
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
-        raise RecipeError(f"M-FAC damp must be a finite number > 0, got {damp!r}")
+        raise ValueError(f"M-FAC damp must be a finite number > 0, got {damp!r}")
     if damp == float("inf"):
-        raise RecipeError(f"M-FAC damp must be a finite number > 0, got {damp!r}")
+        raise ValueError(f"M-FAC damp must be a finite number > 0, got {damp!r}")
     return float(damp)
 
 
@@ -67,7 +67,7 @@ def _check_grads(grads: Tensor) -> None:
 
 def _check_count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RecipeError(f"M-FAC {name} must be an integer >= 1, got {value!r}")
+        raise ValueError(f"M-FAC {name} must be an integer >= 1, got {value!r}")
     return value
 
 
@@ -146,7 +146,7 @@ class MFACInverse:
         if block_size is not None:
             block_size = _check_count("block_size", block_size)
             if overwrite:
-                raise RecipeError("M-FAC overwrite=True needs block_size=None (full variant)")
+                raise ValueError("M-FAC overwrite=True needs block_size=None (full variant)")
         _check_grads(grads)
         m, d = grads.shape
         if block_size is None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparseml.errors import NumericalError, RecipeError
+from sparseml.errors import NumericalError
 from sparseml.kernels.chunking import chunk_blocks, for_each_chunk
 from sparseml.kernels.fisher import block_diag, block_matvec, from_blocks, to_blocks
 from sparseml.kernels.precision import work_dtype
@@ -35,12 +35,12 @@ from sparseml.kernels.precision import work_dtype
 
 def _check(w: Tensor, H: Tensor, mask: Tensor, name: str) -> None:
     if H.dim() != 3 or H.shape[1] != H.shape[2]:
-        raise RecipeError(f"H must have shape (n_b, B, B), got {tuple(H.shape)}")
+        raise ValueError(f"H must have shape (n_b, B, B), got {tuple(H.shape)}")
     d, bsz = w.numel(), H.shape[1]
     if w.dim() != 1 or H.shape[0] != -(-d // bsz):
-        raise RecipeError(f"w must be (d,) with ceil(d/B) = {H.shape[0]} blocks, got {w.shape}")
+        raise ValueError(f"w must be (d,) with ceil(d/B) = {H.shape[0]} blocks, got {w.shape}")
     if mask.shape != w.shape or mask.dtype != torch.bool:
-        raise RecipeError(f"{name} must be a bool tensor of shape {tuple(w.shape)}")
+        raise ValueError(f"{name} must be a bool tensor of shape {tuple(w.shape)}")
 
 
 def obs_scores(w: Tensor, H: Tensor, pruned: Tensor, *, eps: float = 0.0) -> Tensor:
@@ -69,7 +69,7 @@ def _group_diag_blocks(H: Tensor, group: int) -> Tensor:
 
 def _check_group(group: int, bsz: int) -> None:
     if isinstance(group, bool) or not isinstance(group, int) or group < 1 or bsz % group:
-        raise RecipeError(
+        raise ValueError(
             f"group size must be an integer >= 1 dividing the block size {bsz}, got {group!r}"
         )
 
