@@ -49,6 +49,10 @@ w, Hf, none = _flat()
 # function of the pruning kernels that checks its arguments is listed here
 # (test_every_checking_entry_point_is_covered), and the curvature entry points.
 BAD_CALLS = {
+    "fast_cap.fast_cap_scores": (
+        "F must be",
+        lambda: fast_cap.fast_cap_scores(torch.zeros(2, 4), torch.eye(3), 4),
+    ),
     "cap.cap_eliminate": ("expected W", lambda: cap.cap_eliminate(W, H[:, :3, :3], NONE)),
     "cap.cap_eliminate/blocks_per_batch": (
         "blocks_per_batch",
@@ -130,6 +134,7 @@ BAD_STATE = {
 # formulas whose callers are the checked entry points above).
 UNCHECKED = {
     "cap.prefix_mask",
+    "cap.workspace_bytes",  # sizes only, never given user values
     "fisher.from_blocks",
     "fisher.block_diag",
     "fisher.block_matvec",
