@@ -6,12 +6,39 @@ checkpoints work the same with and without DDP. Entries are exact names or ``re:
 matched with ``re.match`` (anchored at the start only, so ``re:.*weight`` also matches
 ``fc.weight_orig``). ``__ALL__`` selects every parameter, ``__ALL_PRUNABLE__`` the weights of
 Linear and Conv layers. Every entry must match at least one parameter.
+
+Rules for what a recipe may say (each refused with a one-line :class:`RecipeError` naming the
+entry or parameter, never a raw error deep in a hook):
+
+* ``params: []`` selects nothing, so it is refused (it used to mean "every layer", the opposite
+  of what it says); ``__ALL_PRUNABLE__`` says "every Linear/Conv weight".
+* Python's ``re`` has no timeout, so a regex must match in bounded time: no repetition inside a
+  repeated group (``(a+)+``, ``(a?){20}``), no alternatives inside a repeated group
+  (``(a|aa)*``; a class ``[ab]*`` is fine), no backreferences, at most
+  :data:`MAX_VARIABLE_REPEATS` repetitions of variable length (``*``, ``+``, ``?``, ``{m,n}``),
+  and parameter names of at most :data:`MAX_NAME_LENGTH` characters. These bound the work of one
+  match to a small polynomial in the name length.
+* Frozen parameters (``requires_grad=False``) are never pruned: ``__ALL__`` and
+  ``__ALL_PRUNABLE__`` skip them (they mean "every trainable ..."), an exact name or regex that
+  selects one is refused naming it. Pruners enforce masks through gradient hooks and
+  second-order ones need gradients, neither of which a frozen tensor has.
+* Parameters on the meta device hold no values: selecting one is refused naming it.
+* In a ``{sparsity: params}`` mapping a parameter may appear under one target only
+  (:func:`assign_targets`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+
+try:  # Python 3.11+
+    import re._constants as _sre
+    import re._parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
 
 from torch import nn
 
@@ -20,6 +47,15 @@ from sparseml.errors import RecipeError
 ALL = "__ALL__"
 ALL_PRUNABLE = "__ALL_PRUNABLE__"
 PRUNABLE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+# Bounds that keep one ``re.match`` short whatever the pattern (see the module docstring):
+# with 4 free repetitions a 256-character name costs well under a second in the worst case.
+MAX_VARIABLE_REPEATS = 4
+MAX_NAME_LENGTH = 256
+_REGEX_RULE = (
+    "allowed: no repetition or alternatives inside a repeated group, no backreferences, "
+    f"at most {MAX_VARIABLE_REPEATS} variable repetitions (*, +, ?, {{m,n}}); "
+    "use a character class like [ab]* for repeated choices"
+)
 
 
 @dataclass
@@ -62,42 +98,117 @@ def _is_token(entry: str, token: str) -> bool:
     return entry.upper() == token
 
 
-def _matches(entry: str, name: str) -> bool:
-    if entry.startswith("re:"):
-        pattern = entry[3:]
-        return (
-            re.match(pattern, name) is not None or re.match(pattern, "module." + name) is not None
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", _sre.MAX_REPEAT)}
+
+
+def _regex_problem(parsed: object, inside_repeat: bool = False) -> tuple[str, int]:
+    """(why the parsed regex may backtrack without bound or '', its variable repetitions)."""
+    count = 0
+    for op, arg in parsed:  # type: ignore[attr-defined]
+        bodies: list = []
+        repeated = inside_repeat
+        if op in _REPEATS:
+            low, high, body = arg
+            if low != high:
+                if inside_repeat:
+                    return "a repetition inside a repeated group", count
+                count += 1
+            bodies, repeated = [body], inside_repeat or high > 1
+        elif op is _sre.BRANCH:
+            if inside_repeat:
+                return "alternatives inside a repeated group", count
+            bodies = list(arg[1])
+        elif op is _sre.SUBPATTERN:
+            bodies = [arg[-1]]
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            bodies = [arg[1]]
+        elif op is getattr(_sre, "ATOMIC_GROUP", None):
+            bodies = [arg]
+        elif op in (_sre.GROUPREF, _sre.GROUPREF_EXISTS):
+            return "a backreference", count
+        for body in bodies:
+            problem, inner = _regex_problem(body, repeated)
+            count += inner
+            if problem:
+                return problem, count
+    return "", count
+
+
+def compile_pattern(entry: str, owner: str) -> re.Pattern:
+    """The compiled regex of a ``re:`` entry, refused when it could backtrack without bound."""
+    try:
+        compiled = re.compile(entry[3:])
+        problem, count = _regex_problem(_sre_parse.parse(entry[3:]))
+    except re.error as err:
+        raise RecipeError(f"{owner}: params entry {entry!r} is not a valid regex: {err}") from None
+    if not problem and count > MAX_VARIABLE_REPEATS:
+        problem = f"{count} variable repetitions"
+    if problem:
+        raise RecipeError(
+            f"{owner}: params entry {entry!r} could take exponential time to match ({problem}); "
+            + _REGEX_RULE
         )
+    return compiled
+
+
+def _matches(entry: str, name: str, compiled: re.Pattern | None) -> bool:
+    if compiled is not None:
+        return compiled.match(name) is not None or compiled.match("module." + name) is not None
     return entry == name or entry == "module." + name
+
+
+def _check_selected(refs: list[ParamRef], entry: str, owner: str) -> None:
+    """Refuse parameters no pruner can act on, naming the first one and the entry."""
+    for ref in refs:
+        param = ref.param
+        if param.is_meta:
+            raise RecipeError(
+                f"{owner}: params entry {entry!r} selects {ref.name}, which is on the meta "
+                "device (no values to prune); load or materialize the weights first"
+            )
+        if not param.requires_grad:
+            raise RecipeError(
+                f"{owner}: params entry {entry!r} selects frozen parameter {ref.name} "
+                "(requires_grad=False); pruning needs trainable parameters: unfreeze it or "
+                "leave it out (__ALL__ and __ALL_PRUNABLE__ skip frozen parameters)"
+            )
 
 
 def select_params(model: nn.Module, patterns: list[str], owner: str = "modifier") -> list[ParamRef]:
     """Parameters of ``model`` selected by ``patterns`` in module registration order.
 
-    Raises ``RecipeError`` naming every pattern entry that matches nothing.
+    Raises ``RecipeError`` naming every pattern entry that matches nothing, and for the
+    entries and parameters the module docstring's rules refuse.
     """
-    refs = all_param_refs(model)
     if not patterns:
-        patterns = [ALL_PRUNABLE]
+        raise RecipeError(
+            f"{owner}: params is empty, which selects no parameter; list names or "
+            f"'re:<regex>' entries, or {ALL_PRUNABLE} for every Linear/Conv weight"
+        )
+    refs = all_param_refs(model)
+    token_refs = [r for r in refs if r.param.requires_grad]  # the tokens mean "trainable"
     if any(_is_token(p, ALL) for p in patterns):
-        return refs
+        _check_selected(token_refs, ALL, owner)
+        return token_refs
+    compiled = {e: compile_pattern(e, owner) for e in patterns if e.startswith("re:")}
+    if compiled:
+        long = [r.name for r in refs if len(r.name) > MAX_NAME_LENGTH]
+        if long:
+            raise RecipeError(
+                f"{owner}: parameter name {long[0][:60]!r}... is longer than "
+                f"{MAX_NAME_LENGTH} characters, too long to match 're:' entries safely; "
+                "select it by its exact name"
+            )
     chosen: dict[str, ParamRef] = {}
     unmatched = []
     for entry in patterns:
-        if entry.startswith("re:"):
-            try:
-                re.compile(entry[3:])
-            except re.error as err:
-                raise RecipeError(
-                    f"{owner}: params entry {entry!r} is not a valid regex: {err}"
-                ) from None
-        hits = [
-            r
-            for r in refs
-            if (is_prunable(r) if _is_token(entry, ALL_PRUNABLE) else _matches(entry, r.name))
-        ]
+        if _is_token(entry, ALL_PRUNABLE):
+            hits = [r for r in token_refs if is_prunable(r)]
+        else:
+            hits = [r for r in refs if _matches(entry, r.name, compiled.get(entry))]
         if not hits:
             unmatched.append(entry)
+        _check_selected(hits, entry, owner)
         for ref in hits:
             chosen.setdefault(ref.name, ref)
     if unmatched:
@@ -108,3 +219,27 @@ def select_params(model: nn.Module, patterns: list[str], owner: str = "modifier"
         )
     order = {r.name: i for i, r in enumerate(refs)}
     return sorted(chosen.values(), key=lambda r: order[r.name])
+
+
+def assign_targets(
+    targets: Mapping[float, Iterable[str]],
+    select: Callable[[list[str]], list[ParamRef]],
+    owner: str = "modifier",
+) -> tuple[list[ParamRef], list[float]]:
+    """The parameters of a ``{sparsity: params}`` mapping with one target each, in map order.
+
+    ``select(patterns)`` returns the parameters one entry's patterns select (usually
+    :func:`select_params` bound to a model). A parameter under two targets would silently take
+    the first; it is refused naming the parameter and both targets.
+    """
+    chosen: dict[str, tuple[ParamRef, float]] = {}
+    for target, patterns in targets.items():
+        for ref in select(list(patterns)):
+            if ref.name in chosen and chosen[ref.name][1] != target:
+                raise RecipeError(
+                    f"{owner}: final_sparsity maps parameter {ref.name} to two targets "
+                    f"({chosen[ref.name][1]} and {target}); each parameter may appear under "
+                    "one target only: narrow the patterns"
+                )
+            chosen.setdefault(ref.name, (ref, target))
+    return [ref for ref, _ in chosen.values()], [t for _, t in chosen.values()]

@@ -26,7 +26,7 @@ from sparseml.fields import (
 )
 from sparseml.masks import MaskEnforcer, MaskSpec, check_groupable, create_masks, parse_mask_type
 from sparseml.modifiers.base import Modifier
-from sparseml.params import ParamRef, select_params
+from sparseml.params import ParamRef, assign_targets, select_params
 from sparseml.schedules import INTER_FUNCS, interpolate
 
 FROM_PARAM = "__FROM_PARAM__"
@@ -144,12 +144,9 @@ class PruningModifier(Modifier):
         owner = type(self).__name__
         final = self.final_sparsity
         if isinstance(final, dict):
-            chosen: dict[str, tuple[ParamRef, float]] = {}
-            for target, patterns in final.items():
-                for ref in select_params(module, patterns, owner):
-                    chosen.setdefault(ref.name, (ref, target))
-            self.refs = [ref for ref, _ in chosen.values()]
-            self.final_targets = [t for _, t in chosen.values()]
+            self.refs, self.final_targets = assign_targets(
+                final, lambda patterns: select_params(module, patterns, owner), owner
+            )
         else:
             self.refs = select_params(module, self.params, owner)
             self.final_targets = [final] * len(self.refs)
