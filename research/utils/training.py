@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.utils import NativeScaler
 
@@ -27,37 +26,14 @@ from .cli import args_to_yaml
 from .compat import patch_timm_posterize
 from .data import loader_kwargs, require_batches
 from .errors import SetupError
-from .pretrained import PRETRAINED_HINT, pretrained_kwargs
 
 _logger = logging.getLogger("sparse_training")
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    """``timm.create_model`` from the command line; clear errors for unknown names/weights."""
-    _models.check_model_name(args.model)
-    extra = pretrained_kwargs(args.model, "--initial-checkpoint") if args.pretrained else {}
-    try:
-        model = create_model(
-            args.model,
-            pretrained=args.pretrained,
-            in_chans=args.in_chans,
-            num_classes=args.num_classes,
-            drop_rate=args.drop,
-            drop_path_rate=args.drop_path,
-            drop_block_rate=args.drop_block,
-            global_pool=args.gp,
-            bn_momentum=args.bn_momentum,
-            bn_eps=args.bn_eps,
-            **_models.model_kwargs(args),
-            **extra,
-        )
-    except (RuntimeError, OSError) as err:
-        if "Unknown model" in str(err) or args.pretrained:
-            hint = PRETRAINED_HINT if args.pretrained else ""
-            raise SetupError(f"cannot build model {args.model!r}: {err}{hint}") from err
-        raise
-    if args.initial_checkpoint:  # our loader: a mismatch names keys, shapes and --num-classes
-        _models.load_weights(model, args.initial_checkpoint, "--initial-checkpoint")
+    """The shared builder (``models.build_model``) plus what training adds: ``--num-classes``
+    resolved from the model (mixup and the class map need it), gradient checkpointing."""
+    model = _models.build_model(args)
     if args.num_classes is None:
         args.num_classes = model.num_classes
     if args.grad_checkpointing:
