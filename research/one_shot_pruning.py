@@ -38,7 +38,7 @@ ensure_torchvision()
 
 import torch  # noqa: E402
 from timm.data import create_loader, resolve_data_config  # noqa: E402
-from timm.models import safe_model_name  # noqa: E402
+from timm.models import create_model, safe_model_name  # noqa: E402, F401  (tests use create_model)
 from timm.utils import random_seed  # noqa: E402
 
 from sparseml.compressed import SUFFIX  # noqa: E402

@@ -9,8 +9,9 @@ and CAP's checkpoints, bare state dicts, safetensors files and compressed sparse
 (the class names the model was trained with, in label order).
 
 Integrity: ``torch.load`` does not notice bytes flipped inside a tensor's storage, so training
-checkpoints carry a content checksum (:func:`content_checksum`, key ``checksum``) that is
-verified on every read; a mismatch is a one-line :class:`CheckpointError` naming the file.
+checkpoints carry a content checksum (:func:`content_checksum`, key ``checksum``: a sha256 per
+entry) that is verified on every read; a mismatch is a one-line :class:`CheckpointError`
+naming the file and the entry.
 Files without the key (older checkpoints, other tools' files) are read unverified.
 """
 
@@ -31,7 +32,6 @@ _WEIGHT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 # Keys of checkpoints written before the timm layout, and their timm names.
 _OLD_KEYS = {"model": "state_dict", "ema": "state_dict_ema", "scaler": "amp_scaler"}
 CHECKSUM_KEY = "checksum"
-_CHECKSUM_PREFIX = "sha256:"
 # torch.load and safetensors raise several types for corrupt files.
 _READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError)
 _READ_ERRORS += (zipfile.BadZipFile, KeyError, IndexError, TypeError, AttributeError)
@@ -57,22 +57,30 @@ def _feed(h: Any, obj: Any) -> None:
         h.update(f"S{type(obj).__name__}:{obj!r}".encode())
 
 
-def content_checksum(payload: dict[str, Any]) -> str:
-    """``sha256:<hex>`` over every tensor's bytes, dtype and shape and every other value of
-    ``payload`` (its own ``checksum`` entry left out)."""
+def _digest(value: Any) -> str:
     h = hashlib.sha256()
-    _feed(h, {k: v for k, v in payload.items() if k != CHECKSUM_KEY})
-    return _CHECKSUM_PREFIX + h.hexdigest()
+    _feed(h, value)
+    return h.hexdigest()
+
+
+def content_checksum(payload: dict[str, Any]) -> dict[str, str]:
+    """A sha256 per entry of ``payload`` (its own ``checksum`` entry left out), over every
+    tensor's bytes, dtype and shape and every other value, in the saved order."""
+    return {str(k): _digest(v) for k, v in payload.items() if k != CHECKSUM_KEY}
 
 
 def _verify(payload: Any, path: Path, option: str) -> None:
-    if not isinstance(payload, dict) or CHECKSUM_KEY not in payload:
+    """Compare every entry with its stored sha256. Entries a later rewrite removed or renamed
+    (a conversion to the old key layout) are skipped; a flipped byte changes no key."""
+    if not isinstance(payload, dict) or not isinstance(payload.get(CHECKSUM_KEY), dict):
         return
-    if content_checksum(payload) != payload[CHECKSUM_KEY]:
-        raise CheckpointError(
-            f"{option} {path} is corrupt: its content does not match the checksum stored in it "
-            "(bytes changed on disk or in a copy); use another checkpoint of the run"
-        )
+    for key, expected in payload[CHECKSUM_KEY].items():
+        if key in payload and _digest(payload[key]) != expected:
+            raise CheckpointError(
+                f"{option} {path} is corrupt: its {key!r} entry does not match the checksum "
+                "stored in the file (bytes changed on disk or in a copy); use another "
+                "checkpoint of the run"
+            )
 
 
 def read_payload(path: str | Path, option: str) -> dict[str, Any]:
