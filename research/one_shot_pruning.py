@@ -79,6 +79,27 @@ from utils.weights import read_class_map  # noqa: E402
 _logger = logging.getLogger("one_shot")
 
 
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Options and recipe checks, then one locked sweep: dense row, one row per sparsity."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args(argv)
+    _models.check_model_name(args.model)  # before recipe and data work: a typo fails at once
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    pruner = check_recipe(args)
+    needs_grads = osp.needs_gradients(pruner)
+    resolve_data_dir(args.dataset, args.data_dir)  # missing data: fail before the model loads
+    device = init_distributed(args)
+    quiet_other_ranks(args)
+    # No `finally`: after a failure on this rank, a barrier here would wait for peers that sit
+    # in another collective (a hang); faults.run_main leaves without touching the group.
+    with hold_folder(args, args.output_dir, args.output_option):  # one sweep at a time
+        rows = sweep(args, pruner, needs_grads, device)
+    cleanup(args)
+    return rows
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parse_one_shot_args(argv)
     args.sparsities = osp.check_sparsities(args.sparsities)
@@ -242,26 +263,6 @@ def finish(args, out_dir: Path, wandb: Any) -> list[dict]:
     print(f"Results: {out_dir / res.JSONL}, {out_dir / res.CSV}; plot: {plot}")
     if wandb is not None:
         res.wandb_final(wandb, rows, plot)
-    return rows
-
-
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    args = parse_args(argv)
-    _models.check_model_name(args.model)  # before recipe and data work: a typo fails at once
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    pruner = check_recipe(args)
-    needs_grads = osp.needs_gradients(pruner)
-    resolve_data_dir(args.dataset, args.data_dir)  # missing data: fail before the model loads
-    device = init_distributed(args)
-    quiet_other_ranks(args)
-    # No `finally`: after a failure on this rank, a barrier here would wait for peers that sit
-    # in another collective (a hang); faults.run_main leaves without touching the group.
-    with hold_folder(args, args.output_dir, args.output_option):  # one sweep at a time
-        rows = sweep(args, pruner, needs_grads, device)
-    cleanup(args)
     return rows
 
 

@@ -69,6 +69,49 @@ from utils.summary import read_summary, summary_row, write_summary_row  # noqa: 
 _logger = logging.getLogger("sparse_training")
 
 
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Recipe and checkpoint checks, data, model, recipe wiring, run folder, resume, epochs.
+
+    Everything a bad input can stop happens before the run folder is claimed, so a refused
+    run (or the resume of a finished one) changes no file.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args(argv)
+    check_model_name(args.model)  # before data and recipe work: a typo fails at once
+    manager = load_recipe(args)
+    point = resume.read_point(args, has_recipe=manager is not None)
+    train_ds, eval_ds = create_datasets(args)
+    classes = dataset_class_names(train_ds)  # one map for both splits, saved in checkpoints
+    if point is not None:
+        check_class_map(point.class_map, classes, f"--resume {args.resume}")
+    device = init_distributed(args)
+    quiet_other_ranks(args)
+    random_seed(args.seed, args.rank)
+
+    run = build_training(args, device, train_ds, eval_ds)
+    run.update(manager=manager, classes=classes, wandb=None, hist=None, out_dir=None)
+    start_epoch = point.start_epoch if point is not None else args.start_epoch or 0
+    if manager is not None:
+        wire_recipe(args, run, train_ds, device, start_epoch)
+    if resume.finished(point, run["num_epochs"]):
+        return report_finished(args, point, run["num_epochs"])
+    run["out_dir"], run_lock = claim_training_dir(args, run["cfg"]["input_size"][-1])
+    start_run_folder(args, run, point)
+    resume.restore(point, args, run)
+
+    train_metrics, eval_metrics = train(args, run, start_epoch, argv)
+    if manager is not None:
+        manager.finalize(run["model"])
+    if run["wandb"] is not None:
+        run["wandb"].finish()
+    _logger.info("Training completed: %s", eval_metrics)
+    cleanup(args)
+    if run_lock is not None:
+        run_lock.release()
+    return {"out_dir": run["out_dir"], "train": train_metrics, "eval": eval_metrics}
+
+
 def load_recipe(args: Any) -> Any:
     """The recipe manager, or None for dense training. Bad recipes fail here, before training."""
     if not args.sparseml_recipe:
@@ -233,44 +276,6 @@ def report_stop(args, out_dir: Path | None, epoch: int, argv: list[str]) -> None
         return
     command = faults.resume_command(argv, found, out_dir)
     print(f"Stopped in epoch {epoch}. To resume from {found}:\n  {command}", file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    args = parse_args(argv)
-    check_model_name(args.model)  # before data and recipe work: a typo fails at once
-    manager = load_recipe(args)
-    point = resume.read_point(args, has_recipe=manager is not None)
-    train_ds, eval_ds = create_datasets(args)
-    classes = dataset_class_names(train_ds)  # one map for both splits, saved in checkpoints
-    if point is not None:
-        check_class_map(point.class_map, classes, f"--resume {args.resume}")
-    device = init_distributed(args)
-    quiet_other_ranks(args)
-    random_seed(args.seed, args.rank)
-
-    run = build_training(args, device, train_ds, eval_ds)
-    run.update(manager=manager, classes=classes, wandb=None, hist=None, out_dir=None)
-    start_epoch = point.start_epoch if point is not None else args.start_epoch or 0
-    if manager is not None:
-        wire_recipe(args, run, train_ds, device, start_epoch)
-    if resume.finished(point, run["num_epochs"]):
-        return report_finished(args, point, run["num_epochs"])
-    run["out_dir"], run_lock = claim_training_dir(args, run["cfg"]["input_size"][-1])
-    start_run_folder(args, run, point)
-    resume.restore(point, args, run)
-
-    train_metrics, eval_metrics = train(args, run, start_epoch, argv)
-    if manager is not None:
-        manager.finalize(run["model"])
-    if run["wandb"] is not None:
-        run["wandb"].finish()
-    _logger.info("Training completed: %s", eval_metrics)
-    cleanup(args)
-    if run_lock is not None:
-        run_lock.release()
-    return {"out_dir": run["out_dir"], "train": train_metrics, "eval": eval_metrics}
 
 
 def build_training(args, device: torch.device, train_ds, eval_ds) -> dict[str, Any]:
