@@ -56,13 +56,8 @@ from utils.checkpoint import (  # noqa: E402
     save_compressed_weights,
     save_state_dict,
 )
-from utils.data import (  # noqa: E402
-    check_class_map,
-    class_names,
-    configure_grad_sampler,
-    loader_kwargs,
-    resolve_data_dir,
-)
+from utils.class_map import check_class_map, class_names  # noqa: E402
+from utils.data import configure_grad_sampler, loader_kwargs, resolve_data_dir  # noqa: E402
 from utils.distributed import (  # noqa: E402
     broadcast_model,
     cleanup,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -32,10 +31,8 @@ from utils.compat import ensure_torchvision  # noqa: E402
 ensure_torchvision()
 
 import torch  # noqa: E402
-from timm.layers import convert_sync_batchnorm  # noqa: E402
 from timm.models import safe_model_name  # noqa: E402
-from timm.scheduler import create_scheduler_v2, scheduler_kwargs  # noqa: E402
-from timm.utils import ModelEmaV3, distribute_bn, random_seed  # noqa: E402
+from timm.utils import distribute_bn, random_seed  # noqa: E402
 
 from sparseml.compressed import SUFFIX  # noqa: E402
 from sparseml.errors import RecipeError  # noqa: E402
@@ -44,20 +41,14 @@ from utils import checkpoint as ckpt_io  # noqa: E402
 from utils import faults, resume, training  # noqa: E402
 from utils import logging_utils as logs  # noqa: E402
 from utils.checkpoint_hist import CheckpointHistory  # noqa: E402
-from utils.data import (  # noqa: E402
-    check_class_map,
-    configure_grad_sampler,
-    create_datasets,
-    dataset_class_names,
-    sampler_batches,
-)
+from utils.class_map import check_class_map, dataset_class_names  # noqa: E402
+from utils.data import configure_grad_sampler, create_datasets, sampler_batches  # noqa: E402
 from utils.distributed import (  # noqa: E402
     cleanup,
     gather_objects,
     init_distributed,
     is_primary,
     quiet_other_ranks,
-    wrap_ddp,
 )
 from utils.engine import check_finite_metrics, train_one_epoch, validate  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
@@ -89,12 +80,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quiet_other_ranks(args)
     random_seed(args.seed, args.rank)
 
-    run = build_training(args, device, train_ds, eval_ds)
+    run = training.build_training(args, device, train_ds, eval_ds)
     run.update(manager=manager, classes=classes, wandb=None, hist=None, out_dir=None)
     start_epoch = point.start_epoch if point is not None else args.start_epoch or 0
     if manager is not None:
         wire_recipe(args, run, train_ds, device, start_epoch)
-    if resume.finished(point, run["num_epochs"]):
+    if resume.finished(point, run["model"], run["num_epochs"]):
         return report_finished(args, point, run["num_epochs"])
     run["out_dir"], run_lock = claim_training_dir(args, run["cfg"]["input_size"][-1])
     start_run_folder(args, run, point)
@@ -276,59 +267,6 @@ def report_stop(args, out_dir: Path | None, epoch: int, argv: list[str]) -> None
         return
     command = faults.resume_command(argv, found, out_dir)
     print(f"Stopped in epoch {epoch}. To resume from {found}:\n  {command}", file=sys.stderr)
-
-
-def build_training(args, device: torch.device, train_ds, eval_ds) -> dict[str, Any]:
-    """timm's training parts: model, optimizer, AMP, EMA, DDP, loaders, losses, LR schedule."""
-    model = training.build_model(args)
-    cfg = training.data_config(args, model, verbose=is_primary(args))
-    model.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if args.distributed and args.sync_bn:
-        if device.type != "cuda":
-            raise SetupError("--sync-bn needs CUDA; on CPU keep --dist-bn reduce (the default)")
-        args.dist_bn = ""
-        model = convert_sync_batchnorm(model)
-    training.resolve_lr(args)
-    optimizer = training.create_optimizer(model, args)
-    amp_autocast, scaler = training.setup_amp(args, device)
-    ema = None
-    if args.model_ema:
-        ema_device = "cpu" if args.model_ema_force_cpu else None
-        ema = ModelEmaV3(model, decay=args.model_ema_decay, device=ema_device)
-    train_model = (
-        wrap_ddp(model, device, sync_buffers=not args.no_ddp_bb) if args.distributed else model
-    )
-    loader_train, loader_eval, mixup_fn = training.build_loaders(
-        args, cfg, train_ds, eval_ds, device
-    )
-    mixup_active = mixup_fn is not None or getattr(loader_train, "mixup_enabled", False)
-    train_loss, eval_loss = training.build_losses(args, mixup_active)
-    updates_per_epoch = math.ceil(len(loader_train) / args.grad_accum_steps)
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer,
-        **scheduler_kwargs(args, decreasing_metric="loss" in args.eval_metric),
-        updates_per_epoch=updates_per_epoch,
-    )
-    return dict(
-        model=model,
-        train_model=train_model,
-        cfg=cfg,
-        device=device,
-        optimizer=optimizer,
-        amp_autocast=amp_autocast,
-        scaler=scaler,
-        ema=ema,
-        loader_train=loader_train,
-        loader_eval=loader_eval,
-        mixup_fn=mixup_fn,
-        train_loss=train_loss.to(device),
-        eval_loss=eval_loss.to(device),
-        lr_scheduler=lr_scheduler,
-        num_epochs=num_epochs,
-        updates_per_epoch=updates_per_epoch,
-    )
 
 
 def wire_recipe(args, run: dict, train_ds, device: torch.device, start_epoch: int) -> None:

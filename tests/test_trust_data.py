@@ -19,6 +19,7 @@ ensure_research()
 import one_shot_pruning  # noqa: E402
 import sparse_training  # noqa: E402
 from test_sparse_training import base_args  # noqa: E402
+from utils import class_map  # noqa: E402
 from utils import data as data_mod  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.cli import parse_args  # noqa: E402
@@ -61,7 +62,7 @@ def test_a_class_empty_in_one_split_keeps_every_label(small_digits, tmp_path, ho
         (root / split / "3").rmdir()
     train, val = datasets(root)
     for ds in (train, val):
-        assert data_mod.dataset_class_names(ds) == [str(i) for i in range(10)]
+        assert class_map.dataset_class_names(ds) == [str(i) for i in range(10)]
         got = labels_by_folder(ds)
         assert all(got[c] == {int(c)} for c in got), got  # folder "7" is label 7 in both
     assert "3" not in labels_by_folder(val if split == "val" else train)

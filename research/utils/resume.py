@@ -79,9 +79,16 @@ def read_point(args: argparse.Namespace, has_recipe: bool) -> ResumePoint | None
     return ResumePoint(Path(args.resume), state, start)
 
 
-def finished(point: ResumePoint | None, num_epochs: int) -> bool:
-    """True when the checkpoint's run already trained every epoch this run would train."""
-    return point is not None and point.start_epoch >= num_epochs
+def finished(point: ResumePoint | None, model: Any, num_epochs: int) -> bool:
+    """True when the checkpoint's run already trained every epoch this run would train.
+
+    A checkpoint that does not fit ``model`` is refused first (keys, shapes, ``--num-classes``):
+    it is no run of this model, finished or not.
+    """
+    if point is None:
+        return False
+    check_fits(model, point.state["state_dict"], "--resume", point.path)
+    return point.start_epoch >= num_epochs
 
 
 def restore(point: ResumePoint | None, args: argparse.Namespace, run: dict[str, Any]) -> None:
