@@ -15,7 +15,6 @@ from torch import nn
 from sparseml.errors import RecipeError
 from sparseml.modifiers.pruning import PruningModifier
 from sparseml.params import (
-    MAX_NAME_LENGTH,
     ParamRef,
     assign_targets,
     compile_pattern,
@@ -91,12 +90,25 @@ def test_ordinary_regexes_still_compile(pattern):
     compile_pattern("re:" + pattern, "m")
 
 
-def test_overlong_parameter_names_are_refused_for_regexes_only():
+@pytest.mark.parametrize("pattern", [r"\w*\w*\w*\w*X", r".*.*.*.*X", r"a{1,99}a{1,99}a{1,99}a?X"])
+def test_polynomial_blowup_on_long_names_is_refused_fast(pattern):
     net = nn.Sequential()
-    net.add_module("x" * (MAX_NAME_LENGTH + 1), nn.Linear(2, 2))
-    with pytest.raises(RecipeError, match="longer than"):
-        select_params(net, ["re:.*weight"])
+    net.add_module("a" * 250, nn.Linear(2, 2))  # ~2 s per match of the first pattern, unbounded
+    start = time.perf_counter()
+    with pytest.raises(RecipeError, match="too many for parameter names of 2"):
+        select_params(net, [f"re:{pattern}"])
+    assert time.perf_counter() - start < 1.0
     assert len(select_params(net, ["__ALL_PRUNABLE__"])) == 1
+    short = nn.Sequential(nn.Linear(2, 2))  # the same pattern on ordinary names: allowed
+    with pytest.raises(RecipeError, match="match no parameter"):
+        select_params(short, [f"re:{pattern}"])
+
+
+def test_compile_pattern_bound_follows_the_name_length():
+    compile_pattern("re:.*.*.*.*X", "m", longest_name=100)
+    with pytest.raises(RecipeError, match="names up to 100 characters"):
+        compile_pattern("re:.*.*.*.*X", "m", longest_name=101)
+    compile_pattern("re:.*X", "m", longest_name=10**6)  # one repetition: linear, any length
 
 
 # ----- item 6: params: [] ---------------------------------------------------------------------
@@ -179,6 +191,13 @@ def test_all_prunable_skips_frozen_parameters_under_magnitude():
     manager.apply(net)
     assert torch.equal(net[0].weight, before)  # frozen: untouched
     assert float((net[2].weight == 0).float().mean()) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("token", ["__ALL__", "__ALL_PRUNABLE__"])
+def test_a_fully_frozen_model_under_a_token_says_why_nothing_matched(token):
+    net = model().requires_grad_(False)
+    with pytest.raises(RecipeError, match="frozen parameters are skipped"):
+        select_params(net, [token])
 
 
 @pytest.mark.parametrize("name", PRUNERS)

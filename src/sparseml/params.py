@@ -15,9 +15,10 @@ entry or parameter, never a raw error deep in a hook):
 * Python's ``re`` has no timeout, so a regex must match in bounded time: no repetition inside a
   repeated group (``(a+)+``, ``(a?){20}``), no alternatives inside a repeated group
   (``(a|aa)*``; a class ``[ab]*`` is fine), no backreferences, at most
-  :data:`MAX_VARIABLE_REPEATS` repetitions of variable length (``*``, ``+``, ``?``, ``{m,n}``),
-  and parameter names of at most :data:`MAX_NAME_LENGTH` characters. These bound the work of one
-  match to a small polynomial in the name length.
+  :data:`MAX_VARIABLE_REPEATS` repetitions of variable length (``*``, ``+``, ``?``, ``{m,n}``).
+  These bound the work of one match by ``L ** k`` for names of length ``L`` and ``k`` such
+  repetitions, and that bound must stay under :data:`MATCH_BUDGET` for the model's longest
+  parameter name (4 repetitions: names up to 100 characters; 3: up to 464).
 * Frozen parameters (``requires_grad=False``) are never pruned: ``__ALL__`` and
   ``__ALL_PRUNABLE__`` skip them (they mean "every trainable ..."), an exact name or regex that
   selects one is refused naming it. Pruners enforce masks through gradient hooks and
@@ -48,9 +49,9 @@ ALL = "__ALL__"
 ALL_PRUNABLE = "__ALL_PRUNABLE__"
 PRUNABLE_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 # Bounds that keep one ``re.match`` short whatever the pattern (see the module docstring):
-# with 4 free repetitions a 256-character name costs well under a second in the worst case.
+# L ** k <= 1e8 steps is ~0.05 s per name in the worst case measured (``\w*`` repeated k times).
 MAX_VARIABLE_REPEATS = 4
-MAX_NAME_LENGTH = 256
+MATCH_BUDGET = 10**8
 _REGEX_RULE = (
     "allowed: no repetition or alternatives inside a repeated group, no backreferences, "
     f"at most {MAX_VARIABLE_REPEATS} variable repetitions (*, +, ?, {{m,n}}); "
@@ -134,8 +135,9 @@ def _regex_problem(parsed: object, inside_repeat: bool = False) -> tuple[str, in
     return "", count
 
 
-def compile_pattern(entry: str, owner: str) -> re.Pattern:
-    """The compiled regex of a ``re:`` entry, refused when it could backtrack without bound."""
+def compile_pattern(entry: str, owner: str, longest_name: int = 0) -> re.Pattern:
+    """The compiled regex of a ``re:`` entry, refused when it could backtrack without bound
+    (on names of up to ``longest_name`` characters)."""
     try:
         compiled = re.compile(entry[3:])
         problem, count = _regex_problem(_sre_parse.parse(entry[3:]))
@@ -147,6 +149,13 @@ def compile_pattern(entry: str, owner: str) -> re.Pattern:
         raise RecipeError(
             f"{owner}: params entry {entry!r} could take exponential time to match ({problem}); "
             + _REGEX_RULE
+        )
+    if count > 1 and longest_name**count > MATCH_BUDGET:
+        fits = int(MATCH_BUDGET ** (1 / count))
+        raise RecipeError(
+            f"{owner}: params entry {entry!r} has {count} variable repetitions, too many for "
+            f"parameter names of {longest_name} characters (allowed: names up to {fits} "
+            "characters with that many; use fewer repetitions or exact names)"
         )
     return compiled
 
@@ -188,21 +197,15 @@ def select_params(model: nn.Module, patterns: list[str], owner: str = "modifier"
     refs = all_param_refs(model)
     token_refs = [r for r in refs if r.param.requires_grad]  # the tokens mean "trainable"
     if any(_is_token(p, ALL) for p in patterns):
-        _check_selected(token_refs, ALL, owner)
-        return token_refs
-    compiled = {e: compile_pattern(e, owner) for e in patterns if e.startswith("re:")}
-    if compiled:
-        long = [r.name for r in refs if len(r.name) > MAX_NAME_LENGTH]
-        if long:
-            raise RecipeError(
-                f"{owner}: parameter name {long[0][:60]!r}... is longer than "
-                f"{MAX_NAME_LENGTH} characters, too long to match 're:' entries safely; "
-                "select it by its exact name"
-            )
+        patterns = [ALL]  # every trainable parameter: the other entries add nothing
+    longest = max((len("module." + r.name) for r in refs), default=0)
+    compiled = {e: compile_pattern(e, owner, longest) for e in patterns if e.startswith("re:")}
     chosen: dict[str, ParamRef] = {}
     unmatched = []
     for entry in patterns:
-        if _is_token(entry, ALL_PRUNABLE):
+        if _is_token(entry, ALL):
+            hits = token_refs
+        elif _is_token(entry, ALL_PRUNABLE):
             hits = [r for r in token_refs if is_prunable(r)]
         else:
             hits = [r for r in refs if _matches(entry, r.name, compiled.get(entry))]
@@ -213,9 +216,12 @@ def select_params(model: nn.Module, patterns: list[str], owner: str = "modifier"
             chosen.setdefault(ref.name, ref)
     if unmatched:
         sample = ", ".join(r.name for r in refs[:8])
+        frozen = len(refs) - len(token_refs)
+        skipped = f"; {frozen} frozen parameters are skipped by {ALL} and {ALL_PRUNABLE}"
         raise RecipeError(
             f"{owner}: params {unmatched} match no parameter of the model "
             f"(exact names or 're:<regex>' prefix matches; e.g. {sample}, ...)"
+            + (skipped if frozen else "")
         )
     order = {r.name: i for i, r in enumerate(refs)}
     return sorted(chosen.values(), key=lambda r: order[r.name])
