@@ -10,7 +10,7 @@ and CAP's checkpoints, bare state dicts, safetensors files and compressed sparse
 
 Integrity: ``torch.load`` does not notice bytes flipped inside a tensor's storage, so training
 checkpoints carry a content checksum (:func:`content_checksum`, key ``checksum``: a sha256 per
-entry) that is verified on every read; a mismatch is a one-line :class:`CheckpointError`
+entry over its tensors' bytes) that is verified on every read; a mismatch is a one-line :class:`CheckpointError`
 naming the file and the entry.
 Files without the key (older checkpoints, other tools' files) are read unverified.
 """
@@ -37,36 +37,37 @@ _READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingEr
 _READ_ERRORS += (zipfile.BadZipFile, KeyError, IndexError, TypeError, AttributeError)
 
 
-def _feed(h: Any, obj: Any) -> None:
-    """Hash ``obj`` (tensors, containers, scalars) in a fixed order: dicts in their saved order."""
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor inside ``obj`` (dicts in their saved order, then lists)."""
     if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for value in obj.values() for t in _tensors(value)]
+    if isinstance(obj, list | tuple):
+        return [t for value in obj for t in _tensors(value)]
+    return []
+
+
+def _digest(tensors: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for tensor in tensors:
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy())
-    elif isinstance(obj, dict):
-        h.update(b"D%d" % len(obj))
-        for key, value in obj.items():
-            _feed(h, key)
-            _feed(h, value)
-    elif isinstance(obj, list | tuple):
-        h.update(b"L%d" % len(obj))  # a tuple may come back as a list: one tag for both
-        for value in obj:
-            _feed(h, value)
-    else:
-        h.update(f"S{type(obj).__name__}:{obj!r}".encode())
-
-
-def _digest(value: Any) -> str:
-    h = hashlib.sha256()
-    _feed(h, value)
     return h.hexdigest()
 
 
 def content_checksum(payload: dict[str, Any]) -> dict[str, str]:
-    """A sha256 per entry of ``payload`` (its own ``checksum`` entry left out), over every
-    tensor's bytes, dtype and shape and every other value, in the saved order."""
-    return {str(k): _digest(v) for k, v in payload.items() if k != CHECKSUM_KEY}
+    """A sha256 per entry of ``payload`` that holds tensors, over their dtypes, shapes and
+    bytes in the saved order. Plain values (epoch, metric, the best-checkpoint history) live in
+    the pickle, where a flipped byte breaks the load; tools may also edit them on purpose."""
+    out = {}
+    for key, value in payload.items():
+        tensors = _tensors(value) if key != CHECKSUM_KEY else []
+        if tensors:
+            out[str(key)] = _digest(tensors)
+    return out
 
 
 def _verify(payload: Any, path: Path, option: str) -> None:
@@ -75,7 +76,7 @@ def _verify(payload: Any, path: Path, option: str) -> None:
     if not isinstance(payload, dict) or not isinstance(payload.get(CHECKSUM_KEY), dict):
         return
     for key, expected in payload[CHECKSUM_KEY].items():
-        if key in payload and _digest(payload[key]) != expected:
+        if key in payload and _digest(_tensors(payload[key])) != expected:
             raise CheckpointError(
                 f"{option} {path} is corrupt: its {key!r} entry does not match the checksum "
                 "stored in the file (bytes changed on disk or in a copy); use another "
