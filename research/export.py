@@ -64,7 +64,7 @@ from utils.compat import ensure_torchvision  # noqa: E402
 ensure_torchvision()
 
 import torch  # noqa: E402
-from timm.models import create_model, safe_model_name  # noqa: E402
+from timm.models import safe_model_name  # noqa: E402
 
 from sparseml.compressed import SUFFIX, load_compressed, save_compressed  # noqa: E402
 from sparseml.modifiers.quantization import quant_bits_by_layer  # noqa: E402
@@ -73,9 +73,8 @@ from utils import faults, onnx_io, onnx_qdq  # noqa: E402
 from utils import models as _models  # noqa: E402  (registers vit_digits, resnet_digits)
 from utils import semi_structured as semi  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
-from utils.pretrained import PRETRAINED_HINT, pretrained_kwargs  # noqa: E402
 from utils.sparsity_table import sparsity_report  # noqa: E402
-from utils.weights import read_manager_state  # noqa: E402
+from utils.weights import read_class_map, read_manager_state  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -96,20 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    _models.check_model_name(args.model)
-    kwargs = _models.model_kwargs(args)
-    if args.num_classes is not None:
-        kwargs["num_classes"] = args.num_classes
-    if args.pretrained:
-        kwargs.update(pretrained_kwargs(args.model, "--initial-checkpoint"))
-    try:
-        model = create_model(args.model, pretrained=args.pretrained, **kwargs)
-    except (RuntimeError, OSError, ValueError) as err:
-        hint = PRETRAINED_HINT if args.pretrained else ""
-        raise SetupError(f"cannot build model {args.model!r}: {err}{hint}") from err
-    if args.initial_checkpoint:
-        _models.load_weights(model, args.initial_checkpoint, "--initial-checkpoint")
-    return model.float().eval()
+    return _models.build_model(args).float().eval()  # the shared builder and reader
 
 
 def quantize_like_training(model: torch.nn.Module, args: argparse.Namespace) -> dict:
@@ -171,9 +157,25 @@ def export_onnx(model, x, ref, path: Path, quantized: bool) -> dict:
     return {**out, "bytes": path.stat().st_size, "tolerance": ONNX_TOLERANCE, "ok": ok}
 
 
+def class_map_of(model: torch.nn.Module, args: argparse.Namespace) -> list[str] | None:
+    """The class names the checkpoint was trained with (None when it holds none); refused when
+    they do not fit the model's classifier, whose outputs they name."""
+    if not args.initial_checkpoint:
+        return None
+    classes = read_class_map(args.initial_checkpoint, "--initial-checkpoint")
+    outputs = getattr(model, "num_classes", None)
+    if classes is not None and outputs and len(classes) != outputs:
+        raise SetupError(
+            f"--initial-checkpoint {args.initial_checkpoint} names {len(classes)} classes but "
+            f"the model has {outputs} outputs; set --num-classes {len(classes)}"
+        )
+    return classes
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     model = build_model(args)
+    classes = class_map_of(model, args)
     bits = quantize_like_training(model, args)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     x = check_input(model, args)
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dense_float32_bytes": dense_float32_bytes(state),
         "sparsity": sparsity_report(state),
         "quantization": bits,
+        "class_map": classes,
         "exports": {},
     }
     exports = report["exports"]

@@ -38,7 +38,7 @@ ensure_torchvision()
 
 import torch  # noqa: E402
 from timm.data import create_loader, resolve_data_config  # noqa: E402
-from timm.models import create_model, safe_model_name  # noqa: E402
+from timm.models import create_model, safe_model_name  # noqa: E402, F401  (tests use create_model)
 from timm.utils import random_seed  # noqa: E402
 
 from sparseml.compressed import SUFFIX  # noqa: E402
@@ -53,10 +53,10 @@ from utils import results as res  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
     check_finite_weights,
     file_digest,
-    load_dense_weights,
     save_compressed_weights,
     save_state_dict,
 )
+from utils.class_map import check_class_map, class_names  # noqa: E402
 from utils.data import configure_grad_sampler, loader_kwargs, resolve_data_dir  # noqa: E402
 from utils.distributed import (  # noqa: E402
     broadcast_model,
@@ -68,10 +68,31 @@ from utils.distributed import (  # noqa: E402
 )
 from utils.errors import SetupError  # noqa: E402
 from utils.plots import dataset_label, plot_accuracy  # noqa: E402
-from utils.pretrained import PRETRAINED_HINT, pretrained_kwargs  # noqa: E402
 from utils.run_dir import hold_folder  # noqa: E402
+from utils.weights import read_class_map  # noqa: E402
 
 _logger = logging.getLogger("one_shot")
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Options and recipe checks, then one locked sweep: dense row, one row per sparsity."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args(argv)
+    _models.check_model_name(args.model)  # before recipe and data work: a typo fails at once
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    pruner = check_recipe(args)
+    needs_grads = osp.needs_gradients(pruner)
+    resolve_data_dir(args.dataset, args.data_dir)  # missing data: fail before the model loads
+    device = init_distributed(args)
+    quiet_other_ranks(args)
+    # No `finally`: after a failure on this rank, a barrier here would wait for peers that sit
+    # in another collective (a hang); faults.run_main leaves without touching the group.
+    with hold_folder(args, args.output_dir, args.output_option):  # one sweep at a time
+        rows = sweep(args, pruner, needs_grads, device)
+    cleanup(args)
+    return rows
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,24 +123,16 @@ def check_recipe(args: argparse.Namespace) -> Any:
 
 
 def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    """The dense model (``models.build_model``) and the digest of its weights file; NaN/Inf
+    weights are refused: pruning scores would be garbage."""
     random_seed(args.seed, 0)  # identical initial weights on every rank
-    _models.check_model_name(args.model)
-    kwargs = _models.model_kwargs(args)
-    if args.num_classes is not None:
-        kwargs["num_classes"] = args.num_classes
-    if args.pretrained:  # cached weights, else a download, else a fast clear error
-        kwargs.update(pretrained_kwargs(args.model, "--initial-checkpoint"))
-    try:
-        model = create_model(args.model, pretrained=args.pretrained, **kwargs)
-    except (RuntimeError, OSError, ValueError) as err:  # unknown name, a failed download
-        hint = PRETRAINED_HINT if args.pretrained else ""
-        raise SetupError(f"cannot build model {args.model!r}: {err}{hint}") from err
+    model = _models.build_model(args)
+    source = f"model {args.model!r}"
     digest = ""
     if args.initial_checkpoint:
-        load_dense_weights(model, args.initial_checkpoint)  # refuses NaN/Inf weights
+        source = f"--initial-checkpoint {args.initial_checkpoint}"
         digest = file_digest(args.initial_checkpoint)
-    else:
-        check_finite_weights(model, f"model {args.model!r}")
+    check_finite_weights(model, source)
     return model, digest
 
 
@@ -211,7 +224,12 @@ def build_loaders(args, model, device, needs_grads: bool) -> tuple[dict, dict]:
     name, root = resolve_data_dir(args.dataset, args.data_dir)
     cfg = resolve_data_config({"img_size": args.img_size}, model=model, verbose=is_primary(args))
     options = loader_kwargs(args, cfg, device)
-    val = osd.open_dataset(name, root, args.val_split, False, args.rank, args.world_size)
+    classes = class_names(name, root, [args.train_split, args.val_split])  # one map for all
+    if args.initial_checkpoint:  # labels must mean what they meant in training
+        saved = read_class_map(args.initial_checkpoint, "--initial-checkpoint")
+        check_class_map(saved, classes, f"--initial-checkpoint {args.initial_checkpoint}")
+    shard = dict(rank=args.rank, world=args.world_size, classes=classes)
+    val = osd.open_dataset(name, root, args.val_split, False, **shard)
     loaders = {
         "val": create_loader(
             val, batch_size=args.validation_batch_size, is_training=False, **options
@@ -220,12 +238,12 @@ def build_loaders(args, model, device, needs_grads: bool) -> tuple[dict, dict]:
     if (
         getattr(args, "quantization", None) is not None
     ):  # one pass over the training shard, no augmentation
-        calib = osd.open_dataset(name, root, args.train_split, False, args.rank, args.world_size)
+        calib = osd.open_dataset(name, root, args.train_split, False, **shard)
         loaders["calib"] = create_loader(
             calib, batch_size=args.validation_batch_size, is_training=False, **options
         )
     if needs_grads:
-        train = osd.open_dataset(name, root, args.train_split, True, args.rank, args.world_size)
+        train = osd.open_dataset(name, root, args.train_split, True, **shard)
         loaders["gs"] = osd.GradSamplerData(
             train, options, args.gs_batch_size, augment=not args.gs_no_aug
         )
@@ -243,30 +261,9 @@ def finish(args, out_dir: Path, wandb: Any) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    args = parse_args(argv)
-    _models.check_model_name(args.model)  # before recipe and data work: a typo fails at once
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    pruner = check_recipe(args)
-    needs_grads = osp.needs_gradients(pruner)
-    resolve_data_dir(args.dataset, args.data_dir)  # missing data: fail before the model loads
-    device = init_distributed(args)
-    quiet_other_ranks(args)
-    # No `finally`: after a failure on this rank, a barrier here would wait for peers that sit
-    # in another collective (a hang); faults.run_main leaves without touching the group.
-    with hold_folder(args, args.output_dir, args.output_option):  # one sweep at a time
-        rows = sweep(args, pruner, needs_grads, device)
-    cleanup(args)
-    return rows
-
-
-def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[str, Any]]:
-    dense, digest = build_model(args)
-    dense.to(device).eval()
-    broadcast_model(dense)
+def sweep_settings(args, pruner, digest: str, needs_grads: bool) -> tuple[dict, dict]:
+    """What the dense row and the method's rows were made with: a rerun with other settings
+    is refused (``results.plan_resume``) instead of mixing rows of two setups."""
     dense_settings = {
         "model": args.model,
         "checkpoint": digest,
@@ -287,29 +284,47 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
             train_split=args.train_split,
             world_size=args.world_size,
         )
-    plan = plan_sweep(args, dense_settings, method_settings)
+    return dense_settings, method_settings
+
+
+def open_results(args) -> tuple[Path, Any]:
+    """The results folder (created on rank 0) and the W&B run, if any."""
     out_dir = Path(args.output_dir)
-    wandb = None
+    if not is_primary(args):
+        return out_dir, None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.log_wandb:
+        return out_dir, None
+    config = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | list)}
+    config["recipe_text"] = Path(args.sparseml_recipe).read_text()
+    return out_dir, res.wandb_start(
+        args.wandb_project or "cap_one_shot", args.method, config, out_dir
+    )
+
+
+def evaluate_dense(args, dense, loaders: dict, device, out_dir: Path, settings: dict) -> None:
+    """The dense model's row (sparsity 0), appended at once."""
+    start = time.perf_counter()
+    metrics = ev.evaluate(dense, loaders["val"], device)
+    row = make_row(args, res.DENSE, "", 0.0, metrics, eval_seconds=time.perf_counter() - start)
+    row.update(measured_sparsity=0.0, seconds=0.0, settings=settings)
     if is_primary(args):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if args.log_wandb:
-            config = {
-                k: v for k, v in vars(args).items() if isinstance(v, str | int | float | list)
-            }
-            config["recipe_text"] = Path(args.sparseml_recipe).read_text()
-            wandb = res.wandb_start(
-                args.wandb_project or "cap_one_shot", args.method, config, out_dir
-            )
+        res.append_row(out_dir, row)
+    _logger.info("Dense: top-1 %.2f%%, loss %.4f", metrics["accuracy"], metrics["loss"])
+
+
+def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[str, Any]]:
+    """Dense row, then one pruned copy and one row per sparsity not yet in the results."""
+    dense, digest = build_model(args)
+    dense.to(device).eval()
+    broadcast_model(dense)
+    dense_settings, method_settings = sweep_settings(args, pruner, digest, needs_grads)
+    plan = plan_sweep(args, dense_settings, method_settings)
+    out_dir, wandb = open_results(args)
     if plan["dense"] or plan["sparsities"]:
         loaders, _ = build_loaders(args, dense, device, needs_grads)
     if plan["dense"]:
-        start = time.perf_counter()
-        metrics = ev.evaluate(dense, loaders["val"], device)
-        row = make_row(args, res.DENSE, "", 0.0, metrics, eval_seconds=time.perf_counter() - start)
-        row.update(measured_sparsity=0.0, seconds=0.0, settings=dense_settings)
-        if is_primary(args):
-            res.append_row(out_dir, row)
-        _logger.info("Dense: top-1 %.2f%%, loss %.4f", metrics["accuracy"], metrics["loss"])
+        evaluate_dense(args, dense, loaders, device, out_dir, dense_settings)
     # Each sparsity prunes a fresh copy of the same dense model, so with one recomputation the
     # second-order modifiers reuse their gradients and Fisher blocks through this dict.
     cache = None if args.no_sweep_cache else {}

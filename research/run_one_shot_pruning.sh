@@ -32,10 +32,12 @@
 #   THREADS                     torch threads per process (default 1: the tiny default model
 #                               gains nothing from more, and shared cores make them slower)
 #   TRAIN_CONFIG, TRAIN_EPOCHS  dense training of vit_digits when no checkpoint exists
+#   HELPER_PYTHON               interpreter of the stdlib-only dense-cache helper (python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python}
+HELPER_PYTHON=${HELPER_PYTHON:-python3}
 MODEL=${MODEL:-vit_digits}
 DATASET=${DATASET:-digits}
 DATA_DIR=${DATA_DIR:-}
@@ -71,41 +73,20 @@ launch=("$PYTHON")
 start=$(date +%s)
 mkdir -p "$OUTPUT_DIR"
 
-# The cached dense model counts only when its training run wrote its completion marker (the
-# last thing sparse_training.py writes): an interrupted or failed run never becomes "dense".
+# The dense model is cached by research/utils/dense_cache.py (also used by the benchmarks): it
+# counts only when its training run wrote its completion marker, an interrupted training
+# resumes from its last checkpoint, and a failed or interrupted one ends this script with its
+# exit status (set -e) without caching anything.
 train_dir="$OUTPUT_DIR/dense_training"
-complete="$train_dir/training_complete.json"
-if [[ "$CHECKPOINT" == "$DEFAULT_CHECKPOINT" && -f "$CHECKPOINT" && ! -f "$complete" ]]; then
-    echo "== $CHECKPOINT has no completed training behind it ($complete missing): retraining"
-    rm -f "$CHECKPOINT"
-fi
-if [[ ! -f "$CHECKPOINT" ]]; then
-    if [[ "$CHECKPOINT" != "$DEFAULT_CHECKPOINT" ]]; then
-        echo "error: CHECKPOINT=$CHECKPOINT does not exist" >&2
-        exit 2
-    fi
-    resume_args=()
-    last=$(find "$train_dir" -maxdepth 1 -name '*_last.pth' 2>/dev/null | head -n 1 || true)
-    if [[ -n "$last" ]]; then
-        echo "== Resuming the interrupted dense training from $last"
-        resume_args=(--resume "$last")
-    else
-        echo "== No dense checkpoint at $CHECKPOINT: training $MODEL ($TRAIN_EPOCHS epochs)"
-        rm -rf "$train_dir"
-    fi
-    # set -e: a failed or interrupted training (exit 1, 130, ...) ends this script with its code.
-    OMP_NUM_THREADS="$THREADS" "${launch[@]}" research/sparse_training.py --config "$TRAIN_CONFIG" --model "$MODEL" \
-        "${data_args[@]}" "${device_args[@]}" --epochs "$TRAIN_EPOCHS" --workers "$WORKERS" \
-        --output "$OUTPUT_DIR" --experiment dense_training --log-interval 1000 --save-last \
-        "${resume_args[@]}"
-    if [[ ! -f "$complete" ]]; then
-        echo "error: dense training exited without finishing ($complete missing); not caching it" >&2
-        exit 1
-    fi
-    best=$(find "$train_dir" -maxdepth 1 -name '*_best.pth' | head -n 1)
-    [[ -n "$best" ]] || { echo "error: no *_best.pth in $train_dir" >&2; exit 1; }
-    cp "$best" "$CHECKPOINT.tmp" && mv "$CHECKPOINT.tmp" "$CHECKPOINT"
-    echo "== Dense checkpoint: $CHECKPOINT ($(( $(date +%s) - start )) s)"
+if [[ "$CHECKPOINT" == "$DEFAULT_CHECKPOINT" ]]; then
+    "$HELPER_PYTHON" research/utils/dense_cache.py --checkpoint "$CHECKPOINT" --train-dir "$train_dir" -- \
+        env OMP_NUM_THREADS="$THREADS" "${launch[@]}" research/sparse_training.py --config "$TRAIN_CONFIG" \
+        --model "$MODEL" "${data_args[@]}" "${device_args[@]}" --epochs "$TRAIN_EPOCHS" \
+        --workers "$WORKERS" --output "$OUTPUT_DIR" --experiment dense_training \
+        --log-interval 1000 --save-last
+elif [[ ! -f "$CHECKPOINT" ]]; then
+    echo "error: CHECKPOINT=$CHECKPOINT does not exist" >&2
+    exit 2
 fi
 
 read -r -a methods <<< "$METHODS"

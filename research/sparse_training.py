@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -32,18 +31,17 @@ from utils.compat import ensure_torchvision  # noqa: E402
 ensure_torchvision()
 
 import torch  # noqa: E402
-from timm.layers import convert_sync_batchnorm  # noqa: E402
 from timm.models import safe_model_name  # noqa: E402
-from timm.scheduler import create_scheduler_v2, scheduler_kwargs  # noqa: E402
-from timm.utils import ModelEmaV3, distribute_bn, random_seed  # noqa: E402
+from timm.utils import distribute_bn, random_seed  # noqa: E402
 
 from sparseml.compressed import SUFFIX  # noqa: E402
 from sparseml.errors import RecipeError  # noqa: E402
 from sparseml.sparsity import ModuleSparsificationInfo  # noqa: E402
 from utils import checkpoint as ckpt_io  # noqa: E402
-from utils import faults, training  # noqa: E402
+from utils import faults, resume, training  # noqa: E402
 from utils import logging_utils as logs  # noqa: E402
 from utils.checkpoint_hist import CheckpointHistory  # noqa: E402
+from utils.class_map import check_class_map, dataset_class_names  # noqa: E402
 from utils.data import configure_grad_sampler, create_datasets, sampler_batches  # noqa: E402
 from utils.distributed import (  # noqa: E402
     cleanup,
@@ -51,16 +49,58 @@ from utils.distributed import (  # noqa: E402
     init_distributed,
     is_primary,
     quiet_other_ranks,
-    wrap_ddp,
 )
 from utils.engine import check_finite_metrics, train_one_epoch, validate  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
-from utils.models import check_fits, check_model_name  # noqa: E402
+from utils.models import check_model_name  # noqa: E402
 from utils.plots import PLOT_TRAINING, dataset_label, plot_training  # noqa: E402
-from utils.run_dir import claim_training_dir, continues_in  # noqa: E402
+from utils.run_dir import claim_training_dir  # noqa: E402
 from utils.summary import read_summary, summary_row, write_summary_row  # noqa: E402
 
 _logger = logging.getLogger("sparse_training")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Recipe and checkpoint checks, data, model, recipe wiring, run folder, resume, epochs.
+
+    Everything a bad input can stop happens before the run folder is claimed, so a refused
+    run (or the resume of a finished one) changes no file.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args(argv)
+    check_model_name(args.model)  # before data and recipe work: a typo fails at once
+    manager = load_recipe(args)
+    point = resume.read_point(args, has_recipe=manager is not None)
+    train_ds, eval_ds = create_datasets(args)
+    classes = dataset_class_names(train_ds)  # one map for both splits, saved in checkpoints
+    if point is not None:
+        check_class_map(point.class_map, classes, f"--resume {args.resume}")
+    device = init_distributed(args)
+    quiet_other_ranks(args)
+    random_seed(args.seed, args.rank)
+
+    run = training.build_training(args, device, train_ds, eval_ds)
+    run.update(manager=manager, classes=classes, wandb=None, hist=None, out_dir=None)
+    start_epoch = point.start_epoch if point is not None else args.start_epoch or 0
+    if manager is not None:
+        wire_recipe(args, run, train_ds, device, start_epoch)
+    if resume.finished(point, run["model"], run["num_epochs"]):
+        return report_finished(args, point, run["num_epochs"])
+    run["out_dir"], run_lock = claim_training_dir(args, run["cfg"]["input_size"][-1])
+    start_run_folder(args, run, point)
+    resume.restore(point, args, run)
+
+    train_metrics, eval_metrics = train(args, run, start_epoch, argv)
+    if manager is not None:
+        manager.finalize(run["model"])
+    if run["wandb"] is not None:
+        run["wandb"].finish()
+    _logger.info("Training completed: %s", eval_metrics)
+    cleanup(args)
+    if run_lock is not None:
+        run_lock.release()
+    return {"out_dir": run["out_dir"], "train": train_metrics, "eval": eval_metrics}
 
 
 def load_recipe(args: Any) -> Any:
@@ -178,6 +218,7 @@ def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> 
         rng=rng,
         checkpoint_hist=state["hist"].state_dict(),
         rank_state=[g[2] for g in gathered],
+        class_map=state.get("classes"),
     )
     if args.checkpoint_freq > 0 and epoch % args.checkpoint_freq == 0:
         ckpt_io.save_checkpoint(out_dir / f"{name}_epoch={epoch}.pth", **save)
@@ -219,7 +260,8 @@ def report_stop(args, out_dir: Path | None, epoch: int, argv: list[str]) -> None
     if found is None:
         print(
             f"Stopped in epoch {epoch} before any checkpoint was written (checkpoints are "
-            "written at the end of an epoch); rerun to start over",
+            "written at the end of an epoch); rerun the same command to start over (a run "
+            f"folder without a finished epoch is reused: {out_dir})",
             file=sys.stderr,
         )
         return
@@ -227,158 +269,114 @@ def report_stop(args, out_dir: Path | None, epoch: int, argv: list[str]) -> None
     print(f"Stopped in epoch {epoch}. To resume from {found}:\n  {command}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    args = parse_args(argv)
-    check_model_name(args.model)  # before data and recipe work: a typo fails at once
-    manager = load_recipe(args)
-    train_ds, eval_ds = create_datasets(args)
-    device = init_distributed(args)
-    quiet_other_ranks(args)
-    random_seed(args.seed, args.rank)
+def wire_recipe(args, run: dict, train_ds, device: torch.device, start_epoch: int) -> None:
+    """The recipe manager wraps the optimizer (and may take over the LR and the run length)."""
+    gs_builder = None
+    if args.gs_loader:
+        gs_loader = training.build_gs_loader(args, run["cfg"], train_ds, device)
+        gs_builder = sampler_batches(gs_loader, device)
+    optimizer, num_epochs, timm_lr = wire_manager(
+        args,
+        run["manager"],
+        run["model"],
+        run["optimizer"],
+        gs_builder,
+        run["eval_loss"],
+        run["updates_per_epoch"],
+        start_epoch,
+    )
+    run.update(optimizer=optimizer, num_epochs=num_epochs)
+    if not timm_lr:
+        run["lr_scheduler"] = None
 
-    model = training.build_model(args)
-    cfg = training.data_config(args, model, verbose=is_primary(args))
-    model.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if args.distributed and args.sync_bn:
-        if device.type != "cuda":
-            raise SetupError("--sync-bn needs CUDA; on CPU keep --dist-bn reduce (the default)")
-        args.dist_bn = ""
-        model = convert_sync_batchnorm(model)
-    training.resolve_lr(args)
-    optimizer = training.create_optimizer(model, args)
-    amp_autocast, scaler = training.setup_amp(args, device)
 
-    resumed = ckpt_io.load_checkpoint(args.resume) if args.resume else None
-    if resumed is not None:  # names mismatching keys/shapes and --num-classes
-        check_fits(model, resumed["state_dict"], "--resume", args.resume)
-    ckpt_io.restore_training_state(resumed, args, model, optimizer, scaler)
-    ema = None
-    if args.model_ema:
-        ema = ModelEmaV3(
-            model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None
+def report_finished(args, point: resume.ResumePoint, num_epochs: int) -> dict[str, Any]:
+    """A resumed run with no epoch left: say so and change no file (exit status 0)."""
+    folder = point.path.parent
+    if is_primary(args):
+        print(
+            f"--resume {point.path}: the run already finished its {num_epochs} epochs "
+            f"(last epoch {point.start_epoch - 1}); nothing to do, {folder} is unchanged. To "
+            "train longer, start a new run from it with --initial-checkpoint or raise --epochs",
+            file=sys.stderr,
         )
-        if resumed is not None and resumed.get("state_dict_ema"):
-            ema.module.load_state_dict(resumed["state_dict_ema"])
-    train_model = (
-        wrap_ddp(model, device, sync_buffers=not args.no_ddp_bb) if args.distributed else model
-    )
+    cleanup(args)
+    return {"out_dir": folder, "train": {}, "eval": resume.last_metrics(folder)}
 
-    loader_train, loader_eval, mixup_fn = training.build_loaders(
-        args, cfg, train_ds, eval_ds, device
-    )
-    mixup_active = mixup_fn is not None or getattr(loader_train, "mixup_enabled", False)
-    train_loss, eval_loss = training.build_losses(args, mixup_active)
-    train_loss, eval_loss = train_loss.to(device), eval_loss.to(device)
-    updates_per_epoch = math.ceil(len(loader_train) / args.grad_accum_steps)
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer,
-        **scheduler_kwargs(args, decreasing_metric="loss" in args.eval_metric),
-        updates_per_epoch=updates_per_epoch,
-    )
-    start_epoch = 0
-    if resumed is not None and not args.no_resume_epoch:
-        start_epoch = resumed["epoch"] + 1
-    if args.start_epoch is not None:
-        start_epoch = args.start_epoch
 
-    if manager is not None:
-        gs_builder = None
-        if args.gs_loader:
-            gs_builder = sampler_batches(
-                training.build_gs_loader(args, cfg, train_ds, device), device
-            )
-        optimizer, num_epochs, timm_lr = wire_manager(
-            args, manager, model, optimizer, gs_builder, eval_loss, updates_per_epoch, start_epoch
-        )
-        lr_scheduler = lr_scheduler if timm_lr else None
-        if resumed is not None and resumed.get("manager") and not args.no_resume_epoch:
-            manager.load_state_dict(resumed["manager"])
-            # modify() may already have pruned ahead to the resume epoch's sparsity; the saved
-            # weights and optimizer state are the exact point the interrupted run stopped at.
-            ckpt_io.restore_training_state(resumed, args, model, optimizer, scaler)
-    if lr_scheduler is not None and start_epoch > 0:
-        if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch)
-        else:
-            lr_scheduler.step(start_epoch)
+def start_run_folder(args, run: dict, point: resume.ResumePoint | None) -> None:
+    """Rank 0: best-checkpoint history, args.yaml, the recipe copy and W&B in the run folder."""
+    if not is_primary(args):  # only rank 0 has a run folder and writes checkpoints
+        return
+    out_dir = run["out_dir"]
+    decreasing = "loss" in args.eval_metric
+    name = safe_model_name(args.model)
+    run["hist"] = CheckpointHistory(out_dir, name, args.checkpoint_hist, decreasing)
+    (out_dir / COMPLETE).unlink(missing_ok=True)  # this run is not complete yet
+    recipe_copy = training.write_run_files(args, out_dir)
+    if args.log_wandb:
+        run["wandb"] = logs.init_wandb(args, out_dir, recipe_copy)
+    first = point.start_epoch if point is not None else args.start_epoch or 0
+    _logger.info("Output: %s; epochs %d..%d", out_dir, first, run["num_epochs"] - 1)
 
-    state = dict(model=model, manager=manager, optimizer=optimizer, scaler=scaler, ema=ema)
-    state["out_dir"], run_lock = claim_training_dir(args, cfg["input_size"][-1])
-    state.update(wandb=None, hist=None)
-    if is_primary(args):  # only rank 0 has a run folder and writes checkpoints
-        decreasing = "loss" in args.eval_metric
-        name = safe_model_name(args.model)
-        state["hist"] = CheckpointHistory(state["out_dir"], name, args.checkpoint_hist, decreasing)
-        if resumed is not None and continues_in(args, state["out_dir"]):
-            state["hist"].load_state_dict(resumed.get("checkpoint_hist"))  # the whole run's
-        (state["out_dir"] / COMPLETE).unlink(missing_ok=True)  # this run is not complete yet
-        recipe_copy = training.write_run_files(args, state["out_dir"])
-        if args.log_wandb:
-            state["wandb"] = logs.init_wandb(args, state["out_dir"], recipe_copy)
-        _logger.info("Output: %s; epochs %d..%d", state["out_dir"], start_epoch, num_epochs - 1)
-    if resumed is not None and resumed.get("rng") and len(resumed["rng"]) == args.world_size:
-        ckpt_io.set_rng_state(resumed["rng"][args.rank])
-    ranks = resumed.get("rank_state") if resumed is not None else None
-    if manager is not None and ranks and len(ranks) == args.world_size:
-        manager.load_rank_state_dict(ranks[args.rank])
 
+def train(args, run: dict, start_epoch: int, argv: list[str] | None) -> tuple[dict, dict]:
+    """The epoch loop; the completion marker after the last epoch; on any stop, how to resume."""
+    model, manager, ema, device = run["model"], run["manager"], run["ema"], run["device"]
+    loader_train, lr_scheduler = run["loader_train"], run["lr_scheduler"]
     train_metrics, eval_metrics = {}, {}
     epoch = start_epoch
     try:
-        for epoch in range(start_epoch, num_epochs):
+        for epoch in range(start_epoch, run["num_epochs"]):
             if args.stop_epoch is not None and epoch >= args.stop_epoch:
                 break
             if args.distributed and hasattr(loader_train.sampler, "set_epoch"):
                 loader_train.sampler.set_epoch(epoch)
             train_metrics = train_one_epoch(
                 epoch,
-                train_model,
+                run["train_model"],
                 loader_train,
-                optimizer,
-                train_loss,
+                run["optimizer"],
+                run["train_loss"],
                 args,
                 device=device,
-                amp_autocast=amp_autocast,
-                loss_scaler=scaler,
+                amp_autocast=run["amp_autocast"],
+                loss_scaler=run["scaler"],
                 lr_scheduler=lr_scheduler,
                 model_ema=ema,
-                mixup_fn=mixup_fn,
+                mixup_fn=run["mixup_fn"],
             )
             if args.distributed and args.dist_bn in ("broadcast", "reduce"):
                 distribute_bn(model, args.world_size, args.dist_bn == "reduce")
             eval_metrics = validate(
-                train_model, loader_eval, args, device=device, amp_autocast=amp_autocast
+                run["train_model"],
+                run["loader_eval"],
+                args,
+                device=device,
+                amp_autocast=run["amp_autocast"],
             )
             if ema is not None:
                 if manager is not None:
                     training.mask_ema_like_model(ema.module, model)
                 if logs.scheduled_sparsity(manager, epoch) == 0.0:
                     eval_metrics = validate(
-                        ema.module, loader_eval, args, device=device, amp_autocast=amp_autocast
+                        ema.module,
+                        run["loader_eval"],
+                        args,
+                        device=device,
+                        amp_autocast=run["amp_autocast"],
                     )
             check_finite_metrics(epoch, train_metrics, eval_metrics)
             with faults.deferred_interrupts():  # summary row and checkpoints: all or nothing
-                end_of_epoch(args, state, epoch, train_metrics, eval_metrics)
+                end_of_epoch(args, run, epoch, train_metrics, eval_metrics)
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
         else:
-            mark_complete(args, state["out_dir"], num_epochs, eval_metrics)
+            mark_complete(args, run["out_dir"], run["num_epochs"], eval_metrics)
     except BaseException:  # Ctrl-C, SIGTERM, a lost rank, NaN, a failed write: say how to resume
-        report_stop(args, state["out_dir"], epoch, [__file__, *argv] if argv else sys.argv)
+        report_stop(args, run["out_dir"], epoch, [__file__, *argv] if argv else sys.argv)
         raise
-    if manager is not None:
-        manager.finalize(model)
-    if state["wandb"] is not None:
-        state["wandb"].finish()
-    _logger.info("Training completed: %s", eval_metrics)
-    cleanup(args)
-    if run_lock is not None:
-        run_lock.release()
-    return {"out_dir": state["out_dir"], "train": train_metrics, "eval": eval_metrics}
+    return train_metrics, eval_metrics
 
 
 if __name__ == "__main__":

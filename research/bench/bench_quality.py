@@ -34,7 +34,7 @@ import numpy as np
 from bench_common import RESEARCH, ROOT, SetupError, guarded, in_parallel, record, records, run
 
 from sparseml.serialization import atomic_write_text
-from utils import fmnist
+from utils import dense_cache, fmnist
 from utils import results as res
 
 ONE_SHOT = RESEARCH / "recipes" / "one_shot"
@@ -119,20 +119,15 @@ def config_for(model: str) -> Path:
 
 def train_once(cmd: list[str], folder: Path, threads: int, what: str) -> None:
     """Run a training into ``folder`` unless it completed; resume an interrupted one."""
-    if (folder / "training_complete.json").is_file():
-        return
-    last = sorted(folder.glob("*_last.pth"))
-    if last:
-        cmd = [*cmd, "--resume", str(last[0])]
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
-    run(cmd, threads, what)
-    if not (folder / "training_complete.json").is_file():
-        raise SetupError(f"{what} ended without training_complete.json in {folder}")
+    try:
+        dense_cache.complete_training(folder, cmd, lambda full: run(full, threads, what))
+    except dense_cache.DenseCacheError as err:
+        raise SetupError(f"{what}: {err}") from err
 
 
 def dense_model(args, model: str, data: Path, out: Path) -> Path:
-    """The cached dense checkpoint of ``model``, trained first if needed.
+    """The cached dense checkpoint of ``model`` (``utils.dense_cache``, as the one-shot
+    launcher's), trained first if needed.
 
     ``<out>/<model>/dense.json`` records what it was trained with (epochs, config, data); when
     that changed, the model's whole folder (its one-shot and gradual results too) is stale
@@ -146,28 +141,30 @@ def dense_model(args, model: str, data: Path, out: Path) -> Path:
         "data": read_json(subset) if subset.is_file() else str(data),
     }
     meta = out / model / "dense.json"
-    if (out / model).exists() and read_json(meta) != want:
-        print(f"== {model}: dense settings changed; removing {out / model}", flush=True)
-        shutil.rmtree(out / model)
-    if checkpoint.is_file() and (folder / "training_complete.json").is_file():
-        return checkpoint
-    (out / model).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(meta, json.dumps(want))
+    cached = dense_cache.is_cached(checkpoint, folder) and read_json(meta) == want
     cmd = [RESEARCH / "sparse_training.py", "--config", config_for(model), "--model", model]
     cmd += ["--dataset", fmnist.FMNIST, "--data-dir", data, "--epochs", args.epochs]
     cmd += ["--workers", 0, "--output", out / model, "--experiment", "dense_training"]
     cmd += ["--log-interval", 1000, "--save-last"]
+    what = f"dense training of {model} ({args.epochs} epochs)"
     start = time.perf_counter()
-    train_once(cmd, folder, args.threads, f"dense training of {model} ({args.epochs} epochs)")
-    best = sorted(folder.glob("*_best.pth"))
-    if not best:
-        raise SetupError(f"no *_best.pth in {folder}")
-    shutil.copyfile(best[0], f"{checkpoint}.tmp")
-    os.replace(f"{checkpoint}.tmp", checkpoint)
-    with RECORDS:
-        record(out / "training.jsonl", f"{model}|dense", {
-            "model": model, "epochs": args.epochs, "seconds": time.perf_counter() - start,
-        })  # fmt: skip
+    try:
+        dense_cache.ensure_dense(
+            checkpoint,
+            folder,
+            cmd,
+            run=lambda full: run(full, args.threads, what),
+            settings=want,
+            record=meta,
+            stale=[out / model],
+        )
+    except dense_cache.DenseCacheError as err:
+        raise SetupError(f"{what}: {err}") from err
+    if not cached:
+        with RECORDS:
+            record(out / "training.jsonl", f"{model}|dense", {
+                "model": model, "epochs": args.epochs, "seconds": time.perf_counter() - start,
+            })  # fmt: skip
     return checkpoint
 
 

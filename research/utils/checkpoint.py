@@ -9,10 +9,12 @@ exact continuation) and ``checkpoint_hist`` (the run's best checkpoints, see
 :mod:`utils.checkpoint_hist`). Everything loads with ``torch.load(weights_only=True)``.
 
 Checkpoints of older versions (``model``, ``ema``, ``scaler`` keys) still resume:
-:func:`load_checkpoint` returns them under the new keys.
+:func:`load_checkpoint` returns them under the new keys. Reading goes through the one reader,
+``utils.weights`` (which also verifies the ``checksum`` entry every checkpoint carries), and
+``class_map`` holds the class names the model was trained with.
 
-One-shot sweeps read and write bare weights here too (:func:`load_dense_weights`,
-:func:`save_state_dict`), read by ``models.load_weights`` like sparse_training's --initial-checkpoint.
+One-shot sweeps write bare weights here too (:func:`save_state_dict`), read back by the one
+reader like every other weights file (``models.build_model`` -> ``models.load_weights``).
 ``--save-compressed`` files (:func:`save_compressed_weights`, :func:`mirror_compressed`) hold
 the weights of a model or checkpoint as ``sparseml.compressed`` writes them.
 """
@@ -21,9 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import random
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from sparseml.serialization import atomic_save
 
 from . import models as _models
 from .errors import CheckpointError
-from .weights import read_state_dict
+from .weights import CHECKSUM_KEY, content_checksum, read_payload, read_state_dict
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,13 +78,16 @@ def save_checkpoint(
     rng: list[dict[str, Any]] | None = None,
     checkpoint_hist: list[dict[str, Any]] | None = None,
     rank_state: list[dict[str, Any]] | None = None,
+    class_map: list[str] | None = None,
 ) -> Path:
     """Write a checkpoint to ``path`` atomically (a failed write keeps the previous file and
     raises :class:`sparseml.serialization.FileWriteError` naming the path and the reason).
 
     ``rng`` holds one :func:`rng_state` per rank (default: this process only), ``rank_state``
     one ``manager.rank_state_dict()`` per rank (state sharded over ranks);
-    ``checkpoint_hist`` is a :meth:`CheckpointHistory.state_dict`.
+    ``checkpoint_hist`` is a :meth:`CheckpointHistory.state_dict`; ``class_map`` the class
+    names in label order (``data.class_names``), checked when the weights are used again. The
+    file carries a content checksum (``weights.content_checksum``) verified on every read.
     """
     path = Path(path)
     state = {
@@ -103,33 +106,24 @@ def save_checkpoint(
         state["state_dict_ema"] = _unwrap(ema).state_dict()
     if scaler is not None:
         state[SCALER_KEY] = scaler.state_dict()
+    if class_map is not None:
+        state["class_map"] = list(class_map)
+    state[CHECKSUM_KEY] = content_checksum(state)
     atomic_save(state, path)
     return path
 
 
 SCALER_KEY = "amp_scaler"  # timm's NativeScaler.state_dict_key
-# Keys of checkpoints written before the timm layout, and their timm names.
-_OLD_KEYS = {"model": "state_dict", "ema": "state_dict_ema", "scaler": SCALER_KEY}
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU with ``weights_only=True``, under the timm keys (older
-    checkpoints' ``model``/``ema``/``scaler`` renamed); clear error when unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+def load_checkpoint(path: str | Path, option: str = "checkpoint") -> dict[str, Any]:
+    """A training checkpoint under the timm keys (older checkpoints' ``model``/``ema``/``scaler``
+    renamed), read by the one reader (``weights.read_payload``: checksum verified); one-line
+    errors when it is missing, unreadable, corrupt or not a training checkpoint."""
+    state = read_payload(path, option)
+    if not isinstance(state.get("state_dict"), dict):
         raise CheckpointError(
-            f"checkpoint {path} is unreadable (truncated, corrupt or not written by "
-            f"sparse_training.py): {str(err).splitlines()[0]}"
-        ) from err
-    if isinstance(state, dict) and "state_dict" not in state and "model" in state:
-        state = {_OLD_KEYS.get(k, k): v for k, v in state.items()}
-    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
-        raise CheckpointError(
-            f"checkpoint {path} has no 'state_dict' entry; not a training checkpoint"
+            f"{option} {path} has no 'state_dict' entry; not a training checkpoint"
         )
     return state
 
@@ -146,19 +140,6 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str 
         ) from err
 
 
-def restore_training_state(
-    state: dict[str, Any] | None, args: Any, model: torch.nn.Module, optimizer: Any, scaler: Any
-) -> None:
-    """Load weights (and, unless ``--no-resume-opt``, optimizer and AMP scaler) from ``state``."""
-    if state is None:
-        return
-    load_model_weights(model, state, args.resume)
-    if not args.no_resume_opt:
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get(SCALER_KEY):
-            scaler.load_state_dict(state[SCALER_KEY])
-
-
 # ----- bare weights (one-shot sweeps) ------------------------------------------------------------
 def file_digest(path: str | Path) -> str:
     """A short content hash: a sweep's results remember which dense weights they came from."""
@@ -167,12 +148,6 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()[:16]
-
-
-def load_dense_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load dense weights strictly and refuse NaN/Inf values: pruning scores would be garbage."""
-    _models.load_weights(model, path, "--initial-checkpoint")
-    check_finite_weights(model, f"--initial-checkpoint {path}")
 
 
 def check_finite_weights(model: torch.nn.Module, source: str) -> None:

@@ -5,7 +5,11 @@ ImageFolder tree (``train/<class>/*.png``, ``val/<class>/*.png``; 32x32 RGB; str
 split with a fixed seed) and from then on reads it like any other folder data set through
 ``timm.data.create_dataset``. Every other name goes to timm unchanged (an ImageFolder or tar root,
 ``torch/<name>`` with local files, ...). ``--dataset fashion_mnist`` reads the original idx files
-(``utils.fmnist``: ``--data-dir``, else ``$FMNIST_DIR``, else the Debian package). Call ``compat.ensure_torchvision()`` before importing.
+(``utils.fmnist``: ``--data-dir``, else ``$FMNIST_DIR``, else the Debian package). Call
+``compat.ensure_torchvision()`` before importing.
+
+Labels: one class map for every split (``utils.class_map``): folder splits are scanned there
+(symlink loops refused) and numbered by the classes of all splits together.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from timm.data import create_dataset
+from timm.data import ImageDataset, create_dataset
 
 from . import fmnist
+from .class_map import FolderReader, class_names, is_folder_name, scan_image_folder, split_folder
 from .errors import SetupError
 
 DIGITS = "digits"
@@ -146,9 +151,21 @@ class _RGBDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), target
 
 
-def open_split(name: str, root: str | None, split: str, **kwargs: Any) -> Any:
+def open_split(
+    name: str, root: str | None, split: str, classes: list[str] | None = None, **kwargs: Any
+) -> Any:
+    """One split of a data set. Folder splits are scanned here and numbered by ``classes``
+    (default: :func:`class_names` of this split alone; pass the map of all splits)."""
     if name == fmnist.FMNIST:  # in memory from the idx files (resolve_data_dir checked them)
         return fmnist.FashionMNIST(root, split)
+    folder = split_folder(root or "", split) if not kwargs.get("class_map") else None
+    if folder is not None and is_folder_name(name):
+        classes = classes or class_names(name, root, [split]) or []
+        index = {c: i for i, c in enumerate(classes)}
+        samples = [(p, index[c]) for p, c in scan_image_folder(folder) if c in index]
+        if not samples:
+            raise SetupError(f"split {split!r} of {root}: found no images in {folder}")
+        return ImageDataset(str(folder), reader=FolderReader(folder, samples, classes))
     try:
         ds = create_dataset(name, root=root, split=split, **kwargs)
     except (FileNotFoundError, RuntimeError) as err:  # timm: "Found 0 images in subfolders"
@@ -160,23 +177,28 @@ def open_split(name: str, root: str | None, split: str, **kwargs: Any) -> Any:
 
 
 def create_datasets(args: Any) -> tuple[Any, Any]:
-    """Train and eval datasets for ``args.dataset`` / ``args.data_dir`` (checked first)."""
+    """Train and eval datasets for ``args.dataset`` / ``args.data_dir`` (checked first), with
+    one class map for both (see the module docstring)."""
     name, root = resolve_data_dir(args.dataset, args.data_dir)
     common = dict(
         class_map=args.class_map or None,
         download=args.dataset_download,
         batch_size=args.batch_size,
     )
+    classes = None
+    if not args.class_map:
+        classes = class_names(name, root, [args.train_split, args.val_split])
     train = open_split(
         name,
         root,
         args.train_split,
+        classes,
         is_training=True,
         seed=args.seed,
         repeats=args.epoch_repeats,
         **common,
     )
-    evals = open_split(name, root, args.val_split, is_training=False, **common)
+    evals = open_split(name, root, args.val_split, classes, is_training=False, **common)
     if name.lower().startswith("torch/"):
         train, evals = _RGBDataset(train), _RGBDataset(evals)
     return train, evals

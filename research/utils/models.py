@@ -4,7 +4,10 @@
 Importing this module registers them with timm, so ``--model vit_digits`` works like any timm
 name. They train to high accuracy in a minute or two on a laptop CPU, which makes them the
 default for demos and end-to-end tests. It also loads weights into any model with errors that
-name the mismatching keys and shapes (and ``--num-classes`` when the classifier differs). Call ``compat.ensure_torchvision()`` before importing.
+name the mismatching keys and shapes (and ``--num-classes`` when the classifier differs), and
+holds :func:`build_model`, the one place every script (training, one-shot sweeps, export, the
+benchmarks through them) turns its model options into a model. Call
+``compat.ensure_torchvision()`` before importing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 from timm.models import (
     build_model_with_cfg,
+    create_model,
     generate_default_cfgs,
     is_model,
     list_models,
@@ -29,6 +33,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .errors import CheckpointError, SetupError
+from .pretrained import PRETRAINED_HINT, pretrained_kwargs
 from .weights import read_state_dict
 
 DIGITS_CFG = {
@@ -114,6 +119,49 @@ def resnet_fmnist(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """``resnet_digits``' shape on 28x28: one basic block per stage, widths 16-128, no stem
     pooling (~0.36M params)."""
     return build_model_with_cfg(ResNet, "resnet_fmnist", pretrained, **{**SMALL_RESNET, **kwargs})
+
+
+# ----- building a model from command-line options --------------------------------------------
+# timm.create_model keyword <- option attribute. A script without the option (one-shot sweeps
+# have no --drop) passes None, which timm.create_model drops: the model's own default holds.
+_TIMM_OPTIONS = {
+    "in_chans": "in_chans",
+    "num_classes": "num_classes",
+    "drop_rate": "drop",
+    "drop_path_rate": "drop_path",
+    "drop_block_rate": "drop_block",
+    "global_pool": "gp",
+    "bn_momentum": "bn_momentum",
+    "bn_eps": "bn_eps",
+}
+
+
+def build_model(args: Any, checkpoint_option: str = "--initial-checkpoint") -> nn.Module:
+    """``timm.create_model`` from a script's options, then ``--initial-checkpoint`` loaded.
+
+    Options: ``--model`` (unknown names fail with timm's closest names), ``--pretrained``
+    (cached weights, else a download, else one clear error), ``--num-classes``,
+    ``--model-kwargs`` / ``--img-size`` (:func:`model_kwargs`) and, where the script has them,
+    timm's regularisation options (``--drop``, ``--drop-path``, ...). The weights load strictly
+    (:func:`load_weights`: a mismatch names keys, shapes and ``--num-classes``).
+    """
+    check_model_name(args.model)
+    kwargs = {k: getattr(args, name, None) for k, name in _TIMM_OPTIONS.items()}
+    kwargs.update(model_kwargs(args))
+    pretrained = bool(getattr(args, "pretrained", False))
+    if pretrained:  # decided before timm would retry a download for ~45 s
+        kwargs.update(pretrained_kwargs(args.model, checkpoint_option))
+    try:
+        model = create_model(args.model, pretrained=pretrained, **kwargs)
+    except (RuntimeError, OSError, ValueError, TypeError) as err:
+        user_error = pretrained or "Unknown model" in str(err) or isinstance(err, ValueError)
+        if not user_error and not (isinstance(err, TypeError) and "argument" in str(err)):
+            raise  # a bug: keep the traceback
+        hint = PRETRAINED_HINT if pretrained else ""
+        raise SetupError(f"cannot build model {args.model!r}: {err}{hint}") from err
+    if getattr(args, "initial_checkpoint", ""):
+        load_weights(model, args.initial_checkpoint, checkpoint_option)
+    return model
 
 
 # ----- loading weights ----------------------------------------------------------------------------

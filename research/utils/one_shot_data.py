@@ -39,8 +39,17 @@ class ShardedDataset(torch.utils.data.Dataset):
         return self.base[self.index + i * self.parts]
 
 
-def open_dataset(name: str, root: str | None, split: str, training: bool, rank: int, world: int):
-    ds = open_split(name, root, split, is_training=training)
+def open_dataset(
+    name: str,
+    root: str | None,
+    split: str,
+    training: bool,
+    rank: int,
+    world: int,
+    classes: list[str] | None = None,
+) -> Any:
+    """This rank's shard of ``split``, labelled by ``classes`` (one map for every split)."""
+    ds = open_split(name, root, split, classes, is_training=training)
     return ShardedDataset(ds, rank, world) if world > 1 else ds
 
 

@@ -4,8 +4,11 @@
   which also records the holder (pid, host, start time, command). A second run into the folder
   is refused (exit 2) with a message naming the holder. The kernel drops the lock when the
   holder dies, even by ``kill -9``, so a stale lock file never blocks a later run.
-* ``sparse_training.py``: an ``--experiment`` folder that already holds files is refused unless
+* ``sparse_training.py``: an ``--experiment`` folder that already holds a run is refused unless
   the run resumes from a checkpoint inside it (``--resume <folder>/<model>_last.pth``). A folder
+  whose run stopped before finishing an epoch holds only that run's setup (``args.yaml``, its
+  recipe copy, W&B's folder): nothing to lose, so a fresh run reuses it, as the stopped run's
+  message ("rerun the same command to start over") promises. A folder
   named automatically (time-model-size) gets a ``-1``, ``-2``... suffix when the name is taken,
   as timm's ``get_outdir(inc=True)`` does.
 * ``one_shot_pruning.py``: the folder is the store of a sweep; running a sweep into it again
@@ -29,6 +32,8 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import yaml
 
 from sparseml.serialization import remove_orphan_temps
 
@@ -131,10 +136,26 @@ def continues_in(args: argparse.Namespace, folder: Path | None) -> bool:
     return Path(args.resume).resolve().parent == Path(folder).resolve()
 
 
+def _setup_files(folder: Path) -> set[str]:
+    """Files a run writes before its first epoch ends: args.yaml, its recipe copy, W&B's."""
+    names = {"args.yaml", "wandb"}
+    try:  # an unreadable args.yaml names no recipe copy: the folder then counts as a run
+        recipe = (yaml.safe_load((folder / "args.yaml").read_text()) or {}).get("sparseml_recipe")
+    except (OSError, yaml.YAMLError, AttributeError):
+        recipe = None
+    if isinstance(recipe, str) and recipe:
+        names.add(Path(recipe).name)
+    return names
+
+
 def _fresh_or_resumed(args: argparse.Namespace, folder: Path, lock: RunLock) -> None:
-    """Refuse a fresh run into a folder that holds an earlier run (a resume of it is fine)."""
+    """Refuse a fresh run into a folder that holds an earlier run (a resume of it is fine, and
+    so is a folder whose run stopped before its first epoch ended)."""
     files = _run_files(folder)
     if not files or continues_in(args, folder):
+        return
+    if set(files) <= _setup_files(folder):
+        _logger.info("Reusing %s: its earlier run stopped before finishing an epoch", folder)
         return
     lock.release()
     last = sorted(folder.glob("*_last.pth"))

@@ -1,4 +1,5 @@
-"""timm glue for ``sparse_training.py``: model, AMP, loaders, losses, output folder."""
+"""timm glue for ``sparse_training.py``: model, optimizer, AMP, EMA, DDP, loaders, losses, LR
+schedule (:func:`build_training` puts them together), run files."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from typing import Any
 
 import torch
 from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.layers import convert_sync_batchnorm
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
-from timm.utils import NativeScaler
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import ModelEmaV3, NativeScaler
 
 from sparseml.params import PRUNABLE_TYPES
 from sparseml.serialization import atomic_copy, atomic_write_text
@@ -26,38 +28,16 @@ from . import models as _models  # also registers vit_digits, resnet_digits
 from .cli import args_to_yaml
 from .compat import patch_timm_posterize
 from .data import loader_kwargs, require_batches
+from .distributed import is_primary, wrap_ddp
 from .errors import SetupError
-from .pretrained import PRETRAINED_HINT, pretrained_kwargs
 
 _logger = logging.getLogger("sparse_training")
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    """``timm.create_model`` from the command line; clear errors for unknown names/weights."""
-    _models.check_model_name(args.model)
-    extra = pretrained_kwargs(args.model, "--initial-checkpoint") if args.pretrained else {}
-    try:
-        model = create_model(
-            args.model,
-            pretrained=args.pretrained,
-            in_chans=args.in_chans,
-            num_classes=args.num_classes,
-            drop_rate=args.drop,
-            drop_path_rate=args.drop_path,
-            drop_block_rate=args.drop_block,
-            global_pool=args.gp,
-            bn_momentum=args.bn_momentum,
-            bn_eps=args.bn_eps,
-            **_models.model_kwargs(args),
-            **extra,
-        )
-    except (RuntimeError, OSError) as err:
-        if "Unknown model" in str(err) or args.pretrained:
-            hint = PRETRAINED_HINT if args.pretrained else ""
-            raise SetupError(f"cannot build model {args.model!r}: {err}{hint}") from err
-        raise
-    if args.initial_checkpoint:  # our loader: a mismatch names keys, shapes and --num-classes
-        _models.load_weights(model, args.initial_checkpoint, "--initial-checkpoint")
+    """The shared builder (``models.build_model``) plus what training adds: ``--num-classes``
+    resolved from the model (mixup and the class map need it), gradient checkpointing."""
+    model = _models.build_model(args)
     if args.num_classes is None:
         args.num_classes = model.num_classes
     if args.grad_checkpointing:
@@ -247,3 +227,56 @@ def write_run_files(args: argparse.Namespace, out_dir: Path) -> Path | None:
     if Path(args.sparseml_recipe).resolve() != recipe_copy.resolve():
         atomic_copy(args.sparseml_recipe, recipe_copy)
     return recipe_copy
+
+
+def build_training(
+    args: argparse.Namespace, device: torch.device, train_ds: Any, eval_ds: Any
+) -> dict[str, Any]:
+    """timm's training parts: model, optimizer, AMP, EMA, DDP, loaders, losses, LR schedule."""
+    model = build_model(args)
+    cfg = data_config(args, model, verbose=is_primary(args))
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        if device.type != "cuda":
+            raise SetupError("--sync-bn needs CUDA; on CPU keep --dist-bn reduce (the default)")
+        args.dist_bn = ""
+        model = convert_sync_batchnorm(model)
+    resolve_lr(args)
+    optimizer = create_optimizer(model, args)
+    amp_autocast, scaler = setup_amp(args, device)
+    ema = None
+    if args.model_ema:
+        ema_device = "cpu" if args.model_ema_force_cpu else None
+        ema = ModelEmaV3(model, decay=args.model_ema_decay, device=ema_device)
+    train_model = (
+        wrap_ddp(model, device, sync_buffers=not args.no_ddp_bb) if args.distributed else model
+    )
+    loader_train, loader_eval, mixup_fn = build_loaders(args, cfg, train_ds, eval_ds, device)
+    mixup_active = mixup_fn is not None or getattr(loader_train, "mixup_enabled", False)
+    train_loss, eval_loss = build_losses(args, mixup_active)
+    updates_per_epoch = math.ceil(len(loader_train) / args.grad_accum_steps)
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer,
+        **scheduler_kwargs(args, decreasing_metric="loss" in args.eval_metric),
+        updates_per_epoch=updates_per_epoch,
+    )
+    return dict(
+        model=model,
+        train_model=train_model,
+        cfg=cfg,
+        device=device,
+        optimizer=optimizer,
+        amp_autocast=amp_autocast,
+        scaler=scaler,
+        ema=ema,
+        loader_train=loader_train,
+        loader_eval=loader_eval,
+        mixup_fn=mixup_fn,
+        train_loss=train_loss.to(device),
+        eval_loss=eval_loss.to(device),
+        lr_scheduler=lr_scheduler,
+        num_epochs=num_epochs,
+        updates_per_epoch=updates_per_epoch,
+    )

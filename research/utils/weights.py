@@ -1,12 +1,25 @@
-"""Reading weights from any file the project writes or reads, without importing timm.
+"""The one reader of every weights or checkpoint file the project writes or reads (no timm).
 
-:func:`read_state_dict` takes a bare state dict, a training checkpoint (timm keys, CAP's keys),
-a safetensors file or a compressed sparse checkpoint (``sparseml.compressed``);
-:func:`read_manager_state` the recipe manager's state a training checkpoint carries.
+:func:`read_payload` opens any file: our training checkpoints (timm's keys; checkpoints of
+older versions with ``model``/``ema``/``scaler`` keys are returned under the new keys), timm's
+and CAP's checkpoints, bare state dicts, safetensors files and compressed sparse checkpoints
+(``sparseml.compressed``, recognised by their header). The views on top of it:
+:func:`read_state_dict` (the weights, EMA first as timm loads them), :func:`read_manager_state`
+(the recipe manager's state: masks, schedule, quantization ranges) and :func:`read_class_map`
+(the class names the model was trained with, in label order).
+
+Integrity: ``torch.load`` does not notice bytes flipped inside a tensor's storage, so training
+checkpoints carry a content checksum (:func:`content_checksum`, key ``checksum``: a sha256 per
+entry over its tensors' bytes) that is verified on every read; a mismatch is a one-line :class:`CheckpointError`
+naming the file and the entry.
+Files without the key (older checkpoints, other tools' files) are read unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +29,67 @@ from .errors import CheckpointError
 
 # Keys under which timm, CAP and our training script store the model's weights, in preference order.
 _WEIGHT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+# Keys of checkpoints written before the timm layout, and their timm names.
+_OLD_KEYS = {"model": "state_dict", "ema": "state_dict_ema", "scaler": "amp_scaler"}
+CHECKSUM_KEY = "checksum"
+# torch.load and safetensors raise several types for corrupt files.
+_READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError)
+_READ_ERRORS += (zipfile.BadZipFile, KeyError, IndexError, TypeError, AttributeError)
 
 
-def read_state_dict(path: str | Path, option: str) -> dict[str, torch.Tensor]:
-    """The weights in ``path``: a bare state dict, a training checkpoint, a safetensors file or
-    a compressed sparse checkpoint (``sparseml.compressed``, recognised by its header)."""
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor inside ``obj`` (dicts in their saved order, then lists)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for value in obj.values() for t in _tensors(value)]
+    if isinstance(obj, list | tuple):
+        return [t for value in obj for t in _tensors(value)]
+    return []
+
+
+def _digest(tensors: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for tensor in tensors:
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def content_checksum(payload: dict[str, Any]) -> dict[str, str]:
+    """A sha256 per entry of ``payload`` that holds tensors, over their dtypes, shapes and
+    bytes in the saved order. Plain values (epoch, metric, the best-checkpoint history) live in
+    the pickle, where a flipped byte breaks the load; tools may also edit them on purpose."""
+    out = {}
+    for key, value in payload.items():
+        tensors = _tensors(value) if key != CHECKSUM_KEY else []
+        if tensors:
+            out[str(key)] = _digest(tensors)
+    return out
+
+
+def _verify(payload: Any, path: Path, option: str) -> None:
+    """Compare every entry with its stored sha256. Entries a later rewrite removed or renamed
+    (a conversion to the old key layout) are skipped; a flipped byte changes no key."""
+    if not isinstance(payload, dict) or not isinstance(payload.get(CHECKSUM_KEY), dict):
+        return
+    for key, expected in payload[CHECKSUM_KEY].items():
+        if key in payload and _digest(_tensors(payload[key])) != expected:
+            raise CheckpointError(
+                f"{option} {path} is corrupt: its {key!r} entry does not match the checksum "
+                "stored in the file (bytes changed on disk or in a copy); use another "
+                "checkpoint of the run"
+            )
+
+
+def read_payload(path: str | Path, option: str) -> dict[str, Any]:
+    """The content of ``path`` as a dict, checksum verified.
+
+    Training checkpoints come back as saved (old keys renamed); safetensors and compressed
+    files as ``{"state_dict": weights}``; a bare state dict as itself.
+    """
     from sparseml.compressed import SUFFIX, is_compressed, load_compressed
     from sparseml.errors import CompressedFileError
 
@@ -29,39 +98,53 @@ def read_state_dict(path: str | Path, option: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{option} {path} does not exist")
     if path.name.endswith(SUFFIX) or is_compressed(path):  # a cut header: still its errors
         try:
-            return load_compressed(path)
+            return {"state_dict": load_compressed(path)}
         except CompressedFileError as err:
             raise CheckpointError(f"{option}: {err}") from err
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state: Any = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch and safetensors raise several types for corrupt files
+            return {"state_dict": load_file(str(path))}
+        payload: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except _READ_ERRORS as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{option} {path} is unreadable: {first}") from err
+        raise CheckpointError(
+            f"{option} {path} is unreadable (truncated or corrupt): {first}"
+        ) from err
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{option} {path} holds no state dict of tensors")
+    _verify(payload, path, option)
+    if "state_dict" not in payload and isinstance(payload.get("model"), dict):
+        payload = {_OLD_KEYS.get(k, k): v for k, v in payload.items()}
+    return payload
+
+
+def weights_of(payload: dict[str, Any], path: str | Path, option: str) -> dict[str, Any]:
+    """The model weights in a payload (EMA first, as timm loads them), ``module.`` stripped."""
+    state: Any = payload
     for key in _WEIGHT_KEYS:
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+        if isinstance(payload.get(key), dict):
+            state = payload[key]
             break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{option} {path} holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def read_state_dict(path: str | Path, option: str) -> dict[str, torch.Tensor]:
+    """The weights in ``path`` (any kind of file, see the module docstring)."""
+    return weights_of(read_payload(path, option), path, option)
 
 
 def read_manager_state(path: str | Path, option: str) -> dict[str, Any] | None:
     """The recipe manager's saved state in a training checkpoint (its ``manager`` entry: masks,
     schedule, quantization ranges), or None for files without one (state dicts, compressed)."""
-    from sparseml.compressed import SUFFIX, is_compressed
-
-    path = Path(path)
-    if path.name.endswith(SUFFIX) or path.suffix == ".safetensors" or is_compressed(path):
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # the same file was readable for its weights; say what failed
-        raise CheckpointError(f"{option} {path} is unreadable: {err}") from err
-    manager = state.get("manager") if isinstance(state, dict) else None
+    manager = read_payload(path, option).get("manager")
     return manager if isinstance(manager, dict) else None
+
+
+def read_class_map(path: str | Path, option: str) -> list[str] | None:
+    """The class names (label order) saved with a training checkpoint, or None without them."""
+    classes = read_payload(path, option).get("class_map")
+    return list(classes) if isinstance(classes, list | tuple) else None

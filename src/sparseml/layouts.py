@@ -1,6 +1,6 @@
 """How the selected parameters' flattened weights are cut into parts and shared over ranks.
 
-Every pruner built on `sparseml.modifiers.block_pruner` works on *parts*: a part is a range
+Every pruner built on `sparseml.pruning.updates` works on *parts*: a part is a range
 [c0, c1) of one parameter's row-major flattening that one rank owns. Each rank estimates the
 curvature of, scores and updates only its own parts; ``gather`` reassembles full per-parameter
 vectors on every rank, so all ranks end with the same masks and weights.

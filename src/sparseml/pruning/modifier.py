@@ -33,7 +33,7 @@ from sparseml.grad_sampler import GradSampler
 from sparseml.kernels.precision import work_dtype
 from sparseml.masks import MaskEnforcer, MaskSpec, check_groupable, parse_mask_type
 from sparseml.modifiers.base import Modifier
-from sparseml.params import ParamRef, select_params
+from sparseml.params import ParamRef, assign_targets, select_params
 from sparseml.pruning import sampling
 from sparseml.pruning.fields import FROM_PARAM, SCHEDULE, SCHEDULE_CHECKS, mask_spec_of
 from sparseml.pruning.flops_plan import FlopsPlan
@@ -290,12 +290,9 @@ class PruningModifier(Modifier):
         owner = type(self).__name__
         final = self._values.get("final_sparsity", 0.0)
         if isinstance(final, dict):
-            chosen: dict[str, tuple[ParamRef, float]] = {}
-            for target, patterns in final.items():
-                for ref in select_params(module, patterns, owner):
-                    chosen.setdefault(ref.name, (ref, target))
-            self.refs = [ref for ref, _ in chosen.values()]
-            self.final_targets = [t for _, t in chosen.values()]
+            self.refs, self.final_targets = assign_targets(
+                final, lambda patterns: select_params(module, patterns, owner), owner
+            )
         else:
             self.refs = select_params(module, self.params, owner)
             self.final_targets = [final] * len(self.refs)

@@ -1,0 +1,155 @@
+"""``--resume``: everything ``sparse_training.py`` does with a checkpoint, in one module.
+
+Two calls, both made once by the script:
+
+* :func:`read_point` before any work: reads the checkpoint through the one reader (checksum
+  verified), decides the epoch to start at, and refuses what would silently lose state: a
+  checkpoint whose recipe state holds masks, resumed without ``--sparseml-recipe`` (the masks
+  would be dropped and the pruned weights regrow at 0% sparsity);
+* :func:`restore` once the model, optimizer, EMA, recipe manager, LR scheduler and run folder
+  exist: weights, optimizer, AMP scaler, EMA, manager (masks and schedule position), the best-
+  checkpoint history, the LR schedule position, every rank's RNG and its sharded manager state.
+
+The class names a checkpoint was trained with are checked against the data by the caller
+(``data.check_class_map``) as soon as the data is open. :func:`finished` says whether a run has
+nothing left to do; the script then reports it and changes no file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint as ckpt_io
+from .errors import SetupError
+from .models import check_fits
+
+_logger = logging.getLogger("sparse_training")
+
+
+@dataclass
+class ResumePoint:
+    """A checkpoint to continue from and the epoch the run starts at."""
+
+    path: Path
+    state: dict[str, Any]
+    start_epoch: int
+
+    @property
+    def class_map(self) -> list[str] | None:
+        return self.state.get("class_map")
+
+
+def saved_masks(manager_state: Any) -> list[str]:
+    """Names of the parameters the saved recipe state holds masks for (any modifier)."""
+    if not isinstance(manager_state, dict):
+        return []
+    names: list[str] = []
+    for key, value in manager_state.items():
+        if key == "masks" and isinstance(value, dict):
+            names += [str(n) for n in value]
+        elif isinstance(value, dict):
+            names += saved_masks(value)
+    return names
+
+
+def read_point(args: argparse.Namespace, has_recipe: bool) -> ResumePoint | None:
+    """The checkpoint of ``--resume`` and the start epoch, or None without ``--resume``."""
+    if not args.resume:
+        return None
+    state = ckpt_io.load_checkpoint(args.resume, "--resume")
+    resumes_epoch = not args.no_resume_epoch
+    masks = saved_masks(state.get("manager"))
+    if masks and resumes_epoch and not has_recipe:
+        folder = Path(args.resume).parent
+        copies = sorted(p.name for p in folder.glob("*.y*ml") if p.name != "args.yaml")
+        where = f" ({folder} keeps a copy: {copies[0]})" if copies else ""
+        raise SetupError(
+            f"--resume {args.resume} holds the masks of a pruning recipe ({len(masks)} "
+            f"parameters, e.g. {masks[0]}); without --sparseml-recipe they would be dropped and "
+            f"the pruned weights regrow: pass --sparseml-recipe <the run's recipe>{where}, or "
+            "--no-resume-epoch to fine-tune its weights densely as a new run"
+        )
+    start = int(state["epoch"]) + 1 if resumes_epoch else 0
+    if args.start_epoch is not None:
+        start = args.start_epoch
+    return ResumePoint(Path(args.resume), state, start)
+
+
+def finished(point: ResumePoint | None, model: Any, num_epochs: int) -> bool:
+    """True when the checkpoint's run already trained every epoch this run would train.
+
+    A checkpoint that does not fit ``model`` is refused first (keys, shapes, ``--num-classes``):
+    it is no run of this model, finished or not.
+    """
+    if point is None:
+        return False
+    check_fits(model, point.state["state_dict"], "--resume", point.path)
+    return point.start_epoch >= num_epochs
+
+
+def restore(point: ResumePoint | None, args: argparse.Namespace, run: dict[str, Any]) -> None:
+    """Put the run of ``point`` back into the freshly built ``run`` parts (all ranks).
+
+    ``run`` holds ``model`` (unwrapped), ``optimizer`` (the manager's wrapper when there is a
+    recipe), ``scaler``, ``ema``, ``manager``, ``lr_scheduler``, ``updates_per_epoch`` and, on
+    rank 0, ``hist`` and ``out_dir``. The manager was wired at the start epoch, so it may have
+    pruned ahead; the weights and masks loaded here are the exact point the run stopped at.
+    """
+    if point is None:
+        return
+    state, model = point.state, run["model"]
+    check_fits(model, state["state_dict"], "--resume", point.path)  # names keys and shapes
+    manager, resumes_epoch = run["manager"], not args.no_resume_epoch
+    if manager is not None and state.get("manager") and resumes_epoch:
+        manager.load_state_dict(state["manager"])  # masks first: the weights below win
+    ckpt_io.load_model_weights(model, state, point.path)
+    if not args.no_resume_opt:
+        run["optimizer"].load_state_dict(state["optimizer"])
+        if run["scaler"] is not None and state.get(ckpt_io.SCALER_KEY):
+            run["scaler"].load_state_dict(state[ckpt_io.SCALER_KEY])
+    ema = run["ema"]
+    if ema is not None:
+        if state.get("state_dict_ema"):
+            ema.module.load_state_dict(state["state_dict_ema"])
+        else:  # a run without EMA resumed with --model-ema: the average starts here
+            ema.set(model)
+    _set_lr_position(run, point.start_epoch, args.sched_on_updates)
+    if run.get("hist") is not None and _continues_in_folder(args, run["out_dir"]):
+        run["hist"].load_state_dict(state.get("checkpoint_hist"))  # the whole run's ranking
+    rng = state.get("rng")
+    if rng and len(rng) == args.world_size:
+        ckpt_io.set_rng_state(rng[args.rank])
+    ranks = state.get("rank_state")
+    if manager is not None and ranks and len(ranks) == args.world_size:
+        manager.load_rank_state_dict(ranks[args.rank])
+    _logger.info("Resumed %s at epoch %d", point.path, point.start_epoch)
+
+
+def _set_lr_position(run: dict[str, Any], start_epoch: int, on_updates: bool) -> None:
+    scheduler = run["lr_scheduler"]
+    if scheduler is None or start_epoch <= 0:
+        return
+    if on_updates:
+        scheduler.step_update(start_epoch * run["updates_per_epoch"])
+    else:
+        scheduler.step(start_epoch)
+
+
+def _continues_in_folder(args: argparse.Namespace, out_dir: Path | None) -> bool:
+    from .run_dir import continues_in
+
+    return continues_in(args, out_dir)
+
+
+def last_metrics(out_dir: Path) -> dict[str, Any]:
+    """The eval metrics of a finished run, from its completion marker ({} when unreadable)."""
+    import json
+
+    try:
+        return dict(json.loads((out_dir / "training_complete.json").read_text())["eval"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
