@@ -7,6 +7,7 @@ a safetensors file or a compressed sparse checkpoint (``sparseml.compressed``);
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,23 @@ from .errors import CheckpointError
 
 # Keys under which timm, CAP and our training script store the model's weights, in preference order.
 _WEIGHT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+def _load_problem(path: Path, err: Exception) -> str:
+    """Why a file did not load, in words a user can act on. torch's weights-only refusal
+    suggests ``weights_only=False`` (running the file's code): never pass that on."""
+    if path.suffix.lower() == ".onnx":
+        return (
+            "it is an ONNX model, not a checkpoint; give the .pth, .safetensors or "
+            ".sparse.safetensors file it was exported from"
+        )
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+        return (
+            "not a checkpoint of tensors (torch's safe loader refused it; files holding code "
+            "or other objects are not loaded)"
+        )
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def read_state_dict(path: str | Path, option: str) -> dict[str, torch.Tensor]:
@@ -40,8 +58,7 @@ def read_state_dict(path: str | Path, option: str) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch and safetensors raise several types for corrupt files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{option} {path} is unreadable: {first}") from err
+        raise CheckpointError(f"{option} {path} is unreadable: {_load_problem(path, err)}") from err
     for key in _WEIGHT_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
