@@ -90,12 +90,14 @@ def matrix_free_obs_step(
     *,
     block_size: int | None,
     shift: Tensor | None = None,
+    move: Tensor | None = None,
     scale: float = 1.0,
 ) -> None:
     """One OBS step of ``pruner`` from ``inv`` (see the module docstring).
 
     ``pruner`` provides ``refs``, ``flat_weights()``, ``work_dtype``, ``select_masks``,
-    ``write_weights`` and ``set_masks``. ``shift``: this rank's columns of ``h`` (or None).
+    ``write_weights`` and ``set_masks``. ``shift``: this rank's columns of ``h`` (or None);
+    ``move``: what the kept weights move by in place of ``-h`` (default ``h``).
     """
     dtype = pruner.work_dtype  # never half precision: w^2 would round and near-ties flip
     weights = [w.to(device) for w in pruner.flat_weights()]
@@ -123,7 +125,9 @@ def matrix_free_obs_step(
     lo, hi = layout.local
     delta = gather_layout(inv.mul(x[lo:hi]).to(dtype), layout, block_size)
     if h is not None:
-        delta = delta - h
+        delta = delta - (
+            h if move is None else gather_layout(move.to(device, dtype), layout, block_size)
+        )
     for n, (w, i, seg) in enumerate(zip(weights, index, layout.segments(delta))):
         if scale != 0.0:
             w[i] += seg if scale == 1.0 else scale * seg

@@ -43,8 +43,9 @@ class WoodTaylorPruningModifier(OBSFamilyMixin, FullFisherMixin, BlockPruningMod
 
     So WoodTaylor is OBS applied to the shifted weights u = w - h. Every kept weight moves
     along -h, also in blocks that lose no weight this step; ``scale_prune_update`` scales the
-    whole move (0: score only, no weight changes). ``normalize_hgp: true`` uses h / ||h||
-    (||.|| over all selected weights, all ranks) in place of h, in the scores and the update.
+    whole move (0: score only, no weight changes). ``normalize_hgp: true`` moves by -h / ||h||
+    (||.|| over all selected weights, all ranks) in place of -h; the scores and the OBS
+    correction keep u = w - h, as the reference's ``--normalize-hgp`` does.
     Step length: with G the m x d samples, H g_bar = G^T (damp m I + G G^T)^-1 1, so when
     damp m is small next to the squared sample norms the step solves G d = -1: it lowers every
     sample's *linearised* loss by about 1, far outside the quadratic model on a trained network
@@ -153,9 +154,10 @@ class WoodTaylorPruningModifier(OBSFamilyMixin, FullFisherMixin, BlockPruningMod
             self._full_update(inv, g_bar, layout, targets)
 
     def _full_update(self, inv: Any, g_bar: Tensor, layout, targets: list[float]) -> None:
-        h = inv.mul(g_bar)
+        h = inv.mean_gradient_mul()  # = inv.mul(g_bar) without float32 cancellation at small damp
+        move = h
         if self.normalize_hgp:
-            h = h / h.double().norm().clamp_min(torch.finfo(torch.float64).tiny).to(h.dtype)
+            move = h / h.double().norm().clamp_min(torch.finfo(torch.float64).tiny).to(h.dtype)
         matrix_free_obs_step(
             self,
             inv,
@@ -164,6 +166,7 @@ class WoodTaylorPruningModifier(OBSFamilyMixin, FullFisherMixin, BlockPruningMod
             self.device,
             block_size=None,
             shift=h,
+            move=move,
             scale=self.scale_prune_update,
         )
 
@@ -178,9 +181,10 @@ class WoodTaylorPruningModifier(OBSFamilyMixin, FullFisherMixin, BlockPruningMod
         pieces = layout.take([g.to(self.work_dtype) for g in moments.mean()])
         return list(zip(inverses, pieces))
 
-    def _with_shift(self, estimates: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-        """(H, h = H g_bar) per part; with ``normalize_hgp`` h over its global norm."""
-        shifts = [block_matvec(H, g) for H, g in estimates]
+    def _with_shift(self, estimates: list[tuple[Tensor, Tensor]]) -> list[tuple]:
+        """(H, h = H g_bar, move) per part; move is h, with ``normalize_hgp`` h over its
+        global norm (only the move is normalised, as in the reference)."""
+        shifts = raw = [block_matvec(H, g) for H, g in estimates]
         if self.normalize_hgp:
             device = shifts[0].device if shifts else self.refs[0].param.device
             total = sum(
@@ -189,18 +193,18 @@ class WoodTaylorPruningModifier(OBSFamilyMixin, FullFisherMixin, BlockPruningMod
             )
             norm = math.sqrt(float(dist.all_reduce_sum_(total.reshape(1))[0]))
             shifts = [s / max(norm, torch.finfo(torch.float64).tiny) for s in shifts]
-        return [(H, s) for (H, _), s in zip(estimates, shifts)]
+        return [(H, h, s) for (H, _), h, s in zip(estimates, raw, shifts)]
 
     # ----- the method: OBS on u = w - h --------------------------------------------------------
     def part_scores(self, part: BlockPart, w: Tensor, est: tuple, pruned: Tensor) -> Tensor:
-        H, h = est
+        H, h, _ = est
         return obs_scores(w - h.to(w.device, w.dtype), H, pruned)
 
     def part_update(
         self, part: BlockPart, w: Tensor, est: tuple, kept: Tensor, new: Tensor
     ) -> Tensor:
-        H, h = est
-        u = w - h.to(w.device, w.dtype)
-        if self.obs_update == "joint":
-            return obs_prune_update(u, H, new)
-        return obs_independent_update(u, H, new)
+        H, h, move = est
+        h = h.to(w.device, w.dtype)
+        u = w - h
+        update = obs_prune_update if self.obs_update == "joint" else obs_independent_update
+        return update(u, H, new) + (h - move.to(w.device, w.dtype))  # -move in place of -h
