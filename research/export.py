@@ -206,12 +206,16 @@ def export_compressed(model, state, x, ref, path: Path) -> dict:
 
 
 def export_onnx(model, x, ref, path: Path, quantized: bool) -> dict:
-    if quantized:  # QDQ graph, compared with the fake-quantized model
+    if quantized:  # QDQ graph, compared with the fake-quantized model (utils.onnx_qdq)
         out = onnx_qdq.export_onnx(model, x, path)
-    else:
-        onnx_io.export_onnx(model, x, path)
-        got = torch.from_numpy(onnx_io.run(onnx_io.session(path), x))
-        out = {"path": str(path), "max_abs_diff": float((got - ref).abs().max())}
+        # Activations next to a rounding boundary may round one step apart in the two
+        # runtimes (float arithmetic differs in its last bits): the rounding must agree
+        # exactly on the same inputs, and the outputs given the same integers.
+        ok = out["rounding_mismatches"] == 0 and out["max_abs_diff_same_integers"] <= ONNX_TOLERANCE
+        return {**out, "bytes": path.stat().st_size, "tolerance": ONNX_TOLERANCE, "ok": ok}
+    onnx_io.export_onnx(model, x, path)
+    got = torch.from_numpy(onnx_io.run(onnx_io.session(path), x))
+    out = {"path": str(path), "max_abs_diff": float((got - ref).abs().max())}
     ok = out["max_abs_diff"] <= ONNX_TOLERANCE
     return {**out, "bytes": path.stat().st_size, "tolerance": ONNX_TOLERANCE, "ok": ok}
 
@@ -275,7 +279,12 @@ def summarize(report: dict, report_path: Path) -> None:
         if kind == "semi_structured":
             size += f"{e['converted']}/{e['linear_layers']} Linear layers 2:4 in {e['dtype']}, "
         if "quantize_linear" in e:
-            size += f"{e['quantize_linear']} QuantizeLinear nodes (int8), "
+            size += (
+                f"{e['quantize_linear']} QuantizeLinear nodes (int8), same rounding of the same "
+                f"inputs: {e['rounding_mismatches'] == 0}, max abs diff with the same integers "
+                f"{e['max_abs_diff_same_integers']:.3g} ({e['rounded_differently']} activations "
+                "rounded one step apart after float differences), "
+            )
         where = f" -> {e['path']}" if "path" in e else ""
         print(
             f"  {kind}: {size}max abs diff {e['max_abs_diff']:.3g} ({'ok' if e['ok'] else 'FAILED'}){where}"
