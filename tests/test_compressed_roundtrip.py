@@ -422,3 +422,11 @@ def test_hostile_nm_file_memory_stays_bounded(tmp_path):
     peak, outcome = peak_mb(legal)
     assert outcome.startswith("refused") and "not increasing" in outcome, outcome
     assert peak < (2 * size + declared) / 2**20 + 64, (peak, size, declared)
+
+
+def test_hostile_names_keep_the_message_one_short_line(tmp_path):
+    stored, entries = entry_of(tmp_path)
+    entries["bad\nname" * 1000] = entries.pop("nm")  # its parts are stored under "nm:..."
+    path = write_raw(tmp_path / "names.sparse.safetensors", stored, entries)
+    message = assert_one_line_error(path)
+    assert len(message) < 400 + len(str(path)), len(message)

@@ -236,7 +236,7 @@ def file_metadata(path: str | Path, data: bytes | None = None) -> dict[str, dict
     for name, entry in entries.items():
         problem = _entry_problem(entry)
         if problem:
-            raise _error(path, f"tensor {name[:80]}: {problem}")
+            raise _error(path, f"tensor {_short(name)}: {problem}")
     return entries
 
 
@@ -276,7 +276,9 @@ def load_compressed(path: str | Path) -> dict[str, Tensor]:
         out[name] = _decode(path, name, entry, stored, used)
     extra = sorted(set(stored) - used)
     if extra:
-        raise _error(path, f"holds {len(extra)} entries no tensor refers to ({extra[0]}, ...)")
+        raise _error(
+            path, f"holds {len(extra)} entries no tensor refers to ({_short(extra[0])}, ...)"
+        )
     return out
 
 
@@ -330,18 +332,22 @@ def _decode(
     for part in entry["crc32"]:
         key = _key(name, part)
         if key not in stored:
-            raise _error(path, f"tensor {name}: stored part {key!r} is missing")
+            raise _error(path, f"tensor {_short(name)}: stored part {key[:80]!r} is missing")
         if key in used:
-            raise _error(path, f"tensor {name}: stored part {key!r} belongs to two tensors")
+            raise _error(
+                path, f"tensor {_short(name)}: stored part {key[:80]!r} belongs to two tensors"
+            )
         parts[part] = stored[key]
         used.add(key)
         if entry["crc32"][part] != _crc(stored[key]):
-            raise _error(path, f"tensor {name}: checksum of {key!r} does not match (corrupt)")
+            raise _error(
+                path, f"tensor {_short(name)}: checksum of {key[:80]!r} does not match (corrupt)"
+            )
     if layout == "dense":
         t = parts[""]
         if tuple(t.shape) != shape or t.dtype != dtype:
             raise _error(
-                path, f"tensor {name}: stored {t.dtype} {tuple(t.shape)} but the header says "
+                path, f"tensor {_short(name)}: stored {t.dtype} {tuple(t.shape)} but the header says "
                 f"{dtype} {shape}"
             )  # fmt: skip
         return t
@@ -350,7 +356,7 @@ def _decode(
             return cf.decode_bitmask(parts, shape, dtype)
         return cf.decode_nm(parts, shape, dtype, entry["n"], entry["m"])
     except cf.LayoutError as err:
-        raise _error(path, f"tensor {name}: {err}") from None
+        raise _error(path, f"tensor {_short(name)}: {err}") from None
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -360,6 +366,14 @@ def _read_bytes(path: Path) -> bytes:
         raise CompressedFileError(f"compressed checkpoint {path} does not exist") from None
     except OSError as err:
         raise _error(path, f"cannot be read ({err.strerror or err})") from None
+
+
+def _short(name: str) -> str:
+    """A stored name as it goes into a one-line message: as it is when short and printable,
+    else quoted (no raw newlines) and cut to 80 characters."""
+    if len(name) <= 80 and name.isprintable():
+        return name
+    return repr(name[:80] + ("..." if len(name) > 80 else ""))
 
 
 def _error(path: Path, what: str) -> CompressedFileError:
