@@ -366,8 +366,12 @@ MEMORY_PROBE = textwrap.dedent(
             return next(int(l.split()[1]) for l in f if l.startswith(key))
 
     torch.zeros(1)
-    with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the current RSS
-        f.write("5")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the RSS
+            f.write("5")
+    except OSError:
+        print(-1, "cannot reset the peak RSS here")
+        sys.exit(0)
     before = status("VmRSS:")
     try:
         load_compressed(sys.argv[1])
@@ -389,6 +393,8 @@ def peak_mb(path: Path) -> tuple[int, str]:
         timeout=300,
         check=True,
     ).stdout.split(" ", 1)
+    if int(out[0]) < 0:
+        pytest.skip(out[1])
     return int(out[0]), out[1]
 
 
