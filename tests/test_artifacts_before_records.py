@@ -206,3 +206,18 @@ def test_inspect_on_onnx_names_the_problem_without_unsafe_advice(tmp_path):
         with pytest.raises(CheckpointError) as info:
             inspect_sparsity.main([str(path)])
         assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_regular_files_under_dev_shm_stay_atomic(tmp_path, monkeypatch):
+    """Only paths that name an open file are streamed; a tmpfs file is still replaced whole."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    target = shm / f"h2-atomic-{os.getpid()}.json"
+    try:
+        target.write_text("old")
+        inode = target.stat().st_ino
+        atomic_write_text(target, "new")
+        assert target.read_text() == "new" and target.stat().st_ino != inode  # a new file
+    finally:
+        target.unlink(missing_ok=True)

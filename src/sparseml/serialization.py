@@ -106,6 +106,16 @@ def _file_kind(path: Path) -> str:
     return "folder" if stat.S_ISDIR(mode) else "other"
 
 
+def _names_open_file(path: str) -> bool:
+    """Whether ``path`` names an open file of a process (``/dev/stdout``, ``/dev/fd/N``,
+    ``/proc/<pid>/fd/N``...) rather than a file of its own (``/dev/shm/x`` stays atomic)."""
+    return path.startswith(("/proc/", "/dev/fd/")) or path in (
+        "/dev/stdout",
+        "/dev/stderr",
+        "/dev/stdin",
+    )
+
+
 def _link_chain(path: Path) -> list[str]:
     """``path`` and every path its symlinks lead through, absolute (at most 40 hops)."""
     chain = [os.path.abspath(path)]
@@ -169,7 +179,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
         raise FileWriteError(f"cannot write {path}: it is a folder, not a file")
     # /dev/stdout and /proc/self/fd/N name an open file of this process (a terminal, a pipe,
     # or the file a shell redirected into): replacing the path would not reach that file.
-    if kind == "other" or any(p.startswith(("/dev/", "/proc/")) for p in _link_chain(path)):
+    if kind == "other" or any(_names_open_file(p) for p in _link_chain(path)):
         with _stream_into(path, mode) as handle:
             yield handle
         return
