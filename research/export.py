@@ -35,12 +35,15 @@ from pathlib import Path
 from utils import options as opt
 
 FORMATS = ("compressed", "onnx", "semi_structured")
+DEFAULT_MODEL = "vit_digits"
+REPORT = "export_report.json"
 ONNX_TOLERANCE = 1e-4
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = opt.new_parser("Export a pruned timm model (compressed, ONNX, 2:4 on CUDA)")
     opt.add_model_options(p)
+    p.set_defaults(model=None)  # default: the checkpoint's own arch, else DEFAULT_MODEL
     a = opt.Adder(p.add_argument_group("export"))
     a("--output", default="", help="folder of the exported files (default: output/export/<model>)")
     a("--formats", nargs="+", choices=FORMATS, default=["compressed", "onnx"], help="what to write")
@@ -68,21 +71,23 @@ from timm.models import safe_model_name  # noqa: E402
 
 from sparseml.compressed import SUFFIX, load_compressed, save_compressed  # noqa: E402
 from sparseml.modifiers.quantization import quant_bits_by_layer  # noqa: E402
-from sparseml.serialization import atomic_write_text  # noqa: E402
+from sparseml.serialization import atomic_write_text, replaced_folder  # noqa: E402
 from utils import faults, onnx_io, onnx_qdq  # noqa: E402
 from utils import models as _models  # noqa: E402  (registers vit_digits, resnet_digits)
 from utils import semi_structured as semi  # noqa: E402
-from utils.errors import SetupError  # noqa: E402
+from utils.errors import CheckpointError, SetupError  # noqa: E402
 from utils.sparsity_table import sparsity_report  # noqa: E402
-from utils.weights import read_class_map, read_manager_state  # noqa: E402
+from utils.weights import read_class_map, read_manager_state, read_payload  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    opt.check_file("--initial-checkpoint", args.initial_checkpoint)
+    if args.model is None:  # the checkpoint names its architecture: no need to repeat it
+        args.model = checkpoint_arch(args.initial_checkpoint) or DEFAULT_MODEL
     args.formats = list(dict.fromkeys(args.formats))
     opt.check_at_least("--batch-size", args.batch_size, 1, "the batch size")
     opt.check_at_least("--num-classes", args.num_classes, 1, "the number of classes")
-    opt.check_file("--initial-checkpoint", args.initial_checkpoint)
     opt.check_file("--sparseml-recipe", args.sparseml_recipe)
     if "semi_structured" in args.formats and semi.cuda_problem():
         raise SetupError(
@@ -94,8 +99,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def checkpoint_arch(path: str) -> str | None:
+    """The model name a checkpoint records (``arch`` of ``sparse_training.py`` checkpoints,
+    ``arch_key`` of SparseML-style ones); None for state dicts and (compressed) safetensors."""
+    try:
+        payload = read_payload(path, "--initial-checkpoint")
+    except CheckpointError:  # loading the weights reports it with its own message
+        return None
+    arch = payload.get("arch") or payload.get("arch_key")
+    return arch if isinstance(arch, str) and arch else None
+
+
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    return _models.build_model(args).float().eval()  # the shared builder and reader
+    model = _models.build_model(args)  # the shared builder and reader
+    bad = _models.nonfinite_tensors(model)
+    if bad:
+        raise SetupError(
+            f"--initial-checkpoint {args.initial_checkpoint}: {len(bad)} tensors hold NaN "
+            f"or Inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the training "
+            "run diverged or the file is damaged: export a checkpoint with finite weights"
+        )
+    return model.float().eval()
 
 
 def quantize_like_training(model: torch.nn.Module, args: argparse.Namespace) -> dict:
@@ -117,10 +141,22 @@ def quantize_like_training(model: torch.nn.Module, args: argparse.Namespace) -> 
     return quant_bits_by_layer(manager)
 
 
-def check_input(model: torch.nn.Module, args: argparse.Namespace) -> torch.Tensor:
+def input_size(model: torch.nn.Module, args: argparse.Namespace) -> tuple[int, int, int]:
+    """(channels, height, width) the model takes as built, not as its pretrained config says:
+    ``--model-kwargs img_size=32`` or ``in_chans=1`` change the model, not ``pretrained_cfg``
+    (a ViT's patch embedding asserts its own size)."""
     size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
     if args.img_size:
         size = (size[0], args.img_size, args.img_size)
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if fixed is not None:
+        size = (size[0], *fixed)
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return (conv.in_channels if conv is not None else size[0], size[1], size[2])
+
+
+def check_input(model: torch.nn.Module, args: argparse.Namespace) -> torch.Tensor:
+    size = input_size(model, args)
     gen = torch.Generator().manual_seed(args.seed)
     return torch.randn((args.batch_size, *size), generator=gen)
 
@@ -133,12 +169,18 @@ def dense_float32_bytes(state: dict[str, torch.Tensor]) -> int:
     return len(save(plain))
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality: NaN payloads and -0.0 count, unlike ``torch.equal``."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).contiguous().view(torch.uint8),
+                       b.reshape(-1).contiguous().view(torch.uint8))  # fmt: skip
+
+
 def export_compressed(model, state, x, ref, path: Path) -> dict:
     save_compressed(state, path)
     loaded = load_compressed(path)
-    same = loaded.keys() == state.keys() and all(
-        loaded[k].dtype == v.dtype and torch.equal(loaded[k], v) for k, v in state.items()
-    )
+    same = loaded.keys() == state.keys() and all(same_bits(loaded[k], v) for k, v in state.items())
     model.load_state_dict(loaded)  # the reloaded weights drive the model from here on
     with torch.inference_mode():
         diff = float((model(x) - ref).abs().max())
@@ -147,12 +189,16 @@ def export_compressed(model, state, x, ref, path: Path) -> dict:
 
 
 def export_onnx(model, x, ref, path: Path, quantized: bool) -> dict:
-    if quantized:  # QDQ graph, compared with the fake-quantized model
+    if quantized:  # QDQ graph, compared with the fake-quantized model (utils.onnx_qdq)
         out = onnx_qdq.export_onnx(model, x, path)
-    else:
-        onnx_io.export_onnx(model, x, path)
-        got = torch.from_numpy(onnx_io.run(onnx_io.session(path), x))
-        out = {"path": str(path), "max_abs_diff": float((got - ref).abs().max())}
+        # Activations next to a rounding boundary may round one step apart in the two
+        # runtimes (float arithmetic differs in its last bits): the rounding must agree
+        # exactly on the same inputs, and the outputs given the same integers.
+        ok = out["rounding_mismatches"] == 0 and out["max_abs_diff_same_integers"] <= ONNX_TOLERANCE
+        return {**out, "bytes": path.stat().st_size, "tolerance": ONNX_TOLERANCE, "ok": ok}
+    onnx_io.export_onnx(model, x, path)
+    got = torch.from_numpy(onnx_io.run(onnx_io.session(path), x))
+    out = {"path": str(path), "max_abs_diff": float((got - ref).abs().max())}
     ok = out["max_abs_diff"] <= ONNX_TOLERANCE
     return {**out, "bytes": path.stat().st_size, "tolerance": ONNX_TOLERANCE, "ok": ok}
 
@@ -181,7 +227,6 @@ def main(argv: list[str] | None = None) -> dict:
     x = check_input(model, args)
     with torch.inference_mode():
         ref = model(x)
-    args.output.mkdir(parents=True, exist_ok=True)
     name = safe_model_name(args.model)
     report = {
         "model": args.model,
@@ -194,20 +239,25 @@ def main(argv: list[str] | None = None) -> dict:
         "class_map": classes,
         "exports": {},
     }
-    exports = report["exports"]
-    if "compressed" in args.formats:
-        exports["compressed"] = export_compressed(
-            model, state, x, ref, args.output / (name + SUFFIX)
-        )
-        exports["compressed"]["ratio_to_dense_float32"] = (
-            exports["compressed"]["bytes"] / report["dense_float32_bytes"]
-        )
-    if "onnx" in args.formats:
-        exports["onnx"] = export_onnx(model, x, ref, args.output / f"{name}.onnx", bool(bits))
-    if "semi_structured" in args.formats:
-        exports["semi_structured"] = semi.check_model(model, x, args.half_dtype)
-    report_path = args.output / "export_report.json"
-    atomic_write_text(report_path, json.dumps(report, indent=1) + "\n")
+    owned = {name + SUFFIX, f"{name}.onnx", REPORT}  # what an export of this model may write
+    # All files of one export appear together: a re-export that fails or is interrupted leaves
+    # the previous export's files as they were, never its report beside new weights.
+    with replaced_folder(args.output, owned.__contains__) as stage:
+        exports = report["exports"]
+        if "compressed" in args.formats:
+            exports["compressed"] = export_compressed(model, state, x, ref, stage / (name + SUFFIX))
+            exports["compressed"]["ratio_to_dense_float32"] = (
+                exports["compressed"]["bytes"] / report["dense_float32_bytes"]
+            )
+        if "onnx" in args.formats:
+            exports["onnx"] = export_onnx(model, x, ref, stage / f"{name}.onnx", bool(bits))
+        if "semi_structured" in args.formats:
+            exports["semi_structured"] = semi.check_model(model, x, args.half_dtype)
+        for entry in exports.values():  # the paths the files will have
+            if "path" in entry:
+                entry["path"] = str(args.output / Path(entry["path"]).name)
+        report_path = args.output / REPORT
+        atomic_write_text(stage / REPORT, json.dumps(report, indent=1) + "\n")
     summarize(report, report_path)
     failed = [k for k, v in exports.items() if not v["ok"]]
     if failed:
@@ -229,7 +279,12 @@ def summarize(report: dict, report_path: Path) -> None:
         if kind == "semi_structured":
             size += f"{e['converted']}/{e['linear_layers']} Linear layers 2:4 in {e['dtype']}, "
         if "quantize_linear" in e:
-            size += f"{e['quantize_linear']} QuantizeLinear nodes (int8), "
+            size += (
+                f"{e['quantize_linear']} QuantizeLinear nodes (int8), same rounding of the same "
+                f"inputs: {e['rounding_mismatches'] == 0}, max abs diff with the same integers "
+                f"{e['max_abs_diff_same_integers']:.3g} ({e['rounded_differently']} activations "
+                "rounded one step apart after float differences), "
+            )
         where = f" -> {e['path']}" if "path" in e else ""
         print(
             f"  {kind}: {size}max abs diff {e['max_abs_diff']:.3g} ({'ok' if e['ok'] else 'FAILED'}){where}"

@@ -342,12 +342,14 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
             row["seconds"],
         )
         if is_primary(args):
-            res.append_row(out_dir, row)
+            # Artifacts before the row: a rerun skips sparsities that have a row, so a row
+            # written before a failed save would leave that save never redone.
             stem = f"{safe_model_name(args.model)}_{args.method}_sparsity={sparsity:g}"
             if args.save_model:
                 save_state_dict(done["model"], out_dir / f"{stem}.pth")
             if args.save_compressed:
                 save_compressed_weights(done["model"], out_dir / f"{stem}{SUFFIX}")
+            res.append_row(out_dir, row)
             if wandb is not None:
                 keys = ("accuracy", "top5", "loss", "measured_sparsity", "seconds")
                 wandb.log({"sparsity": sparsity, **{f"val/{k}": row[k] for k in keys}})

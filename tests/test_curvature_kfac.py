@@ -37,7 +37,7 @@ def explicit_factors(layer, batches):
                 x[0].numel() // x.shape[-1],
             )
         A = A + (a / S).T @ (a / S) / b
-        G = G + (b * S * g).T @ (b * S * g) / (b * S)
+        G = G + (b * S * g).T @ (b * S * g) / b  # WoodFisher: sums over rows / examples
     return A / len(batches), G / len(batches)
 
 

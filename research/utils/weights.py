@@ -37,6 +37,23 @@ _READ_ERRORS = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingEr
 _READ_ERRORS += (zipfile.BadZipFile, KeyError, IndexError, TypeError, AttributeError)
 
 
+def _load_problem(path: Path, err: Exception) -> str:
+    """Why a file did not load, in words a user can act on. torch's weights-only refusal
+    suggests ``weights_only=False`` (running the file's code): never pass that on."""
+    if path.suffix.lower() == ".onnx":
+        return (
+            "it is an ONNX model, not a checkpoint; give the .pth, .safetensors or "
+            ".sparse.safetensors file it was exported from"
+        )
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+        return (
+            "not a checkpoint of tensors (torch's safe loader refused it; files holding code "
+            "or other objects are not loaded)"
+        )
+    text = str(err).strip()
+    return f"truncated or corrupt: {text.splitlines()[0] if text else type(err).__name__}"
+
+
 def _tensors(obj: Any) -> list[torch.Tensor]:
     """Every tensor inside ``obj`` (dicts in their saved order, then lists)."""
     if isinstance(obj, torch.Tensor):
@@ -108,10 +125,7 @@ def read_payload(path: str | Path, option: str) -> dict[str, Any]:
             return {"state_dict": load_file(str(path))}
         payload: Any = torch.load(path, map_location="cpu", weights_only=True)
     except _READ_ERRORS as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{option} {path} is unreadable (truncated or corrupt): {first}"
-        ) from err
+        raise CheckpointError(f"{option} {path} is unreadable: {_load_problem(path, err)}") from err
     if not isinstance(payload, dict):
         raise CheckpointError(f"{option} {path} holds no state dict of tensors")
     _verify(payload, path, option)

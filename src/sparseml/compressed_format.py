@@ -3,9 +3,10 @@
 A weight is "zero" when it compares equal to 0 (``+0.0``, ``-0.0``; NaN is a value; for
 integer and bool tensors any set bit is a value). Zeros are not stored, except that the sign of
 each ``-0.0`` (multiplying a negative weight by a 0/1 mask gives one) is kept in an optional
-``negzero`` bit stream, so every layout reproduces the tensor bit for bit. Groups for N:M are those of ``sparseml.masks``:
-``m`` consecutive entries of the row-major flattening, i.e. along the input dimension of the
-2-D view ``(out, in * kh * kw)``; ``n`` is the number of zeros each group has at least.
+``negzero`` bit stream, so every layout reproduces the tensor bit for bit. Groups for N:M are
+those of ``sparseml.masks``: ``m`` consecutive entries of the row-major flattening, i.e. along
+the input dimension of the 2-D view ``(out, in * kh * kw)``; ``n`` is the number of zeros each
+group has at least.
 
 Layouts (the byte format is documented in ``docs/compressed-format.md``):
 
@@ -19,6 +20,12 @@ Layouts (the byte format is documented in ``docs/compressed-format.md``):
 ``bitmask`` and ``nm`` may add ``negzero`` (uint8 bit stream like ``bitmask``): one bit per
 entry not stored in ``values`` (row-major order), set where that entry is ``-0.0``; present only
 when the tensor has such an entry.
+
+Every value moves through an integer view of its bits (never through float gather, scatter or
+indexing): copies of float16/bfloat16 NaN payloads through half-precision kernels are not
+guaranteed to keep their bits, integer copies are. Decoding runs in chunks of
+:data:`CHUNK` entries so its scratch memory stays bounded whatever a file declares; decoding
+checks that the parts fit together and raises :class:`LayoutError` where they do not.
 """
 
 from __future__ import annotations
@@ -33,28 +40,68 @@ NM_GROUPS = (4, 8, 16)  # the group sizes M tried when choosing a layout
 # Bytes a stored tensor adds to the safetensors header (name, dtype, shape, offsets, CRC):
 # tiny tensors stay dense, where two entries would cost more than the zeros save.
 ENTRY_OVERHEAD = 160
+CHUNK = 1 << 20  # entries decoded at a time: bounds the decoder's scratch memory (~50 MB)
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Float types whose bit patterns are sign-magnitude with +0 and -0 (sign bit alone set = -0).
+# The "fnuz" float8 types use that pattern for NaN and have no -0, so they stay dense.
+SIGNED_ZERO_FLOATS = (
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+)
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+class LayoutError(ValueError):
+    """Stored parts that do not fit together (a corrupt or hostile file)."""
+
+
+def has_layout(dtype: torch.dtype) -> bool:
+    """Whether tensors of ``dtype`` can be stored as bitmask or N:M (others stay dense)."""
+    if dtype == torch.bool:
+        return True
+    if dtype.is_complex or dtype.itemsize not in _INT_OF_SIZE:
+        return False
+    return dtype in SIGNED_ZERO_FLOATS or not dtype.is_floating_point
+
+
+def bits_view(tensor: Tensor) -> Tensor:
+    """The flattened tensor as integers of its element size (shares memory when contiguous)."""
+    if not has_layout(tensor.dtype):
+        raise TypeError(f"dtype {tensor.dtype} has no compressed layout")
+    flat = tensor.detach().reshape(-1).contiguous()
+    return (
+        flat.view(torch.uint8)
+        if flat.dtype == torch.bool
+        else flat.view(_INT_OF_SIZE[flat.element_size()])
+    )
+
+
+def _sign_bit(dtype: torch.dtype) -> int:
+    """The integer (of :func:`bits_view`'s type) whose only set bit is the sign bit."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return 0x80 if size == 1 else -(1 << (8 * size - 1))  # uint8 / two's complement minimum
 
 
 def nonzero_mask(tensor: Tensor) -> Tensor:
     """Boolean tensor (flattened): True for values, False for zeros (``+0.0`` and ``-0.0``)."""
-    flat = tensor.detach().reshape(-1)
-    if flat.dtype == torch.bool:
-        return flat.clone()
-    if flat.is_complex() or flat.element_size() not in _INT_OF_SIZE:
-        raise TypeError(f"dtype {flat.dtype} has no compressed layout")
-    if flat.is_floating_point():
-        return flat != 0  # NaN != 0: a value
-    return flat.contiguous().view(_INT_OF_SIZE[flat.element_size()]) != 0
+    if not has_layout(tensor.dtype):  # statistics only: these dtypes are stored dense
+        return tensor.detach().reshape(-1) != 0
+    bits = bits_view(tensor)
+    if tensor.is_floating_point():  # every bit but the sign: NaN and subnormals are values
+        magnitude = 0x7F if bits.dtype == torch.uint8 else ~_sign_bit(tensor.dtype)
+        return (bits & magnitude) != 0
+    return bits != 0
 
 
 def negative_zeros(tensor: Tensor) -> Tensor:
     """Boolean tensor (flattened): True where the entry is ``-0.0``."""
-    flat = tensor.detach().reshape(-1)
-    if not flat.is_floating_point():
-        return torch.zeros(flat.shape, dtype=torch.bool)
-    return (flat == 0) & torch.signbit(flat)
+    if not tensor.is_floating_point():
+        return torch.zeros(tensor.numel(), dtype=torch.bool)
+    return bits_view(tensor) == _sign_bit(tensor.dtype)
 
 
 def pack_bits(bits: Tensor) -> Tensor:
@@ -64,10 +111,18 @@ def pack_bits(bits: Tensor) -> Tensor:
     return (padded << _SHIFTS.to(bits.device)).sum(dim=1).to(torch.uint8)
 
 
-def unpack_bits(packed: Tensor, count: int) -> Tensor:
-    """Inverse of :func:`pack_bits`: the first ``count`` bits as a 1-D bool tensor."""
-    bits = (packed.reshape(-1, 1) >> _SHIFTS.to(packed.device)) & 1
-    return bits.reshape(-1)[:count].bool()
+def unpack_bits(packed: Tensor, count: int, start: int = 0) -> Tensor:
+    """Bits ``start .. start + count`` of a :func:`pack_bits` stream as a 1-D bool tensor.
+
+    Only the bytes holding those bits are expanded, so chunked readers stay small.
+    """
+    first, last = start // 8, math.ceil((start + count) / 8)
+    if last > packed.numel():
+        raise LayoutError(f"a bit stream of {packed.numel()} bytes has no bit {start + count - 1}")
+    window = packed.reshape(-1)[first:last]
+    bits = (window.reshape(-1, 1) >> _SHIFTS.to(packed.device)) & 1
+    offset = start - 8 * first
+    return bits.reshape(-1)[offset : offset + count].bool()
 
 
 def bits_for(m: int) -> int:
@@ -94,6 +149,17 @@ def nm_share(nonzero: Tensor, shape: tuple[int, ...], n: int, m: int) -> float |
     return float(((~nonzero).view(-1, m).sum(dim=1) >= n).float().mean())
 
 
+def nm_pattern_problem(n: object, m: object, shape: tuple[int, ...]) -> str:
+    """Why ``n:m`` is not a pattern for ``shape`` ('' when it is): the one rule the writer
+    (:func:`choose_layout`) and the reader share. ``n == m`` (a group of zeros only, nothing
+    stored) is read for files written before writers kept one entry per group."""
+    if type(n) is not int or type(m) is not int or not (2 <= m <= 256 and 0 < n <= m):
+        return f"N:M pattern n={n!r}, m={m!r} is not allowed (0 < n <= m, 2 <= m <= 256)"
+    if len(shape) < 2 or row_length(shape) % m:
+        return f"shape {list(shape)} has rows not divisible into groups of {m}"
+    return ""
+
+
 @dataclass(frozen=True)
 class Choice:
     """The layout chosen for one tensor and its stored size in bytes."""
@@ -105,7 +171,12 @@ class Choice:
 
 
 def choose_layout(tensor: Tensor, nonzero: Tensor) -> Choice:
-    """The smallest layout for ``tensor`` (dense on ties; packed N:M over bitmask on ties)."""
+    """The smallest layout for ``tensor`` (dense on ties; packed N:M over bitmask on ties).
+
+    N:M keeps at least one entry per group (``n < m``): an all-zero tensor (a fully pruned
+    layer, a zero-initialised head) then costs 1/m of its values and the file's expansion on
+    reading stays bounded by its stored bytes (``sparseml.compressed.MAX_EXPANSION``).
+    """
     item, numel = tensor.element_size(), tensor.numel()
     shape = tuple(tensor.shape)
     best = Choice("dense", numel * item)
@@ -119,8 +190,9 @@ def choose_layout(tensor: Tensor, nonzero: Tensor) -> Choice:
     size = math.ceil(numel / 8) + nnz * item + ENTRY_OVERHEAD + sign_bytes(nnz)
     candidates = [Choice("bitmask", size)]
     for m in NM_GROUPS:
-        n = min_zeros_per_group(nonzero, shape, m)
-        if n:
+        zeros = min_zeros_per_group(nonzero, shape, m)
+        n = min(zeros, m - 1) if zeros else 0
+        if n and not nm_pattern_problem(n, m, shape):
             kept = numel // m * (m - n)
             size = kept * item + math.ceil(kept * bits_for(m) / 8) + ENTRY_OVERHEAD
             candidates.append(Choice("nm", size + sign_bytes(kept), n, m))
@@ -136,33 +208,9 @@ def _with_signs(parts: dict[str, Tensor], tensor: Tensor, stored: Tensor) -> dic
     return parts
 
 
-def _restore_signs(out: Tensor, parts: dict[str, Tensor], stored: Tensor) -> Tensor:
-    if "negzero" in parts:
-        unstored = (~stored).nonzero().squeeze(1)
-        negative = unpack_bits(parts["negzero"], unstored.numel())
-        out[unstored[negative]] = -0.0
-    return out
-
-
 def encode_bitmask(tensor: Tensor, nonzero: Tensor) -> dict[str, Tensor]:
-    values = tensor.detach().reshape(-1)[nonzero].clone()
+    values = bits_view(tensor)[nonzero].view(tensor.dtype)
     return _with_signs({"bitmask": pack_bits(nonzero), "values": values}, tensor, nonzero)
-
-
-def decode_bitmask(parts: dict[str, Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    numel = math.prod(shape)
-    nonzero = unpack_bits(parts["bitmask"], numel)
-    out = torch.zeros(numel, dtype=dtype)
-    out[nonzero] = parts["values"]
-    return _restore_signs(out, parts, nonzero).view(shape)
-
-
-def _positions(parts: dict[str, Tensor], m: int) -> Tensor:
-    """(groups, m - n) in-group positions of the stored values, from the ``indices`` stream."""
-    values = parts["values"]
-    width = bits_for(m)
-    bits = unpack_bits(parts["indices"], values.numel() * width).view(-1, width).to(torch.int64)
-    return (bits << torch.arange(width)).sum(dim=1).view(values.shape)
 
 
 def encode_nm(tensor: Tensor, nonzero: Tensor, n: int, m: int) -> dict[str, Tensor]:
@@ -170,25 +218,99 @@ def encode_nm(tensor: Tensor, nonzero: Tensor, n: int, m: int) -> dict[str, Tens
     groups = nonzero.view(-1, m)
     key = (~groups).to(torch.int64) * m + torch.arange(m)  # nonzeros first, then by position
     idx = key.argsort(dim=1)[:, : m - n].sort(dim=1).values
-    values = tensor.detach().reshape(-1, m).gather(1, idx)
+    values = bits_view(tensor).view(-1, m).gather(1, idx).view(tensor.dtype)
     bits = (idx.reshape(-1, 1) >> torch.arange(bits_for(m))) & 1
     stored = torch.zeros_like(groups).scatter_(1, idx, True).view(-1)
     parts = {"values": values, "indices": pack_bits(bits.reshape(-1).bool())}
     return _with_signs(parts, tensor, stored)
 
 
+class _Signs:
+    """Restores ``-0.0`` entries chunk by chunk from the ``negzero`` stream (if any)."""
+
+    def __init__(self, parts: dict[str, Tensor], dtype: torch.dtype, unstored: int) -> None:
+        self.packed = parts.get("negzero")
+        if self.packed is not None and self.packed.numel() != math.ceil(unstored / 8):
+            raise LayoutError(
+                f"negzero has {self.packed.numel()} bytes, {unstored} unstored entries need "
+                f"{math.ceil(unstored / 8)}"
+            )
+        self.sign = _sign_bit(dtype) if self.packed is not None else 0
+        self.done = 0
+
+    def apply(self, out: Tensor, stored: Tensor) -> None:
+        """``out`` (integer bits) and ``stored`` (bool) are one chunk, in order."""
+        if self.packed is None:
+            return
+        free = ~stored
+        count = int(free.sum())
+        negative = unpack_bits(self.packed, count, self.done)
+        self.done += count
+        where = free.nonzero().squeeze(1)[negative]
+        out[where] = self.sign
+
+
+def decode_bitmask(parts: dict[str, Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Rebuild the tensor; :class:`LayoutError` when the bitmask and values disagree."""
+    numel = math.prod(shape)
+    mask, values = parts["bitmask"], parts["values"]
+    if mask.dtype != torch.uint8 or mask.numel() != math.ceil(numel / 8):
+        raise LayoutError(
+            f"bitmask has {mask.numel()} bytes, shape {list(shape)} needs {math.ceil(numel / 8)}"
+        )
+    if values.dim() != 1 or values.dtype != dtype:
+        raise LayoutError(f"values are {values.dtype} {list(values.shape)}, not 1-D {dtype}")
+    vals = bits_view(values)
+    out = torch.zeros(numel, dtype=vals.dtype)
+    signs = _Signs(parts, dtype, numel - values.numel())
+    used = 0
+    for start in range(0, numel, CHUNK):
+        count = min(CHUNK, numel - start)
+        nonzero = unpack_bits(mask, count, start)
+        k = int(nonzero.sum())
+        if used + k > vals.numel():
+            raise LayoutError(
+                f"bitmask marks {used + k}+ nonzeros but {vals.numel()} values are stored"
+            )
+        out[start : start + count][nonzero] = vals[used : used + k]
+        signs.apply(out[start : start + count], nonzero)
+        used += k
+    if used != vals.numel():
+        raise LayoutError(f"bitmask marks {used} nonzeros but {vals.numel()} values are stored")
+    return out.view(dtype).view(shape)
+
+
 def decode_nm(
-    parts: dict[str, Tensor], shape: tuple[int, ...], dtype: torch.dtype, m: int
+    parts: dict[str, Tensor], shape: tuple[int, ...], dtype: torch.dtype, n: int, m: int
 ) -> Tensor:
-    values = parts["values"]
-    idx = _positions(parts, m)
-    out = torch.zeros(values.shape[0], m, dtype=dtype)
-    out.scatter_(1, idx, values)
-    stored = torch.zeros(out.shape, dtype=torch.bool).scatter_(1, idx, True).view(-1)
-    return _restore_signs(out.view(-1), parts, stored).view(shape)
-
-
-def nm_indices_valid(parts: dict[str, Tensor], m: int) -> bool:
-    """Positions inside the group and strictly increasing in each group (so no duplicates)."""
-    idx = _positions(parts, m)
-    return bool((idx < m).all()) and bool((idx.diff(dim=1) > 0).all())
+    """Rebuild the tensor; :class:`LayoutError` when values, indices or positions do not fit."""
+    problem = nm_pattern_problem(n, m, shape)
+    if problem:
+        raise LayoutError(problem)
+    numel = math.prod(shape)
+    groups, keep, width = numel // m, m - n, bits_for(m)
+    values, indices = parts["values"], parts["indices"]
+    if tuple(values.shape) != (groups, keep) or values.dtype != dtype:
+        raise LayoutError(
+            f"values are {values.dtype} {list(values.shape)}, {n}:{m} of {list(shape)} needs "
+            f"{dtype} {[groups, keep]}"
+        )
+    need = math.ceil(groups * keep * width / 8)
+    if indices.dtype != torch.uint8 or indices.numel() != need:
+        raise LayoutError(f"N:M indices have {indices.numel()} bytes, {need} expected")
+    vals = bits_view(values).view(groups, keep)
+    out = torch.zeros(groups, m, dtype=vals.dtype)
+    signs = _Signs(parts, dtype, numel - values.numel())
+    step = max(1, CHUNK // m)
+    weights = 1 << torch.arange(width, dtype=torch.int32)
+    for g in range(0, groups, step):
+        rows = min(step, groups - g)
+        bits = unpack_bits(indices, rows * keep * width, g * keep * width)
+        pos = (bits.view(-1, width).to(torch.int32) * weights).sum(dim=1).view(rows, keep)
+        if keep and not (bool((pos < m).all()) and bool((pos.diff(dim=1) > 0).all())):
+            raise LayoutError("N:M indices are out of range or not increasing within a group")
+        chunk = out[g : g + rows]
+        chunk.scatter_(1, pos, vals[g : g + rows])
+        stored = torch.zeros(chunk.shape, dtype=torch.bool).scatter_(1, pos, True)
+        signs.apply(chunk.view(-1), stored.view(-1))
+    return out.view(dtype).view(shape)

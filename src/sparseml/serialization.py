@@ -12,13 +12,16 @@ tensors and plain containers, so they load with ``torch.load(weights_only=True)`
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import re
 import shutil
 import socket
+import stat
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -92,17 +95,96 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _file_kind(path: Path) -> str:
+    """'missing', 'regular', 'folder' or 'other' (device, FIFO, socket), following symlinks."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing, a dangling link, no permission: the write reports it
+        return "missing"
+    if stat.S_ISREG(mode):
+        return "regular"
+    return "folder" if stat.S_ISDIR(mode) else "other"
+
+
+def _names_open_file(path: str) -> bool:
+    """Whether ``path`` names an open file of a process (``/dev/stdout``, ``/dev/fd/N``,
+    ``/proc/<pid>/fd/N``...) rather than a file of its own (``/dev/shm/x`` stays atomic)."""
+    return path.startswith(("/proc/", "/dev/fd/")) or path in (
+        "/dev/stdout",
+        "/dev/stderr",
+        "/dev/stdin",
+    )
+
+
+def _link_chain(path: Path) -> list[str]:
+    """``path`` and every path its symlinks lead through, absolute (at most 40 hops)."""
+    chain = [os.path.abspath(path)]
+    for _ in range(40):
+        try:
+            nxt = os.readlink(chain[-1])
+        except OSError:  # not a link (or gone): the chain ends here
+            break
+        chain.append(os.path.normpath(os.path.join(os.path.dirname(chain[-1]), nxt)))
+    return chain
+
+
+def _own_stream(path: Path, mode: str, text: dict) -> IO[Any] | None:
+    """A handle on this process's stdout/stderr when ``path`` is that file (``/dev/stdout``
+    while a shell redirects it into a file): it continues at the stream's position, where a
+    new ``open`` would truncate the file or write over what was printed before."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return None
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        try:
+            same = os.path.samestat(os.fstat(fd), target)
+        except OSError:
+            continue
+        if same:
+            with contextlib.suppress(Exception):
+                stream.flush()
+            return os.fdopen(os.dup(fd), mode, **text)
+    return None
+
+
+@contextlib.contextmanager
+def _stream_into(path: Path, mode: str) -> Iterator[IO[Any]]:
+    """Write straight into an existing non-regular file (``/dev/stdout``, a FIFO, a terminal):
+    such a file cannot be replaced by a rename, and replacing a device node as root would
+    break the system; there is no previous content to keep either."""
+    text = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
+    try:
+        with _own_stream(path, mode, text) or open(path, mode, **text) as handle:  # noqa: PTH123
+            yield handle
+    except (OSError, RuntimeError) as err:
+        raise write_error(path, err) from err
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """``with atomic_open(path, "w") as f: ...`` replaces ``path`` only if the block succeeds.
 
     Any failure removes the temporary file. I/O errors (a full disk, no permission) become one
     :class:`FileWriteError` naming ``path`` and the reason; other errors (``KeyboardInterrupt``,
-    a value ``torch.save`` cannot store) are re-raised as they are.
+    a value ``torch.save`` cannot store) are re-raised as they are. Only regular files are
+    replaced: a symlink's target is replaced (the link stays), a device node, FIFO or socket is
+    written into as it is, and a folder is refused.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
+    kind = _file_kind(path)
+    if kind == "folder":
+        raise FileWriteError(f"cannot write {path}: it is a folder, not a file")
+    # /dev/stdout and /proc/self/fd/N name an open file of this process (a terminal, a pipe,
+    # or the file a shell redirected into): replacing the path would not reach that file.
+    if kind == "other" or any(_names_open_file(p) for p in _link_chain(path)):
+        with _stream_into(path, mode) as handle:
+            yield handle
+        return
+    if path.is_symlink():  # replace the link's target; a rename over the link would drop it
+        path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +207,109 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``src`` into ``dst`` by hard links (copies where links fail): cheap, and the originals
+    stay untouched until the swap."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    elif src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    else:
+        link(str(src), str(dst))
+
+
+@contextlib.contextmanager
+def replaced_folder(path: str | Path, owned: Callable[[str], bool]) -> Iterator[Path]:
+    """``with replaced_folder(out, owned) as stage: ...write into stage...``: ``out`` changes
+    in one step when the block succeeds, never file by file.
+
+    Files that belong together (weights, their ONNX form, the report describing both) must not
+    end up from two runs in one folder when the second is interrupted. The block writes into a
+    fresh sibling folder; on success the entries of ``out`` that are not ``owned`` (a user's
+    own files) are hard-linked into it, and the two folders are exchanged (one
+    ``renameat2`` where available, else two renames), then the old one is deleted. On any
+    failure, ``KeyboardInterrupt`` included, the sibling is deleted and ``out`` is unchanged.
+    """
+    path = Path(path)
+    if path.is_symlink():  # swap the folder the link names; the link stays
+        path = Path(os.path.realpath(path))
+    parent = path.resolve().parent
+    for stale in parent.glob(f".{path.name}.*.tmp"):  # from killed runs (their pid is gone)
+        pid = stale.name.split(".")[-3]
+        if stale.is_dir() and _TEMP.match(stale.name) and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    stage = parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        stage.mkdir(parents=True)
+        yield stage
+        if path.is_dir():
+            for entry in path.iterdir():
+                if not owned(entry.name) and not (stage / entry.name).exists():
+                    _link_tree(entry, stage / entry.name)
+            cwd = Path.cwd().resolve()
+            holds_cwd = cwd == path.resolve() or path.resolve() in cwd.parents
+            if not holds_cwd and _exchange(stage, path):
+                shutil.rmtree(stage, ignore_errors=True)  # the old folder, now under stage
+            else:
+                _swap_by_renames(stage, path, owned)
+        else:
+            os.rename(stage, path)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+
+
+def _swap_by_renames(stage: Path, path: Path, owned: Callable[[str], bool]) -> None:
+    """Two renames, or where ``path`` cannot be renamed (a mount point, the current folder)
+    its owned entries replaced one by one: the best that is left there."""
+    cwd = Path.cwd().resolve()
+    old = stage.with_name(stage.name + ".old")
+    try:
+        if cwd == path.resolve() or path.resolve() in cwd.parents:
+            raise IsADirectoryError("the current folder")  # renaming it would strand the process
+        os.rename(path, old)
+    except OSError:
+        for entry in path.iterdir():
+            if owned(entry.name) and not (stage / entry.name).exists():
+                entry.unlink(missing_ok=True)
+        for entry in stage.iterdir():
+            if owned(entry.name):
+                os.replace(entry, path / entry.name)
+        shutil.rmtree(stage, ignore_errors=True)
+        return
+    os.rename(stage, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

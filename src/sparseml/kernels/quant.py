@@ -5,11 +5,15 @@ Weights: symmetric, per output channel (dim 0), integers in ``[-2^(b-1), 2^(b-1)
 unsigned integers ``[0, 2^b - 1]`` (``reduce_range``: one bit fewer) from a running min/max,
 or symmetric signed ones with zero point 0 (TensorRT style).
 
-The rounding itself is PyTorch's maintained ``torch.fake_quantize_per_channel_affine`` /
-``torch.fake_quantize_per_tensor_affine`` ops: they give the straight-through gradient
-(zero outside the clamping range), run on every device, and ``torch.onnx.export`` turns them
-into ``QuantizeLinear``/``DequantizeLinear`` pairs. They compute
-``q = clamp(round(x * (1 / s)) + z, qmin, qmax)`` and return ``(q - z) * s``.
+The rounding is ``q = clamp(round(x / s) + z, qmin, qmax)`` (half to even), returning
+``(q - z) * s``, with the straight-through gradient (zero outside the clamping range), and
+``torch.onnx.export`` writes it as a ``QuantizeLinear``/``DequantizeLinear`` pair (the
+symbolic of PyTorch's own fake-quantize ops). Why not those ops themselves: they compute
+``round(x * (1 / s))``, while ONNX's ``QuantizeLinear`` (ONNX Runtime, TensorRT) divides,
+``round(x / s)``. The two differ in the last bit for some x, and where ``x / s`` lies next to a
+half-integer the integer differs by one: one quantization step, which a trained ViT carries
+to its logits (0.06 max abs difference between the exported graph and the model). Dividing
+here makes the PyTorch model compute what the exported graph computes.
 
 Zeros stay exact. For a symmetric weight grid ``z = 0``; a pruned entry ``x = 0`` gives
 ``round(0 * (1/s)) = 0``, ``clamp(0 + 0) = 0`` (``qmin <= 0 <= qmax``), and ``(0 - 0) * s = 0``.
@@ -53,13 +57,40 @@ def symmetric_scale(absmax: Tensor, qmax: int) -> Tensor:
     return (absmax.float() / qmax).clamp_min(SCALE_MIN)
 
 
+class _FakeQuant(torch.autograd.Function):
+    """``(clamp(round(x / s) + z, qmin, qmax) - z) * s``; per tensor (``axis`` None, 0-d scale
+    and zero point) or per channel along ``axis`` (1-D ones). Exported as QDQ."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero, qmin, qmax, axis):  # noqa: ANN001, ANN205
+        if axis is not None:  # (C,) -> broadcastable along axis
+            shape = [1] * x.dim()
+            shape[axis] = -1
+            scale, zero = scale.view(shape), zero.view(shape)
+        q = torch.round(x / scale).add_(zero)
+        inside = (q >= qmin) & (q <= qmax)
+        ctx.save_for_backward(inside)
+        return q.clamp_(qmin, qmax).sub_(zero).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None, None
+
+    @staticmethod
+    def symbolic(g, x, scale, zero, qmin, qmax, axis):  # noqa: ANN001, ANN205
+        from torch.onnx._internal.torchscript_exporter import symbolic_opset13 as ops
+
+        if axis is None:
+            return ops.fake_quantize_per_tensor_affine(g, x, scale, zero, qmin, qmax)
+        return ops.fake_quantize_per_channel_affine(g, x, scale, zero, axis, qmin, qmax)
+
+
 def fake_quant_weight(w: Tensor, scale: Tensor, bits: int) -> Tensor:
     """``w`` rounded to its symmetric per-channel grid (same dtype and shape as ``w``)."""
     qmin, qmax = weight_range(bits)
     zero = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
-    out = torch.fake_quantize_per_channel_affine(
-        w.float(), scale.to(w.device, torch.float32), zero, 0, qmin, qmax
-    )
+    out = _FakeQuant.apply(w.float(), scale.to(w.device, torch.float32), zero, qmin, qmax, 0)
     return out.to(w.dtype)
 
 
@@ -79,9 +110,7 @@ def affine_qparams(
 
 def fake_quant_activation(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
     """``x`` rounded to the per-tensor grid ``(scale, zero)`` (same dtype as ``x``)."""
-    out = torch.fake_quantize_per_tensor_affine(
-        x.float(), scale.to(x.device), zero.to(x.device), qmin, qmax
-    )
+    out = _FakeQuant.apply(x.float(), scale.to(x.device), zero.to(x.device), qmin, qmax, None)
     return out.to(x.dtype)
 
 

@@ -136,8 +136,12 @@ def matrix_free_scores(pruner, est, shift: Tensor | None = None) -> Scored:
 
 
 @torch.no_grad()
-def matrix_free_update(pruner, est, scored: Scored, masks: list[Tensor], scale: float) -> None:
-    """Move the unpruned weights by ``scale`` * (-h - H x) for the weights ``masks`` drop."""
+def matrix_free_update(
+    pruner, est, scored: Scored, masks: list[Tensor], scale: float, move: Tensor | None = None
+) -> None:
+    """Move the unpruned weights by ``scale`` * (-h - H x) for the weights ``masks`` drop;
+    ``move`` (this rank's columns) replaces h in the move, not in x (WoodTaylor's
+    ``normalize_hgp``)."""
     layout, device, block = est.layout, est.device, est.block
     weights, index, diag, h, shifted = scored.context
     dtype = pruner.work_dtype
@@ -150,7 +154,9 @@ def matrix_free_update(pruner, est, scored: Scored, masks: list[Tensor], scale: 
     lo, hi = layout.local
     delta = gather_layout(est.inverse.mul(x[lo:hi]).to(dtype), layout, block)
     if h is not None:
-        delta = delta - h
+        delta = delta - (
+            h if move is None else gather_layout(move.to(device, dtype), layout, block)
+        )
     for n, (w, i, seg) in enumerate(zip(weights, index, layout.segments(delta))):
         if scale != 0.0:
             w[i] += seg if scale == 1.0 else scale * seg

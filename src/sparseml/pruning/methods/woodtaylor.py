@@ -47,12 +47,16 @@ class WoodTaylorPruningModifier(PruningModifier):
       (``joint``, the exact minimiser with the new set Q removed; blockwise only).
 
     So WoodTaylor is OBS applied to the shifted weights u = w - h; every kept weight moves
-    along -h and ``scale_prune_update`` scales the whole move. ``normalize_hgp: true`` uses
-    h / ||h|| (norm over all selected weights, all ranks) in place of h. With G the m x d
-    samples, H g_bar = G^T (damp m I + G G^T)^-1 1: for small damp the step lowers every
-    sample's *linearised* loss by about 1, far outside the quadratic model on a trained
-    network (vit_digits at 50%: top-1 ~10% for damp 1e-5 to 1e-1, 86% with ``normalize_hgp``);
-    use ``normalize_hgp: true`` (the recipes do) or a small ``scale_prune_update``.
+    along -h and ``scale_prune_update`` scales the whole move. ``normalize_hgp: true`` moves
+    by -h / ||h|| (norm over all selected weights, all ranks) in place of -h; the scores and
+    the OBS correction keep u = w - h, as the reference's ``--normalize-hgp`` does. With G the
+    m x d samples, H g_bar = G^T (damp m I + G G^T)^-1 1: for small damp the step lowers every
+    sample's *linearised* loss by about 1, far outside the quadratic model on a trained network
+    (one-shot 50% of a 78.3% vit_digits, damp 1e-5: top-1 23.3%, 73.6% with ``normalize_hgp``,
+    full WoodFisher 78.1%); use ``normalize_hgp: true`` (the recipes do) or a small
+    ``scale_prune_update``. The full form computes h = Z^T (L^-1 1) / damp in float64
+    (`MFACInverse.mean_gradient_mul`): ``mul(g_bar)`` cancels two terms of size |g_bar| / damp
+    and loses the small-damp digits in float32.
 
     ``fisher_block_size: null`` (default): one matrix-free Fisher over all unpruned weights
     (`FullFisher`, the reference's ``woodtaylor``); ``B``: blocks of B consecutive weights per
@@ -112,10 +116,12 @@ class WoodTaylorPruningModifier(PruningModifier):
 
     def score(self, estimate) -> Scored:
         if self.fisher_block_size is None:
-            h = estimate.inverse.mul(estimate.mean)
-            if self.normalize_hgp:
-                h = h / h.double().norm().clamp_min(TINY).to(h.dtype)
-            return matrix_free_scores(self, estimate, shift=h)
+            h = estimate.inverse.mean_gradient_mul()
+            scored = matrix_free_scores(self, estimate, shift=h)
+            scored.estimate = (
+                h / h.double().norm().clamp_min(TINY).to(h.dtype) if (self.normalize_hgp) else None
+            )  # the move, when it is not h
+            return scored
         shifted = self._with_shift(estimate)
         scored = part_scores(self, self.step_layout, shifted, self._part_scores)
         scored.estimate = shifted
@@ -124,13 +130,14 @@ class WoodTaylorPruningModifier(PruningModifier):
     def update_weights(self, estimate, scored: Scored, masks: list[Tensor]):
         scale = self.scale_prune_update
         if self.fisher_block_size is None:
-            return matrix_free_update(self, estimate, scored, masks, scale)
+            return matrix_free_update(self, estimate, scored, masks, scale, move=scored.estimate)
         layout, update = self.step_layout, self._part_update
         return part_updates(self, layout, scored.estimate, scored, masks, update, scale)
 
-    def _with_shift(self, estimates: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-        """(H, h = H g_bar) per part; with ``normalize_hgp`` h over its global norm."""
-        shifts = [block_matvec(H, g) for H, g in estimates]
+    def _with_shift(self, estimates: list[tuple[Tensor, Tensor]]) -> list[tuple]:
+        """(H, h = H g_bar, move) per part: the move is h, with ``normalize_hgp`` h over its
+        global norm (only the move is normalised, as in the reference)."""
+        shifts = raw = [block_matvec(H, g) for H, g in estimates]
         if self.normalize_hgp:
             device = shifts[0].device if shifts else self.refs[0].param.device
             total = sum(
@@ -139,15 +146,14 @@ class WoodTaylorPruningModifier(PruningModifier):
             )
             norm = math.sqrt(float(dist.all_reduce_sum_(total.reshape(1))[0]))
             shifts = [s / max(norm, TINY) for s in shifts]
-        return [(H, s) for (H, _), s in zip(estimates, shifts)]
+        return [(H, h, s) for (H, _), h, s in zip(estimates, raw, shifts)]
 
     def _part_scores(self, part: BlockPart, w: Tensor, est: tuple, pruned: Tensor) -> Tensor:
-        H, h = est
+        H, h, _ = est
         return obs_scores(w - h.to(w.device, w.dtype), H, pruned)
 
     def _part_update(self, part: BlockPart, w: Tensor, est: tuple, kept: Tensor, new: Tensor):
-        H, h = est
-        u = w - h.to(w.device, w.dtype)
-        if self.obs_update == "joint":
-            return obs_prune_update(u, H, new)
-        return obs_independent_update(u, H, new)
+        H, h, move = est
+        h = h.to(w.device, w.dtype)
+        update = obs_prune_update if self.obs_update == "joint" else obs_independent_update
+        return update(w - h, H, new) + (h - move.to(w.device, w.dtype))  # -move in place of -h
