@@ -36,7 +36,7 @@ LOG_WANDB=${LOG_WANDB:-0}
 OUTPUT=${OUTPUT:-$(cd "$HERE/.." && pwd)/output}
 # A new folder per run (an existing one is never overwritten; resume with the printed command).
 EXPERIMENT=${EXPERIMENT:-$(basename "${RECIPE%.*}")_${MODEL}_$(date +%Y%m%d-%H%M%S)}
-export WANDB_MODE=${WANDB_MODE:-offline}
+# W&B: WANDB_MODE as you set it, else online with credentials (wandb login), offline without.
 [[ -n "${WANDB_ENTITY:-}" ]] && export WANDB_ENTITY
 [[ -n "${WANDB_PROJECT:-}" ]] && export WANDB_PROJECT
 [[ -n "${WANDB_NAME:-}" ]] && export WANDB_NAME

@@ -36,6 +36,8 @@ import pytest
 # Tests never download: the product leaves HF_HUB_OFFLINE alone (--pretrained may download),
 # so the tests set it for themselves and, through run_script, for the scripts they start.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Online W&B would log to the account of whoever runs the tests (or hang without network).
+os.environ.setdefault("WANDB_MODE", "offline")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESEARCH = ROOT / "research"

@@ -7,8 +7,9 @@ with pruned entries zeroed. Pass it the way CAP's scripts do::
 
 where ``build(**grad_sampler_kwargs)`` returns an iterable of ``(args, kwargs, target)``
 triples (the recipe's ``grad_sampler_kwargs``, e.g. ``batch_size``, are passed to it). A loader
-that runs dry before ``num_grads`` samples is restarted (iterated again); one that yields
-nothing raises ``GradSamplerError``. Under ``torch.distributed`` every rank draws samples from
+that runs dry before ``num_grads`` samples is restarted (iterated again; a one-pass iterator
+such as a generator is built anew by calling ``build`` again); one that yields nothing raises
+``GradSamplerError``. Under ``torch.distributed`` every rank draws samples from
 its own data and the gradients are averaged, unless the model is DDP-wrapped (DDP's backward
 already averages them).
 
@@ -84,6 +85,8 @@ class GradSampler:
         self._loader: Iterable | None = None
         self._iter: Iterator | None = None
         self._head: Any = None
+        # A one-pass iterator (a generator) cannot be iterated twice: each pass builds it anew.
+        self._loader_used = False
         # Each pass's shuffle and each batch are seeded from this run-wide seed (rank 0's
         # initial seed, shared by every rank) mixed with the rank: with the stream position
         # it is all a resumed run needs to draw the same samples, on every rank.
@@ -135,6 +138,9 @@ class GradSampler:
         depends on nor disturbs the training run's randomness, whatever the loader prefetches.
         """
         with preserved_rng(seed=self._seed_at(self.passes, -1)):
+            if self._loader_used and isinstance(self._loader, Iterator):
+                self._loader = self.builder(**self.builder_kwargs)
+            self._loader_used = True
             self._iter = iter(self._loader)  # type: ignore[arg-type]
             self._head = next(self._iter, _END)
         self.passes += 1
