@@ -36,6 +36,7 @@ from sparseml.modifiers.quantization import QuantizationModifier
 from sparseml.modifiers.training import (
     EpochRangeModifier,
     LearningRateFunctionModifier,
+    LearningRateModifier,
     SetLearningRateModifier,
     SetWeightDecayModifier,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "HessianDiagPruningModifier",
     "KFACPruningModifier",
     "LearningRateFunctionModifier",
+    "LearningRateModifier",
     "MFACPruningModifier",
     "MagnitudePruningModifier",
     "Modifier",
