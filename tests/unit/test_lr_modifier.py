@@ -111,7 +111,7 @@ def test_lr_sequence_equals_torch_scheduler(lr_class: str) -> None:
     got = recipe_lrs(recipe(lr_class, kwargs))
     expected = torch_lrs(make, 1, 7, per)
     assert got == pytest.approx(expected, rel=1e-12, abs=0)
-    assert got[: STEPS] == [BEFORE] * STEPS  # untouched before start_epoch
+    assert got[:STEPS] == [BEFORE] * STEPS  # untouched before start_epoch
     assert got[STEPS] == 0.1  # init_lr at start_epoch
     assert len(set(got[7 * STEPS :])) == 1  # frozen from end_epoch on
     assert len(set(got[STEPS : 7 * STEPS])) > 2  # and it did change in between
