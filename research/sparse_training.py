@@ -153,6 +153,7 @@ def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> 
         args.model,
         dataset_label(args),
         metric=args.eval_metric,
+        pruning=manager is not None and bool(manager.pruning_modifiers),
     )
     if state["wandb"] is not None:
         hists = {}

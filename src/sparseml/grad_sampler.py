@@ -244,7 +244,7 @@ class GradSampler:
         if num < 1:
             raise GradSamplerError(f"num_grads must be >= 1, got {num}")
         per_pass = self.batches_per_pass()
-        if per_pass is not None and num > per_pass:
+        if per_pass is not None and num > per_pass and dist.rank() == 0:  # once, not per rank
             LOG.warning(
                 "%s: num_grads %d exceeds the %d batches the grad sampler's loader holds; "
                 "samples repeat (about %.1f passes)",
