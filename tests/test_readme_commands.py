@@ -44,12 +44,22 @@ COVERED = {
 }
 
 
-def readme_commands() -> list[str]:
-    """Shell lines of the README's code blocks that run a script, without install/PATH parts."""
+def shell_lines(*docs: str) -> list[str]:
+    """The lines of the ```bash blocks of ``docs`` (paths relative to the repository)."""
     out = []
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for doc in docs:
+        for block in re.findall(r"^```bash\n(.*?)^```", (ROOT / doc).read_text(), re.S | re.M):
+            out += block.splitlines()
+    return out
+
+
+def readme_commands() -> list[str]:
+    """Shell lines of the README's (and its benchmark report's) code blocks that run a launcher,
+    without install/PATH parts."""
+    out = []
+    for line in shell_lines("README.md", "docs/benchmarks.md"):
         pattern = r"\bbash (research/run_\w+\.sh|research/bench/run_benchmarks\.sh|\.ci/run)\b"
-        if re.search(pattern, line) and not line.startswith("-"):
+        if re.search(pattern, line):
             command = line.split("&&")[-1].strip()
             command = re.sub(r'^PATH="[^"]*"\s+', "", command)
             out.append(command)
@@ -105,3 +115,21 @@ def test_readme_python_block_runs_as_written(index: int, tmp_path: Path) -> None
     done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, f"README python block {index}:\n{code}\n{done.stderr[-3000:]}"
+
+
+def test_readme_dense_training_command_runs(tmp_path: Path) -> None:
+    """The README's command that trains the dense model runs as shown (1 epoch instead of 12,
+    into a temporary folder) and leaves the best checkpoint where the README says."""
+    [line] = [ln for ln in shell_lines("README.md") if "research/sparse_training.py --config" in ln]
+    argv = line.split()
+    assert argv[0] == ".venv/bin/python" and argv[1] == "research/sparse_training.py"
+    argv[argv.index("--epochs") + 1] = "1"
+    argv[argv.index("--output") + 1] = str(tmp_path / "train")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    experiment = argv[argv.index("--experiment") + 1]
+    assert (tmp_path / "train" / experiment / "vit_digits_best.pth").is_file()
+    assert f"output/train/{experiment}/vit_digits_best.pth" in (ROOT / "README.md").read_text()
