@@ -419,8 +419,12 @@ def main(argv: list[str] | None = None) -> int:
                       help="k=v for create_model")  # fmt: skip
     mine.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32],
                       help="batch sizes to time (default: 1 32)")  # fmt: skip
-    mine.add_argument("--prune", type=float, default=0.0,
-                      help="zero this share of every Linear/Conv weight first (default: 0)")  # fmt: skip
+    mine.add_argument(
+        "--prune",
+        type=float,
+        default=0.0,
+        help="first zero this share of every Linear/Conv weight (default: 0)",
+    )
     mine.add_argument("--csr-min-sparsity", type=float, default=0.5,
                       help="Linear layers with at least this share of zeros run as CSR "
                       "(default: 0.5; below, CSR is slower everywhere)")  # fmt: skip
