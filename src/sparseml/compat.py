@@ -63,9 +63,10 @@ def ensure_torchvision() -> bool:
     """
     if _TORCHVISION_LIB is not None:
         return True
-    if "torchvision" not in sys.modules and importlib.machinery.PathFinder.find_spec(
-        "torchvision"
-    ) is None:
+    if (
+        "torchvision" not in sys.modules
+        and importlib.machinery.PathFinder.find_spec("torchvision") is None
+    ):
         return False
     try:
         import torchvision  # noqa: F401

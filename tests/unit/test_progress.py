@@ -123,3 +123,18 @@ pruning_modifiers:
     text = caplog.text
     assert "12/12 samples" in text and "ETA" in text
     assert f"{modifier}: Fisher inverse: " in text and "blocks in " in text
+
+
+@pytest.mark.parametrize("m", [4, 32], ids=["sample_space", "gram"])
+def test_fisher_builder_reports_every_block_and_gives_the_same_inverse(m):
+    from sparseml.kernels.fisher import BlockFisherBuilder
+
+    torch.manual_seed(0)
+    grads = torch.randn(m, 10 * 8)
+    results, seen = [], []
+    for callback in (None, seen.append):
+        builder = BlockFisherBuilder(80, 8, m, 1e-2)
+        builder.add(grads)
+        results.append(builder.finish(on_blocks=callback))
+    assert sum(seen) == 10
+    assert torch.equal(results[0], results[1])

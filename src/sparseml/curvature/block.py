@@ -51,9 +51,8 @@ def _finish_all(builders: list[BlockFisherBuilder], owner: str) -> list[Tensor]:
     sizes = [num_blocks(b.d, b.block_size) for b in builders]
     out = []
     with Progress(f"{owner}: Fisher inverse", sum(sizes), "blocks") as progress:
-        for builder, size in zip(builders, sizes):
-            out.append(builder.finish())
-            progress.update(size)
+        for builder in builders:
+            out.append(builder.finish(on_blocks=progress.update))
     return out
 
 
