@@ -1,5 +1,5 @@
-"""Progress with an ETA for the long phases: gradient sampling, Fisher inversion, CAP's
-elimination, a one-shot sweep.
+"""Progress with an ETA for the long phases: gradient sampling, Fisher inversion, a one-shot
+sweep; CAP's elimination kernels take the same ``on_blocks`` callback for their modifier to pass.
 
 A phase of minutes that prints nothing looks hung. `Progress` shows count, rate and ETA on
 rank 0 only: a redrawn bar when stderr is a terminal, otherwise (logs, CI, ``nohup``) an INFO
