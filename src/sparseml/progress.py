@@ -4,6 +4,8 @@ sweep; CAP's elimination kernels take the same ``on_blocks`` callback for their 
 A phase of minutes that prints nothing looks hung. `Progress` shows count, rate and ETA on
 rank 0 only: a redrawn bar when stderr is a terminal, otherwise (logs, CI, ``nohup``) an INFO
 log line about every ``interval`` seconds, after the first item (the first ETA) and at the end.
+Where logging is not set up at all (a user's own script, a benchmark: no handler anywhere), the
+lines go to stderr instead of being lost.
 ``SPARSEML_PROGRESS=bar|log|off`` forces a mode and ``SPARSEML_PROGRESS_INTERVAL`` sets the
 seconds between log lines (default 10). Kernels stay pure: they take an optional callback
 (``on_blocks=progress.update``) and never log.
@@ -117,12 +119,19 @@ class Progress:
                     self.last = now
             elif not self._logged_first or now - self.last >= self.interval:
                 self._logged_first = True
-                self.logger.info("%s", self.line(now))
+                self._emit(self.line(now))
                 self.last = now
 
     def set(self, done: int) -> None:
         """Absolute count (for callers that count themselves)."""
         self.update(done - self.done)
+
+    def _emit(self, text: str) -> None:
+        if self.logger.hasHandlers():
+            self.logger.info("%s", text)
+        else:  # logging never configured: Python would drop an INFO line
+            self.stream.write(text + "\n")
+            self.stream.flush()
 
     def _draw(self, now: float) -> None:
         width = shutil.get_terminal_size((100, 20)).columns
@@ -148,7 +157,7 @@ class Progress:
                 self._draw(time.monotonic())
                 self.stream.write("\n")
                 self.stream.flush()
-            self.logger.info("%s", final)
+            self._emit(final)
 
     def __enter__(self) -> Progress:
         return self

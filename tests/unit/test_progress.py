@@ -138,3 +138,15 @@ def test_fisher_builder_reports_every_block_and_gives_the_same_inverse(m):
         results.append(builder.finish(on_blocks=callback))
     assert sum(seen) == 10
     assert torch.equal(results[0], results[1])
+
+
+def test_lines_go_to_stderr_where_logging_is_not_set_up():
+    """A user's script or a benchmark that never configured logging still sees progress."""
+    silent = logging.getLogger("progress_test_unconfigured")
+    silent.propagate = False  # no handler anywhere, as in a script without logging setup
+    stream = io.StringIO()
+    with Progress("phase", 2, "items", stream=stream, logger=silent, interval=3600) as progress:
+        progress.update(2)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("phase: 2/2 items (100%") and "ETA" in lines[0]
+    assert lines[1].startswith("phase: 2/2 items in ")
