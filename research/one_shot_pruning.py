@@ -43,6 +43,7 @@ from timm.utils import random_seed  # noqa: E402
 
 from sparseml.compressed import SUFFIX  # noqa: E402
 from sparseml.errors import RecipeError  # noqa: E402
+from sparseml.progress import Progress  # noqa: E402
 from sparseml.sparsity import ModuleSparsificationInfo  # noqa: E402
 from utils import evaluation as ev  # noqa: E402
 from utils import faults  # noqa: E402
@@ -98,7 +99,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parse_one_shot_args(argv)
     args.sparsities = osp.check_sparsities(args.sparsities)
-    args.method = args.method or Path(args.sparseml_recipe).stem
     if args.method == res.DENSE:
         raise SetupError(f"--method {res.DENSE!r} is reserved for the dense model's row")
     return args
@@ -110,6 +110,7 @@ def check_recipe(args: argparse.Namespace) -> Any:
         raise SetupError(f"recipe {args.sparseml_recipe} does not exist")
     manager = osp.load_one_shot_manager(args.sparseml_recipe, None, args.recipe_variables)
     pruner = osp.pruning_modifier(manager)
+    args.method = args.method or osp.method_name(pruner)  # a column per method, not per file
     args.quantization = osp.quantization_settings(manager)  # calibrated after each prune
     if not args.sparsities:
         args.sparsities = [float(pruner.final_sparsity)]
@@ -328,6 +329,9 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
     # Each sparsity prunes a fresh copy of the same dense model, so with one recomputation the
     # second-order modifiers reuse their gradients and Fisher blocks through this dict.
     cache = None if args.no_sweep_cache else {}
+    progress = Progress(
+        f"{args.method} sweep", len(plan["sparsities"]), "sparsities", logger=_logger
+    )
     for sparsity in plan["sparsities"]:
         done = prune_one(args, dense, sparsity, device, loaders, cache)
         row = {**done["row"], "settings": method_settings}
@@ -354,6 +358,8 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
                 keys = ("accuracy", "top5", "loss", "measured_sparsity", "seconds")
                 wandb.log({"sparsity": sparsity, **{f"val/{k}": row[k] for k in keys}})
         del done
+        progress.update()
+    progress.close()
     if not is_primary(args):
         return []
     if args.no_report:

@@ -7,8 +7,25 @@
 # The defaults download nothing, so HF_HUB_OFFLINE is left as you set it: PRETRAINED=1 fetches
 # timm's weights (or uses the cached ones). Extra arguments are passed on to sparse_training.py. Ctrl-C, a killed rank or any failure
 # ends all processes with a non-zero status; the last lines printed give the --resume command.
+#
+# Usage: bash research/run_gradual_pruning.sh [--help] [sparse_training.py options...]
+# --help prints this and sparse_training.py's options once, and starts nothing.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+usage() {  # the header comment above, without its '#', and the settings with their defaults
+  sed -n '2,/^set -euo pipefail/p' "${BASH_SOURCE[0]}" | sed -n 's/^# \{0,1\}//p'
+  echo
+  echo "Settings (environment variables) and their defaults:"
+  sed -n 's/^\([A-Z_]*\)=\${\1:\{0,1\}-\(.*\)}\(.*\)$/  \1=\2\3/p' "${BASH_SOURCE[0]}"
+}
+for arg in "$@"; do
+  if [[ "$arg" == -h || "$arg" == --help ]]; then
+    usage
+    echo
+    exec "${PYTHON:-python}" "$HERE/sparse_training.py" --help  # one process, not one per rank
+  fi
+done
 
 PYTHON=${PYTHON:-python}
 DATASET=${DATASET-digits}                 # '' = ImageFolder root in DATA_DIR
@@ -36,7 +53,7 @@ LOG_WANDB=${LOG_WANDB:-0}
 OUTPUT=${OUTPUT:-$(cd "$HERE/.." && pwd)/output}
 # A new folder per run (an existing one is never overwritten; resume with the printed command).
 EXPERIMENT=${EXPERIMENT:-$(basename "${RECIPE%.*}")_${MODEL}_$(date +%Y%m%d-%H%M%S)}
-export WANDB_MODE=${WANDB_MODE:-offline}
+# W&B: WANDB_MODE as you set it, else online with credentials (wandb login), offline without.
 [[ -n "${WANDB_ENTITY:-}" ]] && export WANDB_ENTITY
 [[ -n "${WANDB_PROJECT:-}" ]] && export WANDB_PROJECT
 [[ -n "${WANDB_NAME:-}" ]] && export WANDB_NAME

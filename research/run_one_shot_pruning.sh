@@ -33,7 +33,20 @@
 #                               gains nothing from more, and shared cores make them slower)
 #   TRAIN_CONFIG, TRAIN_EPOCHS  dense training of vit_digits when no checkpoint exists
 #   HELPER_PYTHON               interpreter of the stdlib-only dense-cache helper (python3)
+#
+# Usage: bash research/run_one_shot_pruning.sh [--help]   (settings: the variables above)
 set -euo pipefail
+
+usage() {  # the header comment above, without its '#'
+  sed -n '2,/^set -euo pipefail/p' "${BASH_SOURCE[0]}" | sed -n 's/^# \{0,1\}//p'
+}
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) usage; exit 0 ;;
+    *) echo "error: unknown argument '$arg': settings are environment variables (--help lists them)" >&2
+       exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python}

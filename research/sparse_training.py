@@ -160,7 +160,12 @@ def wire_manager(args, manager, model, optimizer, gs_builder, gs_loss, updates, 
         model, optimizer, steps_per_epoch=updates, epoch=start_epoch, **kwargs
     )
     if recipe_sets_lr:
-        _logger.info("Recipe sets the learning rate: timm scheduler off, %d epochs", num_epochs)
+        names = sorted({type(m).__name__ for m in manager.learning_rate_modifiers})
+        _logger.info(
+            "Recipe sets the learning rate (%s): timm scheduler off, %d epochs",
+            ", ".join(names),
+            num_epochs,
+        )
     return optimizer, num_epochs, not recipe_sets_lr
 
 
@@ -188,6 +193,7 @@ def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> 
         args.model,
         dataset_label(args),
         metric=args.eval_metric,
+        pruning=manager is not None and bool(manager.pruning_modifiers),
     )
     if state["wandb"] is not None:
         hists = {}

@@ -1,5 +1,12 @@
 """Shared test set-up: ``research/`` importable, timm importable, offline digits data.
 
+Two tiers share it: ``tests/unit/`` holds the pure tests (kernels, recipes, fields, schedules,
+masks, layouts, serialization: no subprocess, no training loop, no second process; ``pytest
+tests/unit`` runs them in seconds) and ``tests/`` itself the integration and end-to-end tests
+(scripts, training runs, torchrun, gloo). ``pytest`` runs both. Helper modules here (``toy``,
+``fault_inject``) are importable from either tier because pytest puts this folder on
+``sys.path`` when it loads this conftest.
+
 Importing this conftest puts ``research/`` on ``sys.path`` (so ``import utils...`` and
 ``import sparse_training`` work). A test module that imports timm at the top does::
 
@@ -29,6 +36,8 @@ import pytest
 # Tests never download: the product leaves HF_HUB_OFFLINE alone (--pretrained may download),
 # so the tests set it for themselves and, through run_script, for the scripts they start.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Online W&B would log to the account of whoever runs the tests (or hang without network).
+os.environ.setdefault("WANDB_MODE", "offline")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESEARCH = ROOT / "research"

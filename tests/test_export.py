@@ -179,7 +179,7 @@ def test_one_shot_save_compressed(small_digits, tmp_path):
     one_shot_pruning.main(argv)
     out = tmp_path / "sweep"
     for s in ("0.5", "0.8"):
-        stem = out / f"vit_digits_gm_digits_sparsity={s}"
+        stem = out / f"vit_digits_gm_sparsity={s}"  # named after the pruner
         plain = torch.load(f"{stem}.pth", weights_only=True)
         packed = load_compressed(f"{stem}.sparse.safetensors")
         assert packed.keys() == plain.keys()

@@ -158,10 +158,10 @@ def test_rows_and_measured_sparsity(sweep):
     keys = [(r["method"], r["sparsity"]) for r in rows]
     assert keys == [
         ("dense", 0.0),
-        ("gm_digits", 0.5),
-        ("gm_digits", 0.8),
-        ("diag", 0.5),
-        ("diag", 0.8),
+        ("gm", 0.5),  # named after the pruner, not the recipe file (gm_digits.yaml)
+        ("gm", 0.8),
+        ("diag_fisher_test", 0.5),
+        ("diag_fisher_test", 0.8),
     ]
     for row in rows[1:]:
         assert row["modifier"] in (
@@ -182,7 +182,7 @@ def test_rows_and_measured_sparsity(sweep):
 
 
 def test_saved_models_load_with_weights_only(sweep):
-    path = sweep["out"] / "vit_digits_diag_sparsity=0.8.pth"
+    path = sweep["out"] / "vit_digits_diag_fisher_test_sparsity=0.8.pth"
     state = torch.load(path, weights_only=True)
     w = state["blocks.1.mlp.fc1.weight"]
     assert isinstance(w, torch.Tensor) and 0.3 < float((w == 0).float().mean()) < 1.0
@@ -208,7 +208,7 @@ def test_partial_sweep_resumes_and_layerwise_gm(tmp_path, small_digits, monkeypa
     counter = ApplyCounter(monkeypatch)
     rows = osp_script.main(base_args(small_digits, out, recipe, "--sparsities", "0.6", "0.7"))
     assert counter.calls == 1  # only 0.7 was left
-    layer = {r["sparsity"]: r for r in rows if r["method"] == "gm_layer_digits"}
+    layer = {r["sparsity"]: r for r in rows if r["method"] == "gm_layer"}
     assert sorted(layer) == [0.6, 0.7]
     for s, row in layer.items():  # per-layer thresholds: every layer at the target
         assert all(v == pytest.approx(s, abs=1e-3) for v in row["layer_sparsity"].values())
@@ -228,7 +228,9 @@ def test_gradients_are_reused_across_sparsities(sweep, small_digits, monkeypatch
         out = sweep["tmp"] / f"cache_{len(flag)}"
         extra = ["--sparsities", "0.5", "0.8", "--gs_loader", "-gb", "16", "--gs-no-aug", *flag]
         rows = osp_script.main(base_args(small_digits, out, sweep["recipe"], *extra))
-        results[flag] = {r["sparsity"]: r["loss"] for r in rows if r["method"] == "diag"}
+        results[flag] = {
+            r["sparsity"]: r["loss"] for r in rows if r["method"] == "diag_fisher_test"
+        }
     assert len(calls) == 1 + 2  # the sweep cache draws once; without it once per sparsity
     # The cached statistics are the ones a fresh draw gives (same seed per sparsity).
     assert results[()] == results[("--no-sweep-cache",)]
@@ -240,10 +242,17 @@ def test_cli_spellings_and_default_sparsity(sweep):
         assert (
             args.sparseml_recipe == "r.yaml" and args.validation_batch_size == 7 and args.gs_loader
         )
-        assert args.method == "r"
+        assert args.method == ""  # named after the recipe's pruner in check_recipe
     args = osp_script.parse_args(["--sparseml_recipe", str(RECIPES / "gm_digits.yaml")])
     osp_script.check_recipe(args)
-    assert args.sparsities == [0.5]
+    assert args.sparsities == [0.5] and args.method == "gm"
+    starter = RECIPES.parent / "starter" / "resnet_one_shot.yaml"
+    args = osp_script.parse_args(["--sparseml_recipe", str(starter)])
+    osp_script.check_recipe(args)
+    assert args.method == "cap"  # not "resnet_one_shot"
+    args = osp_script.parse_args(["--sparseml_recipe", str(starter), "--method", "mine"])
+    osp_script.check_recipe(args)
+    assert args.method == "mine"
 
 
 @pytest.mark.parametrize("value", ["1.0", "-0.1", "nan"])
@@ -324,7 +333,7 @@ def test_wandb_gets_a_row_per_sparsity_and_the_table(tmp_path, small_digits, mon
     assert kinds == ["init", "log", "log", "log", "finish"]
     assert [c[1]["sparsity"] for c in fake.calls[1:3]] == [0.5, 0.7]
     table = fake.calls[3][1]["results"]
-    assert [row[:2] for row in table[2]] == [["dense", 0.0], ["gm_digits", 0.5], ["gm_digits", 0.7]]
+    assert [row[:2] for row in table[2]] == [["dense", 0.0], ["gm", 0.5], ["gm", 0.7]]
     assert "!GlobalMagnitudePruningModifier" in fake.calls[0][1]["config"]["recipe_text"]
 
 
@@ -365,8 +374,8 @@ def test_two_ranks_sample_gradients_and_rank0_writes(tmp_path, small_digits):
     rows = res.read_rows(out)
     assert [(r["method"], r["sparsity"], r["world_size"]) for r in rows] == [
         ("dense", 0.0, 2),
-        ("diag", 0.5, 2),
-        ("diag", 0.8, 2),
+        ("diag_fisher_test", 0.5, 2),
+        ("diag_fisher_test", 0.8, 2),
     ]
     assert rows[0]["samples"] == 40  # each rank evaluated its shard, counts summed
     for row in rows[1:]:
@@ -393,7 +402,7 @@ def test_second_order_recipes_run(method, tmp_path, small_digits):
             variables,
         )
     )
-    pruned = [r for r in rows if r["method"] == f"{method}_digits"]
+    pruned = [r for r in rows if r["method"] == method]
     assert [r["sparsity"] for r in pruned] == [0.5, 0.9]
     for row in pruned:
         assert row["measured_sparsity"] == pytest.approx(row["sparsity"], abs=2e-3)
@@ -405,3 +414,17 @@ def test_second_order_recipe_without_gs_loader_samples_by_itself(tmp_path, small
         base_args(small_digits, tmp_path, diag_recipe(tmp_path), "--sparsities", "0.5", "-gb", "8")
     )
     assert [r["sparsity"] for r in rows if r["method"] != "dense"] == [0.5]
+
+
+def test_sweep_warns_when_num_grads_exceeds_the_loader_and_shows_progress(
+    tmp_path, small_digits, caplog
+):
+    """60 training images in batches of 16 hold 3 full batches (the training loader drops the
+    last): 6 samples repeat them, and the one-shot path says so, as training does; the sweep
+    logs its progress with an ETA."""
+    extra = ["--sparsities", "0.5", "0.8", "--gs_loader", "-gb", "16", "--gs-no-aug"]
+    with caplog.at_level("INFO"):
+        osp_script.main(base_args(small_digits, tmp_path, diag_recipe(tmp_path), *extra))
+    assert "num_grads 6 exceeds the 3 batches the grad sampler's loader holds" in caplog.text
+    assert "diag_fisher_test sweep: 1/2 sparsities (50%" in caplog.text and "ETA" in caplog.text
+    assert "diag_fisher_test sweep: 2/2 sparsities in " in caplog.text

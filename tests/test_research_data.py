@@ -32,7 +32,9 @@ from utils.summary import read_summary, write_summary_row  # noqa: E402
 
 def _fresh_compat():
     """A second, independent copy of ``utils.compat`` (its own module-level state)."""
-    spec = importlib.util.spec_from_file_location("compat_copy", RESEARCH / "utils" / "compat.py")
+    # The shim lives in the package (research/utils/compat.py re-exports it).
+    path = RESEARCH.parent / "src" / "sparseml" / "compat.py"
+    spec = importlib.util.spec_from_file_location("compat_copy", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

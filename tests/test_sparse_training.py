@@ -305,3 +305,28 @@ def test_torchrun_two_ranks_cap_recipe(run_script, small_digits, tmp_path):
     assert log.count("8/8 samples") == 1 and "Warning" not in log, log[-3000:]
     state = load_checkpoint(tmp_path / "cap" / "vit_digits_last.pth")
     assert sparsity(pruned_weights(state)) == pytest.approx(0.6, abs=1e-3)
+
+
+def test_learning_rate_modifier_drives_the_lr_and_timm_steps_aside(small_digits, tmp_path, caplog):
+    """SparseML's !LearningRateModifier (a torch StepLR halving every epoch) sets the LR of a
+    short run; timm's scheduler (--sched step, --lr 0.002) is off and the log says so."""
+    recipe = write(
+        tmp_path / "steplr.yaml",
+        GM_RECIPE.replace("end_epoch: 4", "end_epoch: 3", 1).replace(
+            "end_epoch: 3\n    update", "end_epoch: 2\n    update"
+        )
+        + """
+  - !LearningRateModifier
+    start_epoch: 0
+    end_epoch: -1
+    lr_class: StepLR
+    lr_kwargs: {step_size: 1, gamma: 0.5}
+    init_lr: 0.004
+""",
+    )
+    argv = base_args(small_digits, tmp_path, "steplr") + ["--sparseml-recipe", str(recipe)]
+    with caplog.at_level("INFO"):
+        sparse_training.main(argv)
+    rows = read_summary(tmp_path / "steplr" / "summary.csv")
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.004, 0.002, 0.001])
+    assert "Recipe sets the learning rate (LearningRateModifier): timm scheduler off" in caplog.text

@@ -2,6 +2,20 @@
 """Inference speed of pruned models: what sparsity buys at run time, slowdowns included.
 
     python research/bench/bench_inference.py [--threads 2] [--quick]
+    python research/bench/bench_inference.py --model resnet50 --initial-checkpoint pruned.pth \
+        [--img-size 224] [--batch-sizes 1 32] [--prune 0.9]
+
+With ``--model`` it times that model (and ``--initial-checkpoint``: a training checkpoint,
+one-shot ``--save-model`` file, plain or compressed state dict) instead of the built-in shapes:
+PyTorch with dense kernels, the same weights with every Linear layer of at least
+``--csr-min-sparsity`` zeros as CSR, and ONNX Runtime, at each batch size, in one run.
+``--prune S`` first zeroes the smallest S of every Linear/Conv weight (per layer), to see what a
+sparsity would buy before pruning for real.
+
+Speedups are only printed when the machine is not busier than its cores: the 1-minute load
+average (which counts this benchmark's own threads) is read before and after each row, and a
+row timed while it exceeded the number of cores shows its times but no speedup (on an
+oversubscribed machine one run printed 134x). The run ends with a line saying so.
 
 CPU (float32): PyTorch dense vs ``torch.sparse`` CSR matmul (the pruned weight as
 ``to_sparse_csr()``, ``torch.sparse.mm``) vs ONNX Runtime, at 50/70/90/95% unstructured
@@ -58,6 +72,8 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # research/: utils
 
+from utils.options import ParseKwargs  # noqa: E402  (no torch or timm import there)
+
 SPARSITIES = (0.5, 0.7, 0.9, 0.95)
 TOKENS = 197  # DeiT at 224 px: 196 patches + the class token
 # name -> (rows per image, in features, out features); weight (out, in), input (rows, in)
@@ -69,6 +85,55 @@ GEMMS = {
     "ResNet-50 l3 1x1 1024->256 (14x14)": (14 * 14, 1024, 256),
     "ResNet-50 l4 3x3 512 (7x7)": (7 * 7, 512 * 9, 512),
 }
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def load_1min() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return None
+
+
+class BusyGuard:
+    """Whether speedups may be printed: not while the load exceeded the cores.
+
+    ``check()`` is called before and after each timed row; a row whose timing saw the machine
+    busier than its cores gets no speedup (its times are kept: they say how slow it was).
+    """
+
+    def __init__(self) -> None:
+        self.cores = usable_cores()
+        self.worst: float | None = None
+        self.refused = 0
+
+    def busy(self) -> bool:
+        load = load_1min()
+        if load is None:
+            return False
+        self.worst = load if self.worst is None else max(self.worst, load)
+        return load > self.cores
+
+    def speedup(self, busy: bool, base: float, other: float) -> str:
+        if busy:
+            self.refused += 1
+            return "busy"
+        return f"{base / other:.2f}x"
+
+    def summary(self) -> str:
+        if not self.refused:
+            return ""
+        return (
+            f"No speedup printed for {self.refused} cell(s) marked 'busy': the machine was busier "
+            f"than its {self.cores} cores (1-minute load average up to {self.worst:.2f}) while "
+            "they were timed, which makes ratios meaningless. Rerun on an idle machine."
+        )
 
 
 def compare(fns: dict[str, Callable[[], object]], budget: float,
@@ -114,13 +179,22 @@ class CSRLinear(nn.Module):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def csr_model(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every block Linear layer as :class:`CSRLinear`."""
+def csr_model(model: nn.Module, min_sparsity: float | None = None) -> nn.Module:
+    """A copy of ``model`` with Linear layers as :class:`CSRLinear`: every block Linear layer
+    (``min_sparsity`` None, the built-in ViT case), else every Linear layer with at least that
+    share of zero weights."""
     import copy
 
     out = copy.deepcopy(model)
     for name, layer in list(out.named_modules()):
-        if isinstance(layer, nn.Linear) and name.startswith("blocks."):
+        if not isinstance(layer, nn.Linear):
+            continue
+        if min_sparsity is None:
+            chosen = name.startswith("blocks.")
+        else:
+            zeros = float((layer.weight == 0).float().mean())
+            chosen = zeros > 0 and zeros >= min_sparsity
+        if chosen:
             parent, _, child = name.rpartition(".")
             setattr(out.get_submodule(parent), child, CSRLinear(layer))
     return out
@@ -135,7 +209,8 @@ def ort_runner(module: nn.Module, x: torch.Tensor, folder: Path, threads: int): 
     return lambda: onnx_io.run(sess, x)
 
 
-def bench_model(rows: list[list[str]], batches, sparsities, threads: int, budget: float) -> None:
+def bench_model(rows: list[list[str]], batches, sparsities, threads: int, budget: float,
+                guard: BusyGuard) -> None:  # fmt: skip
     from utils.compat import ensure_torchvision
 
     ensure_torchvision()
@@ -160,10 +235,14 @@ def bench_model(rows: list[list[str]], batches, sparsities, threads: int, budget
                     "csr": lambda m=sparse, x=x: m(x),
                     "ort": ort_runner(pruned, x, Path(tmp), threads),
                 }
-                rows.append(cpu_row("vit_digits (whole model)", batch, s, compare(fns, budget)))
+                busy = guard.busy()
+                times = compare(fns, budget)
+                busy = guard.busy() or busy
+                rows.append(cpu_row("vit_digits (whole model)", batch, s, times, guard, busy))
 
 
-def bench_gemms(rows: list[list[str]], gemms, batches, sparsities, threads: int, budget: float):
+def bench_gemms(rows: list[list[str]], gemms, batches, sparsities, threads: int, budget: float,
+                guard: BusyGuard) -> None:  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         for name, (per_image, k, n) in gemms.items():
             torch.manual_seed(0)
@@ -179,13 +258,89 @@ def bench_gemms(rows: list[list[str]], gemms, batches, sparsities, threads: int,
                         "csr": lambda w=w, x=x: torch.sparse.mm(w, x.t()),
                         "ort": ort_runner(layer, x, Path(tmp), threads),
                     }
-                    rows.append(cpu_row(name, batch, s, compare(fns, budget)))
+                    busy = guard.busy()
+                    times = compare(fns, budget)
+                    busy = guard.busy() or busy
+                    rows.append(cpu_row(name, batch, s, times, guard, busy))
 
 
-def cpu_row(name: str, batch: int, s: float, t: dict[str, float]) -> list[str]:
+def cpu_row(name: str, batch: int, s: float, t: dict[str, float], guard: BusyGuard,
+            busy: bool) -> list[str]:  # fmt: skip
     dense, csr, ort = t["dense"], t["csr"], t["ort"]
     return [name, str(batch), f"{100 * s:.0f}%", f"{1e3 * dense:.2f}", f"{1e3 * csr:.2f}",
-            f"{dense / csr:.2f}x", f"{1e3 * ort:.2f}", f"{dense / ort:.2f}x"]  # fmt: skip
+            guard.speedup(busy, dense, csr), f"{1e3 * ort:.2f}",
+            guard.speedup(busy, dense, ort)]  # fmt: skip
+
+
+def build_user_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, ...]]:
+    """The ``--model`` (timm name, or one registered in ``utils.models``) with its weights, in
+    eval mode, and its input shape (C, H, W)."""
+    from utils.compat import ensure_torchvision
+
+    ensure_torchvision()
+    import timm
+    from timm.data import resolve_data_config
+
+    from utils import models
+
+    models.check_model_name(args.model)
+    kwargs = models.model_kwargs(args)
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, **kwargs).eval()
+    if args.initial_checkpoint:
+        from utils.checkpoint import load_dense_weights
+
+        load_dense_weights(model, args.initial_checkpoint)
+    if args.prune:
+        with torch.no_grad():
+            for layer in model.modules():
+                if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                    prune_(layer.weight.data, args.prune)
+    cfg = resolve_data_config({"img_size": args.img_size}, model=model)
+    return model, tuple(cfg["input_size"])
+
+
+def linear_sparsity(model: nn.Module) -> tuple[float, float]:
+    """(zeros in Linear weights, zeros in Linear and Conv weights), as fractions."""
+    lin = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    conv = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+    def share(ws: list[torch.Tensor]) -> float:
+        total = sum(w.numel() for w in ws)
+        return sum(int((w == 0).sum()) for w in ws) / total if total else 0.0
+
+    return share(lin), share(lin + conv)
+
+
+def bench_user_model(args: argparse.Namespace, guard: BusyGuard, budget: float) -> None:
+    model, shape = build_user_model(args)
+    lin, both = linear_sparsity(model)
+    sparse = csr_model(model, args.csr_min_sparsity)
+    converted = sum(isinstance(m, CSRLinear) for m in sparse.modules())
+    print(
+        f"{args.model}{' from ' + args.initial_checkpoint if args.initial_checkpoint else ''}: "
+        f"input {'x'.join(map(str, shape))}, zeros {100 * lin:.1f}% of Linear weights, "
+        f"{100 * both:.1f}% of Linear+Conv weights; {converted} Linear layers with >= "
+        f"{100 * args.csr_min_sparsity:.0f}% zeros run as CSR (convolutions stay dense)"
+    )
+    print("\nCPU, float32 (ms per call; speedup = dense PyTorch time / this time)")
+    rows = Table(["batch", "dense", "CSR", "CSR speedup", "ORT", "ORT speedup"])
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        for batch in args.batch_sizes:
+            x = torch.randn(batch, *shape)
+            fns = {
+                "dense": lambda x=x: model(x),
+                "csr": lambda x=x: sparse(x),
+                "ort": ort_runner(model, x, Path(tmp), args.threads),
+            }
+            busy = guard.busy()
+            t = compare(fns, budget)
+            busy = guard.busy() or busy
+            rows.append([str(batch), f"{1e3 * t['dense']:.2f}", f"{1e3 * t['csr']:.2f}",
+                         guard.speedup(busy, t["dense"], t["csr"]), f"{1e3 * t['ort']:.2f}",
+                         guard.speedup(busy, t["dense"], t["ort"])])  # fmt: skip
 
 
 def bench_cuda(rows: list[list[str]], gemms, batches, budget: float) -> None:
@@ -255,22 +410,60 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="batch-1 GEMMs at 50%% and 90%%, fewer shapes"
     )
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA table")
+    mine = parser.add_argument_group("your model (replaces the built-in shapes)")
+    mine.add_argument("--model", default="", help="timm model name (default: built-in shapes)")
+    mine.add_argument("--initial-checkpoint", default="", help="its weights (any checkpoint)")
+    mine.add_argument("--img-size", type=int, default=None, help="input size (default: model's)")
+    mine.add_argument("--num-classes", type=int, default=None, help="classifier classes")
+    mine.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
+                      help="k=v for create_model")  # fmt: skip
+    mine.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32],
+                      help="batch sizes to time (default: 1 32)")  # fmt: skip
+    mine.add_argument(
+        "--prune",
+        type=float,
+        default=0.0,
+        help="first zero this share of every Linear/Conv weight (default: 0)",
+    )
+    mine.add_argument("--csr-min-sparsity", type=float, default=0.5,
+                      help="Linear layers with at least this share of zeros run as CSR "
+                      "(default: 0.5; below, CSR is slower everywhere)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads {args.threads}: must be >= 1")
+    if not 0.0 <= args.prune < 1.0:
+        parser.error(f"--prune {args.prune}: must be in [0, 1)")
+    if not 0.0 <= args.csr_min_sparsity <= 1.0:
+        parser.error(f"--csr-min-sparsity {args.csr_min_sparsity}: must be in [0, 1]")
+    if any(b < 1 for b in args.batch_sizes):
+        parser.error(f"--batch-sizes {args.batch_sizes}: each must be >= 1")
+    if args.initial_checkpoint and not Path(args.initial_checkpoint).is_file():
+        parser.error(f"--initial-checkpoint {args.initial_checkpoint}: no such file")
+    if not args.model and (args.initial_checkpoint or args.prune or args.img_size):
+        parser.error("--initial-checkpoint, --prune and --img-size need --model")
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     sparsities = (0.5, 0.9) if args.quick else SPARSITIES
     gemms = dict(list(GEMMS.items())[1::2]) if args.quick else GEMMS
     budget = 0.1 if args.quick else 0.2
+    guard = BusyGuard()
     print(f"torch {torch.__version__}, {args.threads} threads, CPU AMX flags: {cpu_flags()}")
-    print(f"load average before: {load_average()} (other work on the machine skews the times)")
+    print(f"load average before: {load_average()} on {guard.cores} cores (speedups are only "
+          "printed while it stays at most the number of cores)")  # fmt: skip
+    if args.model:
+        bench_user_model(args, guard, budget)
+        print(f"\n{time.perf_counter() - start:.0f} s in all; load average after: {load_average()}")
+        if guard.summary():
+            print(guard.summary())
+        return 0
     print("\nCPU, float32 (ms per call; speedup = dense PyTorch time / this time)")
     head = ["case", "batch", "sparsity", "dense", "CSR", "CSR speedup", "ORT", "ORT speedup"]
     rows = Table(head)
-    bench_model(rows, (1, 64) if not args.quick else (1, 16), sparsities, args.threads, budget)
-    bench_gemms(rows, gemms, (1,) if args.quick else (1, 64), sparsities, args.threads, budget)
+    model_batches = (1, 64) if not args.quick else (1, 16)
+    bench_model(rows, model_batches, sparsities, args.threads, budget, guard)
+    gemm_batches = (1,) if args.quick else (1, 64)
+    bench_gemms(rows, gemms, gemm_batches, sparsities, args.threads, budget, guard)
     if torch.cuda.is_available() and not args.no_cuda:
         print(f"\nCUDA {torch.cuda.get_device_name()}, float16 (ms per call)")
         cuda_rows = Table(["case", "batch", "pattern", "dense", "2:4", "2:4 speedup"])
@@ -278,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("\nCUDA: not available here, no 2:4 semi-structured timings")
     print(f"\n{time.perf_counter() - start:.0f} s in all; load average after: {load_average()}")
+    if guard.summary():
+        print(guard.summary())
     return 0
 
 

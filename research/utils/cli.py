@@ -227,7 +227,11 @@ def build_one_shot_parser() -> argparse.ArgumentParser:
     a = opt.add_sparsification_options(p, "required; one pruning modifier")
     p.set_defaults(gs_batch_size=128)
     a("--sparsities", type=float, nargs="+", default=[], help="default: recipe final_sparsity")
-    a("--method", default="", help="name in the results (default: recipe file name)")
+    a(
+        "--method",
+        default="",
+        help="name in the results (default: the pruner's: gm, obs, cap, fast_cap, ..., cap_2:4)",
+    )
     a("--no-sweep-cache", action="store_true", help="rebuild gradients/Fisher for every sparsity")
     opt.add_model_options(p)
     opt.add_data_options(p)

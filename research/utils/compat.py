@@ -1,73 +1,62 @@
 """Environment fixes that must run before timm is imported.
 
-The torchvision wheel that pip pairs with the CPU build of torch here is a CUDA build: its native
-ops library cannot load, so ``import torchvision`` (and therefore ``import timm``) stops with
-"operator torchvision::nms does not exist" while registering fake kernels for ops it never got.
-Defining the two op schemas it registers first lets the pure-Python part of torchvision (the
-transforms and datasets timm uses) import; the detection ops themselves stay unusable, which timm's
-classification code never needs. Where torchvision loads normally nothing is changed.
+The torchvision fix itself lives in the package (:mod:`sparseml.compat`, run by ``import
+sparseml``); it is re-exported here because the scripts and tests call
+``utils.compat.ensure_torchvision()`` before importing timm. This module adds what only the
+scripts need: the W&B mode and timm's posterize under Pillow 13.
 """
 
 from __future__ import annotations
 
-import contextlib
+import netrc
 import os
-import sys
+from pathlib import Path
+from urllib.parse import urlparse
 
-import torch
+from sparseml.compat import ensure_torchvision as _ensure_torchvision
 
-_SCHEMAS = (
-    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-)
-# Kept at module level: a torch.library.Library deregisters its definitions when collected.
-_TORCHVISION_LIB: torch.library.Library | None = None
+__all__ = ["ensure_torchvision", "patch_timm_posterize", "set_wandb_mode", "wandb_has_credentials"]
 
-# Without network, online W&B hangs ~100 s; offline runs sync later with `wandb sync`.
-# HF_HUB_OFFLINE is deliberately absent: it would stop --pretrained from downloading weights
+
+def wandb_has_credentials() -> bool:
+    """True when W&B could log online: ``WANDB_API_KEY`` set, or ``wandb login`` ran.
+
+    ``wandb login`` stores the key in the netrc file (``NETRC`` or ``~/.netrc``) under the host of
+    ``WANDB_BASE_URL`` (default api.wandb.ai); reading it needs neither wandb nor the network.
+    """
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return path.is_file() and netrc.netrc(str(path)).authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def set_wandb_mode() -> str:
+    """Choose W&B's mode as timm leaves it: the user's ``WANDB_MODE`` wins; else online when the
+    user has credentials, offline otherwise (online without credentials would prompt or fail, and
+    offline runs sync later with ``wandb sync``). Returns the mode.
+    """
+    if "WANDB_MODE" not in os.environ and not wandb_has_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+    return os.environ.get("WANDB_MODE", "online")
+
+
+# HF_HUB_OFFLINE is deliberately left alone: it would stop --pretrained from downloading weights
 # (tests, CI and offline launchers set it themselves; see utils/pretrained.py for the fast
 # failure without network).
-OFFLINE_DEFAULTS = {
-    "WANDB_MODE": "offline",
-}
-
-
-def set_offline_defaults() -> None:
-    """Set ``WANDB_MODE=offline`` unless the user already chose."""
-    for key, value in OFFLINE_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-
-
-def _forget_torchvision() -> None:
-    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-        del sys.modules[name]
+set_offline_defaults = set_wandb_mode
 
 
 def ensure_torchvision() -> bool:
     """Make ``import torchvision`` (hence ``import timm``) work; return True if a fix was needed.
 
-    Also applies :func:`set_offline_defaults`. Safe to call any number of times.
+    Also chooses the W&B mode (:func:`set_wandb_mode`). Safe to call any number of times.
     """
-    global _TORCHVISION_LIB
-    set_offline_defaults()
-    if _TORCHVISION_LIB is not None:
-        return True
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError as err:
-        if "torchvision::" not in str(err) or "does not exist" not in str(err):
-            raise
-    else:
-        return False
-    _forget_torchvision()
-    lib = torch.library.Library("torchvision", "DEF")
-    for schema in _SCHEMAS:
-        with contextlib.suppress(RuntimeError):  # already defined by another shim
-            lib.define(schema)
-    _TORCHVISION_LIB = lib
-    import torchvision  # noqa: F401, F811
-
-    return True
+    set_wandb_mode()
+    return _ensure_torchvision()
 
 
 def patch_timm_posterize() -> bool:

@@ -58,7 +58,7 @@ def report_rank_agreement(epoch: int, digests: list[str]) -> bool:
 
 
 def init_wandb(args: argparse.Namespace, out_dir: Path, recipe_path: Path | None) -> Any:
-    """Start a W&B run (offline unless WANDB_MODE says otherwise); return the module."""
+    """Start a W&B run (online with credentials, as timm; see compat.set_wandb_mode)."""
     try:
         import wandb
     except ImportError as err:

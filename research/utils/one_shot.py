@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 import torch.nn.functional as F
@@ -60,6 +61,39 @@ def quantization_settings(manager: ScheduledModifierManager) -> dict[str, Any] |
     """Field values of the recipe's QuantizationModifier (None without one)."""
     quant = manager.quantization_modifiers
     return quant[0].field_values() if quant else None
+
+
+# Short names of the pruners, as the launcher's METHODS and the benchmark tables spell them.
+METHOD_NAMES = {
+    "GlobalMagnitudePruningModifier": "gm",
+    "GMPruningModifier": "gm",
+    "MagnitudePruningModifier": "gm_layer",
+    "OBSPruningModifier": "obs",
+    "CAPruningModifier": "cap",
+    "FastCAPruningModifier": "fast_cap",
+    "MFACPruningModifier": "mfac",
+    "WoodFisherPruningModifier": "woodfisher",
+    "WoodTaylorPruningModifier": "woodtaylor",
+    "DiagFisherPruningModifier": "diag_fisher",
+    "KFACPruningModifier": "kfac",
+    "HessianDiagPruningModifier": "hessian_diag",
+    "GWProdPruningModifier": "gwprod",
+    "ConstantPruningModifier": "constant",
+}
+
+
+def method_name(modifier: Any) -> str:
+    """The default ``--method``: what the pruner is (``cap``, ``obs``, ``cap_2:4``), not the
+    recipe's file name (``resnet_one_shot``), so the table's columns name methods."""
+    cls = type(modifier).__name__
+    name = METHOD_NAMES.get(cls)
+    if name is None:  # a user's own pruner: FooBarPruningModifier -> foo_bar
+        stem = cls.removesuffix("Modifier").removesuffix("Pruning") or cls
+        name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", stem).lower()
+    spec = getattr(modifier, "mask_spec", None)
+    if spec is not None and spec.kind == "nm":
+        name += f"_{spec.n}:{spec.group}"
+    return name
 
 
 def needs_gradients(modifier: Any) -> bool:

@@ -81,13 +81,32 @@ class GradSamplerData:
             )
         return self._loaders[batch_size]
 
-    def __call__(self, device: Any = None, batch_size: int | None = None, **_ignored: Any):
+    def __call__(
+        self, device: Any = None, batch_size: int | None = None, **_ignored: Any
+    ) -> EndlessBatches:
         loader = self.loader(batch_size or self.batch_size)
         device = torch.device(device) if device is not None else self.options["device"]
+        return EndlessBatches(loader, device)
+
+
+class EndlessBatches:
+    """The loader's batches as ``([inputs], {}, target)`` on ``device``, pass after pass.
+
+    Endless, so the grad sampler never restarts it, yet ``len`` is one pass: the sampler warns
+    when ``num_grads`` exceeds the batches it holds (samples repeat), as it does for a loader.
+    """
+
+    def __init__(self, loader: Any, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
         while True:
             empty = True
-            for inputs, target in loader:
+            for inputs, target in self.loader:
                 empty = False
-                yield [inputs.to(device)], {}, target.to(device)
+                yield [inputs.to(self.device)], {}, target.to(self.device)
             if empty:  # an endless loop over nothing would hang the run
                 raise SetupError("the grad sampler loader yields no batch; lower -gb")

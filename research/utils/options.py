@@ -122,13 +122,24 @@ def add_model_options(p: argparse.ArgumentParser, default_model: str = "vit_digi
     return a
 
 
+def default_workers() -> int:
+    """timm's 4 loader processes, but no more than the cores this process may use: beyond them
+    PyTorch warns at every loader (train, eval) and the workers only compete for the cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(4, cores)
+
+
 def add_data_options(p: argparse.ArgumentParser) -> Adder:
     a = Adder(p.add_argument_group("dataset"))
     a("--data-dir", default=None, help="dataset root (digits: where to cache it)")
     a(
         "--dataset",
         default="",
-        help="'digits', 'fashion_mnist' (idx files), '' (ImageFolder), torch/<name>, ...",
+        help="'digits', 'fashion_mnist' (idx files), '' (an ImageFolder tree at --data-dir), "
+        "torch/<name>, ... (default: '', the ImageFolder tree)",
     )
     a("--train-split", default="train", help="training split (grad sampler, training)")
     a("--val-split", default="validation", help="evaluation split")
@@ -140,7 +151,14 @@ def add_data_options(p: argparse.ArgumentParser) -> Adder:
         default=None,
         help="eval batch size (default: -b)",
     )
-    a("-j", "--workers", type=int, default=4, help="data loader processes")
+    workers = default_workers()
+    a(
+        "-j",
+        "--workers",
+        type=int,
+        default=workers,
+        help=f"data loader processes (default: timm's 4, at most this machine's cores: {workers})",
+    )
     a("--pin-mem", action="store_true", help="pin loader memory (CUDA)")
     a("--no-prefetcher", action="store_true", help="timm's CUDA prefetcher off")
     return a

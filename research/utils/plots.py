@@ -146,11 +146,18 @@ def _floats(rows: list[dict[str, str]], key: str) -> list[float]:
 
 
 def plot_training(
-    rows: list[dict[str, Any]], path: str | Path, model: str, dataset: str, metric: str = "top1"
+    rows: list[dict[str, Any]],
+    path: str | Path,
+    model: str,
+    dataset: str,
+    metric: str = "top1",
+    pruning: bool = True,
 ) -> Path:
     """Top-1 accuracy (left axis) and scheduled sparsity (right axis) against the epoch.
 
     ``rows`` are ``summary.csv`` rows (:func:`utils.summary.read_summary` or the rows written).
+    ``pruning``: whether the run prunes (its recipe has a pruning modifier); a dense run's plot
+    is titled as dense training.
     """
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
@@ -176,7 +183,8 @@ def plot_training(
     right.set_ylim(-0.02, 1.02)
     handles, labels = (a + b for a, b in zip(*(x.get_legend_handles_labels() for x in (ax, right))))
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    ax.set_title(f"Gradual pruning of {model} on {dataset}")
+    kind = "Gradual pruning" if pruning else "Dense training"
+    ax.set_title(f"{kind} of {model} on {dataset}")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return _save(fig, path)
 

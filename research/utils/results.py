@@ -285,7 +285,7 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
 
 
 def wandb_start(project: str, name: str, config: dict[str, Any], out_dir: Path) -> Any:
-    """Start a W&B run (offline unless ``WANDB_MODE`` says otherwise); return the module."""
+    """Start a W&B run (online with credentials, as timm; see compat.set_wandb_mode)."""
     try:
         import wandb
     except ImportError as err:

@@ -7,8 +7,9 @@ with pruned entries zeroed. Pass it the way CAP's scripts do::
 
 where ``build(**grad_sampler_kwargs)`` returns an iterable of ``(args, kwargs, target)``
 triples (the recipe's ``grad_sampler_kwargs``, e.g. ``batch_size``, are passed to it). A loader
-that runs dry before ``num_grads`` samples is restarted (iterated again); one that yields
-nothing raises ``GradSamplerError``. Under ``torch.distributed`` every rank draws samples from
+that runs dry before ``num_grads`` samples is restarted (iterated again; a one-pass iterator
+such as a generator is built anew by calling ``build`` again); one that yields nothing raises
+``GradSamplerError``. Under ``torch.distributed`` every rank draws samples from
 its own data and the gradients are averaged, unless the model is DDP-wrapped (DDP's backward
 already averages them).
 
@@ -37,6 +38,7 @@ from sparseml import dist
 from sparseml.autograd_stats import hessian_products, layer_stats
 from sparseml.errors import GradSamplerError, NumericalError
 from sparseml.params import unwrap
+from sparseml.progress import Progress
 
 LOG = logging.getLogger(__name__)
 HOW_TO = (
@@ -84,6 +86,8 @@ class GradSampler:
         self._loader: Iterable | None = None
         self._iter: Iterator | None = None
         self._head: Any = None
+        # A one-pass iterator (a generator) cannot be iterated twice: each pass builds it anew.
+        self._loader_used = False
         # Each pass's shuffle and each batch are seeded from this run-wide seed (rank 0's
         # initial seed, shared by every rank) mixed with the rank: with the stream position
         # it is all a resumed run needs to draw the same samples, on every rank.
@@ -135,6 +139,9 @@ class GradSampler:
         depends on nor disturbs the training run's randomness, whatever the loader prefetches.
         """
         with preserved_rng(seed=self._seed_at(self.passes, -1)):
+            if self._loader_used and isinstance(self._loader, Iterator):
+                self._loader = self.builder(**self.builder_kwargs)
+            self._loader_used = True
             self._iter = iter(self._loader)  # type: ignore[arg-type]
             self._head = next(self._iter, _END)
         self.passes += 1
@@ -226,18 +233,18 @@ class GradSampler:
         ]
 
     @contextmanager
-    def _sampling(self, module: nn.Module, num: int, desc: str) -> Iterator[_Progress]:
+    def _sampling(self, module: nn.Module, num: int, desc: str) -> Iterator[Progress]:
         """Eval mode and the training ``.grad`` set aside while sampling; both restored after.
 
         The module is put in eval mode (BN running stats, no dropout). The ``.grad`` of every
         parameter is set aside before the first sample and put back afterwards, so a prune
         fired from inside a training step leaves that step's (possibly accumulated) gradient
-        untouched. Yields the progress logger of ``num`` samples.
+        untouched. Yields the progress (rank 0: bar or log lines with ETA) of ``num`` samples.
         """
         if num < 1:
             raise GradSamplerError(f"num_grads must be >= 1, got {num}")
         per_pass = self.batches_per_pass()
-        if per_pass is not None and num > per_pass:
+        if per_pass is not None and num > per_pass and dist.rank() == 0:  # once, not per rank
             LOG.warning(
                 "%s: num_grads %d exceeds the %d batches the grad sampler's loader holds; "
                 "samples repeat (about %.1f passes)",
@@ -252,7 +259,8 @@ class GradSampler:
             p.grad = None
         module.eval()
         try:
-            yield _Progress(desc, num)
+            with Progress(desc, num, "samples", logger=LOG) as progress:
+                yield progress
         finally:
             for p, grad in training_grads:
                 p.grad = grad
@@ -272,8 +280,8 @@ class GradSampler:
 
         Samples are returned in ``dtype`` (float32, or float64 for float64 models), whatever
         the parameters' dtype. Sampling runs under `_sampling` (eval mode, training gradients
-        set aside and restored). Progress (count, rate, ETA) is logged at INFO level about
-        every 10 seconds and at the end.
+        set aside and restored). Progress (count, rate, ETA) shows on rank 0: a bar on a
+        terminal, else an INFO line about every 10 seconds, and the total at the end.
         """
         averaging = dist.is_distributed() and not isinstance(
             module, nn.parallel.DistributedDataParallel
@@ -297,7 +305,7 @@ class GradSampler:
                             g = g.masked_fill(~flat_masks[i].to(g.device), 0)
                         buf[row] = g
                     done += 1
-                    progress.step(done)
+                    progress.set(done)
                 _check_finite(chunk, "sampled gradients")
                 yield chunk
                 # Dropped before the next chunk exists: one chunk alive at a time (each can be
@@ -331,7 +339,7 @@ class GradSampler:
                 stats = self._layer_stats(model, layers, dtype)
                 self.seconds += time.perf_counter() - t0
                 _check_finite([t for pair in stats for t in pair], "layer statistics")
-                progress.step(done)
+                progress.set(done)
                 yield stats
 
     def _hessian_products(
@@ -367,29 +375,7 @@ class GradSampler:
                     _check_finite(hv, "Hessian-vector products")
                     yield v, hv
                     t0 = time.perf_counter()
-                progress.step(done)
-
-
-class _Progress:
-    """Logs count, rate and ETA at INFO level about every 10 seconds, first and last."""
-
-    def __init__(self, desc: str, total: int) -> None:
-        self.desc, self.total = desc, total
-        self.start = self.last = time.monotonic()
-
-    def step(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self.last > 10 or done in (1, self.total):  # 1: the first ETA
-            rate = done / max(now - self.start, 1e-9)
-            LOG.info(
-                "%s: %d/%d samples (%.1f/s, ETA %.0f s)",
-                self.desc,
-                done,
-                self.total,
-                rate,
-                (self.total - done) / rate,
-            )
-            self.last = now
+                progress.set(done)
 
 
 def _check_finite(tensors: list[Tensor], what: str) -> None:

@@ -59,9 +59,22 @@ def free_bytes(device: torch.device) -> int | None:
 
 
 def describe(items: list[MemoryItem]) -> str:
+    """One short line: items of the same kind on the same device are summed with their count
+    (FastCAP lists one Fisher per layer: a line per plan, not an entry per layer)."""
     ranks = dist.world_size()
-    parts = ", ".join(f"{i.what} {gib(i.nbytes)} on {i.device}" for i in items)
+    groups: dict[tuple[str, torch.device], list[int]] = {}
+    for item in items:
+        groups.setdefault((item.what, item.device), []).append(item.nbytes)
+    parts = ", ".join(
+        f"{what} {gib(sum(sizes))} on {device}" + (f" ({len(sizes)} x)" if len(sizes) > 1 else "")
+        for (what, device), sizes in groups.items()
+    )
     return f"{parts}; per rank, {ranks} rank{'s' * (ranks > 1)}"
+
+
+# The last plan logged per owner: a one-shot sweep checks the same plan at every sparsity and
+# logs it once (again only when it changes).
+_LOGGED: dict[str, str] = {}
 
 
 def shortfall(items: list[MemoryItem]) -> tuple[torch.device, int, int] | None:
@@ -85,7 +98,10 @@ def check_fits(
     ``alternatives``: (items, setting) pairs of smaller settings, tried in order; the message
     names the first that fits.
     """
-    LOG.info("%s memory plan: %s", owner, describe(items))
+    plan = describe(items)
+    if _LOGGED.get(owner) != plan:
+        LOG.info("%s memory plan: %s", owner, plan)
+        _LOGGED[owner] = plan
     short = shortfall(items)
     if short is None:
         return

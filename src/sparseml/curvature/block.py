@@ -9,7 +9,8 @@ from torch import Tensor
 
 from sparseml.dist import on_all_ranks
 from sparseml.kernels.fast_cap import accumulate_shared_fisher
-from sparseml.kernels.fisher import BlockFisherBuilder
+from sparseml.kernels.fisher import BlockFisherBuilder, num_blocks
+from sparseml.progress import Progress
 
 
 def block_fisher_inverses(
@@ -42,7 +43,17 @@ def block_fisher_inverses(
         for p in layout.parts
     ]
     _feed(chunks, layout, builders)  # no chunk outlives the loop (they can be GBs)
-    return on_all_ranks(lambda: [b.finish() for b in builders], owner)
+    return on_all_ranks(lambda: _finish_all(builders, owner), owner)
+
+
+def _finish_all(builders: list[BlockFisherBuilder], owner: str) -> list[Tensor]:
+    """Invert every part's blocks, with progress (minutes at DeiT sizes: it must show)."""
+    sizes = [num_blocks(b.d, b.block_size) for b in builders]
+    out = []
+    with Progress(f"{owner}: Fisher inverse", sum(sizes), "blocks") as progress:
+        for builder in builders:
+            out.append(builder.finish(on_blocks=progress.update))
+    return out
 
 
 def _feed(chunks: Iterable[list[Tensor]], layout, builders: list[BlockFisherBuilder]) -> None:

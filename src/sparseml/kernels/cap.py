@@ -14,6 +14,8 @@ where a coordinate is already removed; returned ``mask`` tensors are True where 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from sparseml.errors import NumericalError
@@ -203,8 +205,11 @@ def _greedy(Hb, wb, elim, steps, gid=None, cnt=None, n=0):
     return piv, cum, out
 
 
-def _run(W, H, pre, steps_all, blocks_per_batch, nm=None):
+def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None):
     """Shared driver: batches blocks by pending work, pre-eliminates and runs the greedy.
+
+    ``on_blocks(n)`` (optional, e.g. a progress bar's update) is called after each batch with
+    its number of blocks, possibly from worker threads.
 
     Returns order (n_b, B) int16/int64, losses (n_b, B) float32 made non-decreasing along the
     order, and for N:M the final weights (n_b, B) float64 (None otherwise).
@@ -245,6 +250,8 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None):
         in_order = loss.gather(1, o).cummax(1).values  # absorbs rounding, keeps prefixes
         order[bi] = o.to(order.dtype)
         losses[bi] = loss.scatter_(1, o, in_order).float()
+        if on_blocks is not None:
+            on_blocks(nb)
 
     for_each_chunk(batch, n_b, bs, dev)
     return order, losses, W_new
@@ -257,6 +264,7 @@ def cap_eliminate(
     *,
     valid: torch.Tensor | None = None,
     blocks_per_batch: int | None = None,
+    on_blocks: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy CAP elimination order and cumulative OBS losses of every Fisher block.
 
@@ -265,11 +273,12 @@ def cap_eliminate(
     Pruned and padded coordinates come first in ``order`` (by index) with loss 0, then the greedy
     pivots. Returns order (n_b, B) int16 (int64 if B > 32767) and losses (n_b, B) float32 where
     losses[b, order[b, t]] = 1/2 w_S^T (H_SS)^-1 w_S for S = order[b, :t + 1] (non-decreasing
-    along the order). Runs in float64 on a working copy of ``blocks_per_batch`` blocks at a time.
+    along the order). Runs in float64 on a working copy of ``blocks_per_batch`` blocks at a time;
+    ``on_blocks(n)`` is told of every ``n`` blocks done (progress; from worker threads).
     """
     _check(W, H, pruned)
     pre = pruned.bool() if valid is None else pruned.bool() | ~valid.bool()
-    order, losses, _ = _run(W, H, pre, W.shape[1] - pre.sum(1), blocks_per_batch)
+    order, losses, _ = _run(W, H, pre, W.shape[1] - pre.sum(1), blocks_per_batch, None, on_blocks)
     return order, losses
 
 
@@ -370,6 +379,7 @@ def cap_nm_prune(
     *,
     valid: torch.Tensor | None = None,
     blocks_per_batch: int | None = None,
+    on_blocks: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CAP N:M: greedy elimination until every group of m consecutive coordinates has n removed.
 
@@ -392,6 +402,7 @@ def cap_nm_prune(
         pre = pre | ~valid.bool()
     need = (n - pre.view(n_b, -1, m).sum(2)).clamp_min(0) * valid_groups
     steps = need.sum(1)
-    order, _, W_new = _run(W, H, pre, steps, blocks_per_batch, (n, m, valid_groups))
+    nm = (n, m, valid_groups)
+    order, _, W_new = _run(W, H, pre, steps, blocks_per_batch, nm, on_blocks)
     mask = prefix_mask(order, pre.sum(1) + steps, valid)  # pre-eliminated, then greedy picks
     return W_new.to(W.dtype), mask

@@ -27,6 +27,7 @@ instead, which never forms the (rank-deficient) B x B Gram and is accurate for a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -139,6 +140,7 @@ def invert_block_fisher(
     *,
     blocks_per_chunk: int | None = None,
     inplace: bool = True,
+    on_blocks: Callable[[int], None] | None = None,
 ) -> Tensor:
     """H_b = (damp * I + gram_b / num_grads)^{-1} for every block, via float64 Cholesky.
 
@@ -150,6 +152,8 @@ def invert_block_fisher(
             such batches per thread); default about 4 MiB of float64 per batch on CPU.
         inplace: write H into ``gram``'s storage (no second (n_b, B, B) tensor; a float64
             Gram is factorised where it lies, so after a `NumericalError` it holds garbage).
+        on_blocks: told ``n`` after every chunk of ``n`` blocks is inverted (progress; may be
+            called from worker threads).
     Returns:
         (n_b, B, B) H in ``gram``'s dtype and device.
     Raises:
@@ -198,6 +202,8 @@ def invert_block_fisher(
         torch.cholesky_inverse(f, out=f)
         if f.data_ptr() != result[s : s + step].data_ptr():
             result[s : s + step] = f
+        if on_blocks is not None:
+            on_blocks(f.shape[0])
 
     for_each_chunk(invert_chunk, n_b, step, gram.device)
     return result
@@ -320,14 +326,19 @@ class BlockFisherBuilder:
             accumulate_block_gram(grads, self.block_size, out=self.store)
         self.count += c
 
-    def finish(self) -> Tensor:
-        """H (n_b, B, B) of the samples added so far (consumes the builder's storage)."""
+    def finish(self, on_blocks: Callable[[int], None] | None = None) -> Tensor:
+        """H (n_b, B, B) of the samples added so far (consumes the builder's storage).
+
+        ``on_blocks(n)`` is told of every ``n`` blocks inverted (progress)."""
         if self.count < 1:
             raise RuntimeError("no gradient samples were added to the Fisher")
         store, self.store = self.store, []  # released as soon as H exists
         if self.mspace:
-            return mspace_block_inverse(store, self.block_size, self.damp, dtype=self.dtype)
-        return invert_block_fisher(store, self.count, self.damp)
+            H = mspace_block_inverse(store, self.block_size, self.damp, dtype=self.dtype)
+            if on_blocks is not None:
+                on_blocks(H.shape[0])
+            return H
+        return invert_block_fisher(store, self.count, self.damp, on_blocks=on_blocks)
 
 
 def block_fisher_inverse(

@@ -10,6 +10,7 @@ from sparseml.modifiers.quantization import QuantizationModifier
 from sparseml.modifiers.training import (
     EpochRangeModifier,
     LearningRateFunctionModifier,
+    LearningRateModifier,
     SetLearningRateModifier,
     SetWeightDecayModifier,
 )
@@ -17,6 +18,7 @@ from sparseml.modifiers.training import (
 __all__ = [
     "EpochRangeModifier",
     "LearningRateFunctionModifier",
+    "LearningRateModifier",
     "Modifier",
     "QuantizationModifier",
     "SetLearningRateModifier",

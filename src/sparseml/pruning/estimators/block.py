@@ -21,6 +21,7 @@ from sparseml.kernels.cap import cap_eliminate, workspace_bytes
 from sparseml.kernels.fisher import UPCAST_NUMEL, to_blocks
 from sparseml.layouts import BlockLayout, CompactLayout
 from sparseml.memory import MemoryItem
+from sparseml.progress import Progress
 from sparseml.pruning.estimators.base import (
     GRAD_CHUNK,
     Estimator,
@@ -164,6 +165,8 @@ class CAPElimination(BlockFisher):
 
         def eliminate() -> list[dict[str, torch.Tensor]]:
             out = []
+            total = 0 if self.nm else sum(H.shape[0] for H in inverses)
+            progress = Progress(f"{type(pruner).__name__}: CAP elimination", total, "blocks")
             for w, k, H in zip(weights, kept, inverses):
                 W = to_blocks(w.to(H.device), bsz)  # work dtype (float32 or float64)
                 valid = to_blocks(torch.ones(w.numel(), device=H.device), bsz) > 0
@@ -171,9 +174,11 @@ class CAPElimination(BlockFisher):
                 if not self.nm:
                     pruned = to_blocks((~k).to(H.device, torch.float32), bsz) > 0
                     est["order"], est["losses"] = cap_eliminate(
-                        W, H, pruned, valid=valid, blocks_per_batch=self.blocks_per_batch
-                    )
+                        W, H, pruned, valid=valid, blocks_per_batch=self.blocks_per_batch,
+                        on_blocks=progress.update,
+                    )  # fmt: skip
                 out.append(est)
+            progress.close()
             return out
 
         return on_all_ranks(eliminate, type(pruner).__name__)

@@ -79,7 +79,8 @@ def test_mfac_buffering_checked_before_the_buffer_is_allocated(monkeypatch) -> N
         )
 
 
-def test_block_size_larger_than_every_layer_is_clamped(caplog) -> None:
+def test_block_size_larger_than_every_layer_is_clamped(caplog, monkeypatch) -> None:
+    monkeypatch.setattr(memory, "_LOGGED", {})  # an earlier test may have logged this plan
     caplog.set_level(logging.INFO)
     manager = ScheduledModifierManager.from_yaml(
         ONE_SHOT.format(name="OBSPruningModifier", m=16, block=100_000)
@@ -115,3 +116,25 @@ def test_mfac_schedule_of_num_grads_gets_a_schedule_as_advice() -> None:
     advice = re.search(r"num_grads: (\{.*\}) would fit", str(err.value))
     assert advice is not None, str(err.value)
     assert "0.0:" in advice.group(1) and "0.5:" in advice.group(1)
+
+
+def test_fast_cap_plan_is_one_short_line_logged_once_per_sweep(caplog, monkeypatch) -> None:
+    """One Fisher per layer is summed into one entry with its count, and a sweep that checks
+    the same plan at every sparsity logs it once."""
+    monkeypatch.setattr(memory, "_LOGGED", {})
+    caplog.set_level(logging.INFO, logger="sparseml.memory")
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(24)])
+    for sparsity in (0.5, 0.7):
+        text = ONE_SHOT.format(name="FastCAPruningModifier", m=4, block=8).replace(
+            "0.5", str(sparsity)
+        )
+
+        def builder(**kw):
+            return iter(lambda: ([torch.randn(4, 8)], {}, torch.randn(4, 8)), None)
+
+        grad_sampler = {"data_loader_builder": builder, "loss_fn": nn.functional.mse_loss}
+        ScheduledModifierManager.from_yaml(text).apply(model, grad_sampler=grad_sampler)
+    plans = [r.getMessage() for r in caplog.records if "memory plan" in r.getMessage()]
+    assert len(plans) == 1, plans
+    assert len(plans[0]) < 200 and "(24 x)" in plans[0], plans[0]

@@ -102,3 +102,24 @@ def test_masked_samples_are_zero_on_pruned_entries():
     (chunk,) = list(sampler.iter_chunks(net, params, 3, masks=[mask]))
     assert chunk[0][:, ~mask.reshape(-1)].abs().max() == 0
     assert chunk[0][:, mask.reshape(-1)].abs().max() > 0
+
+
+def test_generator_builder_is_built_anew_for_each_pass():
+    """A builder returning a generator (one pass only) works past its first pass, and draws the
+    same samples as the same batches given as a list."""
+    seen = []
+    as_list = finite_builder(seen)
+
+    def as_generator(**kwargs):
+        return (batch for batch in as_list(**kwargs))
+
+    grads = []
+    for build in (as_list, as_generator):
+        torch.manual_seed(1)
+        net = model()
+        sampler = GradSampler(build, F.cross_entropy, {"batch_size": 5})
+        params = [p for p in net.parameters() if p.dim() == 2]
+        chunks = list(sampler.iter_chunks(net, params, 5, chunk_size=5))
+        grads.append(torch.cat([torch.cat(c, dim=1) for c in chunks], dim=0))
+        assert sampler.passes == 3  # 5 samples from 2 batches per pass
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

@@ -19,7 +19,7 @@ from sparseml.pruning import PruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
 from sparseml.registry import modifier_names
 
-ROOT = Path(__file__).resolve().parents[1] / "research" / "recipes"
+ROOT = Path(__file__).resolve().parents[2] / "research" / "recipes"
 RECIPES = sorted(p for p in ROOT.rglob("*") if p.suffix in (".yaml", ".yml", ".md"))
 
 

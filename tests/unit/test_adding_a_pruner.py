@@ -12,7 +12,7 @@ from sparseml.kernels.fisher import block_diag, block_fisher_inverse
 from sparseml.pytorch.optim import ScheduledModifierManager
 from toy import mlp, sampler
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "adding-a-pruner.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "adding-a-pruner.md"
 
 
 def doc_blocks(lang: str) -> list[str]:

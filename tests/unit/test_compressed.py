@@ -20,7 +20,7 @@ from sparseml.errors import CheckpointError, CompressedFileError
 from sparseml.masks import nm_mask
 from sparseml.serialization import FileWriteError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

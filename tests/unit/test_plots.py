@@ -93,3 +93,10 @@ def test_training_plot_shows_accuracy_and_sparsity_per_epoch(tmp_path, drawn):
     accuracy, sparsity = fig["axes"]
     assert list(accuracy["lines"]["top-1"].get_ydata()) == [80, 81, 82, 83, 84]
     assert list(sparsity["lines"]["sparsity"].get_ydata()) == [0.0, 0.0, 0.5, 0.75, 0.75]
+
+
+def test_dense_training_plot_is_not_titled_gradual_pruning(tmp_path, drawn):
+    rows = [{"epoch": str(e), "eval_top1": str(80 + e), "sparsity": "0.0"} for e in range(3)]
+    plots.plot_training(rows, tmp_path / "t.png", "vit_digits", "digits", pruning=False)
+    [fig] = drawn
+    assert fig["titles"][0] == "Dense training of vit_digits on digits"

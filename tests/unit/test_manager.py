@@ -15,7 +15,7 @@ def timm_module():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "research"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "research"))
     from utils.compat import ensure_torchvision
 
     ensure_torchvision()
