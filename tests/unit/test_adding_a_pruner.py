@@ -45,3 +45,37 @@ def test_the_documented_pruner_registers_and_prunes() -> None:
     pruned = torch.zeros_like(flat, dtype=torch.bool)
     pruned[flat.argsort()[: round(0.5 * total)]] = True
     assert torch.equal(torch.cat([(w == 0).reshape(-1) for w in weights]), pruned)
+
+
+def test_the_documented_estimator_of_its_own_prunes_by_its_saliency() -> None:
+    namespace: dict = {}
+    exec(doc_blocks("python")[1], namespace)  # MeanAbsGradient and MySaliencyPruningModifier
+    recipe = doc_blocks("yaml")[0].replace("MyOBDPruningModifier", "MySaliencyPruningModifier")
+    recipe = "\n".join(
+        line
+        for line in recipe.splitlines()
+        if "fisher_block_size" not in line and "damp" not in line
+    )
+    model, dense_model = mlp(), mlp()
+    ScheduledModifierManager.from_yaml(recipe).apply(model, grad_sampler=sampler())
+    weights = [model[0].weight, model[2].weight]
+    total = sum(w.numel() for w in weights)
+    assert total == sum(p.numel() for n, p in model.named_parameters() if "weight" in n)
+    # the pruned set is the lowest |w| * mean |g| of the same 64 samples
+    grad_sampler = GradSampler.from_kwargs(sampler(), {}, "oracle")
+    params = [dense_model[0].weight, dense_model[2].weight]
+    chunks = list(grad_sampler.iter_chunks(dense_model, params, 64))
+    scores = [
+        p.detach().reshape(-1).double().abs()
+        * torch.cat([c[i] for c in chunks]).abs().double().mean(0)
+        for i, p in enumerate(params)
+    ]
+    flat = torch.cat(scores)
+    pruned = torch.zeros_like(flat, dtype=torch.bool)
+    pruned[flat.argsort()[: round(0.5 * total)]] = True
+    assert torch.equal(torch.cat([(w == 0).reshape(-1) for w in weights]), pruned)
+    # its memory figure: the float64 sums, plus the larger of a gradient chunk and pruning
+    (pruner,) = ScheduledModifierManager.from_yaml(recipe).modifiers
+    pruner.initialize(mlp(), grad_sampler=sampler())
+    items, _ = pruner.estimator().memory(pruner, None, 64)
+    assert items[0].what == "mean |g| sums (float64)" and items[0].nbytes == 8 * total

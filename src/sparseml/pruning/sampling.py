@@ -24,6 +24,28 @@ PHASES = ("gradients", "curvature", "pruning")
 TARGET_FIELDS = ("init_sparsity", "final_sparsity", "flops_target", "start_epoch", "end_epoch")
 
 
+def device_present(device: torch.device) -> bool:
+    """The CPU, or a CUDA device this machine has."""
+    return device.type == "cpu" or (
+        device.type == "cuda"
+        and torch.cuda.is_available()
+        and (device.index or 0) < torch.cuda.device_count()
+    )
+
+
+def first_present_device(names: list[str], fallback: torch.device, owner: str) -> torch.device:
+    """The first of ``names`` this machine has (else ``fallback``), warning about the others."""
+    devices = [torch.device(n) for n in names]
+    present = [d for d in devices if device_present(d)]
+    chosen = present[0] if present else fallback
+    missing = [str(d) for d in devices if not device_present(d)]
+    if missing:
+        LOG.warning(
+            "%s: devices %s do not exist on this machine; computing on %s", owner, missing, chosen
+        )
+    return chosen
+
+
 def check_fisher_device(pruner: Any) -> None:
     """The ``fisher_inv_device`` field names a device this machine has."""
     name = pruner._values.get("fisher_inv_device")
@@ -35,12 +57,7 @@ def check_fisher_device(pruner: Any) -> None:
         raise pruner.field_error(
             "fisher_inv_device", "is not a device name (e.g. cpu, cuda, cuda:1)"
         ) from None
-    present = device.type == "cpu" or (
-        device.type == "cuda"
-        and torch.cuda.is_available()
-        and (device.index or 0) < torch.cuda.device_count()
-    )
-    if not present:
+    if not device_present(device):
         raise pruner.field_error("fisher_inv_device", "does not exist on this machine")
 
 

@@ -35,6 +35,7 @@ from sparseml.pruning.fields import (
 )
 from sparseml.pruning.grad_buffer import TrainingGradients
 from sparseml.pruning.modifier import PruningModifier
+from sparseml.pruning.sampling import first_present_device
 from sparseml.pruning.updates import Scored, matrix_free_scores, matrix_free_update
 from sparseml.registry import register_modifier
 
@@ -48,6 +49,40 @@ def _num_grads(value: Any) -> int | dict[float, int]:
     if 0.0 not in out:
         raise FieldValueError("as a mapping {sparsity: count} must include the key 0.0")
     return dict(sorted(out.items()))
+
+
+MFAC_FIELDS = {
+    **SAMPLING,
+    **DEVICE,
+    "num_grads": Field(64, _num_grads, "m, or {sparsity: m} (key 0.0 required)"),
+    "damp": Field(1e-5, as_float(0.0, lo_open=True), "lambda: Fisher dampening (> 0)"),
+    "fisher_block_size": Field(2000, block_size_or_full, "B; null or -1 for the full Fisher"),
+    "num_pages": Field(1, as_int(1), "column pages for the full Fisher"),
+    "global_sparsity": Field(False, as_bool, "one threshold over all params"),
+    "use_gradient_buffering": Field(None, optional(as_bool), "buffer training gradients"),
+    "grads_device": Field("cpu", as_str, "device of the training-gradient buffer"),
+    "available_devices": Field(
+        None, optional(as_str_list), "compute devices", aliases=("available_gpus",)
+    ),
+    "block_implementation": Field("auto", as_str, "accepted for compatibility, ignored"),
+    "blocks_cross_layers": Field(False, as_bool, "reference blocking across parameters"),
+}
+# blocks hold unpruned weights only and the update is not joint per mask group: no
+# block-size / group relation
+MFAC_CHECKS = (
+    SAMPLING_CHECKS[0],
+    Check(
+        "num_recomputations",
+        lambda m: (
+            m._values["num_recomputations"] != 1
+            and (
+                getattr(mask_spec_of(m._values), "kind", "") == "nm"
+                or m._values["use_gradient_buffering"]
+            )
+        ),
+        "must be 1 with an N:M mask or gradient buffering",
+    ),
+)
 
 
 @register_modifier
@@ -89,38 +124,8 @@ class MFACPruningModifier(PruningModifier):
     ``available_devices`` (alias ``available_gpus``), else on the parameters' device.
     """
 
-    FIELDS = {
-        **SAMPLING,
-        **DEVICE,
-        "num_grads": Field(64, _num_grads, "m, or {sparsity: m} (key 0.0 required)"),
-        "damp": Field(1e-5, as_float(0.0, lo_open=True), "lambda: Fisher dampening (> 0)"),
-        "fisher_block_size": Field(2000, block_size_or_full, "B; null or -1 for the full Fisher"),
-        "num_pages": Field(1, as_int(1), "column pages for the full Fisher"),
-        "global_sparsity": Field(False, as_bool, "one threshold over all params"),
-        "use_gradient_buffering": Field(None, optional(as_bool), "buffer training gradients"),
-        "grads_device": Field("cpu", as_str, "device of the training-gradient buffer"),
-        "available_devices": Field(
-            None, optional(as_str_list), "compute devices", aliases=("available_gpus",)
-        ),
-        "block_implementation": Field("auto", as_str, "accepted for compatibility, ignored"),
-        "blocks_cross_layers": Field(False, as_bool, "reference blocking across parameters"),
-    }
-    # blocks hold unpruned weights only and the update is not joint per mask group: no
-    # block-size / group relation
-    CHECKS = (
-        SAMPLING_CHECKS[0],
-        Check(
-            "num_recomputations",
-            lambda m: (
-                m._values["num_recomputations"] != 1
-                and (
-                    getattr(mask_spec_of(m._values), "kind", "") == "nm"
-                    or m._values["use_gradient_buffering"]
-                )
-            ),
-            "must be 1 with an N:M mask or gradient buffering",
-        ),
-    )
+    FIELDS = MFAC_FIELDS
+    CHECKS = MFAC_CHECKS
 
     def reset_state(self) -> None:
         super().reset_state()
@@ -180,27 +185,17 @@ class MFACPruningModifier(PruningModifier):
         return [v for k, v in self.num_grads.items() if k <= sparsity + 1e-12][-1]
 
     def compute_device(self) -> torch.device:
+        """``fisher_inv_device``, else the first present of ``available_devices``, else the
+        parameters' device (missing devices are named once in a warning)."""
         if self.fisher_inv_device:
             return torch.device(self.fisher_inv_device)
-        usable, missing = [], []
-        for name in self.available_devices or []:
-            device = torch.device(name)
-            present = device.type == "cpu" or (
-                device.type == "cuda"
-                and torch.cuda.is_available()
-                and (device.index or 0) < torch.cuda.device_count()
-            )
-            (usable if present else missing).append(device)
-        fallback = usable[0] if usable else self.refs[0].param.device
-        if missing and not getattr(self, "_warned_devices", False):
-            LOG.warning(
-                "%s: available_devices %s do not exist on this machine; computing on %s",
-                type(self).__name__,
-                [str(d) for d in missing],
-                fallback,
-            )
-            self._warned_devices = True
-        return fallback
+        fallback = self.refs[0].param.device
+        if not self.available_devices:
+            return fallback
+        if getattr(self, "_device", None) is None:
+            owner = type(self).__name__
+            self._device = first_present_device(self.available_devices, fallback, owner)
+        return self._device
 
     def _reset_buffer(self) -> None:
         layout = UnprunedLayout(self.masks, self.fisher_block_size, self.blocks_cross_layers)
