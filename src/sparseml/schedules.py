@@ -146,3 +146,35 @@ def lr_function_value(
     warm_steps = warmup * S
     factor = 1.0 if warm_steps <= 0 else min((a + 1.0) / warm_steps, 1.0)
     return base * factor * cycle_mul**cycle_index
+
+
+def shortfall(
+    start: float,
+    end: float,
+    frequency: float,
+    init: float,
+    target: float,
+    inter_func: str,
+    num_epochs: int,
+    steps_per_epoch: int | None,
+) -> tuple[float, int | None]:
+    """(sparsity reached, epochs needed) of a schedule from ``init`` at ``start`` to ``target``
+    at ``end`` in a run of ``num_epochs`` epochs; epochs needed is None when the run reaches
+    the target. The run's last step is at ``num_epochs - 1 / steps_per_epoch``; a pruning step
+    falls every ``frequency`` epochs from ``start`` (-1: every step)."""
+    last = num_epochs - (1.0 / steps_per_epoch if steps_per_epoch else 1e-6)
+    if end < 0 or end <= last + 1e-9:
+        return target, None
+    first = max(start, 0.0)
+    epoch = (
+        last
+        if frequency <= 0
+        else first + math.floor((last - first) / frequency + 1e-9) * frequency
+    )
+    reached = (
+        0.0 if first > last + 1e-9 else interpolate(epoch, start, end, init, target, inter_func)
+    )
+    if reached >= target - 1e-6:  # e.g. holding a constant sparsity: nothing is lost
+        return reached, None
+    need = math.ceil(end + 1 / steps_per_epoch - 1e-9) if steps_per_epoch else int(end) + 1
+    return reached, need

@@ -21,6 +21,7 @@ from sparseml.fields import (
     as_int,
     as_str,
     as_str_list,
+    brief,
     one_of,
     optional,
 )
@@ -206,3 +207,19 @@ SAMPLING_CHECKS = (
         "must be 1 with an N:M mask_type",
     ),
 )
+
+
+def recompute_num_spelling(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The WoodFisher repository's ``recompute_num: R`` (R recomputations after the first
+    Fisher, so R + 1 builds per pruning step) as ``num_recomputations: R + 1``."""
+    if "recompute_num" not in kwargs or "num_recomputations" not in cls.fields:
+        return kwargs
+    kwargs = dict(kwargs)
+    value = kwargs.pop("recompute_num")
+    if "num_recomputations" in kwargs:
+        raise RecipeError(f"{cls.__name__}: give num_recomputations or recompute_num, not both")
+    try:
+        kwargs["num_recomputations"] = as_int(0)(value) + 1
+    except FieldValueError as err:
+        raise RecipeError(f"{cls.__name__}: field 'recompute_num' = {brief(value)} {err}") from None
+    return kwargs

@@ -28,52 +28,27 @@ import torch
 from torch import Tensor, nn
 
 from sparseml.errors import RecipeError
-from sparseml.fields import Check, FieldValueError, as_int, brief
+from sparseml.fields import Check
 from sparseml.grad_sampler import GradSampler
 from sparseml.kernels.precision import work_dtype
 from sparseml.masks import MaskEnforcer, MaskSpec, check_groupable, parse_mask_type
 from sparseml.modifiers.base import Modifier
 from sparseml.params import ParamRef, assign_targets, select_params
 from sparseml.pruning import sampling
-from sparseml.pruning.fields import FROM_PARAM, SCHEDULE, SCHEDULE_CHECKS, mask_spec_of
+from sparseml.pruning.fields import FROM_PARAM, SCHEDULE, SCHEDULE_CHECKS, recompute_num_spelling
 from sparseml.pruning.flops_plan import FlopsPlan
 from sparseml.pruning.selectors import (
     KINDS,
     FlopsTarget,
     Reweighted,
     Threshold,
-    selector_kind,
+    allowed,
+    kind_of,
+    unsupported,
+    unsupported_field,
 )
 from sparseml.pruning.updates import Scored
-from sparseml.schedules import interpolate, recomputation_targets
-
-_MASK_WORDS = {"layer": "unstructured", "global": "unstructured", "block": "block4", "nm": "N:M"}
-
-
-def _kind_of(mod: Any) -> str | None:
-    spec = mask_spec_of(mod._values)
-    if spec is None:
-        return None
-    values = mod._values
-    return selector_kind(spec, values.get("global_sparsity", False), values.get("flops_target"))
-
-
-def _unsupported_field(mod: Any) -> str:
-    return {"flops": "flops_target", "global": "global_sparsity", "layer": "global_sparsity"}.get(
-        _kind_of(mod), "mask_type"
-    )
-
-
-def _unsupported(mod: Any) -> bool:
-    kind = _kind_of(mod)
-    return kind is not None and kind not in mod.SELECTORS
-
-
-def _allowed(mod: Any) -> str:
-    kinds = [k for k in KINDS if k in mod.SELECTORS]
-    names = {"layer": "per-layer", "global": "global", "block": "block4", "nm": "N:M"}
-    allowed = ", ".join(names.get(k, "flops_target") for k in kinds)
-    return f"is not supported by {type(mod).__name__}; it selects with: {allowed}"
+from sparseml.schedules import interpolate, recomputation_targets, shortfall
 
 
 class PruningModifier(Modifier):
@@ -88,13 +63,13 @@ class PruningModifier(Modifier):
                 m._values["global_sparsity"]
                 and isinstance(m._values.get("final_sparsity"), dict)
                 and len(m._values["final_sparsity"]) > 1
-                and _kind_of(m) == "global"
+                and kind_of(m) == "global"
             ),
             "must be false when final_sparsity maps several targets to parameters",
         ),
     )
     # The last check: a selector the method cannot use (its own fields are checked first).
-    SELECTOR_CHECK = Check("mask_type", _unsupported, _allowed)
+    SELECTOR_CHECK = Check("mask_type", unsupported, allowed)
     SPARSIFICATION_TYPES = ("pruning",)
     END_RULE = "ge"
     UPDATES_BETWEEN = True
@@ -116,28 +91,13 @@ class PruningModifier(Modifier):
 
     @classmethod
     def _canonical_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The WoodFisher repository's ``recompute_num: R`` (R recomputations after the first
-        Fisher, so R + 1 builds per pruning step) is ``num_recomputations: R + 1``."""
-        if "recompute_num" in kwargs and "num_recomputations" in cls.fields:
-            kwargs = dict(kwargs)
-            value = kwargs.pop("recompute_num")
-            if "num_recomputations" in kwargs:
-                raise RecipeError(
-                    f"{cls.__name__}: give num_recomputations or recompute_num, not both"
-                )
-            try:
-                kwargs["num_recomputations"] = as_int(0)(value) + 1
-            except FieldValueError as err:
-                raise RecipeError(
-                    f"{cls.__name__}: field 'recompute_num' = {brief(value)} {err}"
-                ) from None
-        return super()._canonical_kwargs(kwargs)
+        return super()._canonical_kwargs(recompute_num_spelling(cls, kwargs))
 
     def validate(self) -> None:
         super().validate()
         check = self.SELECTOR_CHECK
         if check.broken(self):
-            raise self.field_error(_unsupported_field(self), check.message(self))
+            raise self.field_error(unsupported_field(self), check.message(self))
 
     # ----- what the method is made of (overridden by methods) ------------------------------------
     def estimator(self) -> Any:
@@ -186,7 +146,7 @@ class PruningModifier(Modifier):
 
     @property
     def selector_kind(self) -> str:
-        return _kind_of(self)
+        return kind_of(self)
 
     def selector(self):
         """The selector the fields pick (FLOPs: reweighted by MACs, or a MACs target)."""
@@ -244,21 +204,20 @@ class PruningModifier(Modifier):
 
     def run_length_problem(self, num_epochs: int, steps_per_epoch: int | None) -> str | None:
         """Why a run of ``num_epochs`` epochs would stop this schedule short of its target
-        (None when it reaches it): the run's last step is at ``num_epochs - 1 /
-        steps_per_epoch``, and a pruning step falls every ``update_frequency`` epochs."""
-        last = num_epochs - (1.0 / steps_per_epoch if steps_per_epoch else 1e-6)
-        target, end = self.final_target(), self.end_epoch
-        if target is None or end < 0 or end <= last + 1e-9:
+        (None when it reaches it; `sparseml.schedules.shortfall`)."""
+        target = self.final_target()
+        if target is None:
             return None
-        start, freq = max(self.start_epoch, 0.0), self.update_frequency
-        epoch = last if freq <= 0 else start + math.floor((last - start) / freq + 1e-9) * freq
-        reached = 0.0 if start > last + 1e-9 else self.sparsity_at(epoch)
-        if reached >= target - 1e-6:  # e.g. holding a constant sparsity: nothing is lost
+        init = self.init_sparsity if isinstance(self.init_sparsity, float) else 0.0
+        reached, need = shortfall(
+            self.start_epoch, self.end_epoch, self.update_frequency, init, target,
+            self.inter_func, num_epochs, steps_per_epoch,
+        )  # fmt: skip
+        if need is None:
             return None
-        need = math.ceil(end + 1 / steps_per_epoch - 1e-9) if steps_per_epoch else int(end) + 1
         return (
-            f"{type(self).__name__} ends at epoch {end:g} but the run has {num_epochs} epochs: "
-            f"it would reach about {reached:.2%} sparsity instead of {target:.2%}; run at "
+            f"{type(self).__name__} ends at epoch {self.end_epoch:g} but the run has {num_epochs} "
+            f"epochs: it would reach about {reached:.2%} sparsity instead of {target:.2%}; run at "
             f"least {need} epochs or end the modifier earlier"
         )
 

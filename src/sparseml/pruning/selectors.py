@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from sparseml.errors import RecipeError
 from sparseml.flops import macs_prefix_length
-from sparseml.masks import MaskSpec, create_masks
+from sparseml.masks import MaskSpec, create_masks, parse_mask_type
 
 KINDS = ("layer", "global", "block", "nm", "flops")
 
@@ -99,3 +101,34 @@ def layer_targets(selector, scores: list[Tensor], targets: list[float]) -> list[
     to a method that reaches each parameter's target by itself."""
     masks = selector.select(scores, targets)
     return [1.0 - float(m.sum()) / max(m.numel(), 1) for m in masks]
+
+
+# ----- the recipe fields' view: which selector they ask for, and whether a method has it ------
+def kind_of(mod: Any) -> str | None:
+    """The selector kind a modifier's fields ask for (None while its mask_type is invalid)."""
+    values = mod._values
+    try:
+        spec = parse_mask_type(
+            values.get("mask_type", "unstructured"), values.get("n"), values.get("m")
+        )
+    except RecipeError:
+        return None
+    return selector_kind(spec, values.get("global_sparsity", False), values.get("flops_target"))
+
+
+def unsupported_field(mod: Any) -> str:
+    return {"flops": "flops_target", "global": "global_sparsity", "layer": "global_sparsity"}.get(
+        kind_of(mod), "mask_type"
+    )
+
+
+def unsupported(mod: Any) -> bool:
+    kind = kind_of(mod)
+    return kind is not None and kind not in mod.SELECTORS
+
+
+def allowed(mod: Any) -> str:
+    kinds = [k for k in KINDS if k in mod.SELECTORS]
+    names = {"layer": "per-layer", "global": "global", "block": "block4", "nm": "N:M"}
+    allowed = ", ".join(names.get(k, "flops_target") for k in kinds)
+    return f"is not supported by {type(mod).__name__}; it selects with: {allowed}"
