@@ -1,5 +1,5 @@
-"""Artifacts before records, whole-folder exports and a writer that replaces regular files only
-(issue 23, items 4 and 7): each fault is injected and the outcome checked."""
+"""Artifacts before records, whole-folder exports and a writer that replaces regular files
+only: each fault is injected and the outcome checked."""
 
 from __future__ import annotations
 

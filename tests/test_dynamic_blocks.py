@@ -1,4 +1,4 @@
-"""Dynamic Fisher blocks (blocks of B consecutive unpruned weights, spec 7.5): they equal
+"""Dynamic Fisher blocks (blocks of B consecutive unpruned weights): they equal
 static blocks restricted to the active weights, and their memory scales with the density."""
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
-"""Ctrl-C during gradient sampling stops the run within 2 s, however loaded the machine is
-(issue 23, item 10).
+"""Ctrl-C during gradient sampling stops the run within 2 s, however loaded the machine is.
 
 Two delays used to add up: the SIGINT waits until the running backward pass returns to Python
 (seconds on a loaded machine), and after the KeyboardInterrupt, interpreter finalisation took

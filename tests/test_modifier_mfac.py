@@ -50,7 +50,7 @@ def sampler(counter=None):
 
 
 def dense_oracle(model, sparsity, num_grads, damp, block, glob, cross):
-    """OBS step of spec 6.5 with dense float64 block inverses, from the same gradient samples."""
+    """The OBS step with dense float64 block inverses, from the same gradient samples."""
     weights = [model[0].weight, model[2].weight]
     batches = builder()()
     rows = []

@@ -1,4 +1,4 @@
-"""Numerics found by the audit (issue 23, item 9), each against its float64 or reference oracle.
+"""Numerics found by the audit, each against its float64 or reference oracle.
 
 1. Full WoodTaylor's h = H g_bar in float32 at small damp: computed as x/l - Z^T(Zx)/l^2 the
    two terms cancel; `MFACInverse.mean_gradient_mul` uses the push-through closed form.

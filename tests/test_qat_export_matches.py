@@ -1,4 +1,4 @@
-"""int8 (QDQ) ONNX export of trained ViTs (issue 23, item 8).
+"""int8 (QDQ) ONNX export of trained ViTs.
 
 The cause: PyTorch's fake-quantize ops round ``x * (1 / s)``, ONNX's ``QuantizeLinear``
 (ONNX Runtime) rounds ``x / s``; next to a half-integer the two give neighbouring integers.

@@ -1,4 +1,4 @@
-"""Recipes that say less than they mean, and regexes that would hang (issue 23, items 5 and 6).
+"""Recipes that say less than they mean, and regexes that would hang.
 
 Each hostile input is injected into a real recipe run (``ScheduledModifierManager``) or into
 ``select_params`` and must end in one ``RecipeError`` naming the entry or parameter, quickly.
@@ -49,7 +49,7 @@ modifiers:
 """
 
 
-# ----- item 5: catastrophic regexes ---------------------------------------------------------
+# ----- catastrophic regexes ---------------------------------------------------------
 @pytest.mark.parametrize(
     "pattern",
     [
@@ -113,7 +113,7 @@ def test_compile_pattern_bound_follows_the_name_length():
     compile_pattern("re:.*X", "m", longest_name=10**6)  # one repetition: linear, any length
 
 
-# ----- item 6: params: [] ---------------------------------------------------------------------
+# ----- params: [] ---------------------------------------------------------------------
 def test_empty_params_list_is_refused_not_every_layer():
     manager = ScheduledModifierManager.from_yaml(gm("[]"))
     net = model()
@@ -137,7 +137,7 @@ def test_empty_list_under_a_mapping_target_is_refused():
         manager.apply(model())
 
 
-# ----- item 6: a parameter under two mapping targets ------------------------------------------
+# ----- a parameter under two mapping targets ------------------------------------------
 def test_parameter_under_two_targets_is_refused_naming_both():
     final = "{0.5: ['re:.*weight'], 0.9: ['2.weight']}"
     manager = ScheduledModifierManager.from_yaml(gm("[]", final))
@@ -159,7 +159,7 @@ def test_assign_targets_is_pure_and_keeps_map_order():
         assign_targets({0.3: ["0.weight"], 0.6: ["0.weight"]}, select)
 
 
-# ----- item 6: frozen and meta parameters, every pruner -----------------------------------------
+# ----- frozen and meta parameters, every pruner -----------------------------------------
 def frozen_recipe(name: str, params: str) -> str:
     from test_pruner_contract import extra_fields
 

@@ -1,4 +1,4 @@
-"""What checkpoints and resume can trust (issue 23, item 3): a content checksum catches flipped
+"""What checkpoints and resume can trust: a content checksum catches flipped
 bytes inside a tensor, a pruned checkpoint never resumes without its masks, a finished run is
 left alone, and the advice after an interrupt in epoch 0 is what a rerun does.
 """

@@ -1,4 +1,4 @@
-"""What a user's data folders can trust (issue 23, items 2 and 5): one class map for every split,
+"""What a user's data folders can trust: one class map for every split,
 saved in checkpoints and checked on resume, evaluation and export; symlink loops refused fast.
 """
 
@@ -51,7 +51,7 @@ def labels_by_folder(ds) -> dict[str, set[int]]:
     return found
 
 
-# ----- item 2: one class map for every split --------------------------------------------------
+# ----- one class map for every split --------------------------------------------------
 @pytest.mark.parametrize("how", ["empty", "missing"])
 @pytest.mark.parametrize("split", ["val", "train"])
 def test_a_class_empty_in_one_split_keeps_every_label(small_digits, tmp_path, how, split):
@@ -117,7 +117,7 @@ def test_export_checks_and_reports_the_class_map(small_digits, tmp_path):
         export.main([*common, "--output", str(tmp_path / "e2")])
 
 
-# ----- item 5: symlink loops in a data folder -------------------------------------------------
+# ----- symlink loops in a data folder -------------------------------------------------
 def loop_tree(tmp_path: Path, small_digits: Path, shape: str) -> Path:
     root = copy_tree(small_digits, tmp_path / shape)
     if shape == "self":  # a folder linking to itself

@@ -1,8 +1,8 @@
 """Benchmark: static M-FAC, sequential m-step recursion vs the BLAS-3 (Gram + Cholesky) kernel.
 
 Paper: "M-FAC: Efficient Matrix-Free Approximations of Second-Order Information",
-arXiv 2107.03356. Baseline is the paper's recursion (spec section 6.1) as m GEMV passes in
-float32; the kernel is `sparseml.kernels.mfac.MFACInverse` (spec section 10.5).
+arXiv 2107.03356. Baseline is the paper's recursion as m GEMV passes in
+float32; the kernel is `sparseml.kernels.mfac.MFACInverse`.
 
 Peak memory: a thread samples the resident set size (/proc/self/statm) every millisecond while
 a build runs; "extra" is the peak minus the RSS just before the call (G is already resident),

@@ -61,7 +61,7 @@ def recomputation_targets(
 
     They are spaced from the model's *actual* current sparsity ``current`` to ``target``
     (the last one equals ``target`` exactly: no float comparison decides it, unlike the
-    WoodFisher reference's assert, spec W3), so an already sparse model never gets an
+    WoodFisher reference's assert), so an already sparse model never gets an
     intermediate target below its sparsity. Rebuild i of R aims at
     ``start + (1 - (1 - i/R)^degree) (target - start)``: ``linear`` is degree 1, ``cubic``
     degree 3 and ``poly`` takes ``degree`` (an integer >= 1), the WoodFisher repository's

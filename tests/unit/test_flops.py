@@ -69,6 +69,7 @@ def table(seed: int = 1, m: int = 16) -> torch.Tensor:
 FIELDS = {"params": '["re:.*weight"]', "num_grads": 16, "damp": 0.01, "global_sparsity": "true"}
 CASES = [
     ("OBSPruningModifier", {"fisher_block_size": 8}),
+    ("CAPruningModifier", {"fisher_block_size": 8}),
     ("WoodFisherPruningModifier", {}),
     ("WoodTaylorPruningModifier", {"fisher_block_size": 8}),
 ]
@@ -85,7 +86,7 @@ def test_flops_target_is_reached_within_one_weight(tag, extra, one_thread) -> No
     zeros = [float((l.weight == 0).float().mean()) for l in (model[0], model[2], model[4])]
     assert mod.applied_sparsity == pytest.approx(zeros)
 
-    # path independence (spec W4): the same prune set as a plain sparsity target of that
+    # path independence: the same prune set as a plain sparsity target of that
     # size, with the update applied once, gives the same weights
     pruned = sum(int((l.weight == 0).sum()) for l in (model[0], model[2], model[4]))
     again = convnet()

@@ -14,7 +14,7 @@ patches) and d_{n,s} = dL/d out_{n,s} of the batch-MEAN loss L:
     A = (1/b) sum_{n,s} (a_{n,s} / S)(a_{n,s} / S)^T
     G = (1/b) sum_{n,s} (b S d_{n,s})(b S d_{n,s})^T
 
-each averaged over the batches: the WoodFisher reference's scaling (spec-algorithms §7.8; its
+each averaged over the batches: the WoodFisher reference's scaling (its
 ``kfac`` pruner uses the ``_proper`` factors: sums over all b*S rows, both divided by the number
 of examples). For a Conv2d, G is therefore S times the per-position average of the outer
 products; an earlier version divided G by b*S, S times smaller than the reference, which moved

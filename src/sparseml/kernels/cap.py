@@ -6,7 +6,7 @@ Per Fisher block b (B consecutive coordinates of a layer's row-major flattening)
 weights greedily: pivot p = argmin_j w_j^2 / H_jj over the remaining coordinates, then the OBS
 update w -= (w_p / H_pp) H[:, p] and the Schur downdate H -= H[:, p] H[p, :] / H_pp, where H is
 the block's inverse Fisher. The cumulative loss of a prefix of that order equals the joint OBS
-loss 1/2 w_S^T (H_SS)^-1 w_S of removing the prefix together (spec §10.3), so instead of storing
+loss 1/2 w_S^T (H_SS)^-1 w_S of removing the prefix together (an OBS identity), so instead of storing
 per-step weight traces we keep only the order and the losses, and rebuild the weights for any
 per-block prefix length in closed form. Shapes: n_b blocks of size B; "pruned" masks are True
 where a coordinate is already removed; returned ``mask`` tensors are True where a weight is kept.
@@ -293,7 +293,7 @@ def cap_reconstruct(
     """Weights after jointly removing the first ``counts[b]`` coordinates of each block's order.
 
     W (n_b, B), H (n_b, B, B), order (n_b, B) from :func:`cap_eliminate`, counts (n_b,) int.
-    Closed form of the replayed greedy (spec §10.3): with S = order[b, :k], w - H[:, S] y where
+    Closed form of the replayed greedy: with S = order[b, :k], w - H[:, S] y where
     H_SS y = w_S, then w_S = 0 exactly. Blocks are sorted by k and solved in batches with a
     Cholesky of H_SS padded by the identity (LU fallback). Returns W_new (n_b, B) in W's dtype.
     """

@@ -284,7 +284,7 @@ def _build_blocks(blocks: Tensor, damp: float) -> Tensor:
 
 
 def mfac_recursion_reference(grads: Tensor, damp: float) -> tuple[Tensor, Tensor]:
-    """The paper's sequential m-step recursion (spec section 6.1), as m BLAS-2 passes.
+    """The paper's sequential m-step recursion, as m BLAS-2 passes.
 
     grads: (m, d). Returns V (m, d) and den (m,) in the dtype of `grads`, with
     v_i = g_i/damp - sum_{k<i} (v_k . g_i / den_k) v_k and den_i = m + g_i . v_i.

@@ -3,7 +3,7 @@
 Paper: "M-FAC: Efficient Matrix-Free Approximations of Second-Order Information",
 E. Frantar, E. Kurtic, D. Alistarh, arXiv 2107.03356, https://arxiv.org/abs/2107.03356
 
-Each step (spec section 10.5, "dynamic"):
+Each step (the paper's "dynamic" algorithm):
 
 1. g = grad + weight_decay * theta, flattened over all parameters (or their unmasked entries);
 2. g replaces the oldest row of the ring buffer G (ngrads x n); row and column j of the Gram

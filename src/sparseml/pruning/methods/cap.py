@@ -17,6 +17,7 @@ from sparseml.kernels.fisher import from_blocks, to_blocks
 from sparseml.layouts import BlockPart
 from sparseml.pruning.estimators import CAPElimination
 from sparseml.pruning.fields import BLOCKS, SAMPLING, SAMPLING_CHECKS
+from sparseml.pruning.flops_plan import FLOPS, FLOPS_CHECKS
 from sparseml.pruning.modifier import PruningModifier
 from sparseml.pruning.updates import Scored, part_scores, part_updates, unscored
 from sparseml.registry import register_modifier
@@ -68,10 +69,12 @@ class CAPruningModifier(PruningModifier):
     | num_recomputations | - | Fisher rebuilds between the current and the target sparsity |
     | blocks_in_parallel | - | Fisher blocks per float64 working batch (-1: about 48 MiB) |
     | mask_type | - | unstructured, or "N:M" (N pruned per M consecutive weights, B % M == 0) |
+    | flops_power, flops_target | - | FLOPs-aware scores / a MACs target (`flops_plan`) |
     | traces_backup_dir | - | accepted for reference recipes; unused (no traces are kept) |
 
     Estimator: `CAPElimination` (block inverses, the elimination order and its losses);
-    selectors: global, per layer (scores = cumulative losses), N:M (joint greedy). Under
+    selectors: global, per layer, a MACs target (scores = cumulative losses), N:M (joint
+    greedy). Under
     torch.distributed the blocks are split over the ranks and scores, weights and masks are
     gathered, so every rank ends identical.
     """
@@ -79,11 +82,12 @@ class CAPruningModifier(PruningModifier):
     FIELDS = {
         **SAMPLING,
         **BLOCKS,
+        **FLOPS,
         "blocks_in_parallel": Field(-1, _blocks_in_parallel, "blocks per working batch"),
         "traces_backup_dir": Field(None, optional(as_str), "accepted; unused (no traces)"),
     }
-    CHECKS = SAMPLING_CHECKS
-    SELECTORS = frozenset({"global", "layer", "nm"})
+    CHECKS = (*SAMPLING_CHECKS, *FLOPS_CHECKS)
+    SELECTORS = frozenset({"global", "layer", "nm", "flops"})
 
     def setup(self, module: nn.Module) -> None:
         if self.traces_backup_dir is not None:
