@@ -105,8 +105,11 @@ def test_qat_after_gm_keeps_masks_matches_float_and_resumes_exactly(pruned) -> N
     qat_recipe = write(root / "q.yaml", QAT)
     qat_args = [*args(data, root, "qat", qat_recipe, "0.0005"), *start, "--checkpoint-freq", "1"]
     qat = sparse_training.main(qat_args)
-    # The quantization costs at most 1.5 points against the same fine-tuning in float.
-    assert qat["eval"]["top1"] >= float_run["eval"]["top1"] - 1.5, (qat, float_run)
+    # The quantization costs (almost) nothing against the same fine-tuning in float: the
+    # validation loss within 5%, top-1 within two standard errors of 360 images at ~92% (one
+    # image is 0.28 points; the machines differ by a few images in either direction).
+    assert qat["eval"]["loss"] <= 1.05 * float_run["eval"]["loss"], (qat, float_run)
+    assert qat["eval"]["top1"] >= float_run["eval"]["top1"] - 3.0, (qat, float_run)
     final = load_checkpoint(qat["out_dir"] / "resnet_digits_last.pth")
     masks = zeros(load_checkpoint(pruned["ckpt"]))
     assert sum(int(m.sum()) for m in masks.values()) > 0.5 * sum(m.numel() for m in masks.values())

@@ -45,7 +45,7 @@ METHODS = {  # name -> (modifier, damp); B and m come from the options
     "mfac": ("MFACPruningModifier", 1e-4),
 }
 BLOCK_METHODS = {"cap", "obs"}
-GRAD_CHUNK = 64  # SecondOrderPruningModifier.GRAD_CHUNK
+GRAD_CHUNK = 64  # sparseml.pruning.estimators.GRAD_CHUNK
 # Runs are started only if SAFETY x their estimate + 1 GiB (Python, torch, the model) fits the
 # cap: working copies come on top of the plan (1.2x measured on DeiT-Tiny blocks), and the
 # machine must never swap.
@@ -156,7 +156,8 @@ def run_worker(args: argparse.Namespace) -> None:
     manager.apply(model, grad_sampler={"data_loader_builder": batches, "loss_fn": F.cross_entropy})
     apply_s = time.perf_counter() - start
     pruner = manager.modifiers[0]
-    plan, _ = pruner.memory_plan(pruner.fisher_block_size, pruner.num_grads)
+    # the figure the preflight checked: what the estimator says it allocates
+    plan, _ = pruner.estimator().memory(pruner, pruner.fisher_block_size, pruner.num_grads)
     start = time.perf_counter()
     with torch.no_grad():
         g = torch.Generator().manual_seed(2)

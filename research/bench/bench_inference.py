@@ -290,9 +290,7 @@ def build_user_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, ..
     torch.manual_seed(0)
     model = timm.create_model(args.model, **kwargs).eval()
     if args.initial_checkpoint:
-        from utils.checkpoint import load_dense_weights
-
-        load_dense_weights(model, args.initial_checkpoint)
+        models.load_weights(model, args.initial_checkpoint, "--initial-checkpoint")
     if args.prune:
         with torch.no_grad():
             for layer in model.modules():
