@@ -5,7 +5,7 @@ Run as a script (one fresh process per measurement, so the peak is this prune's 
     python tests/memory_probe.py PRUNER WIDTH LAYERS FIELDS_JSON
 
 Builds an MLP of ``LAYERS`` square ``WIDTH`` x ``WIDTH`` Linear layers (no bias), prunes all
-of them one-shot to 50% with the pruner and fields given, and prints one JSON line:
+of them one-shot to 50% (or the fields' ``sparsity``) with the pruner and fields given, and prints one JSON line:
 ``figure`` (bytes the preflight summed) and ``added`` (peak resident memory during the prune
 minus the resident memory just before it; Linux ``VmHWM`` / ``VmRSS``).
 """
@@ -47,10 +47,13 @@ def main() -> None:
             yield (torch.randn(2, width),), {}, None
 
     sampler = GradSampler(loader, lambda out, target: out.square().mean())
-    lines = "".join(f"    {k}: {json.dumps(v)}\n" for k, v in json.loads(fields).items())
+    fields = json.loads(fields)
+    sparsity = fields.pop("sparsity", 0.5)
+    lines = "".join(f"    {k}: {json.dumps(v)}\n" for k, v in fields.items())
     recipe = (
-        f"pruning_modifiers:\n  - !{name}\n    params: ['re:.*weight']\n    init_sparsity: 0.5\n"
-        f"    final_sparsity: 0.5\n    start_epoch: 0\n    end_epoch: 0\n{lines}"
+        f"pruning_modifiers:\n  - !{name}\n    params: ['re:.*weight']\n"
+        f"    init_sparsity: {sparsity}\n    final_sparsity: {sparsity}\n"
+        f"    start_epoch: 0\n    end_epoch: 0\n{lines}"
     )
     figures = []
     check = memory.check_fits

@@ -43,6 +43,11 @@ CASES = {
         [(64, 1), (72, 1)],
         {"fisher_block_size": 16384},  # clamped to the whole layer: one block of 4096 / 5184
     ),
+    "CAPElimination (large blocks, 90%)": (
+        "CAPruningModifier",
+        [(64, 1), (72, 1)],
+        {"fisher_block_size": 16384, "sparsity": 0.9},
+    ),
     "SharedFisher": (
         "FastCAPruningModifier",
         [(1024, 1), (1024, 2)],

@@ -56,6 +56,7 @@ def workspace_bytes(
     blocks_per_batch: int | None,
     device: torch.device | str = "cpu",
     gathered: bool = True,
+    sparsity: float = 0.9,
 ) -> int:
     """Bytes the elimination or the reconstruction allocate at most at once for ``n_b`` blocks
     of size B, on top of their inputs (W, H) and outputs (order, losses, new weights).
@@ -65,9 +66,12 @@ def workspace_bytes(
     when the batch is ``gathered`` rather than a contiguous slice of H (blocks of unequal work:
     padded blocks, earlier pruning). Measured over whole prunes (where the memory freed by the
     Fisher build is reused): 1.6-1.75 such arrays per batch in flight, 2.0 when gathered; in a
-    fresh process up to 2.5 and 3.8. The lazy factors add 2 x 32 x nb x (B + 1). The reconstruction's batches are a
-    quarter as large and hold about 2.5 (nb, B, B) float64 arrays (H's rows, H_SS, its factor
-    and their index). On CPU one batch per intra-op thread is in flight (`for_each_chunk`).
+    fresh process up to 2.5 and 3.8. The lazy factors add 2 x 32 x nb x (B + 1).
+
+    The reconstruction's batches are a quarter as large and hold H's rows (nb, B, B) in
+    float64 plus, with k = ``sparsity`` x B removed per block, H_SS, its factor and their index
+    (nb, k, k): measured 1.5 + 3.4 s^2 arrays of (nb, B, B) (2.3 at 50%, 4.2 at 90%). On CPU
+    one batch per intra-op thread is in flight (`for_each_chunk`).
     """
     if n_b < 1:
         return 0
@@ -75,7 +79,7 @@ def workspace_bytes(
     copies = 2.2 if gathered else 1.75
     elimination = 8 * nb * (copies * B * (B + 1) + 2 * _LAZY * (B + 1))
     recon = max(1, nb // (4 if blocks_per_batch is None else 1))
-    reconstruction = 8 * 2.5 * recon * B * B
+    reconstruction = 8 * (1.5 + 3.4 * sparsity**2) * recon * B * B
     batches = -(-n_b // nb)
     in_flight = 1 if torch.device(device).type != "cpu" else min(torch.get_num_threads(), batches)
     return int(in_flight * max(elimination, reconstruction))

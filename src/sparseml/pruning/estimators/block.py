@@ -152,7 +152,9 @@ class CAPElimination(BlockFisher):
         # and no parameter ends in a padded block
         sizes = self.sizes(pruner)
         even = all(n % block == 0 for n in sizes) and all(bool(m.all()) for m in pruner.masks)
-        work = workspace_bytes(n_local, block, self.blocks_per_batch, device, not even)
+        targets = [t for t in pruner.final_targets if isinstance(t, float)]
+        sparsity = max(targets) if targets else 0.95  # a MACs target: assume the worst
+        work = workspace_bytes(n_local, block, self.blocks_per_batch, device, not even, sparsity)
         elimination = [MemoryItem("CAP elimination workspace (float64)", work, device)]
         plan = peak([blocks, arrays], sampling, elimination, [pruning_item(pruner)])
         return plan, self.drivers(pruner, block, m)

@@ -151,11 +151,14 @@ class HessianDiagonal(Estimator):
         return _layers(pruner)
 
     def memory(self, pruner: Any, block: int | None, m: int) -> tuple[list[MemoryItem], str]:
-        """The float64 sums; per batch the gradients with their graph, the probe (drawn as
-        int64), the product and the float64 terms of v * Hv: measured 59-64 bytes per float32
-        weight in all."""
+        """The float64 sums; per batch the gradients with their graph, the product, the probe
+        and the float64 terms of v * Hv (5 widths + 24 bytes per weight), and the largest
+        layer's probe while it is drawn as int64 (24 bytes per weight): measured 59-75 bytes
+        per float32 weight in all."""
         sums = _per_weight(pruner, [("Hessian diagonal sums (float64)", 8)])
-        batch = _per_weight(pruner, [("gradient, probe, product", 6 * width(pruner) + 28)])
+        batch = _per_weight(pruner, [("gradient, probe, product", 5 * width(pruner) + 24)])
+        layer = max((r.param.numel() for r in pruner.refs), default=0)
+        batch.append(MemoryItem("int64 probe draw", 24 * layer, batch[0].device))
         return peak(sums, batch, [pruning_item(pruner)]), "the selected weights"
 
     def build(self, pruner: Any, module: Any, layout: LayerLayout) -> list[Tensor]:
