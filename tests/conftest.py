@@ -36,6 +36,8 @@ import pytest
 # Tests never download: the product leaves HF_HUB_OFFLINE alone (--pretrained may download),
 # so the tests set it for themselves and, through run_script, for the scripts they start.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tests' phases take milliseconds; progress lines are checked, so none is held back.
+os.environ.setdefault("SPARSEML_PROGRESS_QUIET", "0")
 # Online W&B would log to the account of whoever runs the tests (or hang without network).
 os.environ.setdefault("WANDB_MODE", "offline")
 

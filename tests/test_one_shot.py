@@ -417,12 +417,13 @@ def test_second_order_recipe_without_gs_loader_samples_by_itself(tmp_path, small
 
 
 def test_sweep_warns_when_num_grads_exceeds_the_loader_and_shows_progress(
-    tmp_path, small_digits, caplog
+    tmp_path, small_digits, caplog, monkeypatch
 ):
     """60 training images in batches of 16 hold 3 full batches (the training loader drops the
     last): 6 samples repeat them, and the one-shot path says so, as training does; the sweep
     logs its progress with an ETA."""
     extra = ["--sparsities", "0.5", "0.8", "--gs_loader", "-gb", "16", "--gs-no-aug"]
+    monkeypatch.setenv("SPARSEML_PROGRESS_QUIET", "0")  # the tiny phases take milliseconds
     with caplog.at_level("INFO"):
         osp_script.main(base_args(small_digits, tmp_path, diag_recipe(tmp_path), *extra))
     assert "num_grads 6 exceeds the 3 batches the grad sampler's loader holds" in caplog.text

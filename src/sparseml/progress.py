@@ -3,11 +3,13 @@ sweep; CAP's elimination kernels take the same ``on_blocks`` callback for their 
 
 A phase of minutes that prints nothing looks hung. `Progress` shows count, rate and ETA on
 rank 0 only: a redrawn bar when stderr is a terminal, otherwise (logs, CI, ``nohup``) an INFO
-log line about every ``interval`` seconds, after the first item (the first ETA) and at the end.
+log line about every ``interval`` seconds, the first one (the first ETA) and at the end. A phase
+that ends within ``quiet`` seconds (default 2; tiny models, tests, a loop of small prunes) prints
+nothing: only work long enough to look hung is reported.
 Where logging is not set up at all (a user's own script, a benchmark: no handler anywhere), the
 lines go to stderr instead of being lost.
-``SPARSEML_PROGRESS=bar|log|off`` forces a mode and ``SPARSEML_PROGRESS_INTERVAL`` sets the
-seconds between log lines (default 10). Kernels stay pure: they take an optional callback
+``SPARSEML_PROGRESS=bar|log|off`` forces a mode, ``SPARSEML_PROGRESS_INTERVAL`` sets the
+seconds between log lines (default 10) and ``SPARSEML_PROGRESS_QUIET`` the quiet start (2). Kernels stay pure: they take an optional callback
 (``on_blocks=progress.update``) and never log.
 """
 
@@ -65,6 +67,7 @@ class Progress:
         interval: float | None = None,
         stream: TextIO | None = None,
         mode: str | None = None,
+        quiet: float | None = None,
     ) -> None:
         self.desc, self.total, self.unit = desc, max(int(total), 0), unit
         self.logger = logger or LOG
@@ -73,6 +76,9 @@ class Progress:
             float(os.environ.get("SPARSEML_PROGRESS_INTERVAL", 10.0))
             if interval is None
             else interval
+        )
+        self.quiet = (
+            float(os.environ.get("SPARSEML_PROGRESS_QUIET", 2.0)) if quiet is None else quiet
         )
         self.mode = mode or _mode(self.stream)
         if self.mode not in MODES:
@@ -113,6 +119,8 @@ class Progress:
             if self.mode == "off":
                 return
             now = time.monotonic()
+            if now - self.start < self.quiet:
+                return
             if self.mode == "bar":
                 if now - self.last >= _BAR_REDRAW_S or self.done >= self.total:
                     self._draw(now)
@@ -148,9 +156,9 @@ class Progress:
             if self.closed:
                 return
             self.closed = True
-            if self.mode == "off":
-                return
             elapsed = time.monotonic() - self.start
+            if self.mode == "off" or elapsed < self.quiet:
+                return
             unit = f" {self.unit}" if self.unit else ""
             final = f"{self.desc}: {self.done}/{self.total}{unit} in {format_seconds(elapsed)}"
             if self.mode == "bar":

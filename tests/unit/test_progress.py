@@ -20,6 +20,7 @@ from toy import mlp, sampler
 def no_forced_mode(monkeypatch):
     monkeypatch.delenv("SPARSEML_PROGRESS", raising=False)
     monkeypatch.delenv("SPARSEML_PROGRESS_INTERVAL", raising=False)
+    monkeypatch.delenv("SPARSEML_PROGRESS_QUIET", raising=False)
 
 
 def test_format_seconds():
@@ -34,7 +35,7 @@ def test_log_mode_first_line_has_an_eta_then_every_interval_and_a_total(caplog):
     stream = io.StringIO()  # not a terminal: log lines
     with (
         caplog.at_level(logging.INFO, logger="sparseml.progress"),
-        Progress("phase", 10, "items", stream=stream, interval=3600) as progress,
+        Progress("phase", 10, "items", stream=stream, interval=3600, quiet=0) as progress,
     ):
         assert progress.mode == "log"
         for _ in range(10):
@@ -49,7 +50,7 @@ def test_log_mode_first_line_has_an_eta_then_every_interval_and_a_total(caplog):
 def test_interval_zero_logs_every_update(caplog):
     with (
         caplog.at_level(logging.INFO, logger="sparseml.progress"),
-        Progress("p", 3, stream=io.StringIO(), interval=0) as progress,
+        Progress("p", 3, stream=io.StringIO(), interval=0, quiet=0) as progress,
     ):
         progress.set(1)
         progress.set(3)
@@ -58,7 +59,7 @@ def test_interval_zero_logs_every_update(caplog):
 
 def test_bar_mode_redraws_one_line_and_ends_it():
     stream = io.StringIO()
-    with Progress("phase", 4, "blocks", stream=stream, mode="bar") as progress:
+    with Progress("phase", 4, "blocks", stream=stream, mode="bar", quiet=0) as progress:
         progress.update(4)
     text = stream.getvalue()
     assert text.startswith("\r|") and text.endswith("\n")
@@ -70,7 +71,7 @@ def test_environment_can_turn_it_off(monkeypatch, caplog):
     stream = io.StringIO()
     with (
         caplog.at_level(logging.INFO, logger="sparseml.progress"),
-        Progress("phase", 2, stream=stream) as progress,
+        Progress("phase", 2, stream=stream, quiet=0) as progress,
     ):
         progress.update(2)
     assert caplog.records == [] and stream.getvalue() == ""
@@ -81,7 +82,7 @@ def test_only_rank_zero_shows_progress(monkeypatch, caplog):
     stream = io.StringIO()
     with (
         caplog.at_level(logging.INFO, logger="sparseml.progress"),
-        Progress("phase", 2, stream=stream, mode="bar") as progress,
+        Progress("phase", 2, stream=stream, mode="bar", quiet=0) as progress,
     ):
         progress.update(2)
     assert progress.mode == "off" and caplog.records == [] and stream.getvalue() == ""
@@ -105,7 +106,8 @@ def test_cap_kernels_report_every_block_and_give_the_same_result():
 
 
 @pytest.mark.parametrize("modifier", ["OBSPruningModifier", "CAPruningModifier"])
-def test_one_shot_prune_shows_sampling_and_fisher_progress(modifier, caplog):
+def test_one_shot_prune_shows_sampling_and_fisher_progress(modifier, caplog, monkeypatch):
+    monkeypatch.setenv("SPARSEML_PROGRESS_QUIET", "0")  # the tiny phases take milliseconds
     recipe = f"""
 pruning_modifiers:
   - !{modifier}
@@ -145,8 +147,19 @@ def test_lines_go_to_stderr_where_logging_is_not_set_up():
     silent = logging.getLogger("progress_test_unconfigured")
     silent.propagate = False  # no handler anywhere, as in a script without logging setup
     stream = io.StringIO()
-    with Progress("phase", 2, "items", stream=stream, logger=silent, interval=3600) as progress:
+    with Progress(
+        "phase", 2, "items", stream=stream, logger=silent, interval=3600, quiet=0
+    ) as progress:
         progress.update(2)
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("phase: 2/2 items (100%") and "ETA" in lines[0]
     assert lines[1].startswith("phase: 2/2 items in ")
+
+
+def test_a_phase_shorter_than_the_quiet_start_prints_nothing() -> None:
+    stream = io.StringIO()
+    silent = logging.getLogger("progress-quiet-test")
+    silent.propagate = False
+    with Progress("phase", 3, "items", stream=stream, logger=silent, quiet=60) as progress:
+        progress.update(3)
+    assert stream.getvalue() == ""
