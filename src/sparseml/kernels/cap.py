@@ -209,14 +209,15 @@ def _greedy(Hb, wb, elim, steps, gid=None, cnt=None, n=0):
     return piv, cum, out
 
 
-def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None):
+def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None, per_step=False):
     """Shared driver: batches blocks by pending work, pre-eliminates and runs the greedy.
 
     ``on_blocks(n)`` (optional, e.g. a progress bar's update) is called after each batch with
     its number of blocks, possibly from worker threads.
 
-    Returns order (n_b, B) int16/int64, losses (n_b, B) float32 made non-decreasing along the
-    order, and for N:M the final weights (n_b, B) float64 (None otherwise).
+    Returns order (n_b, B) int16/int64, losses (n_b, B) float32 (cumulative ones made
+    non-decreasing along the order; with ``per_step`` each step's own increment), and for
+    N:M the final weights (n_b, B) float64 (None otherwise).
     """
     n_b, B = W.shape
     dev = W.device
@@ -250,10 +251,15 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None):
         key.scatter_(1, tgt, torch.arange(T, device=dev).expand(nb, T) - B)
         o = torch.argsort(key[:, :B], dim=1)
         loss = torch.zeros((nb, B + 1), dtype=torch.float64, device=dev)
-        loss = loss.scatter_(1, tgt, cum)[:, :B]
-        in_order = loss.gather(1, o).cummax(1).values  # absorbs rounding, keeps prefixes
+        if per_step:  # each step's increment 1/2 s_t (finished blocks add 0)
+            inc = torch.diff(cum, dim=1, prepend=cum.new_zeros(nb, 1))
+            loss = loss.scatter_(1, tgt, inc)
+            losses[bi] = loss[:, :B].clamp_min(0.0).float()
+        else:
+            loss = loss.scatter_(1, tgt, cum)[:, :B]
+            in_order = loss.gather(1, o).cummax(1).values  # absorbs rounding, keeps prefixes
+            losses[bi] = loss.scatter_(1, o, in_order).float()
         order[bi] = o.to(order.dtype)
-        losses[bi] = loss.scatter_(1, o, in_order).float()
         if on_blocks is not None:
             on_blocks(nb)
 
@@ -269,6 +275,7 @@ def cap_eliminate(
     valid: torch.Tensor | None = None,
     blocks_per_batch: int | None = None,
     on_blocks: Callable[[int], None] | None = None,
+    per_step: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy CAP elimination order and cumulative OBS losses of every Fisher block.
 
@@ -277,12 +284,17 @@ def cap_eliminate(
     Pruned and padded coordinates come first in ``order`` (by index) with loss 0, then the greedy
     pivots. Returns order (n_b, B) int16 (int64 if B > 32767) and losses (n_b, B) float32 where
     losses[b, order[b, t]] = 1/2 w_S^T (H_SS)^-1 w_S for S = order[b, :t + 1] (non-decreasing
-    along the order). Runs in float64 on a working copy of ``blocks_per_batch`` blocks at a time;
-    ``on_blocks(n)`` is told of every ``n`` blocks done (progress; from worker threads).
+    along the order). With ``per_step`` the losses are instead each step's own increment
+    losses[b, order[b, t]] = 1/2 w_p^2 / H_pp at that step (not monotone): a threshold over them
+    counts, per block, how many of the smallest increments fall in it, and that many
+    coordinates are removed from the front of its order. Runs in float64 on a working copy of
+    ``blocks_per_batch`` blocks at a time; ``on_blocks(n)`` is told of every ``n`` blocks done
+    (progress; from worker threads).
     """
     _check(W, H, pruned)
     pre = pruned.bool() if valid is None else pruned.bool() | ~valid.bool()
-    order, losses, _ = _run(W, H, pre, W.shape[1] - pre.sum(1), blocks_per_batch, None, on_blocks)
+    steps = W.shape[1] - pre.sum(1)
+    order, losses, _ = _run(W, H, pre, steps, blocks_per_batch, None, on_blocks, per_step)
     return order, losses
 
 

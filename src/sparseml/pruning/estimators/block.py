@@ -135,9 +135,11 @@ class CAPElimination(BlockFisher):
     batches (one per CPU thread in flight).
     """
 
-    def __init__(self, block: int, damp: float, nm: bool, blocks_per_batch: int | None) -> None:
+    def __init__(
+        self, block: int, damp: float, nm: bool, blocks_per_batch: int | None, per_step=False
+    ) -> None:
         super().__init__(block, damp)
-        self.nm, self.blocks_per_batch = nm, blocks_per_batch
+        self.nm, self.blocks_per_batch, self.per_step = nm, blocks_per_batch, per_step
 
     def memory(self, pruner: Any, block: int, m: int) -> tuple[list[MemoryItem], str]:
         """The blocks and CAP's per-weight arrays, plus the largest phase: drawing samples,
@@ -177,7 +179,7 @@ class CAPElimination(BlockFisher):
                     pruned = to_blocks((~k).to(H.device, torch.float32), bsz) > 0
                     est["order"], est["losses"] = cap_eliminate(
                         W, H, pruned, valid=valid, blocks_per_batch=self.blocks_per_batch,
-                        on_blocks=progress.update,
+                        on_blocks=progress.update, per_step=self.per_step,
                     )  # fmt: skip
                 out.append(est)
             progress.close()
