@@ -100,9 +100,10 @@ class BlockFisher(Estimator):
             sampling.append(MemoryItem("unpruned columns of the chunk", chunk.nbytes, device))
         # per worker thread, a float64 slice of the chunk, its products and their triangles
         c = min(GRAD_CHUNK, m)
-        per_slice = chunk_blocks(block * max(block, c), device)
+        per_slice = min(chunk_blocks(block * max(block, c), device), -(-n_b // threads))
         slices = per_slice * (c * block + block * block + packed_numel(block)) * 8
-        sampling.append(MemoryItem("float64 Gram slices", threads * slices, device))
+        in_flight = min(threads, n_b)
+        sampling.append(MemoryItem("float64 Gram slices", in_flight * slices, device))
         return blocks, sampling, [batches(int(3.5 * block * block * 8), block * block)]
 
     def smaller(self, pruner: Any) -> Iterator[tuple[dict, str]]:
