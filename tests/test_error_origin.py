@@ -17,7 +17,7 @@ import torch
 
 from sparseml import curvature
 from sparseml.errors import NumericalError, RecipeError, SparsificationError
-from sparseml.kernels import cap, fast_cap, fisher, mfac, obs
+from sparseml.kernels import cap, cap_prefix, fast_cap, fisher, fisher_build, mfac, obs, packed
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "sparseml"
@@ -38,7 +38,7 @@ def _flat(d: int = 8, B: int = 4):
 
 
 def _full_builder():
-    builder = fisher.BlockFisherBuilder(8, 4, 2, 1e-3, mspace=True)
+    builder = fisher_build.BlockFisherBuilder(8, 4, 2, 1e-3, mspace=True)
     builder.add(torch.randn(2, 8))
     builder.add(torch.randn(1, 8))  # a third sample with num_grads=2
 
@@ -49,6 +49,7 @@ w, Hf, none = _flat()
 # function of the pruning kernels that checks its arguments is listed here
 # (test_every_checking_entry_point_is_covered), and the curvature entry points.
 BAD_CALLS = {
+    "packed.SymBlocks": ("packed blocks must be", lambda: packed.SymBlocks(torch.zeros(2, 3), 4)),
     "fast_cap.fast_cap_scores": (
         "F must be",
         lambda: fast_cap.fast_cap_scores(torch.zeros(2, 4), torch.eye(3), 4),
@@ -58,11 +59,11 @@ BAD_CALLS = {
         "blocks_per_batch",
         lambda: cap.cap_eliminate(W, H, NONE, blocks_per_batch=0),
     ),
-    "cap.cap_reconstruct": (
+    "cap_prefix.cap_reconstruct": (
         "counts",
-        lambda: cap.cap_reconstruct(W, H, NONE.long(), torch.tensor([5, 0])),
+        lambda: cap_prefix.cap_reconstruct(W, H, NONE.long(), torch.tensor([5, 0])),
     ),
-    "cap.prefix_counts": ("differ", lambda: cap.prefix_counts(NONE, NONE[:, :3])),
+    "cap_prefix.prefix_counts": ("differ", lambda: cap_prefix.prefix_counts(NONE, NONE[:, :3])),
     "cap.cap_nm_prune": ("B % m", lambda: cap.cap_nm_prune(W, H, NONE, 2, 3)),
     "fast_cap.accumulate_shared_fisher": (
         "grads must be",
@@ -79,18 +80,21 @@ BAD_CALLS = {
         "damp",
         lambda: fisher.invert_block_fisher(torch.zeros(2, 4, 4), 4, 0.0),
     ),
-    "fisher.mspace_block_inverse": (
+    "fisher_build.mspace_block_inverse": (
         "grads must be",
-        lambda: fisher.mspace_block_inverse([], 4, 1e-3),
+        lambda: fisher_build.mspace_block_inverse([], 4, 1e-3),
     ),
-    "fisher.BlockFisherBuilder": ("num_grads", lambda: fisher.BlockFisherBuilder(8, 4, 0, 1e-3)),
-    "fisher.BlockFisherBuilder.add": (
-        "grads must have shape",
-        lambda: fisher.BlockFisherBuilder(8, 4, 2, 1e-3).add(torch.zeros(2, 7)),
+    "fisher_build.BlockFisherBuilder": (
+        "num_grads",
+        lambda: fisher_build.BlockFisherBuilder(8, 4, 0, 1e-3),
     ),
-    "fisher.block_fisher_inverse": (
+    "fisher_build.BlockFisherBuilder.add": (
         "grads must have shape",
-        lambda: fisher.block_fisher_inverse(torch.zeros(0, 8), 4, 1.0),
+        lambda: fisher_build.BlockFisherBuilder(8, 4, 2, 1e-3).add(torch.zeros(2, 7)),
+    ),
+    "fisher_build.block_fisher_inverse": (
+        "grads must have shape",
+        lambda: fisher_build.block_fisher_inverse(torch.zeros(0, 8), 4, 1.0),
     ),
     "obs.obs_scores": ("blocks", lambda: obs.obs_scores(w[:4], Hf, none[:4])),
     "obs.obs_group_scores": ("group size", lambda: obs.obs_group_scores(w, Hf, none, 3)),
@@ -124,18 +128,21 @@ BAD_CALLS = {
 }
 # Builder state misused by its caller: RuntimeError, still not a user error.
 BAD_STATE = {
-    "fisher.BlockFisherBuilder.finish": (
+    "fisher_build.BlockFisherBuilder.finish": (
         "no gradient samples",
-        lambda: fisher.BlockFisherBuilder(8, 4, 2, 1e-3).finish(),
+        lambda: fisher_build.BlockFisherBuilder(8, 4, 2, 1e-3).finish(),
     ),
-    "fisher.BlockFisherBuilder.add/too_many": ("more than num_grads", _full_builder),
+    "fisher_build.BlockFisherBuilder.add/too_many": ("more than num_grads", _full_builder),
 }
 # Public names of the pruning kernels with no argument check of their own (pure views or
 # formulas whose callers are the checked entry points above).
 UNCHECKED = {
-    "cap.prefix_mask",
+    "cap_prefix.prefix_mask",
     "cap.workspace_bytes",  # sizes only, never given user values
     "fisher.from_blocks",
+    "packed.pack",  # pure views and copies of blocks the kernels built themselves
+    "packed.unpack",
+    "packed.packed_numel",
     "fisher.block_diag",
     "fisher.block_matvec",
     "mfac.MFACInverse",  # the constructor stores pieces; build() checks
@@ -170,7 +177,7 @@ def test_misused_builder_is_a_runtime_error(name):
 
 def test_every_checking_entry_point_is_covered():
     public = set()
-    for module in (cap, fast_cap, fisher, mfac, obs):
+    for module in (cap, cap_prefix, fast_cap, fisher, fisher_build, mfac, obs, packed):
         short = module.__name__.rsplit(".", 1)[1]
         for name, obj in vars(module).items():
             defined_here = getattr(obj, "__module__", None) == module.__name__

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from sparseml.kernels.fast_cap import accumulate_shared_fisher, fast_cap_prune
-from sparseml.kernels.fisher import block_fisher_inverse, to_blocks
+from sparseml.kernels.fisher import to_blocks
+from sparseml.kernels.fisher_build import block_fisher_inverse
 from sparseml.kernels.mfac import MFACInverse
 from sparseml.optim.mfac import MFAC
 from sparseml.pytorch.optim import ScheduledModifierManager

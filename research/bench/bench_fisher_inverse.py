@@ -2,7 +2,7 @@
 
 Baseline (as in the reference `EmpiricalBlockFisherInverse`): every block starts at I/damp and,
 one gradient at a time, u = H_b g_b, H_b -= u u^T / (m + g_b^T u), batched over blocks, float32.
-Kernels: `sparseml.kernels.fisher.block_fisher_inverse` (chunked `baddbmm` Gram + float64
+Kernels: `sparseml.kernels.fisher_build.block_fisher_inverse` (chunked `bmm` Gram + float64
 Cholesky / cholesky_inverse, written back into the Gram storage), with the Gram accumulated in
 float32 (the previous build) and in float64 (production: exact products, accurate at small
 damp). A second table measures the error of both at damp down to 1e-10 ||G^T G / m||
@@ -34,17 +34,18 @@ from exact_oracle import exact_fisher_inverse, rank_deficient_grads, rel_error, 
 from sparseml.errors import NumericalError
 from sparseml.kernels.fisher import (
     accumulate_block_gram,
-    block_fisher_inverse,
     invert_block_fisher,
     num_blocks,
     to_blocks,
 )
+from sparseml.kernels.fisher_build import block_fisher_inverse
+from sparseml.kernels.packed import SymBlocks
 
 # worker -> (table label, Gram dtype of the kernel; None = the reference loop)
 WORKERS = {
     "baseline": ("rank-1 Woodbury loop (fp32)", None),
     "kernel32": ("kernel, fp32 Gram (previous build)", torch.float32),
-    "kernel": ("kernel, fp64 Gram (production)", torch.float64),
+    "kernel": ("kernel, fp64 packed Gram and H (production)", torch.float64),
 }
 
 
@@ -153,6 +154,7 @@ def run_worker(args: argparse.Namespace) -> None:
         # The baseline saw only k gradients (normalised by m): compare with the same matrix.
         gram = torch.zeros(num_blocks(d, bsz), bsz, bsz, dtype=WORKERS[args.worker][1])
         H = invert_block_fisher(accumulate_block_gram(grads[:k], bsz, out=gram), m, args.damp)
+    H = H.full() if isinstance(H, SymBlocks) else H  # production: packed float64 triangles
     H.float().numpy().tofile(args.out_file)
     row = {"seconds": seconds, "grads_used": k if args.worker == "baseline" else m}
     row.update(extra_bytes=peak - rss0, rss_before=rss0, maxrss_before=maxrss0)

@@ -1,6 +1,6 @@
 """How the two heavy kernels scale, and how far they are from this machine's GEMM rate.
 
-* Fisher build: ``sparseml.kernels.fisher.block_fisher_inverse`` (``BlockFisherBuilder``, the
+* Fisher build: ``sparseml.kernels.fisher_build.block_fisher_inverse`` (``BlockFisherBuilder``, the
   entry production uses), Gram path (m >= B): accumulation 2 m d B flops + inversion ~d B^2.
 * CAP elimination: ``sparseml.kernels.cap.cap_eliminate``: per block, B greedy steps over a
   B x B inverse, nominally 2 d B^2 flops (the count used for its GFLOP/s).
@@ -71,7 +71,8 @@ def measure(d: int, B: int, m: int, repeats: int, with_cap: bool) -> dict[str, f
     import torch
 
     from sparseml.kernels.cap import cap_eliminate
-    from sparseml.kernels.fisher import block_fisher_inverse, to_blocks
+    from sparseml.kernels.fisher import to_blocks
+    from sparseml.kernels.fisher_build import block_fisher_inverse
 
     g = torch.Generator().manual_seed(0)
     grads = torch.randn(m, d, generator=g)
@@ -90,9 +91,8 @@ def measure(d: int, B: int, m: int, repeats: int, with_cap: bool) -> dict[str, f
         W = to_blocks(torch.randn(d, generator=g), B)
         valid = to_blocks(torch.ones(d), B) > 0
         pruned = torch.zeros_like(valid)
-        H32 = H.float()  # CAP gets the work dtype (float32 models), as in production
-        del H
-        out["cap_s"] = best_time(lambda: cap_eliminate(W, H32, pruned, valid=valid), repeats)
+        # the packed float64 inverses, as production hands them to CAP
+        out["cap_s"] = best_time(lambda: cap_eliminate(W, H, pruned, valid=valid), repeats)
         out["cap_gflop"] = 2 * d * B * B / 1e9
     return out
 

@@ -63,7 +63,8 @@ def timed(fn) -> float:
 def bench_layer(rows: list[tuple], name: str, d: int, m: int, block: int) -> None:
     from sparseml.kernels.cap import cap_eliminate
     from sparseml.kernels.fast_cap import accumulate_shared_fisher, fast_cap_prune
-    from sparseml.kernels.fisher import block_fisher_inverse, to_blocks
+    from sparseml.kernels.fisher import to_blocks
+    from sparseml.kernels.fisher_build import block_fisher_inverse
     from sparseml.kernels.mfac import MFACInverse
 
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from sparseml.grad_sampler import GradSampler
-from sparseml.kernels.fisher import block_diag, block_fisher_inverse
+from sparseml.kernels.fisher import block_diag
+from sparseml.kernels.fisher_build import block_fisher_inverse
 from sparseml.pytorch.optim import ScheduledModifierManager
 from toy import mlp, sampler
 

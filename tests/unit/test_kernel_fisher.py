@@ -8,19 +8,21 @@ import pytest
 import torch
 
 from sparseml.errors import NumericalError
-from sparseml.kernels.packed import SymBlocks
 from sparseml.kernels.fisher import (
-    BlockFisherBuilder,
     accumulate_block_gram,
     block_diag,
-    block_fisher_inverse,
     block_matvec,
     from_blocks,
     invert_block_fisher,
-    mspace_block_inverse,
     num_blocks,
     to_blocks,
 )
+from sparseml.kernels.fisher_build import (
+    BlockFisherBuilder,
+    block_fisher_inverse,
+    mspace_block_inverse,
+)
+from sparseml.kernels.packed import SymBlocks
 
 F64 = torch.float64
 

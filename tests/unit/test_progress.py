@@ -129,7 +129,7 @@ pruning_modifiers:
 
 @pytest.mark.parametrize("m", [4, 32], ids=["sample_space", "gram"])
 def test_fisher_builder_reports_every_block_and_gives_the_same_inverse(m):
-    from sparseml.kernels.fisher import BlockFisherBuilder
+    from sparseml.kernels.fisher_build import BlockFisherBuilder
 
     torch.manual_seed(0)
     grads = torch.randn(m, 10 * 8)

@@ -16,7 +16,7 @@ import torch
 
 from bench.exact_oracle import exact_fisher_inverse, rank_deficient_grads, rel_error, spectral_scale
 from sparseml.errors import NumericalError
-from sparseml.kernels.fisher import block_fisher_inverse
+from sparseml.kernels.fisher_build import block_fisher_inverse
 from sparseml.kernels.mfac import MFACInverse
 from sparseml.optim.mfac import MFAC
 

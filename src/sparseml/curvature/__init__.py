@@ -9,7 +9,7 @@ a batch source instead.
 
 | function | estimate | memory per rank |
 |---|---|---|
-| `block_fisher_inverses` | (lambda I + G_b^T G_b / m)^-1 per block of B weights | (d/B) B^2 float64 |
+| `block_fisher_inverses` | (lambda I + G_b^T G_b / m)^-1 per block of B weights | (d/B) B(B+1)/2 float64 (packed) |
 | `shared_block_fishers` | one B x B Gram sum per parameter (FastCAP) | B^2 per parameter |
 | `unpruned_gradients` + `matrix_free_inverse` | M-FAC inverse of the full (or blocked) Fisher | m d |
 | `GradientMoments` | mean gradient and diagonal empirical Fisher | 2 d float64 |
@@ -17,7 +17,7 @@ a batch source instead.
 | `kfac_factors` + `damped_inverses` | K-FAC G^-1 (x) A^-1 per Linear/Conv2d layer | sum out^2 + in^2 |
 | `hessian_diagonal` | diag of the loss Hessian (exact or Hutchinson) | d float64 |
 
-The kernels behind these (`sparseml.kernels.fisher.BlockFisherBuilder`, `kernels.mfac`) are the
+The kernels behind these (`sparseml.kernels.fisher_build.BlockFisherBuilder`, `kernels.mfac`) are the
 same entry points the benchmarks time.
 
 Like the kernels, this package raises ``ValueError`` / ``RuntimeError`` for bad arguments (a

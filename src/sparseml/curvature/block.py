@@ -9,7 +9,9 @@ from torch import Tensor
 
 from sparseml.dist import on_all_ranks
 from sparseml.kernels.fast_cap import accumulate_shared_fisher
-from sparseml.kernels.fisher import BlockFisherBuilder, num_blocks
+from sparseml.kernels.fisher import num_blocks
+from sparseml.kernels.fisher_build import BlockFisherBuilder
+from sparseml.kernels.packed import SymBlocks
 from sparseml.progress import Progress
 
 
@@ -22,8 +24,8 @@ def block_fisher_inverses(
     devices: list[torch.device],
     dtype: torch.dtype,
     owner: str,
-) -> list[Tensor]:
-    """H (n_b, B, B) for each of this rank's parts of ``layout``.
+) -> list[SymBlocks]:
+    """H (n_b, B, B) for each of this rank's parts of ``layout``, as packed float64 triangles.
 
     Args:
         chunks: gradient chunks (one ``(c, numel_i)`` tensor per parameter), ``num_grads``
@@ -33,9 +35,10 @@ def block_fisher_inverses(
         dtype: the work dtype (stored samples and an m-space H).
         owner: named in errors; the inversion fails on every rank if it fails on one.
 
-    With m >= B the samples are summed into float64 Grams (batched GEMMs) and inverted with a
-    float64 Cholesky (H float64, accurate down to damp ~1e-10 ||G^T G / m||); with m < B the
-    exact sample-space form is used (H in ``dtype``). See `BlockFisherBuilder`.
+    With m >= B the samples are summed into float64 Grams (batched GEMMs) and inverted in place
+    with a float64 Cholesky (accurate down to damp ~1e-10 ||G^T G / m||); with m < B the exact
+    sample-space form is used. Either way H is `sparseml.kernels.packed.SymBlocks`: float64
+    lower triangles in (B + 1) / B times the memory of float32 blocks. See `BlockFisherBuilder`.
     """
     bsz = layout.block_size
     builders = [
@@ -46,7 +49,7 @@ def block_fisher_inverses(
     return on_all_ranks(lambda: _finish_all(builders, owner), owner)
 
 
-def _finish_all(builders: list[BlockFisherBuilder], owner: str) -> list[Tensor]:
+def _finish_all(builders: list[BlockFisherBuilder], owner: str) -> list[SymBlocks]:
     """Invert every part's blocks, with progress (minutes at DeiT sizes: it must show)."""
     sizes = [num_blocks(b.d, b.block_size) for b in builders]
     out = []

@@ -19,6 +19,13 @@ from collections.abc import Callable
 import torch
 
 from sparseml.errors import NumericalError
+from sparseml.kernels.cap_prefix import (
+    _batches,
+    _check,
+    cap_reconstruct,
+    prefix_counts,
+    prefix_mask,
+)
 from sparseml.kernels.chunking import for_each_chunk
 from sparseml.kernels.packed import SymBlocks
 
@@ -33,22 +40,8 @@ __all__ = [
 
 # Pivots below this fraction of the block's largest initial diagonal entry are rounding noise.
 _PIVOT_FLOOR = 1e-12
-# Default working set: ~48 MiB of float64 [H | w] per batch (~170 blocks at B = 192). Every
-# greedy step costs ~15 ops whatever the batch holds, so big batches amortise them; on CPU a
-# worker thread per core runs its own batch, single-threaded (`for_each_chunk`): the ops are too
-# small for intra-op threads, which only add synchronisation.
-_CHUNK_BYTES = 48 * 2**20
 # Greedy steps whose rank-1 downdates are applied together as one GEMM.
 _LAZY = 32
-
-
-def _batches(n_b: int, B: int, blocks_per_batch: int | None) -> int:
-    if blocks_per_batch is None:  # at least one batch per intra-op thread (see for_each_chunk)
-        share = -(-n_b // max(1, torch.get_num_threads()))
-        return max(1, min(share, _CHUNK_BYTES // (8 * B * B)))
-    if blocks_per_batch < 1:
-        raise ValueError(f"blocks_per_batch must be >= 1 or None, got {blocks_per_batch}")
-    return blocks_per_batch
 
 
 def workspace_bytes(
@@ -76,7 +69,7 @@ def workspace_bytes(
     """
     if n_b < 1:
         return 0
-    nb = _batches(n_b, B, blocks_per_batch)
+    nb = _batches(n_b, B, blocks_per_batch, device)
     copies = 2.7 if gathered else 2.2
     elimination = 8 * nb * (copies * B * (B + 1) + 2 * _LAZY * (B + 1))
     recon = max(1, nb // (4 if blocks_per_batch is None else 1))
@@ -84,17 +77,6 @@ def workspace_bytes(
     batches = -(-n_b // nb)
     in_flight = 1 if torch.device(device).type != "cpu" else min(torch.get_num_threads(), batches)
     return int(in_flight * max(elimination, reconstruction))
-
-
-def _check(W: torch.Tensor, H: torch.Tensor, per_coord: torch.Tensor) -> None:
-    n_b, B = W.shape
-    if H.shape != (n_b, B, B) or per_coord.shape != (n_b, B):
-        raise ValueError(
-            f"expected W (n_b, B), H (n_b, B, B) and a (n_b, B) mask/order; got W "
-            f"{tuple(W.shape)}, H {tuple(H.shape)}, mask/order {tuple(per_coord.shape)}"
-        )
-    if not torch.isfinite(W).all():
-        raise NumericalError("CAP received NaN/Inf weights")
 
 
 def _pre_eliminate(aug: torch.Tensor, elim: torch.Tensor, src: torch.Tensor) -> None:
@@ -231,7 +213,7 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None, per_st
     """
     n_b, B = W.shape
     dev = W.device
-    bs = _batches(n_b, B, blocks_per_batch)
+    bs = _batches(n_b, B, blocks_per_batch, dev)
     # Blocks with similar work share a batch so few steps are wasted on finished blocks.
     perm = torch.argsort(steps_all, descending=True, stable=True)
     contiguous = bool((perm == torch.arange(n_b, device=dev)).all())
@@ -309,94 +291,6 @@ def cap_eliminate(
     steps = W.shape[1] - pre.sum(1)
     order, losses, _ = _run(W, H, pre, steps, blocks_per_batch, None, on_blocks, per_step)
     return order, losses
-
-
-def cap_reconstruct(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    order: torch.Tensor,
-    counts: torch.Tensor,
-    *,
-    blocks_per_batch: int | None = None,
-) -> torch.Tensor:
-    """Weights after jointly removing the first ``counts[b]`` coordinates of each block's order.
-
-    W (n_b, B), H (n_b, B, B), order (n_b, B) from :func:`cap_eliminate`, counts (n_b,) int.
-    Closed form of the replayed greedy: with S = order[b, :k], w - H[:, S] y where
-    H_SS y = w_S, then w_S = 0 exactly. Blocks are sorted by k and solved in batches with a
-    Cholesky of H_SS padded by the identity (LU fallback). Returns W_new (n_b, B) in W's dtype.
-    """
-    _check(W, H, order)
-    n_b, B = W.shape
-    counts = counts.to(device=W.device, dtype=torch.long)
-    if counts.shape != (n_b,) or bool((counts < 0).any() | (counts > B).any()):
-        raise ValueError(f"counts must have shape ({n_b},) with values in [0, {B}]")
-    # Peak ~ 4 float64 (nb, B, B) tensors (H, the H_SS index, H_SS, its factor): a quarter of
-    # the elimination's batch keeps both under the same memory.
-    bs = max(1, _batches(n_b, B, blocks_per_batch) // (4 if blocks_per_batch is None else 1))
-    W_new = W.clone()
-    perm = torch.argsort(counts, descending=True, stable=True)
-    perm = perm[counts[perm] > 0]
-
-    def batch(i: int) -> None:
-        bi = perm[i : i + bs]
-        k = counts[bi]
-        kmax = int(k[0])
-        S = order[bi, :kmax].long()
-        Hb = H[bi].double()
-        flat = (S.unsqueeze(2) * B + S.unsqueeze(1)).flatten(1)
-        hss = Hb.flatten(1).gather(1, flat).view(-1, kmax, kmax)  # H_SS
-        act = torch.arange(kmax, device=W.device) < k.unsqueeze(1)
-        # Pad H_SS with the identity beyond each block's own k (the right-hand side is 0 there).
-        M = hss.masked_fill_(~(act.unsqueeze(2) & act.unsqueeze(1)), 0.0)
-        M.diagonal(dim1=1, dim2=2).add_(~act)
-        w = W[bi].double()
-        rhs = (w.gather(1, S) * act).unsqueeze(2)
-        L, info = torch.linalg.cholesky_ex(M)
-        y = torch.cholesky_solve(rhs, L)
-        bad = info > 0
-        if bad.any():  # rounding made some H_SS indefinite: LU still solves it
-            y[bad] = torch.linalg.solve_ex(M[bad], rhs[bad])[0]
-        # H[:, S] y = H y_full with y_full zero outside S: one matvec, no H[:, S] copy.
-        y_full = torch.zeros_like(w).scatter_(1, S, y.squeeze(2))
-        w = w - (Hb @ y_full.unsqueeze(2)).squeeze(2)
-        w.scatter_(1, S, w.gather(1, S) * ~act)
-        if not torch.isfinite(w).all():
-            raise NumericalError("CAP reconstruction produced NaN/Inf: H_SS is singular")
-        W_new[bi] = w.to(W.dtype)
-
-    for_each_chunk(batch, perm.numel(), bs, W.device)
-    return W_new
-
-
-def prefix_counts(order: torch.Tensor, prune: torch.Tensor, valid: torch.Tensor | None = None):
-    """Per-block prefix lengths (n_b,) int64 of a pruning decision ``prune`` (n_b, B) bool.
-
-    A threshold on the cumulative losses selects a prefix of every block's order except among
-    coordinates tied at the threshold value; only the count per block is kept, and the matching
-    mask is :func:`prefix_mask`: inside a block, tied coordinates are taken in elimination order
-    (equal cumulative loss means the later ones add nothing), so the number pruned per block, the
-    total count and the loss are those of ``prune`` and the weights from :func:`cap_reconstruct`
-    always agree with the mask. Padded coordinates (valid False) are counted: they lead the order.
-    """
-    if order.shape != prune.shape:
-        raise ValueError(f"order {tuple(order.shape)} and prune {tuple(prune.shape)} differ")
-    removed = prune.bool() if valid is None else prune.bool() | ~valid.bool()
-    return removed.sum(1)
-
-
-def prefix_mask(
-    order: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Keep-mask (n_b, B) bool, False on the first ``counts[b]`` coordinates of each order.
-
-    Padded coordinates (valid False) are reported as kept so they never count as pruned.
-    """
-    n_b, B = order.shape
-    first = torch.arange(B, device=order.device) < counts.to(order.device).unsqueeze(1)
-    mask = torch.ones((n_b, B), dtype=torch.bool, device=order.device)
-    mask.scatter_(1, order.long(), ~first)
-    return mask if valid is None else mask | ~valid.bool()
 
 
 def cap_nm_prune(
