@@ -4,8 +4,10 @@
 
 Runs the CUDA paths of the Fisher, OBS, CAP, FastCAP and M-FAC kernels, modifiers and the
 M-FAC optimizer against their CPU results, AMP training steps and ``fisher_inv_device`` /
-``available_devices`` (``pytest -m gpu``), then times the Fisher build (float32 and float64
-Gram), CAP elimination, FastCAP and the M-FAC build at DeiT-Small layer sizes on CUDA, and a
+``available_devices`` (``pytest -m gpu``), then times the Fisher build (float32 Gram, and
+production's packed float64) and CAP elimination with their ratio to the float64 GEMM bound
+(as ``bench_second_order.py`` counts it), FastCAP and the M-FAC build at DeiT-Small layer
+sizes on CUDA, and a
 2:4 semi-structured DeiT-Small fc1 against dense (``research/export.py --formats
 semi_structured`` runs the same conversion; its test is ``tests/test_export.py``).
 Exits 0 with a message where CUDA is absent; non-zero when a test fails.
@@ -60,7 +62,13 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench_layer(rows: list[tuple], name: str, d: int, m: int, block: int) -> None:
+def gemm64_rate() -> float:
+    """FLOP/s of a 4096^2 float64 ``torch.mm`` on this GPU (best of 3)."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.float64)
+    return 2 * 4096**3 / min(timed(lambda: a @ a) for _ in range(3))
+
+
+def bench_layer(rows: list[tuple], name: str, d: int, m: int, block: int, rate: float) -> None:
     from sparseml.kernels.cap import cap_eliminate
     from sparseml.kernels.fast_cap import accumulate_shared_fisher, fast_cap_prune
     from sparseml.kernels.fisher import to_blocks
@@ -71,14 +79,18 @@ def bench_layer(rows: list[tuple], name: str, d: int, m: int, block: int) -> Non
     grads = torch.randn(m, d, device="cuda", generator=gen)
     W = to_blocks(torch.randn(d, device="cuda", generator=gen), block)
     case = f"{name} d={d} B={block} m={m}"
+    # the ratios to what the float64 GEMM rate allows, counted as bench_second_order does
+    fisher_bound = (2 * m * d * block + d * block * block) / rate
     for dtype in (torch.float32, torch.float64):
         t = timed(lambda dt=dtype: block_fisher_inverse(grads, block, 1e-6, gram_dtype=dt))
-        rows.append(("bench", f"Fisher build, {str(dtype)[6:]} Gram", case, f"{t:.3f} s"))
+        label = "float64 packed (production)" if dtype == torch.float64 else "float32 Gram"
+        result = f"{t:.3f} s ({t / fisher_bound:.1f}x GEMM bound)"
+        rows.append(("bench", f"Fisher build, {label}", case, result))
     H = block_fisher_inverse(grads, block, 1e-6)
     pruned = torch.zeros_like(W, dtype=torch.bool)
-    rows.append(
-        ("bench", "CAP elimination", case, f"{timed(lambda: cap_eliminate(W, H, pruned)):.3f} s")
-    )
+    t = timed(lambda: cap_eliminate(W, H, pruned))
+    bound = 2 * d * block * block / rate
+    rows.append(("bench", "CAP elimination", case, f"{t:.3f} s ({t / bound:.1f}x GEMM bound)"))
     Fs = accumulate_shared_fisher(grads, block)
     t = timed(lambda: fast_cap_prune(W, Fs, m, 0.5, damp=1e-2, block_size=block))
     rows.append(("bench", "FastCAP prune 50%", case, f"{t:.3f} s"))
@@ -87,8 +99,10 @@ def bench_layer(rows: list[tuple], name: str, d: int, m: int, block: int) -> Non
 
 
 def run_benchmarks(rows: list[tuple], m: int, block: int) -> None:
+    rate = gemm64_rate()
+    rows.append(("bench", "float64 GEMM rate", "4096^2 torch.mm", f"{rate / 1e9:.0f} GFLOP/s"))
     for name, d in LAYERS.items():
-        bench_layer(rows, name, d, m, block)
+        bench_layer(rows, name, d, m, block, rate)
         torch.cuda.empty_cache()
     bench_semi_structured(rows)
 
