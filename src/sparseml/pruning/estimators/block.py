@@ -93,7 +93,7 @@ class BlockFisher(Estimator):
             sampling = [MemoryItem("sampled gradients", m * d_local * size, device)]
             if is_distributed():  # this rank's columns are copied out of each chunk
                 sampling.append(chunk)
-            per_block = (5 * block * block + 3 * m * block) * 8
+            per_block = (3 * block * block + 3 * m * block) * 8
             return blocks, sampling, [sampling[0], batches(per_block, block * max(block, m))]
         sampling = [chunk]
         if self.dynamic:  # the unpruned columns are gathered out of each chunk
