@@ -13,13 +13,15 @@ import torch
 from sparseml.errors import NumericalError
 from sparseml.kernels.chunking import for_each_chunk
 
-# Default working set: ~16 MiB of float64 [H | w] per batch (~56 blocks at B = 192). Every
+# Default working set: ~12 MiB of float64 [H | w] per batch (~42 blocks at B = 192). Every
 # greedy step costs ~15 ops whatever the batch holds, so big batches amortise them, but past
 # ~20 MiB the lazy flushes stream the batch from memory instead of cache (measured on 2 cores:
-# 64 blocks 0.61 s, 256 blocks 0.75 s per 512 blocks of 192) and the workspace would outgrow
-# the packed blocks of a small layer. On CPU a worker thread per core runs its own batch,
+# 64 blocks 0.61 s, 256 blocks 0.75 s per 512 blocks of 192), and the workspace (2.2 such
+# batches per thread) must stay small next to the packed blocks of a small layer: with 16 MiB
+# the peak at 196,608 weights was 1.38x the float32 blocks + a gradient chunk, with 12 MiB
+# 1.29x (`research/bench/bench_second_order.py`). On CPU a worker thread per core runs its own batch,
 # single-threaded (`for_each_chunk`): the ops are too small for intra-op threads.
-_CHUNK_BYTES = 16 * 2**20
+_CHUNK_BYTES = 12 * 2**20
 # On an accelerator every op is a kernel launch: batches as large as 512 MiB allow.
 _CHUNK_BYTES_ACCELERATOR = 512 * 2**20
 
@@ -66,10 +68,11 @@ def cap_reconstruct(
     counts = counts.to(device=W.device, dtype=torch.long)
     if counts.shape != (n_b,) or bool((counts < 0).any() | (counts > B).any()):
         raise ValueError(f"counts must have shape ({n_b},) with values in [0, {B}]")
-    # Peak ~ 4 float64 (nb, B, B) tensors (H, the H_SS index, H_SS, its factor): a quarter of
-    # the elimination's batch keeps both under the same memory.
+    # Peak ~ 1.5 + 3.4 s^2 float64 (nb, B, B) arrays (H, the H_SS index, H_SS, its factor):
+    # half the elimination's batch keeps both about the same (fewer, larger batches: the
+    # unpacking and the LAPACK calls are per batch).
     per = _batches(n_b, B, blocks_per_batch, W.device)
-    bs = max(1, per // (4 if blocks_per_batch is None else 1))
+    bs = max(1, per // (2 if blocks_per_batch is None else 1))
     W_new = W.clone()
     perm = torch.argsort(counts, descending=True, stable=True)
     perm = perm[counts[perm] > 0]

@@ -67,7 +67,7 @@ class CAPruningModifier(PruningModifier):
     | damp | lambda | absolute dampening: F = lambda*I + (1/m) G^T G |
     | fisher_block_size | B | consecutive flattened weights per Fisher block |
     | num_recomputations | - | Fisher rebuilds between the current and the target sparsity |
-    | blocks_in_parallel | - | Fisher blocks per float64 working batch (-1: about 16 MiB) |
+    | blocks_in_parallel | - | Fisher blocks per float64 working batch (-1: about 12 MiB) |
     | mask_type | - | unstructured, or "N:M" (N pruned per M consecutive weights, B % M == 0) |
     | flops_power, flops_target | - | FLOPs-aware scores / a MACs target (`flops_plan`) |
     | loss_ranking | - | "cumulative" (reference: a prefix's joint OBS loss) or "per_step" |
