@@ -211,16 +211,17 @@ def invert_block_fisher(
         step = min(step, -(-n_b // torch.get_num_threads()))
 
     def invert_chunk(s: int) -> None:
-        if packed:  # unpacked into a float64 working batch
+        # A block's sum is finite iff its entries are (short of float64 overflow, itself a
+        # fault): one pass, no chunk-sized boolean temporary.
+        if packed:  # the lower triangles, all that Cholesky reads (the rest stays unset)
+            bad = ~torch.isfinite(gram.data[s : s + step].sum(dim=1))
             buf = torch.empty((step, bsz, bsz), dtype=torch.float64, device=gram.device)
-            f = gram.rows(s, step, out=buf)
+            f = gram.rows(s, step, out=buf, lower_only=True)
         else:
             f = gram[s : s + step]
             if not (inplace and f.dtype == torch.float64):  # else factorised where it lies
                 f = f.to(torch.float64, copy=True)
-        # A block's sum is finite iff its entries are (short of float64 overflow, itself a
-        # fault): one pass, no chunk-sized boolean temporary.
-        bad = ~torch.isfinite(f.sum(dim=(1, 2)))
+            bad = ~torch.isfinite(f.sum(dim=(1, 2)))
         if bad.any():
             raise NumericalError(
                 f"Fisher block {s + int(bad.nonzero()[0])} has NaN/Inf Gram entries: check the "

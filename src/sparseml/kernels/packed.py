@@ -45,13 +45,16 @@ def pack(full: Tensor, out: Tensor | None = None) -> Tensor:
     return flat.index_select(1, tril) if out is None else torch.index_select(flat, 1, tril, out=out)
 
 
-def unpack(packed: Tensor, block: int, out: Tensor | None = None) -> Tensor:
+def unpack(
+    packed: Tensor, block: int, out: Tensor | None = None, *, lower_only: bool = False
+) -> Tensor:
     """(n, B (B + 1) / 2) -> (n, B, B) symmetric, in ``packed``'s dtype.
 
     ``out`` (n, B, >= B), if given, receives the blocks in ``out[..., :B]``. Row i of a packed
     triangle is contiguous (entries (i, 0..i)), so a block is filled by 2 B strided copies
     (the row, then the same numbers as column i above the diagonal): about twice as fast as
-    one gather of B^2 indices.
+    one gather of B^2 indices. ``lower_only`` writes the rows only (B copies), for a
+    factorization that reads the lower triangle; the rest of ``out`` is left as it is.
     """
     n = packed.shape[0]
     if out is None:
@@ -59,7 +62,8 @@ def unpack(packed: Tensor, block: int, out: Tensor | None = None) -> Tensor:
     for i in range(block):
         o = i * (i + 1) // 2
         out[:, i, : i + 1] = packed[:, o : o + i + 1]
-        out[:, :i, i] = packed[:, o : o + i]
+        if not lower_only:
+            out[:, :i, i] = packed[:, o : o + i]
     return out[..., :block]
 
 
@@ -113,10 +117,14 @@ class SymBlocks:
         else:
             rows.copy_(pack(full))
 
-    def rows(self, start: int, n: int, out: Tensor | None = None) -> Tensor:
-        """Blocks start .. start + n - 1 as full float64 (n, B, B), into ``out`` if given."""
+    def rows(
+        self, start: int, n: int, out: Tensor | None = None, *, lower_only: bool = False
+    ) -> Tensor:
+        """Blocks start .. start + n - 1 as full float64 (n, B, B), into ``out`` if given
+        (``lower_only``: the lower triangles, see `unpack`)."""
         src = self.data[start : start + n]
-        return unpack(src, self.block, None if out is None else out[: src.shape[0]])
+        out = None if out is None else out[: src.shape[0]]
+        return unpack(src, self.block, out, lower_only=lower_only)
 
     def unpack_into(self, index, out: Tensor) -> None:
         """Write blocks ``index`` (slice or index tensor) into ``out`` (n, B, >= B)[..., :B]."""
