@@ -100,7 +100,7 @@ class BlockFisher(Estimator):
             sampling.append(MemoryItem("unpruned columns of the chunk", chunk.nbytes, device))
         # per worker thread, a float64 slice of the chunk, its products and their triangles
         c = min(GRAD_CHUNK, m)
-        per_slice = min(chunk_blocks(block * max(block, c), device), -(-n_b // threads))
+        per_slice = min(chunk_blocks(2 * block * max(block, c), device), -(-n_b // threads))
         slices = per_slice * (c * block + block * block + packed_numel(block)) * 8
         in_flight = min(threads, n_b)
         sampling.append(MemoryItem("float64 Gram slices", in_flight * slices, device))
