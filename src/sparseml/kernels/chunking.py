@@ -5,6 +5,9 @@ Shared by the block-Fisher, OBS and CAP kernels, whose work is many independent 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,6 +25,25 @@ def chunk_blocks(block_numel: int, device: torch.device) -> int:
     return max(1, _CHUNK_NUMEL.get(device.type, _CHUNK_NUMEL_DEFAULT) // block_numel)
 
 
+def _libc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0), or a no-op where there is none."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+# The working batches (MiBs each, allocated and freed in every batch) land in glibc's
+# per-thread arenas, which keep freed pages resident; trimming after a batch loop returns them,
+# so the next phase's peak is its own (measured at 196,608 weights, B = 192: CAP's whole prune
+# peaked 253 MiB above the start without, 241 MiB with, against 145 MiB of packed blocks).
+release_free_memory = _libc_trim()
+
+
 def for_each_chunk(fn: Callable[[int], None], n: int, step: int, device: torch.device) -> None:
     """Call ``fn(start)`` for start in range(0, n, step), the chunks being independent.
 
@@ -29,8 +51,9 @@ def for_each_chunk(fn: Callable[[int], None], n: int, step: int, device: torch.d
     catastrophically so (20x measured) when the cores are shared; torch loops over the batch
     itself. So LAPACK runs single-threaded and the chunks are spread over a pool of
     torch.get_num_threads() Python threads instead (torch releases the GIL). The previous
-    thread setting is restored afterwards. Results do not depend on the schedule; the first
-    failing chunk in order raises.
+    thread setting is restored afterwards, and the freed working memory is returned to the
+    system (`release_free_memory`). Results do not depend on the schedule; the first failing
+    chunk in order raises.
     """
     starts = range(0, n, step)
     if device.type != "cpu":
@@ -49,3 +72,4 @@ def for_each_chunk(fn: Callable[[int], None], n: int, step: int, device: torch.d
                     pass
     finally:
         torch.set_num_threads(threads)
+        release_free_memory()
