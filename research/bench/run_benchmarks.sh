@@ -18,7 +18,9 @@
 # (cost and scaling steps, default 2), METHODS (one-shot methods: recipes
 # research/recipes/one_shot/<name>_fmnist.yaml, e.g. METHODS="gm obs cap woodfisher"),
 # FMNIST_DIR, PYTHON, and extra arguments appended to each step: QUALITY_ARGS, COST_ARGS,
-# SCALING_ARGS (see each script's --help). STEPS (default "quality cost scaling") picks steps.
+# SCALING_ARGS (see each script's --help). STEPS (default "quality cost scaling") picks steps;
+# STEPS=second_order adds the side-by-side run of the block Fisher and CAP against the
+# reference's code (bench_second_order.py, ~5 min; rows in $RESULTS/second_order.jsonl).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -47,12 +49,14 @@ if [[ $quick == 1 ]]; then
              --train-limit 2000 --val-limit 1000 --num-grads 32 --gradual-epochs 1)
     cost=(--models deit_tiny --deit-blocks 1 --num-grads 32 --eval-images 64)
     scaling=(--d 50000 100000 200000 --B 48 96 192 --m 192 256 384 --gemm-n 1024 --repeats 1)
+    second_order=(--d 24576)
 else
     RESULTS=${RESULTS:-research/bench/results}
     METHODS=${METHODS:-"gm obs mfac fast_cap cap"}
     quality=()
     cost=()
     scaling=()
+    second_order=()
 fi
 read -r -a methods <<< "$METHODS"
 read -r -a extra_quality <<< "${QUALITY_ARGS:-}"
@@ -82,7 +86,9 @@ for step in $STEPS; do
                   "${cost[@]}" "${extra_cost[@]}" ;;
         scaling) "$PYTHON" research/bench/bench_scaling.py --out "$RESULTS" --threads "$KERNEL_THREADS" \
                      "${scaling[@]}" "${extra_scaling[@]}" ;;
-        *) echo "error: STEPS holds $step (allowed: quality cost scaling)" >&2; exit 2 ;;
+        second_order) "$PYTHON" research/bench/bench_second_order.py --threads "$KERNEL_THREADS" \
+                          --out "$RESULTS/second_order.jsonl" "${second_order[@]}" ;;
+        *) echo "error: STEPS holds $step (allowed: quality cost scaling second_order)" >&2; exit 2 ;;
     esac
     echo "== $step: $(( $(date +%s) - t0 )) s"
 done
