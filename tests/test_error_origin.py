@@ -138,6 +138,7 @@ BAD_STATE = {
 # formulas whose callers are the checked entry points above).
 UNCHECKED = {
     "cap_prefix.prefix_mask",
+    "cap_prefix.recon_batch",  # sizes only, never given user values
     "cap.workspace_bytes",  # sizes only, never given user values
     "fisher.from_blocks",
     "packed.pack",  # pure views and copies of blocks the kernels built themselves

@@ -25,6 +25,7 @@ from sparseml.kernels.cap_prefix import (
     cap_reconstruct,
     prefix_counts,
     prefix_mask,
+    recon_batch,
 )
 from sparseml.kernels.chunking import for_each_chunk
 from sparseml.kernels.packed import SymBlocks
@@ -68,17 +69,17 @@ def workspace_bytes(
     (`sparseml.kernels.packed`): 2.2 such arrays per batch in flight, 2.7 when gathered. The
     lazy factors add 2 x 32 x nb x (B + 1).
 
-    The reconstruction's batches are half as large and hold H's rows (nb, B, B) in
-    float64 plus, with k = ``sparsity`` x B removed per block, H_SS, its factor and their index
-    (nb, k, k): measured 1.5 + 3.4 s^2 arrays of (nb, B, B) (2.3 at 50%, 4.2 at 90%). On CPU
-    one batch per intra-op thread is in flight (`for_each_chunk`).
+    The reconstruction's batches (`sparseml.kernels.cap_prefix.recon_batch`) hold H's rows
+    (nb, B, B) in float64 plus, with k = ``sparsity`` x B removed per block, H_SS, its factor
+    and their index (nb, k, k): measured 1.5 + 3.4 s^2 arrays of (nb, B, B) (2.3 at 50%, 4.2
+    at 90%). On CPU one batch per intra-op thread is in flight (`for_each_chunk`).
     """
     if n_b < 1:
         return 0
     nb = _batches(n_b, B, blocks_per_batch, device)
     copies = 2.7 if gathered else 2.2
     elimination = 8 * nb * (copies * B * (B + 1) + 2 * _LAZY * (B + 1))
-    recon = max(1, nb // (2 if blocks_per_batch is None else 1))
+    recon = nb if blocks_per_batch else recon_batch(nb, sparsity)
     reconstruction = 8 * (1.5 + 3.4 * sparsity**2) * recon * B * B
     batches = -(-n_b // nb)
     in_flight = 1 if torch.device(device).type != "cpu" else min(torch.get_num_threads(), batches)

@@ -37,6 +37,14 @@ def _batches(n_b: int, B: int, blocks_per_batch: int | None, device="cpu") -> in
     return blocks_per_batch
 
 
+def recon_batch(per: int, sparsity: float) -> int:
+    """Blocks per reconstruction batch when the elimination's batch holds ``per``: a batch
+    holds 1.5 + 3.4 s^2 float64 (nb, B, B) arrays at a fraction s removed (H's rows, H_SS, its
+    factor and index; measured), against the elimination's 2.2, so both peak about the same
+    and low sparsities take larger batches (the unpacking and LAPACK calls are per batch)."""
+    return max(1, int(per * 2.2 / (1.5 + 3.4 * sparsity**2)))
+
+
 def _check(W: torch.Tensor, H: torch.Tensor, per_coord: torch.Tensor) -> None:
     n_b, B = W.shape
     if H.shape != (n_b, B, B) or per_coord.shape != (n_b, B):
@@ -68,11 +76,9 @@ def cap_reconstruct(
     counts = counts.to(device=W.device, dtype=torch.long)
     if counts.shape != (n_b,) or bool((counts < 0).any() | (counts > B).any()):
         raise ValueError(f"counts must have shape ({n_b},) with values in [0, {B}]")
-    # Peak ~ 1.5 + 3.4 s^2 float64 (nb, B, B) arrays (H, the H_SS index, H_SS, its factor):
-    # half the elimination's batch keeps both about the same (fewer, larger batches: the
-    # unpacking and the LAPACK calls are per batch).
     per = _batches(n_b, B, blocks_per_batch, W.device)
-    bs = max(1, per // (2 if blocks_per_batch is None else 1))
+    s_max = float(counts.max()) / B if n_b else 0.0
+    bs = per if blocks_per_batch else recon_batch(per, s_max)
     W_new = W.clone()
     perm = torch.argsort(counts, descending=True, stable=True)
     perm = perm[counts[perm] > 0]
