@@ -22,7 +22,7 @@ from sparseml.kernels.fisher_build import (
     block_fisher_inverse,
     mspace_block_inverse,
 )
-from sparseml.kernels.packed import SymBlocks
+from sparseml.kernels.packed import SymBlocks, pack
 
 F64 = torch.float64
 
@@ -198,11 +198,13 @@ def test_non_finite_gradient_names_the_block(bad: float, mspace: bool) -> None:
         block_fisher_inverse(grads, 8, 1e-3, mspace=mspace)
 
 
-def test_non_positive_definite_block_names_block_and_damp() -> None:
+@pytest.mark.parametrize("packed", [False, True])
+def test_non_positive_definite_block_names_block_and_damp(packed: bool) -> None:
     gram = torch.zeros(4, 4, 4, dtype=F64)
     gram[3] = -2.0 * 1e-4 * 5 * torch.eye(4, dtype=F64)  # F_3 = damp*I - 2*damp*I
+    store = SymBlocks(pack(gram), 4) if packed else gram
     with pytest.raises(NumericalError, match=r"block 3 .*larger damp"):
-        invert_block_fisher(gram, 5, 1e-4, blocks_per_chunk=2)
+        invert_block_fisher(store, 5, 1e-4, blocks_per_chunk=2)
 
 
 @pytest.mark.gpu
