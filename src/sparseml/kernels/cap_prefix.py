@@ -13,15 +13,15 @@ import torch
 from sparseml.errors import NumericalError
 from sparseml.kernels.chunking import for_each_chunk
 
-# Default working set: ~12 MiB of float64 [H | w] per batch (~42 blocks at B = 192). Every
-# greedy step costs ~15 ops whatever the batch holds, so big batches amortise them, but past
-# ~20 MiB the lazy flushes stream the batch from memory instead of cache (measured on 2 cores:
-# 64 blocks 0.61 s, 256 blocks 0.75 s per 512 blocks of 192), and the workspace (2.2 such
-# batches per thread) must stay small next to the packed blocks of a small layer: with 16 MiB
-# the peak at 196,608 weights was 1.38x the float32 blocks + a gradient chunk, with 12 MiB
-# 1.29x (`research/bench/bench_second_order.py`). On CPU a worker thread per core runs its own batch,
-# single-threaded (`for_each_chunk`): the ops are too small for intra-op threads.
+# Default working set per batch: 1/24 of the float64 [H | w] of all the call's blocks, between
+# 12 and 48 MiB (~42 to ~170 blocks at B = 192). Every greedy step costs ~15 small ops whatever
+# the batch holds, so big batches amortise them (786,432 weights on 2 quiet cores: 12 MiB
+# batches 3.8-4.5 s, 48 MiB 2.6-3.0 s); but the workspace (2.2 such batches per thread) must
+# stay small next to the packed blocks of a small layer (196,608 weights: peak 1.38x the
+# float32 blocks + a gradient chunk with 16 MiB batches, 1.29x with 12 MiB). On CPU a worker
+# thread per core runs its own batch, single-threaded (`for_each_chunk`).
 _CHUNK_BYTES = 12 * 2**20
+_CHUNK_BYTES_MAX = 48 * 2**20
 # On an accelerator every op is a kernel launch: batches as large as 512 MiB allow.
 _CHUNK_BYTES_ACCELERATOR = 512 * 2**20
 
@@ -31,7 +31,8 @@ def _batches(n_b: int, B: int, blocks_per_batch: int | None, device="cpu") -> in
         if torch.device(device).type != "cpu":
             return max(1, min(n_b, _CHUNK_BYTES_ACCELERATOR // (8 * B * B)))
         share = -(-n_b // max(1, torch.get_num_threads()))
-        return max(1, min(share, _CHUNK_BYTES // (8 * B * B)))
+        budget = min(_CHUNK_BYTES_MAX, max(_CHUNK_BYTES, n_b * B * (B + 1) * 8 // 24))
+        return max(1, min(share, budget // (8 * B * B)))
     if blocks_per_batch < 1:
         raise ValueError(f"blocks_per_batch must be >= 1 or None, got {blocks_per_batch}")
     return blocks_per_batch
