@@ -52,7 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nm-methods", nargs="*", default=None, help="2:4 runs (default: --methods)")
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=2, help="dense training epochs")
+    p.add_argument(
+        "--epochs", type=int, default=None,
+        help="dense training epochs (default: the config's, research/configs/fmnist_*.yaml)",
+    )  # fmt: skip
     p.add_argument("--train-limit", type=int, default=0, help="first N training images (0: all)")
     p.add_argument("--val-limit", type=int, default=0, help="first N test images (0: all)")
     p.add_argument("--num-grads", type=int, default=0, help="m of every method (0: recipes')")
@@ -75,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.gradual_models is None:
         args.gradual_models = args.models[:1]
     for option in ("epochs", "gradual_epochs", "gs_batch_size", "threads"):
-        if getattr(args, option) < 1:
+        if getattr(args, option) is not None and getattr(args, option) < 1:
             p.error(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     return args
 
@@ -143,10 +146,12 @@ def dense_model(args, model: str, data: Path, out: Path) -> Path:
     meta = out / model / "dense.json"
     cached = dense_cache.is_cached(checkpoint, folder) and read_json(meta) == want
     cmd = [RESEARCH / "sparse_training.py", "--config", config_for(model), "--model", model]
-    cmd += ["--dataset", fmnist.FMNIST, "--data-dir", data, "--epochs", args.epochs]
+    cmd += ["--dataset", fmnist.FMNIST, "--data-dir", data]
+    cmd += ["--epochs", args.epochs] if args.epochs else []
     cmd += ["--workers", 0, "--output", out / model, "--experiment", "dense_training"]
     cmd += ["--log-interval", 1000, "--save-last"]
-    what = f"dense training of {model} ({args.epochs} epochs)"
+    epochs = args.epochs or "the config's"
+    what = f"dense training of {model} ({epochs} epochs)"
     start = time.perf_counter()
     try:
         dense_cache.ensure_dense(
