@@ -55,7 +55,9 @@ class SharedFisher(Estimator):
             try:
                 out.append(row_block(tuple(ref.param.shape), block, group))
             except ValueError as err:  # e.g. a row length that N:M groups do not divide
-                raise pruner.field_error("fisher_layout", f"does not fit {ref.name}: {err}") from err
+                raise pruner.field_error(
+                    "fisher_layout", f"does not fit {ref.name}: {err}"
+                ) from err
         return out
 
     def layout(self, pruner: Any) -> None:
