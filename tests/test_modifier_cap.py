@@ -83,9 +83,19 @@ def joint_obs(w, f, removed):
     return v
 
 
-def cap_oracle(model, s, m, damp, block, glob):
+def per_step(run):
+    """(order, cumulative losses) -> (order, each step's own increment)."""
+    order, cum = run
+    inc, prev = torch.zeros_like(cum), 0.0
+    for p in order:
+        inc[p], prev = cum[p] - prev, float(cum[p])
+    return order, inc
+
+
+def cap_oracle(model, s, m, damp, block, glob, steps=False):
     blocks = dense_blocks(model, m, damp, block)
     runs = [greedy(w, f) for _, _, w, f in blocks]
+    runs = [per_step(r) for r in runs] if steps else runs
     sizes = [model[0].weight.numel(), model[2].weight.numel()]
     drop = [torch.zeros(n, dtype=torch.bool) for n in sizes]
     groups = [[0, 1]] if glob else [[0], [1]]
@@ -97,7 +107,11 @@ def cap_oracle(model, s, m, damp, block, glob):
         start = 0
         for j in members:
             i, sl, w, _ = blocks[j]
-            drop[i][sl] = chosen[start : start + w.numel()]
+            if steps:  # as many as were chosen in the block, from the front of its order
+                k = int(chosen[start : start + w.numel()].sum())
+                drop[i][sl][torch.as_tensor(runs[j][0][:k], dtype=torch.long)] = True
+            else:
+                drop[i][sl] = chosen[start : start + w.numel()]
             start += w.numel()
     want = [torch.zeros(n, dtype=torch.float64) for n in sizes]
     for i, sl, w, f in blocks:
@@ -116,6 +130,19 @@ def test_one_shot_matches_dense_greedy_oracle(m, block, glob):
         assert torch.equal(got == 0, d)
         torch.testing.assert_close(got.double(), w, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(got, dense * ~d)  # the kept weights did move
+
+
+@pytest.mark.parametrize("glob", ["true", "false"])
+def test_per_step_ranking_matches_its_oracle(glob):
+    want, drop = cap_oracle(mlp(), 0.6, 20, 0.05, 12, glob == "true", steps=True)
+    cum_want, cum_drop = cap_oracle(mlp(), 0.6, 20, 0.05, 12, glob == "true")
+    assert any(not torch.equal(a, b) for a, b in zip(drop, cum_drop))  # the rankings differ
+    model = mlp()
+    text = recipe(0.6, 20, 12, glob, extra="loss_ranking: per_step")
+    ScheduledModifierManager.from_yaml(text).apply(model, grad_sampler=sampler())
+    for got, w, d in zip(weights_of(model), want, drop):
+        assert torch.equal(got == 0, d)
+        torch.testing.assert_close(got.double(), w, rtol=1e-4, atol=1e-5)
 
 
 def test_nm_is_exact_and_the_joint_obs_update():
@@ -169,6 +196,7 @@ def test_sweep_cache_reuses_fisher_and_order():
     [
         ({"mask_type": "block4", "fisher_block_size": 12}, "mask_type"),
         ({"blocks_in_parallel": 0}, "blocks_in_parallel"),
+        ({"loss_ranking": "greedy"}, "loss_ranking"),
         ({"blocks_in_paralel": 8}, "blocks_in_parallel"),
         ({"mask_type": "2:4", "fisher_block_size": 10}, "fisher_block_size"),
         ({"mask_type": "2:4", "final_sparsity": 0.7}, "final_sparsity"),

@@ -104,6 +104,25 @@ def test_matches_reference_loop_with_traces():
         torch.testing.assert_close(W_new[b], traces[int(counts[b])], rtol=1e-8, atol=1e-10)
 
 
+def test_per_step_losses_are_the_reference_increments():
+    W, _, H = make_problem(n_b=7, B=8, m=5, seed=4, corr=0.5)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    pruned[2, [0, 5]] = True
+    W = W.masked_fill(pruned, 0.0)
+    order_c, cum = cap_eliminate(W, H, pruned, blocks_per_batch=3)
+    order, steps = cap_eliminate(W, H, pruned, blocks_per_batch=3, per_step=True)
+    assert torch.equal(order, order_c)  # the ranking changes the scores, not the greedy
+    for b in range(7):
+        forced = [j for j in range(8) if pruned[b, j]]
+        ref_order, ref_cum, _ = reference_greedy(W[b], H[b], forced)
+        inc = [c - p for c, p in zip(ref_cum, [0.0, *ref_cum[:-1]])]
+        assert order[b].tolist() == ref_order
+        got = steps[b, ref_order].double().tolist()
+        assert got == pytest.approx(inc, rel=1e-5, abs=1e-12)
+        # the increments sum back to the (monotone) cumulative losses
+        assert sum(got) == pytest.approx(float(cum[b, ref_order[-1]]), rel=1e-5)
+
+
 def test_batching_does_not_change_results():
     W, _, H = make_problem(n_b=9, B=8, seed=2)
     pruned = torch.rand(9, 8, generator=torch.Generator().manual_seed(0)) < 0.3

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparseml.errors import NumericalError
+from sparseml.kernels.packed import SymBlocks
 from sparseml.kernels.fisher import (
     BlockFisherBuilder,
     accumulate_block_gram,
@@ -88,8 +89,8 @@ def test_auto_mspace_stays_accurate_when_damp_is_below_float32_gram_precision() 
     grads, damp = _grads(16, 128, seed=10).float(), 1e-7
     expected = _dense_block_inverses(grads.double(), 64, damp)
     got = block_fisher_inverse(grads, 64, damp)  # auto: m < B -> m-space form
-    assert got.dtype == torch.float32
-    assert (got.double() - expected).abs().max() / expected.abs().max() < 1e-5
+    assert isinstance(got, SymBlocks)  # float64 lower triangles: exact, float32-sized
+    assert (got.full() - expected).abs().max() / expected.abs().max() < 1e-5
     with pytest.raises(ValueError, match="damp"):
         mspace_block_inverse(grads, 64, 0.0)
 
@@ -105,8 +106,8 @@ def test_zero_gradient_coordinates_are_decoupled() -> None:
         assert row[i].item() == pytest.approx(1 / damp, rel=1e-12)
         row[i] = col[i] = 0
         assert torch.count_nonzero(row) == 0 and torch.count_nonzero(col) == 0
-    # float32 storage: off-diagonal entries stay exactly zero there too
-    H32 = block_fisher_inverse(grads.float(), 8, damp)
+    # the packed production path: off-diagonal entries stay exactly zero there too
+    H32 = block_fisher_inverse(grads.float(), 8, damp).full()
     assert torch.count_nonzero(H32[0, 5, :5]) == 0 and torch.count_nonzero(H32[0, :5, 5]) == 0
 
 
@@ -212,7 +213,8 @@ def test_gram_on_another_device_than_grads() -> None:
     assert out.device.type == "cpu"
     torch.testing.assert_close(out, cpu, rtol=1e-4, atol=1e-4)
     H = block_fisher_inverse(grads.cuda(), 16, 1e-2)
-    torch.testing.assert_close(H.cpu(), block_fisher_inverse(grads, 16, 1e-2), rtol=1e-4, atol=1e-3)
+    want = block_fisher_inverse(grads, 16, 1e-2).full()
+    torch.testing.assert_close(H.cpu().full(), want, rtol=1e-4, atol=1e-3)
 
 
 def test_mspace_builder_keeps_chunks_without_copying():
@@ -222,7 +224,9 @@ def test_mspace_builder_keeps_chunks_without_copying():
     for s in (0, 3):
         builder.add(grads[s : s + 3])
     assert [g.data_ptr() for g in builder.store] == [grads[0:3].data_ptr(), grads[3:].data_ptr()]
-    torch.testing.assert_close(builder.finish(), block_fisher_inverse(grads, 16, 1e-2))
+    torch.testing.assert_close(
+        builder.finish().full(), block_fisher_inverse(grads, 16, 1e-2).full()
+    )
     # a narrow column slice of a wide chunk (another rank's share) is copied, not pinned
     wide = torch.randn(6, 400, dtype=torch.float64)
     builder = BlockFisherBuilder(40, 16, 6, 1e-2, dtype=torch.float64)

@@ -20,6 +20,7 @@ import torch
 
 from sparseml.errors import NumericalError
 from sparseml.kernels.chunking import for_each_chunk
+from sparseml.kernels.packed import SymBlocks
 
 __all__ = [
     "cap_eliminate",
@@ -64,9 +65,9 @@ def workspace_bytes(
     Per working batch of nb blocks: the elimination holds the float64 [H | w] (nb, B, B + 1)
     and, while compacting, its gathered part (2/3 of it), plus a gathered copy of H's rows
     when the batch is ``gathered`` rather than a contiguous slice of H (blocks of unequal work:
-    padded blocks, earlier pruning). Measured over whole prunes (where the memory freed by the
-    Fisher build is reused): 1.6-1.75 such arrays per batch in flight, 2.0 when gathered; in a
-    fresh process up to 2.5 and 3.8. The lazy factors add 2 x 32 x nb x (B + 1).
+    padded blocks, earlier pruning). Measured in a fresh process with H packed
+    (`sparseml.kernels.packed`): 2.2 such arrays per batch in flight, 2.7 when gathered. The
+    lazy factors add 2 x 32 x nb x (B + 1).
 
     The reconstruction's batches are a quarter as large and hold H's rows (nb, B, B) in
     float64 plus, with k = ``sparsity`` x B removed per block, H_SS, its factor and their index
@@ -76,7 +77,7 @@ def workspace_bytes(
     if n_b < 1:
         return 0
     nb = _batches(n_b, B, blocks_per_batch)
-    copies = 2.2 if gathered else 1.75
+    copies = 2.7 if gathered else 2.2
     elimination = 8 * nb * (copies * B * (B + 1) + 2 * _LAZY * (B + 1))
     recon = max(1, nb // (4 if blocks_per_batch is None else 1))
     reconstruction = 8 * (1.5 + 3.4 * sparsity**2) * recon * B * B
@@ -118,10 +119,11 @@ def _pre_eliminate(aug: torch.Tensor, elim: torch.Tensor, src: torch.Tensor) -> 
     aug[c] = ac - cols @ X
 
 
-def _greedy(Hb, wb, elim, steps, gid=None, cnt=None, n=0):
+def _greedy(h, wb, elim, steps, gid=None, cnt=None, n=0):
     """Greedy OBS elimination of ``steps[b]`` coordinates in each block of one batch.
 
-    Hb (nb, B, B) and wb (nb, B) are read only; elim (nb, B) marks coordinates eliminated first
+    h (nb, B, B + 1) float64 holds the batch's H in h[:, :, :B] (this function owns and
+    overwrites it); wb (nb, B) is read only; elim (nb, B) marks coordinates eliminated first
     (modified). N:M: gid (nb, B) group id, cnt (nb, G) eliminated per group; a group holding
     n eliminated coordinates is closed. Returns pivots (nb, T) as original indices (-1 once a
     block has stopped), cumulative losses (nb, T) with 1/2 included, and the final weights
@@ -135,16 +137,14 @@ def _greedy(Hb, wb, elim, steps, gid=None, cnt=None, n=0):
     B memory-bound rank-1 updates.
     """
     nb, B = elim.shape
-    dev = Hb.device
-    # w rides along as column B of an augmented [H | w]: one update moves both. This function
-    # owns it, so every compaction below frees the previous copy.
-    h = torch.empty((nb, B, B + 1), dtype=torch.float64, device=dev)
-    h[:, :, :B] = Hb
+    dev = h.device
+    # w rides along as column B of an augmented [H | w]: one update moves both; every
+    # compaction below frees the previous copy.
     h[:, :, B] = wb
     if not torch.isfinite(h.sum()):  # per batch: no H-sized temporary
         raise NumericalError("CAP received NaN/Inf in the inverse Fisher blocks")
     floor = h.diagonal(dim1=1, dim2=2).amax(1, keepdim=True).clamp_min(1e-300) * _PIVOT_FLOOR
-    _pre_eliminate(h, elim, Hb)
+    _pre_eliminate(h, elim, h[:, :, :B])
     T = int(steps.max()) if nb else 0
     t_all = int(steps.min()) if nb else 0  # steps before the first block stops
     piv, hist = [], []  # per step: (nb,) original index and score of the pivot
@@ -209,14 +209,25 @@ def _greedy(Hb, wb, elim, steps, gid=None, cnt=None, n=0):
     return piv, cum, out
 
 
-def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None):
+def _load(H, rows, nb: int, B: int) -> torch.Tensor:
+    """A float64 (nb, B, B + 1) working array with blocks ``rows`` of H in [:, :, :B]."""
+    h = torch.empty((nb, B, B + 1), dtype=torch.float64, device=H.device)
+    if isinstance(H, SymBlocks):  # float64 lower triangles, unpacked a few rows at a time
+        H.unpack_into(rows, h)
+    else:
+        h[:, :, :B] = H[rows]
+    return h
+
+
+def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None, per_step=False):
     """Shared driver: batches blocks by pending work, pre-eliminates and runs the greedy.
 
     ``on_blocks(n)`` (optional, e.g. a progress bar's update) is called after each batch with
     its number of blocks, possibly from worker threads.
 
-    Returns order (n_b, B) int16/int64, losses (n_b, B) float32 made non-decreasing along the
-    order, and for N:M the final weights (n_b, B) float64 (None otherwise).
+    Returns order (n_b, B) int16/int64, losses (n_b, B) float32 (cumulative ones made
+    non-decreasing along the order; with ``per_step`` each step's own increment), and for
+    N:M the final weights (n_b, B) float64 (None otherwise).
     """
     n_b, B = W.shape
     dev = W.device
@@ -232,14 +243,17 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None):
     def batch(i: int) -> None:
         bi = perm[i : i + bs]
         nb = bi.numel()
-        Hb = H[i : i + nb] if contiguous else H[bi]  # a slice avoids a float32 copy
+        rows = slice(i, i + nb) if contiguous else bi
         elim, steps = pre[bi].clone(), steps_all[bi]
         gid = cnt = None
         if nm is not None:
             n, m, valid_groups = nm
             gid = (ar // m).expand(nb, B)
             cnt = torch.where(valid_groups[bi], elim.view(nb, -1, m).sum(2), n)
-        piv, cum, w = _greedy(Hb, W[bi], elim, steps, gid, cnt, nm[0] if nm else 0)
+        # the working array is _greedy's own (no name here keeps it alive through compactions)
+        piv, cum, w = _greedy(
+            _load(H, rows, nb, B), W[bi], elim, steps, gid, cnt, nm[0] if nm else 0
+        )
         if W_new is not None:
             W_new[bi] = w
         # Order: pre-eliminated coordinates by index, the pivots, then the survivors by index.
@@ -250,10 +264,15 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None):
         key.scatter_(1, tgt, torch.arange(T, device=dev).expand(nb, T) - B)
         o = torch.argsort(key[:, :B], dim=1)
         loss = torch.zeros((nb, B + 1), dtype=torch.float64, device=dev)
-        loss = loss.scatter_(1, tgt, cum)[:, :B]
-        in_order = loss.gather(1, o).cummax(1).values  # absorbs rounding, keeps prefixes
+        if per_step:  # each step's increment 1/2 s_t (finished blocks add 0)
+            inc = torch.diff(cum, dim=1, prepend=cum.new_zeros(nb, 1))
+            loss = loss.scatter_(1, tgt, inc)
+            losses[bi] = loss[:, :B].clamp_min(0.0).float()
+        else:
+            loss = loss.scatter_(1, tgt, cum)[:, :B]
+            in_order = loss.gather(1, o).cummax(1).values  # absorbs rounding, keeps prefixes
+            losses[bi] = loss.scatter_(1, o, in_order).float()
         order[bi] = o.to(order.dtype)
-        losses[bi] = loss.scatter_(1, o, in_order).float()
         if on_blocks is not None:
             on_blocks(nb)
 
@@ -269,6 +288,7 @@ def cap_eliminate(
     valid: torch.Tensor | None = None,
     blocks_per_batch: int | None = None,
     on_blocks: Callable[[int], None] | None = None,
+    per_step: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy CAP elimination order and cumulative OBS losses of every Fisher block.
 
@@ -277,12 +297,17 @@ def cap_eliminate(
     Pruned and padded coordinates come first in ``order`` (by index) with loss 0, then the greedy
     pivots. Returns order (n_b, B) int16 (int64 if B > 32767) and losses (n_b, B) float32 where
     losses[b, order[b, t]] = 1/2 w_S^T (H_SS)^-1 w_S for S = order[b, :t + 1] (non-decreasing
-    along the order). Runs in float64 on a working copy of ``blocks_per_batch`` blocks at a time;
-    ``on_blocks(n)`` is told of every ``n`` blocks done (progress; from worker threads).
+    along the order). With ``per_step`` the losses are instead each step's own increment
+    losses[b, order[b, t]] = 1/2 w_p^2 / H_pp at that step (not monotone): a threshold over them
+    counts, per block, how many of the smallest increments fall in it, and that many
+    coordinates are removed from the front of its order. Runs in float64 on a working copy of
+    ``blocks_per_batch`` blocks at a time; ``on_blocks(n)`` is told of every ``n`` blocks done
+    (progress; from worker threads).
     """
     _check(W, H, pruned)
     pre = pruned.bool() if valid is None else pruned.bool() | ~valid.bool()
-    order, losses, _ = _run(W, H, pre, W.shape[1] - pre.sum(1), blocks_per_batch, None, on_blocks)
+    steps = W.shape[1] - pre.sum(1)
+    order, losses, _ = _run(W, H, pre, steps, blocks_per_batch, None, on_blocks, per_step)
     return order, losses
 
 

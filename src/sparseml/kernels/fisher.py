@@ -18,10 +18,17 @@ Block layout rule (shared by every caller):
   B % g == 0, so a group never straddles two blocks.
 
 Instead of the reference's m rank-1 Sherman-Morrison updates (memory-bound BLAS-2), the Gram
-matrices S_b = sum_i g_b g_b^T are accumulated chunk by chunk with one batched GEMM, and each
-F_b is inverted once with a float64 Cholesky factorization. Both give F_b^{-1}; only rounding
-differs. When m < B, `mspace_block_inverse` applies Woodbury in the m-dimensional sample space
-instead, which never forms the (rank-deficient) B x B Gram and is accurate for any damp.
+matrices S_b = sum_i g_b g_b^T are accumulated chunk by chunk with batched float64 GEMMs, and
+each F_b is inverted once with a float64 Cholesky factorization. Both give F_b^{-1}; only
+rounding differs. When m < B, `mspace_block_inverse` applies Woodbury in the m-dimensional
+sample space instead, which never forms the (rank-deficient) B x B Gram and is accurate for any
+damp.
+
+Precision and memory: every sum and factorization runs in float64 (a float32 Gram loses the
+directions of F_b below eps_32 ||S_b|| / m, which damps like CAP's 1e-8 need), and what is kept
+between steps, first the Gram and then H, is stored as float64 lower triangles
+(`sparseml.kernels.packed.SymBlocks`): (B + 1) / B times the memory of float32 blocks, with no
+rounding to float32 anywhere. H is inverted in place, a few blocks at a time.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from torch import Tensor
 
 from sparseml.errors import NumericalError
 from sparseml.kernels.chunking import chunk_blocks, for_each_chunk
+from sparseml.kernels.packed import SymBlocks, pack, packed_numel
 from sparseml.kernels.precision import work_dtype
 
 # Gradient entries upcast at a time when a float32 chunk feeds a float64 Gram.
@@ -100,7 +108,7 @@ def accumulate_block_gram(
     n_b, n_full = num_blocks(d, block_size), d // block_size
     if out is None:
         out = torch.zeros(n_b, block_size, block_size, dtype=torch.float32, device=grads.device)
-    elif out.shape != (n_b, block_size, block_size):
+    elif tuple(out.shape) != (n_b, block_size, block_size):
         raise ValueError(
             f"out must have shape {(n_b, block_size, block_size)} for d={d}, "
             f"block_size={block_size}, got {tuple(out.shape)}"
@@ -110,6 +118,9 @@ def accumulate_block_gram(
     parts = [(0, grads[:, : n_full * block_size].view(c, n_full, block_size))]
     if n_full < n_b:
         parts.append((n_full, to_blocks(grads[:, n_full * block_size :], block_size)))
+    if isinstance(out, SymBlocks):
+        _accumulate_packed(parts, out, c, block_size, blocks_per_chunk)
+        return out
     same_device = out.device == grads.device
     upcast = grads.dtype != out.dtype
     if blocks_per_chunk:
@@ -133,6 +144,26 @@ def accumulate_block_gram(
     return out
 
 
+def _accumulate_packed(parts, out: SymBlocks, c: int, bsz: int, blocks_per_chunk) -> None:
+    """Add X_b^T X_b to the packed float64 Grams: per slice of blocks one float64 bmm on an
+    upcast copy of the slice (exact products, float64 sums), then its lower triangles.
+
+    Slices are small (about 4 MiB of float64 products on CPU, so the product stays in cache
+    while its triangle is added) and spread over the worker threads (`for_each_chunk`).
+    """
+    device = parts[0][1].device
+    step = blocks_per_chunk or chunk_blocks(bsz * max(bsz, c), device)
+    for first, x in parts:
+
+        def add(s: int, first=first, x=x) -> None:
+            xs = x[:, s : s + step].permute(1, 0, 2)  # (n, c, B) view
+            xs = torch.empty(xs.shape, dtype=torch.float64, device=device).copy_(xs)
+            low = pack(torch.bmm(xs.transpose(1, 2), xs))
+            out.data[first + s : first + s + xs.shape[0]] += low.to(out.device)
+
+        for_each_chunk(add, x.shape[1], step, device)
+
+
 def invert_block_fisher(
     gram: Tensor,
     num_grads: int,
@@ -145,7 +176,8 @@ def invert_block_fisher(
     """H_b = (damp * I + gram_b / num_grads)^{-1} for every block, via float64 Cholesky.
 
     Args:
-        gram: (n_b, B, B) Gram matrices sum_i g_b g_b^T (from `accumulate_block_gram`).
+        gram: (n_b, B, B) Gram matrices sum_i g_b g_b^T (from `accumulate_block_gram`), a
+            tensor or packed float64 `SymBlocks` (then H is packed too).
         num_grads: m, the number of gradients actually accumulated (the normalisation).
         damp: absolute damping lambda > 0.
         blocks_per_chunk: blocks factorised per float64 batch (bounds the extra memory to a few
@@ -170,14 +202,18 @@ def invert_block_fisher(
         raise ValueError(f"gram must have shape (n_b, B, B), got {tuple(gram.shape)}")
     _check_block_size(gram.shape[1])
     n_b, bsz = gram.shape[0], gram.shape[1]
-    result = gram if inplace else torch.empty_like(gram)
+    packed = isinstance(gram, SymBlocks)
+    if packed:
+        result = gram if inplace else SymBlocks(gram.data.clone(), bsz)
+    else:
+        result = gram if inplace else torch.empty_like(gram)
     step = blocks_per_chunk or chunk_blocks(bsz * bsz, gram.device)
     if gram.device.type == "cpu":  # at least one chunk per thread
         step = min(step, -(-n_b // torch.get_num_threads()))
 
     def invert_chunk(s: int) -> None:
-        f = gram[s : s + step]
-        if not (inplace and f.dtype == torch.float64):  # else factorised where it lies
+        f = gram[s : s + step]  # packed: unpacked into a float64 copy
+        if not (packed or (inplace and f.dtype == torch.float64)):  # else factorised in place
             f = f.to(torch.float64, copy=True)
         # A block's sum is finite iff its entries are (short of float64 overflow, itself a
         # fault): one pass, no chunk-sized boolean temporary.
@@ -200,7 +236,9 @@ def invert_block_fisher(
                 f"use a larger damp (e.g. {damp * 10:g}) or a float64 Gram"
             )
         torch.cholesky_inverse(f, out=f)
-        if f.data_ptr() != result[s : s + step].data_ptr():
+        if packed:
+            result.write(s, f)
+        elif f.data_ptr() != result[s : s + step].data_ptr():
             result[s : s + step] = f
         if on_blocks is not None:
             on_blocks(f.shape[0])
@@ -216,7 +254,8 @@ def mspace_block_inverse(
     *,
     dtype: torch.dtype = torch.float32,
     blocks_per_chunk: int | None = None,
-) -> Tensor:
+    packed: bool = False,
+) -> Tensor | SymBlocks:
     """H (n_b, B, B) from the m x m "sample space" form, meant for m < B.
 
     By Woodbury, (damp*I + G_b^T G_b / m)^{-1} = (I - G_b^T K_b^{-1} G_b) / damp with
@@ -228,6 +267,7 @@ def mspace_block_inverse(
     Args:
         grads: (m, d) gradient samples, or a list of (c_i, d) chunks of them (used as they
             are: no (m, d) copy is made). dtype: dtype of the returned H.
+        packed: return H as float64 `SymBlocks` (exact, the memory of float32 blocks) instead.
     """
     _check_block_size(block_size)
     pieces = list(grads) if isinstance(grads, (list, tuple)) else [grads]
@@ -238,7 +278,13 @@ def mspace_block_inverse(
     device = pieces[0].device
     _check_num_grads_damp(m, damp)
     n_b = num_blocks(d, block_size)
-    H = torch.empty(n_b, block_size, block_size, dtype=dtype, device=device)
+    if packed:
+        H = SymBlocks(
+            torch.empty(n_b, packed_numel(block_size), dtype=torch.float64, device=device),
+            block_size,
+        )
+    else:
+        H = torch.empty(n_b, block_size, block_size, dtype=dtype, device=device)
     step = blocks_per_chunk or chunk_blocks(block_size * max(block_size, m), device)
     if device.type == "cpu":
         step = min(step, -(-n_b // torch.get_num_threads()))
@@ -261,7 +307,10 @@ def mspace_block_inverse(
         z = torch.linalg.solve_triangular(chol, g, upper=False)
         h = torch.bmm(z.transpose(1, 2), z).neg_()
         h.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        H[s : s + step] = h.div_(damp)
+        if packed:
+            H.write(s, h.div_(damp))
+        else:
+            H[s : s + step] = h.div_(damp)
 
     for_each_chunk(invert_chunk, n_b, step, device)
     return H
@@ -274,10 +323,12 @@ class BlockFisherBuilder:
     With fewer samples than the block size (m < B, or ``mspace=True``) the chunks are kept as
     they come (no copy when they are in ``dtype`` on ``device`` and not a small slice of a
     larger tensor) and `mspace_block_inverse` applies Woodbury in sample space (exact for any
-    damp; H in ``dtype``); otherwise each chunk is added to a float64 (by
-    default, ``gram_dtype``) Gram with one batched GEMM and `invert_block_fisher` inverts it in
-    place (H in ``gram_dtype``). ``num_grads`` is the number of samples that will be added; the
-    normalisation uses the number actually added.
+    damp); otherwise each chunk is added to packed float64 Grams with batched GEMMs and
+    `invert_block_fisher` inverts them in place. Either way H is float64 `SymBlocks` (float64
+    lower triangles: exact, in (B + 1) / B times the memory of float32 blocks). With
+    ``gram_dtype=torch.float32`` (a control for the precision tests, not for production) the
+    Gram and H are full float32 blocks instead. ``num_grads`` is the number of samples that will
+    be added; the normalisation uses the number actually added.
 
     Args:
         d: coordinates of the vector. block_size: B. num_grads: m. damp: lambda > 0.
@@ -302,10 +353,13 @@ class BlockFisherBuilder:
         self.mspace = (num_grads < block_size) if mspace is None else mspace
         self.count = 0
         self.num_grads, self.device = num_grads, torch.device(device)
+        n_b = num_blocks(d, block_size)
         if self.mspace:
-            self.store: Tensor | list[Tensor] = []
+            self.store: Tensor | SymBlocks | list[Tensor] = []
+        elif gram_dtype == torch.float64:
+            self.store = SymBlocks.zeros(n_b, block_size, device)
         else:
-            shape = (num_blocks(d, block_size), block_size, block_size)
+            shape = (n_b, block_size, block_size)
             self.store = torch.zeros(shape, device=device, dtype=gram_dtype)
 
     def add(self, grads: Tensor) -> None:
@@ -326,7 +380,7 @@ class BlockFisherBuilder:
             accumulate_block_gram(grads, self.block_size, out=self.store)
         self.count += c
 
-    def finish(self, on_blocks: Callable[[int], None] | None = None) -> Tensor:
+    def finish(self, on_blocks: Callable[[int], None] | None = None) -> SymBlocks | Tensor:
         """H (n_b, B, B) of the samples added so far (consumes the builder's storage).
 
         ``on_blocks(n)`` is told of every ``n`` blocks inverted (progress)."""
@@ -334,7 +388,7 @@ class BlockFisherBuilder:
             raise RuntimeError("no gradient samples were added to the Fisher")
         store, self.store = self.store, []  # released as soon as H exists
         if self.mspace:
-            H = mspace_block_inverse(store, self.block_size, self.damp, dtype=self.dtype)
+            H = mspace_block_inverse(store, self.block_size, self.damp, packed=True)
             if on_blocks is not None:
                 on_blocks(H.shape[0])
             return H
@@ -349,11 +403,12 @@ def block_fisher_inverse(
     chunk_size: int = 128,
     mspace: bool | None = None,
     gram_dtype: torch.dtype = torch.float64,
-) -> Tensor:
+) -> SymBlocks | Tensor:
     """H (n_b, B, B) of the damped empirical block Fisher of ``grads`` (m, d).
 
-    `BlockFisherBuilder` fed in chunks of ``chunk_size`` rows: the m-space form when m < B
-    (H in float32, float64 for float64 gradients), else the ``gram_dtype`` Gram (H in it).
+    `BlockFisherBuilder` fed in chunks of ``chunk_size`` rows: packed float64 `SymBlocks` from
+    the m-space form when m < B, else from the float64 Gram (full ``gram_dtype`` blocks for
+    ``gram_dtype=torch.float32``).
     """
     if grads.dim() != 2 or grads.shape[0] < 1:
         raise ValueError(f"grads must have shape (m, d) with m >= 1, got {tuple(grads.shape)}")
@@ -369,12 +424,18 @@ def block_fisher_inverse(
     return builder.finish()
 
 
-def block_diag(H: Tensor, d: int) -> Tensor:
+def block_diag(H: Tensor | SymBlocks, d: int) -> Tensor:
     """The diagonal of the block-diagonal H (n_b, B, B) as a (d,) vector."""
     return from_blocks(H.diagonal(dim1=-2, dim2=-1), d)
 
 
-def block_matvec(H: Tensor, v: Tensor) -> Tensor:
+def block_matvec(H: Tensor | SymBlocks, v: Tensor) -> Tensor:
     """H v for H (n_b, B, B) and v (d,); the result is (d,), on H's device and dtype."""
-    vb = to_blocks(v.to(device=H.device, dtype=H.dtype), H.shape[-1])
-    return from_blocks(torch.bmm(H, vb.unsqueeze(-1)).squeeze(-1), v.shape[-1])
+    vb = to_blocks(v.to(device=H.device, dtype=H.dtype), H.shape[-1]).unsqueeze(-1)
+    if not isinstance(H, SymBlocks):
+        return from_blocks(torch.bmm(H, vb).squeeze(-1), v.shape[-1])
+    out = torch.empty(vb.shape[:2], dtype=H.dtype, device=H.device)
+    step = chunk_blocks(H.shape[1] * H.shape[1], H.device)
+    for s in range(0, H.shape[0], step):  # a few unpacked blocks at a time
+        out[s : s + step] = torch.bmm(H[s : s + step], vb[s : s + step]).squeeze(-1)
+    return from_blocks(out, v.shape[-1])

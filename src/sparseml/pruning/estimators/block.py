@@ -4,7 +4,9 @@ WoodTaylor's (with the mean gradient).
 Per parameter, blocks of B consecutive flattened weights (the last one zero-padded), or with
 ``dynamic`` B consecutive *unpruned* weights (`sparseml.layouts.CompactLayout`); the blocks of
 all parameters are dealt to the ranks. H_b = (damp I + G_b^T G_b / m)^-1 from a float64 Gram
-(m >= B) or in the m-dimensional sample space (m < B, exact for any damp).
+(m >= B) or in the m-dimensional sample space (m < B, exact for any damp); the Grams and then
+the inverses are kept as float64 lower triangles (`sparseml.kernels.packed.SymBlocks`), which
+is exact and takes (B + 1) / B times the memory of float32 blocks.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from sparseml.curvature import GradientMoments, block_fisher_inverses, tapped
 from sparseml.curvature.moments import SLICE_NUMEL
 from sparseml.dist import is_distributed, on_all_ranks
 from sparseml.kernels.cap import cap_eliminate, workspace_bytes
-from sparseml.kernels.fisher import UPCAST_NUMEL, to_blocks
+from sparseml.kernels.chunking import chunk_blocks
+from sparseml.kernels.fisher import to_blocks
+from sparseml.kernels.packed import packed_numel
 from sparseml.layouts import BlockLayout, CompactLayout
 from sparseml.memory import MemoryItem
 from sparseml.progress import Progress
@@ -54,14 +58,17 @@ class BlockFisher(Estimator):
         return [r.param.numel() for r in pruner.refs]
 
     def memory(self, pruner: Any, block: int, m: int) -> tuple[list[MemoryItem], str]:
-        blocks, sampling = self.phases(pruner, block, m)
-        return peak([blocks], sampling, [pruning_item(pruner)]), self.drivers(pruner, block, m)
+        blocks, sampling, inverting = self.phases(pruner, block, m)
+        plan = peak([blocks], sampling, inverting, [pruning_item(pruner)])
+        return plan, self.drivers(pruner, block, m)
 
     def drivers(self, pruner: Any, block: int, m: int) -> str:
         return f"fisher_block_size={block}, num_grads={m} and {sum(self.sizes(pruner))} weights"
 
-    def phases(self, pruner: Any, block: int, m: int) -> tuple[MemoryItem, list[MemoryItem]]:
-        """This rank's blocks, and what drawing the samples holds besides them."""
+    def phases(
+        self, pruner: Any, block: int, m: int
+    ) -> tuple[MemoryItem, list[MemoryItem], list[MemoryItem]]:
+        """This rank's blocks, and what drawing the samples and inverting hold besides them."""
         sizes = self.sizes(pruner)
         layout = BlockLayout(sizes, block)
         n_local = sum(p.b1 - p.b0 for p in layout.parts)
@@ -69,20 +76,35 @@ class BlockFisher(Estimator):
         size, device = width(pruner), home(pruner)
         # a chunk holds whole gradients (dynamic blocks compact them only afterwards)
         chunk = chunk_item(pruner, m)
-        if m < block:  # sample-space form: the sampled chunks are kept, then H (work dtype)
-            blocks = MemoryItem("Fisher blocks", n_local * block * block * size, device)
+        # packed float64 lower triangles: the Grams, then H in their place
+        blocks = MemoryItem(
+            "Fisher blocks (float64 triangles)", n_local * packed_numel(block) * 8, device
+        )
+        threads = torch.get_num_threads() if device.type == "cpu" else 1
+        n_b = max(1, n_local)
+
+        def batches(per_block: int, numel: int) -> MemoryItem:
+            """float64 working batches of the inversion, one per thread in flight (measured
+            per block: the unpacked block, the factorization's and the packing's copies)."""
+            n = min(chunk_blocks(numel, device), -(-n_b // threads))
+            return MemoryItem("Fisher inversion batches", min(threads, n_b) * n * per_block, device)
+
+        if m < block:  # sample-space form: the sampled chunks are kept until H is built
             sampling = [MemoryItem("sampled gradients", m * d_local * size, device)]
             if is_distributed():  # this rank's columns are copied out of each chunk
                 sampling.append(chunk)
-            return blocks, sampling
-        blocks = MemoryItem("Fisher blocks (float64)", n_local * block * block * 8, device)
+            per_block = (5 * block * block + 3 * m * block) * 8
+            return blocks, sampling, [sampling[0], batches(per_block, block * max(block, m))]
         sampling = [chunk]
         if self.dynamic:  # the unpruned columns are gathered out of each chunk
             sampling.append(MemoryItem("unpruned columns of the chunk", chunk.nbytes, device))
-        if size != 8:  # the chunk is added to the Gram in float64 slices
-            upcast = min(UPCAST_NUMEL, min(GRAD_CHUNK, m) * sum(sizes)) * 8
-            sampling.append(MemoryItem("float64 slice of the chunk", upcast, device))
-        return blocks, sampling
+        # per worker thread, a float64 slice of the chunk, its products and their triangles
+        c = min(GRAD_CHUNK, m)
+        per_slice = min(chunk_blocks(block * max(block, c), device), -(-n_b // threads))
+        slices = per_slice * (c * block + block * block + packed_numel(block)) * 8
+        in_flight = min(threads, n_b)
+        sampling.append(MemoryItem("float64 Gram slices", in_flight * slices, device))
+        return blocks, sampling, [batches(int(3.5 * block * block * 8), block * block)]
 
     def smaller(self, pruner: Any) -> Iterator[tuple[dict, str]]:
         """Halved block sizes, down to the mask group."""
@@ -110,11 +132,11 @@ class BlockFisherAndMean(BlockFisher):
     """Per part (H, g_bar piece): the block inverses and the mean gradient, from one pass."""
 
     def memory(self, pruner: Any, block: int, m: int) -> tuple[list[MemoryItem], str]:
-        blocks, sampling = self.phases(pruner, block, m)
+        blocks, sampling, inverting = self.phases(pruner, block, m)
         d = sum(r.param.numel() for r in pruner.refs)  # the float64 sums of g and g^2
         moments = MemoryItem("gradient moments", 2 * d * 8, pruner.refs[0].param.device)
         slices = MemoryItem("float64 column slices", 2 * SLICE_NUMEL * 8, moments.device)
-        plan = peak([blocks, moments], [*sampling, slices], [pruning_item(pruner)])
+        plan = peak([blocks, moments], [*sampling, slices], inverting, [pruning_item(pruner)])
         return plan, self.drivers(pruner, block, m)
 
     def build(self, pruner: Any, module: Any, layout) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -135,14 +157,16 @@ class CAPElimination(BlockFisher):
     batches (one per CPU thread in flight).
     """
 
-    def __init__(self, block: int, damp: float, nm: bool, blocks_per_batch: int | None) -> None:
+    def __init__(
+        self, block: int, damp: float, nm: bool, blocks_per_batch: int | None, per_step=False
+    ) -> None:
         super().__init__(block, damp)
-        self.nm, self.blocks_per_batch = nm, blocks_per_batch
+        self.nm, self.blocks_per_batch, self.per_step = nm, blocks_per_batch, per_step
 
     def memory(self, pruner: Any, block: int, m: int) -> tuple[list[MemoryItem], str]:
         """The blocks and CAP's per-weight arrays, plus the largest phase: drawing samples,
         the elimination (and reconstruction) working batches, or the pruning step."""
-        blocks, sampling = self.phases(pruner, block, m)
+        blocks, sampling, inverting = self.phases(pruner, block, m)
         layout = BlockLayout(self.sizes(pruner), block)
         n_local = sum(p.b1 - p.b0 for p in layout.parts)
         device = home(pruner)
@@ -156,7 +180,7 @@ class CAPElimination(BlockFisher):
         sparsity = max(targets) if targets else 0.95  # a MACs target: assume the worst
         work = workspace_bytes(n_local, block, self.blocks_per_batch, device, not even, sparsity)
         elimination = [MemoryItem("CAP elimination workspace (float64)", work, device)]
-        plan = peak([blocks, arrays], sampling, elimination, [pruning_item(pruner)])
+        plan = peak([blocks, arrays], sampling, inverting, elimination, [pruning_item(pruner)])
         return plan, self.drivers(pruner, block, m)
 
     def build(self, pruner: Any, module: Any, layout) -> list[dict[str, torch.Tensor]]:
@@ -177,7 +201,7 @@ class CAPElimination(BlockFisher):
                     pruned = to_blocks((~k).to(H.device, torch.float32), bsz) > 0
                     est["order"], est["losses"] = cap_eliminate(
                         W, H, pruned, valid=valid, blocks_per_batch=self.blocks_per_batch,
-                        on_blocks=progress.update,
+                        on_blocks=progress.update, per_step=self.per_step,
                     )  # fmt: skip
                 out.append(est)
             progress.close()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparseml.fields import Field, FieldValueError, as_int, as_str, optional
+from sparseml.fields import Field, FieldValueError, as_int, as_str, one_of, optional
 from sparseml.kernels.cap import cap_nm_prune, cap_reconstruct, prefix_counts, prefix_mask
 from sparseml.kernels.fisher import from_blocks, to_blocks
 from sparseml.layouts import BlockPart
@@ -70,6 +70,9 @@ class CAPruningModifier(PruningModifier):
     | blocks_in_parallel | - | Fisher blocks per float64 working batch (-1: about 48 MiB) |
     | mask_type | - | unstructured, or "N:M" (N pruned per M consecutive weights, B % M == 0) |
     | flops_power, flops_target | - | FLOPs-aware scores / a MACs target (`flops_plan`) |
+    | loss_ranking | - | "cumulative" (reference: a prefix's joint OBS loss) or "per_step" |
+    |  |  | (each elimination's own increment; per block, as many removed as its increments |
+    |  |  | fall under the threshold) |
     | traces_backup_dir | - | accepted for reference recipes; unused (no traces are kept) |
 
     Estimator: `CAPElimination` (block inverses, the elimination order and its losses);
@@ -85,6 +88,11 @@ class CAPruningModifier(PruningModifier):
         **FLOPS,
         "blocks_in_parallel": Field(-1, _blocks_in_parallel, "blocks per working batch"),
         "traces_backup_dir": Field(None, optional(as_str), "accepted; unused (no traces)"),
+        "loss_ranking": Field(
+            "cumulative",
+            one_of("cumulative", "per_step"),
+            "scores: each prefix's joint loss (reference) or each step's own increment",
+        ),
     }
     CHECKS = (*SAMPLING_CHECKS, *FLOPS_CHECKS)
     SELECTORS = frozenset({"global", "layer", "nm", "flops"})
@@ -95,7 +103,8 @@ class CAPruningModifier(PruningModifier):
 
     def estimator(self) -> CAPElimination:
         nm = self.mask_spec.kind == "nm"
-        return CAPElimination(self.fisher_block_size, self.damp, nm, self._per_batch())
+        per_step = self.loss_ranking == "per_step"
+        return CAPElimination(self.fisher_block_size, self.damp, nm, self._per_batch(), per_step)
 
     @property
     def joint(self) -> bool:
