@@ -84,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradual-models", nargs="*", default=None, help="default: the first model")
     p.add_argument("--gradual-methods", nargs="*", default=["gm", "cap"])
     p.add_argument(
-        "--gradual-epochs", type=int, default=4,
-        help="pruning steps at the start of every epoch but the last (default 4: three steps)",
+        "--gradual-epochs", type=int, default=3,
+        help="pruning steps at the start of every epoch but the last (default 3: two steps)",
     )  # fmt: skip
     p.add_argument(
         "--jobs", type=int, default=1,
