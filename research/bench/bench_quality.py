@@ -41,6 +41,9 @@ from utils import results as res
 ONE_SHOT = RESEARCH / "recipes" / "one_shot"
 GRADUAL = RESEARCH / "recipes" / "gradual_pruning"
 NO_GRADIENTS = {"gm"}  # magnitude pruning: the seed changes nothing
+# Comparison rows run for the first seed only (they cost a process per seed): the reference
+# FastCAP and the BatchNorm-recalibrated (+bn) rows.
+FIRST_SEED_ONLY = {"fast_cap_ref"}
 OTHER_RANKING = {"cumulative": "per_step", "per_step": "cumulative"}
 RECORDS = threading.Lock()  # jobs run on threads: one append to a shared record file at a time
 
@@ -259,7 +262,7 @@ def sweep(args, model, checkpoint: Path, data: Path, out: Path, seed: int, first
     folder = out / model / f"seed{seed}"
     done = res.latest_rows(res.read_rows(folder))
     for method, recipe, sparsities, grads, variables, bn in sweep_jobs(args, chosen, model):
-        if not first and not grads:
+        if not first and (not grads or method in FIRST_SEED_ONLY or method.endswith("+bn")):
             continue
         todo = [s for s in sparsities if res.row_key(method, s) not in done]
         if not todo:
