@@ -77,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument(
+        "--seed-methods", nargs="*", default=None,
+        help="jobs run for the seeds after the first (default: all; e.g. gm obs cap)",
+    )  # fmt: skip
+    p.add_argument(
         "--epochs", type=int, default=None,
         help="dense training epochs (default: the config's, research/configs/fmnist_*.yaml)",
     )  # fmt: skip
@@ -263,6 +267,8 @@ def sweep(args, model, checkpoint: Path, data: Path, out: Path, seed: int, first
     done = res.latest_rows(res.read_rows(folder))
     for method, recipe, sparsities, grads, variables, bn in sweep_jobs(args, chosen, model):
         if not first and (not grads or method in FIRST_SEED_ONLY or method.endswith("+bn")):
+            continue
+        if not first and args.seed_methods is not None and method not in args.seed_methods:
             continue
         todo = [s for s in sparsities if res.row_key(method, s) not in done]
         if not todo:
