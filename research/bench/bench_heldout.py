@@ -18,7 +18,6 @@ import itertools
 import json
 import os
 import shutil
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -111,26 +110,18 @@ def swept(methods: list[str]) -> list[str]:
 
 
 def jobs(args, model: str, checkpoint: Path, data: Path, out: Path, then: Callable[[], list]):
-    """One job per swept method (its candidates in order, one process each); the last one to
-    finish writes ``chosen.json`` and returns ``then()`` (the jobs that need the choice)."""
-    methods = swept(args.methods)
-    if not methods:
-        write_choice(args, model, out)
-        return then()
-    left, lock = [len(methods)], threading.Lock()
+    """One job: every candidate of every swept method in order, one process each (they share
+    the ``heldout`` results folder, which one sweep at a time may write), then
+    ``chosen.json``; it returns ``then()`` (the jobs that need the choice)."""
 
-    def job(method: str) -> list:
-        for variables in candidates(method, model, args.sweep_grid == "small"):
-            candidate(args, model, method, variables, checkpoint, data, out)
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if not last:
-            return []
+    def job() -> list:
+        for method in swept(args.methods):
+            for variables in candidates(method, model, args.sweep_grid == "small"):
+                candidate(args, model, method, variables, checkpoint, data, out)
         write_choice(args, model, out)
         return then()
 
-    return [(lambda method=method: job(method)) for method in methods]
+    return [job]
 
 
 def candidate(args, model, method, variables, checkpoint: Path, data: Path, out: Path) -> None:
