@@ -112,6 +112,11 @@ def check_recipe(args: argparse.Namespace) -> Any:
     pruner = osp.pruning_modifier(manager)
     args.method = args.method or osp.method_name(pruner)  # a column per method, not per file
     args.quantization = osp.quantization_settings(manager)  # calibrated after each prune
+    if args.quantization is not None and args.bn_recalibration_batches:
+        raise SetupError(
+            "--bn-recalibration-batches does not combine with a quantizing recipe (its "
+            "observers are calibrated before the statistics would change); drop one of them"
+        )
     if not args.sparsities:
         args.sparsities = [float(pruner.final_sparsity)]
     for s in args.sparsities:  # e.g. an N:M mask allows only s = N/M
@@ -200,6 +205,15 @@ def prune_one(args, dense, sparsity: float, device, loaders: dict, cache) -> dic
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     peak, kind = ev.peak_memory_mb(device)
+    extra = {}
+    if args.bn_recalibration_batches:
+        start = time.perf_counter()
+        norms = ev.recalibrate_batchnorm(
+            model, loaders["bn"], args.bn_recalibration_batches, device
+        )
+        extra = {"bn_recalibrated": norms, "bn_seconds": time.perf_counter() - start}
+        if not norms:
+            _logger.warning("--bn-recalibration-batches: %s has no BatchNorm", args.model)
     start = time.perf_counter()
     metrics = ev.evaluate(model, loaders["val"], device)
     per_layer, measured = ev.layer_sparsity(model, [r.name for r in pruner.refs])
@@ -217,6 +231,8 @@ def prune_one(args, dense, sparsity: float, device, loaders: dict, cache) -> dic
         peak_mem_mb=peak,
         mem_kind=kind,
         layer_sparsity=per_layer,
+        phase_seconds=dict(getattr(pruner, "timings", None) or {}),
+        **extra,
     )
     return {"row": row, "model": model}
 
@@ -243,6 +259,9 @@ def build_loaders(args, model, device, needs_grads: bool) -> tuple[dict, dict]:
         loaders["calib"] = create_loader(
             calib, batch_size=args.validation_batch_size, is_training=False, **options
         )
+    if args.bn_recalibration_batches:  # training images as evaluated: no augmentation
+        bn = osd.open_dataset(name, root, args.train_split, False, **shard)
+        loaders["bn"] = create_loader(bn, batch_size=args.batch_size, is_training=False, **options)
     if needs_grads:
         train = osd.open_dataset(name, root, args.train_split, True, **shard)
         loaders["gs"] = osd.GradSamplerData(
@@ -278,6 +297,12 @@ def sweep_settings(args, pruner, digest: str, needs_grads: bool) -> tuple[dict, 
     method_settings = {**dense_settings, **osp.modifier_settings(pruner), "seed": args.seed}
     if getattr(args, "quantization", None) is not None:
         method_settings["quantization"] = args.quantization
+    if args.bn_recalibration_batches:  # absent when off: earlier rows stay valid
+        method_settings.update(
+            bn_recalibration_batches=args.bn_recalibration_batches,
+            batch_size=args.batch_size,
+            train_split=args.train_split,
+        )
     if needs_grads:
         method_settings.update(
             gs_batch_size=args.gs_batch_size,

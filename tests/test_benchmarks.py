@@ -142,7 +142,8 @@ def test_benchmark_without_data_exits_2_naming_the_package(tmp_path: Path) -> No
 TINY = {
     "METHODS": "cap",
     "QUALITY_ARGS": "--train-limit 0 --val-limit 0 --epochs 1 --sparsities 0.5 0.9 --seeds 0 1 "
-    "--num-grads 8 --gs-batch-size 8 --nm-methods --gradual-methods gm --gradual-epochs 1",
+    "--num-grads 8 --gs-batch-size 8 --nm-methods --gradual-methods gm --gradual-epochs 1 "
+    "--holdout 40 --sweep-sparsities 0.9",
     "COST_ARGS": "--models deit_tiny --methods cap --num-grads 8 --block-size 32 "
     "--deit-blocks 1 --eval-images 8",
     "SCALING_ARGS": "--d 2000 4000 8000 --B 8 16 32 --m 32 48 64 --gemm-n 256",
@@ -165,7 +166,12 @@ def test_quick_benchmark_writes_every_table_and_reruns_without_recomputing(tmp_p
     # cap over 2 seeds at 2 sparsities; no 2:4 (--nm-methods)
     assert any(line.startswith("vit_fmnist,cap,0.9,2,") for line in quality), quality
     assert any(line.startswith("vit_fmnist,cap,0.5,2,") for line in quality), quality
-    assert len(quality) == 3, quality
+    # CAP's other loss ranking comes along (cap_per_step or cap_cumulative)
+    assert sum(line.startswith("vit_fmnist,cap_") for line in quality) == 2, quality
+    assert len(quality) == 5, quality
+    chosen = json.loads((out / "quality" / "vit_fmnist" / "chosen.json").read_text())
+    assert chosen["holdout"] == 40 and len(chosen["methods"]["cap"]["candidates"]) == 2
+    assert "Settings chosen on held-out training images" in (out / "summary.md").read_text()
     assert len(lines(out / "gradual.csv")) == 2 and len(lines(out / "cost.csv")) == 2
     cost = {json.loads(x)["method"]: json.loads(x) for x in lines(out / "cost" / "cost.jsonl")}
     assert cost["cap"]["d"] == 442368 and cost["cap"]["peak_rss"] > cost["cap"]["runtime_rss"]
@@ -221,11 +227,18 @@ def test_sweep_jobs_follow_the_recipes(tmp_path: Path, monkeypatch) -> None:
     import bench_quality as bq
 
     args = bq.parse_args(["--out", str(tmp_path)])
-    jobs = {name: (sparsities, grads) for name, _, sparsities, grads in bq.sweep_jobs(args)}
-    assert set(jobs) == {"gm", "obs", "mfac", "fast_cap", "cap"} | {
+    jobs = {job[0]: job[2:4] for job in bq.sweep_jobs(args)}
+    assert set(jobs) == {"gm", "obs", "mfac", "fast_cap_ref", "fast_cap", "cap"} | {
         f"{m}_2to4" for m in ("gm", "obs", "fast_cap", "cap")
     }
-    assert jobs["cap_2to4"] == ([0.5], True) and jobs["gm"] == ([0.5, 0.6, 0.7, 0.8, 0.9], False)
+    everything = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    assert jobs["cap_2to4"] == ([0.5], True) and jobs["gm"] == (everything, False)
+    # a ResNet adds a +bn row per method; CAP's chosen ranking brings the other one along
+    chosen = {"cap": {"damp": 1e-8, "loss_ranking": "per_step"}}
+    jobs = {job[0]: job[4:] for job in bq.sweep_jobs(args, chosen, "resnet_fmnist")}
+    assert jobs["cap"] == (chosen["cap"], 0) and jobs["cap+bn"] == (chosen["cap"], 50)
+    assert jobs["cap_cumulative"] == ({"damp": 1e-8, "loss_ranking": "cumulative"}, 0)
+    assert "gm+bn" in jobs and "gm_2to4+bn" not in jobs
     recipes = tmp_path / "recipes"
     recipes.mkdir()
     (recipes / "newpruner_fmnist.yaml").write_text("# a new pruner's recipe\n")

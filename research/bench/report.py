@@ -20,6 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import report_heldout as rh
 from bench_common import guarded, records
 
 from sparseml.serialization import atomic_write_text
@@ -139,11 +140,22 @@ def fmt(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-ORDER = ("gm", "obs", "mfac", "fast_cap", "cap")  # the table's column order; others after
+ORDER = (
+    "gm",
+    "obs",
+    "mfac",
+    "fast_cap_ref",
+    "fast_cap",
+    "cap",
+)  # the table's column order; others after
 
 
 def method_order(methods: list[str]) -> list[str]:
-    return sorted(methods, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+    def key(m: str) -> tuple:
+        base = m.removesuffix("+bn")
+        return (ORDER.index(base) if base in ORDER else len(ORDER), base, m)
+
+    return sorted(methods, key=key)
 
 
 def cell(row: dict[str, Any] | None) -> str:
@@ -160,7 +172,9 @@ def quality_md(rows: list[dict[str, Any]]) -> list[str]:
         mine = [r for r in rows if r["model"] == model]
         dense = next((r["dense"] for r in mine if r["dense"] is not None), None)
         seeds = max(r["seeds"] for r in mine)
-        plain = method_order(list({r["method"] for r in mine if not r["method"].endswith("_2to4")}))
+        plain = method_order(list({r["method"] for r in mine
+                                   if not r["method"].endswith("_2to4") and "+bn" not in r["method"]}))  # fmt: skip
+        bn = method_order(list({r["method"] for r in mine if r["method"].endswith("+bn")}))
         cells = {(r["method"], r["sparsity"]): r for r in mine}
         spread = (f"mean ± std over {seeds} seeds of the gradient sample (gm: one run, it "
                   "draws none)" if seeds > 1 else "one seed of the gradient sample")  # fmt: skip
@@ -168,6 +182,11 @@ def quality_md(rows: list[dict[str, Any]]) -> list[str]:
                   "| sparsity | " + " | ".join(plain) + " |", "|---:|" + "---:|" * len(plain)]  # fmt: skip
         for s in sorted({r["sparsity"] for r in mine if r["method"] in plain}):
             lines.append(f"| {s:g} | " + " | ".join(cell(cells.get((m, s))) for m in plain) + " |")
+        if bn:
+            lines += ["", "With BatchNorm recalibrated after pruning (`+bn`):", "",
+                      "| sparsity | " + " | ".join(bn) + " |", "|---:|" + "---:|" * len(bn)]  # fmt: skip
+            for s in sorted({r["sparsity"] for r in mine if r["method"] in bn}):
+                lines.append(f"| {s:g} | " + " | ".join(cell(cells.get((m, s))) for m in bn) + " |")
         nm = method_order([m.removesuffix("_2to4") for m in {r["method"] for r in mine}
                            if m.endswith("_2to4")])  # fmt: skip
         if nm:
@@ -238,8 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     ]
     cost = cost_rows(out)
     scaling, fits = scaling_rows(out)
+    heldout, timing = rh.heldout_rows(out), rh.timing_rows(out)
     for name, rows in (
         ("quality", quality),
+        ("heldout", heldout),
+        ("prune_time", timing),
         ("gradual", gradual),
         ("cost", cost),
         ("scaling", scaling),
@@ -252,8 +274,12 @@ def main(argv: list[str] | None = None) -> None:
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
     lines = [f"Environment: torch {env.get('torch')}, {env.get('threads')} threads, "
              f"{env.get('cpu_model')} ({env.get('cpu_count')} CPUs)", ""]  # fmt: skip
+    if heldout:
+        lines += ["### Settings chosen on held-out training images", "", *rh.heldout_md(heldout)]
     if quality:
         lines += ["### One-shot quality on Fashion-MNIST", "", *quality_md(quality)]
+    if timing:
+        lines += rh.timing_md(timing)
     if gradual:
         lines += ["### Gradual pruning to 90% with fine-tuning", "",
                   "| model | method | epochs | top-1 | target sparsity (recipe's layers) "

@@ -46,13 +46,14 @@ if [[ $quick == 1 ]]; then
     # One seed, 2:4 for CAP only, DeiT-Tiny only: every process loads torch and timm (seconds
     # each), so the quick run is mostly their count. The full run does all of it.
     quality=(--models vit_fmnist --sparsities 0.5 0.7 0.9 --seeds 0 --epochs 2 --nm-methods cap
-             --train-limit 2000 --val-limit 1000 --num-grads 32 --gradual-epochs 1)
+             --train-limit 2000 --val-limit 1000 --num-grads 32 --gradual-epochs 1
+             --holdout 500 --sweep-sparsities 0.9 --sweep-grid small)
     cost=(--models deit_tiny --deit-blocks 1 --num-grads 32 --eval-images 64)
     scaling=(--d 50000 100000 200000 --B 48 96 192 --m 192 256 384 --gemm-n 1024 --repeats 1)
     second_order=(--d 24576)
 else
     RESULTS=${RESULTS:-research/bench/results}
-    METHODS=${METHODS:-"gm obs mfac fast_cap cap"}
+    METHODS=${METHODS:-"gm obs mfac fast_cap_ref fast_cap cap"}
     quality=()
     cost=()
     scaling=()

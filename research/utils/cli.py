@@ -233,6 +233,14 @@ def build_one_shot_parser() -> argparse.ArgumentParser:
         help="name in the results (default: the pruner's: gm, obs, cap, fast_cap, ..., cap_2:4)",
     )
     a("--no-sweep-cache", action="store_true", help="rebuild gradients/Fisher for every sparsity")
+    a(
+        "--bn-recalibration-batches",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after each prune, re-estimate BatchNorm statistics over N training batches of -b "
+        "images (no augmentation, no gradient; default 0: off)",
+    )
     opt.add_model_options(p)
     opt.add_data_options(p)
     a = opt.add_run_options(p, "one_shot", "<model>_<dataset>", "cap_one_shot")
@@ -275,5 +283,8 @@ def validate_one_shot_args(args: argparse.Namespace) -> None:
     """The same checks for ``one_shot_pruning.py``."""
     check_shared_args(args)
     opt.check_at_least("--threads", args.threads, 0, "the number of threads")
+    opt.check_at_least(
+        "--bn-recalibration-batches", args.bn_recalibration_batches, 0, "the number of batches"
+    )
     if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes; other nodes may lack it
         opt.check_writable_dir(args.output_option, Path(args.output) / args.experiment)

@@ -65,3 +65,36 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_process_max_rss"
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: Any, batches: int, device: torch.device) -> int:
+    """Re-estimate every BatchNorm's running statistics of a pruned model.
+
+    The statistics are reset and re-accumulated as a cumulative average (``momentum=None``)
+    over the first ``batches`` batches of ``loader`` (training images, no augmentation), with
+    only the BatchNorm layers in train mode and no gradient; other layers (dropout...) stay in
+    eval mode. Across ranks the statistics are averaged. Returns the number of BatchNorm
+    layers (0: nothing to do, the loader is not read); the model is left in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches < 1:
+        return 0
+    model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for i, (inputs, _) in enumerate(loader):
+            if i >= batches:
+                break
+            model(inputs.to(device))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+    stats = [t for m in norms for t in (m.running_mean, m.running_var) if t is not None]
+    dist.all_reduce_mean_(stats)
+    return len(norms)

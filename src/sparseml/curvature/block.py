@@ -67,15 +67,17 @@ def _feed(chunks: Iterable[list[Tensor]], layout, builders: list[BlockFisherBuil
 
 
 def shared_block_fishers(
-    chunks: Iterable[list[Tensor]], block_size: int, devices: list[torch.device]
+    chunks: Iterable[list[Tensor]], block_size: int | list[int], devices: list[torch.device]
 ) -> tuple[list[Tensor], int]:
     """One (B, B) float64 Gram sum per parameter (rows of B weights share it), and the sample
-    count: FastCAP's Fisher. Every rank computes every parameter's (the samples are equal)."""
-    fishers = [torch.zeros(block_size, block_size, dtype=torch.float64, device=d) for d in devices]
+    count: FastCAP's Fisher. ``block_size``: one B for all parameters, or one per parameter.
+    Every rank computes every parameter's (the samples are equal)."""
+    blocks = block_size if isinstance(block_size, list) else [block_size] * len(devices)
+    fishers = [torch.zeros(b, b, dtype=torch.float64, device=d) for b, d in zip(blocks, devices)]
     count = 0
     for chunk in chunks:
         for grads, F in zip(chunk, fishers):
-            accumulate_shared_fisher(grads, block_size, out=F)
+            accumulate_shared_fisher(grads, F.shape[0], out=F)
         count += chunk[0].shape[0]
         chunk = grads = None  # not alive while the next chunk is drawn
     return fishers, count

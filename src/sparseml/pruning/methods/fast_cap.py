@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparseml.fields import Check, Field, as_bool, as_int, optional
+from sparseml.fields import Check, Field, as_bool, as_int, one_of, optional
 from sparseml.kernels.fast_cap import fast_cap_prune, fast_cap_scores
 from sparseml.kernels.fisher import from_blocks, to_blocks
 from sparseml.pruning.estimators import SharedFisher
+from sparseml.pruning.estimators.shared import LAYOUTS
 from sparseml.pruning.fields import BLOCKS, SAMPLING, SAMPLING_CHECKS, mask_spec_of
 from sparseml.pruning.modifier import PruningModifier
 from sparseml.pruning.selectors import Threshold, layer_targets
@@ -42,6 +43,12 @@ class FastCAPruningModifier(PruningModifier):
     the sweep starts at column 0, layers whose size is not a multiple of B are padded, and each
     layer gets its own target (a dict ``final_sparsity``).
 
+    ``fisher_layout: rows`` (not in the reference) aligns the shared Fisher with the layer's
+    rows: B is the weight's row length (``in_features``, or ``in_channels * kh * kw`` of a
+    conv) or its largest divisor <= ``fisher_block_size``, so every Fisher coordinate is one
+    input position; ``fixed`` (the default, the reference's) cuts the flattening into runs of
+    ``fisher_block_size`` wherever the rows start.
+
     ``global_sparsity: true`` shares one sparsity budget among the layers: the per-layer targets
     are those of one threshold over the scores w^2 / U_jj^2 of all layers (`layer_targets`),
     then every layer is swept to its own target. ``false`` (the reference's behaviour, the
@@ -66,6 +73,7 @@ class FastCAPruningModifier(PruningModifier):
     | num_grads | m | gradient samples in the shared Fisher |
     | damp | alpha | RELATIVE dampening: alpha * mean(diag F) is added to F's diagonal |
     | fisher_block_size | B | row length sharing one Fisher (B = d_in gives SparseGPT's layout) |
+    | fisher_layout | - | fixed: runs of B weights (reference); rows: B = each layer's row length |
     | block_size | - | columns per lazy-update block and per mask selection (None: B) |
     | mask_type | - | unstructured, or "N:M" (N pruned per M consecutive weights, B % M == 0) |
     | zero_dead | - | zero weights whose Fisher diagonal is 0, as the reference does |
@@ -81,6 +89,9 @@ class FastCAPruningModifier(PruningModifier):
         "block_size": Field(None, optional(as_int(1)), "columns per lazy block (None: B)"),
         "zero_dead": Field(False, as_bool, "zero weights with a zero Fisher diagonal"),
         "global_sparsity": Field(False, as_bool, "one sparsity budget over all layers"),
+        "fisher_layout": Field(
+            "fixed", one_of(*LAYOUTS), "fixed: runs of B weights; rows: B = each row's length"
+        ),
     }
     CHECKS = (
         *SAMPLING_CHECKS,
@@ -93,15 +104,19 @@ class FastCAPruningModifier(PruningModifier):
     SELECTORS = frozenset({"layer", "global", "nm"})
 
     def estimator(self) -> SharedFisher:
-        return SharedFisher(self.fisher_block_size)
+        return SharedFisher(self.fisher_block_size, self.fisher_layout)
+
+    def blocks(self) -> list[int]:
+        """B of every selected parameter (a recipe error when the rows layout has none)."""
+        return self.estimator().blocks(self)
 
     @property
     def joint(self) -> bool:
         return True
 
     def _rows(self, i: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """Parameter i's weights, pruned and valid flags as rows of B."""
-        bsz, d = self.fisher_block_size, self.refs[i].param.numel()
+        """Parameter i's weights, pruned and valid flags as rows of its B."""
+        bsz, d = self.blocks()[i], self.refs[i].param.numel()
         W = to_blocks(self.flat_weights()[i].to(device), bsz)
         pruned = to_blocks((~self.masks[i].reshape(-1)).to(device, torch.float), bsz) > 0
         valid = to_blocks(torch.ones(d, device=device), bsz) > 0
@@ -124,7 +139,7 @@ class FastCAPruningModifier(PruningModifier):
             W, pruned, valid = self._rows(i, F.device)
             W_new, keep = fast_cap_prune(
                 W, F, count, target, damp=self.damp,
-                block_size=self.block_size or self.fisher_block_size, n=nm[0], m=nm[1],
+                block_size=self.block_size or F.shape[0], n=nm[0], m=nm[1],
                 valid=valid, pruned=pruned, zero_dead=self.zero_dead,
             )  # fmt: skip
             d = ref.param.numel()
