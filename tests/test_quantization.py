@@ -402,6 +402,9 @@ def _dist_worker(rank: int, world: int, init_file, out_file: str) -> None:
         one_shot.apply(calibrated, calib_loader=batches)
         states = [m.state_dict() for m in (manager, one_shot)]
         torch.save([list(s.values())[-1]["act_stats"] for s in states], f"{out_file}.{rank}")
+        # both ranks done with every collective before either tears gloo down (a rank that
+        # left first once made the other abort in teardown with SIGABRT, in a clean-clone CI run)
+        tdist.barrier()
     finally:
         tdist.destroy_process_group()
 
