@@ -40,7 +40,7 @@ GRID: dict[str, dict[str, list[Any]]] = {
     },
     "obs": {"damp": [1e-8, 1e-6, 1e-4]},
     "mfac": {"damp": [1e-8, 1e-6, 1e-4]},
-    "fast_cap": {"damp": [1e-3, 1e-2, 1e-1]},
+    "fast_cap": {"damp": [1e-3, 1e-2, 1e-1], "global_sparsity": [True, False]},
     "fast_cap_ref": {"damp": [1e-3, 1e-2, 1e-1]},
 }
 PUBLISHED_BLOCK = {"vit": 192, "resnet": 256}  # CAP's one-shot recipes (ViT, ResNet50d)
@@ -65,7 +65,7 @@ def candidates(method: str, model: str, small: bool = False) -> list[dict[str, A
 
 def label(method: str, variables: dict[str, Any]) -> str:
     """The candidate's method name in the held-out rows, e.g. ``cap[damp=1e-08,B=192]``."""
-    short = {"fisher_block_size": "B", "loss_ranking": "rank"}
+    short = {"fisher_block_size": "B", "loss_ranking": "rank", "global_sparsity": "global"}
     inner = ",".join(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else
                      f"{short.get(k, k)}={v}" for k, v in variables.items())  # fmt: skip
     return f"{method}[{inner}]"

@@ -286,7 +286,12 @@ class GradSampler:
         averaging = dist.is_distributed() and not isinstance(
             module, nn.parallel.DistributedDataParallel
         )
-        flat_masks = [m.reshape(-1) for m in masks] if masks is not None else None
+        # pruned positions (True) per parameter, on its device, made once per pass (None:
+        # nothing of it is pruned, so nothing to zero)
+        pruned = [None] * len(params)
+        for i, (m, p) in enumerate(zip(masks or [], params)):
+            off = ~m.reshape(-1).to(p.device)
+            pruned[i] = off if bool(off.any()) else None
         with self._sampling(module, num_grads, desc) as progress:
             done = 0
             while done < num_grads:
@@ -300,10 +305,10 @@ class GradSampler:
                     if averaging:
                         dist.all_reduce_mean_(grads)
                     self.seconds += time.perf_counter() - t0
-                    for buf, g, i in zip(chunk, grads, range(len(grads))):
-                        if flat_masks is not None:
-                            g = g.masked_fill(~flat_masks[i].to(g.device), 0)
+                    for i, (buf, g) in enumerate(zip(chunk, grads)):
                         buf[row] = g
+                        if pruned[i] is not None:
+                            buf[row].masked_fill_(pruned[i], 0)
                     done += 1
                     progress.set(done)
                 _check_finite(chunk, "sampled gradients")
@@ -379,9 +384,10 @@ class GradSampler:
 
 
 def _check_finite(tensors: list[Tensor], what: str) -> None:
-    # a chunk row by row: the boolean temporary is one sample's size, not the chunk's
-    rows = (row for t in tensors for row in (t if t.dim() > 1 else [t]))
-    if not all(bool(torch.isfinite(row).all()) for row in rows):
+    # min and max of each tensor in one pass (NaN propagates into both, an Inf into one): no
+    # temporary of the chunk's size, and one reduction per tensor instead of one per row
+    ranges = (torch.aminmax(t) for t in tensors if t.numel())
+    if not all(bool(torch.isfinite(lo) & torch.isfinite(hi)) for lo, hi in ranges):
         raise NumericalError(
             f"NaN/Inf in {what}; nothing was written to the model "
             "(check the loss, learning rate or data)"

@@ -51,32 +51,43 @@ def weights(model) -> list[torch.Tensor]:
     return [model[0].weight.detach(), model[3].weight.detach()]
 
 
-def brute_fishers(blocks: list[int]) -> list[torch.Tensor]:
-    """Per layer: sum over the M samples of G^T G, G the gradient cut into rows of its B."""
+def brute_fishers(blocks: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer: sum over the M samples of G^T G, G the gradient cut into rows of its B, and
+    per row the sum over the samples of its squared norm."""
     model, batches = net(), builder()
     fishers = [torch.zeros(b, b, dtype=torch.float64) for b in blocks]
+    energies = [
+        torch.zeros(w.numel() // b, dtype=torch.float64) for w, b in zip(weights(model), blocks)
+    ]
     model.eval()
     for _ in range(M):
         args, _, target = next(batches)
         model.zero_grad()
         F.mse_loss(model(*args), target).backward()
-        for p, f, b in zip((model[0].weight, model[3].weight), fishers, blocks):
+        for p, f, e, b in zip((model[0].weight, model[3].weight), fishers, energies, blocks):
             g = p.grad.double().reshape(-1, b)
-            for row in g:  # one outer product per row: no shortcut shared with the code
+            for r, row in enumerate(g):  # one outer product per row: no shortcut from the code
                 f += torch.outer(row, row)
-    return fishers
+                e[r] += float(row @ row)
+    return fishers, energies
 
 
-def oracle(blocks: list[int], sparsity: float, glob: bool) -> list[tuple[torch.Tensor, ...]]:
-    fishers = brute_fishers(blocks)
+def oracle(
+    blocks: list[int], sparsity: float, glob: bool, scaled: bool = False
+) -> list[tuple[torch.Tensor, ...]]:
+    """Global scores are per row of the layer (F sums its rows), times each row's energy over
+    the mean row's when ``scaled``."""
+    fishers, energies = brute_fishers(blocks)
     dense = [w.double().reshape(-1, b) for w, b in zip(weights(net()), blocks)]
+    scales = [e / e.mean() if scaled else None for e in energies]
     targets = [sparsity] * 2
     if glob:
         scores = []
-        for W, f, b in zip(dense, fishers, blocks):
+        for W, f, b, sc in zip(dense, fishers, blocks, scales):
             Fd = f / M + 0.01 * (f / M).diagonal().mean() * torch.eye(b, dtype=torch.float64)
             d = torch.tensor([torch.linalg.inv(Fd[j:, j:])[0, 0] for j in range(b)])
-            scores.append((W**2 / d).flatten())
+            per_row = W**2 / d / W.shape[0]
+            scores.append((per_row if sc is None else per_row * sc[:, None]).flatten())
         flat = torch.cat(scores)
         order = torch.argsort(flat, stable=True)[: round(sparsity * flat.numel())]
         pruned = torch.zeros(flat.numel(), dtype=torch.bool)
@@ -84,8 +95,8 @@ def oracle(blocks: list[int], sparsity: float, glob: bool) -> list[tuple[torch.T
         parts = pruned.split([s.numel() for s in scores])
         targets = [float(p.sum()) / p.numel() for p in parts]
     return [
-        column_obs_reference(W, f, M, t, 1e-2, b)
-        for W, f, b, t in zip(dense, fishers, blocks, targets)
+        column_obs_reference(W, f, M, t, 1e-2, b, row_scale=sc)
+        for W, f, b, t, sc in zip(dense, fishers, blocks, targets, scales)
     ]
 
 
@@ -108,6 +119,16 @@ def test_rows_layout_matches_brute_force_oracle(cap, blocks, glob):
         torch.testing.assert_close(got.double().reshape(-1), want.flatten(), rtol=1e-5, atol=1e-6)
     if glob:  # the shared budget lands unevenly on the two layers
         assert len({round(float((w == 0).float().mean()), 3) for w in weights(model)}) == 2
+
+
+@pytest.mark.parametrize("glob", [True, False])
+def test_row_scaling_matches_brute_force_oracle(glob):
+    model = prune(0.5, 64, glob, "    fisher_layout: rows\n    row_scaling: true\n")
+    for got, (want, keep) in zip(weights(model), oracle([8, 12], 0.5, glob, scaled=True)):
+        assert torch.equal(got.reshape(-1) != 0, keep.flatten())
+        torch.testing.assert_close(got.double().reshape(-1), want.flatten(), rtol=1e-5, atol=1e-6)
+    plain = prune(0.5, 64, glob, "    fisher_layout: rows\n")
+    assert not all(torch.equal(a != 0, b != 0) for a, b in zip(weights(model), weights(plain)))
 
 
 def test_fixed_layout_is_the_reference_and_differs_from_rows():

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparseml.kernels.fast_cap import accumulate_shared_fisher, fast_cap_prune
+from sparseml.errors import NumericalError
+from sparseml.kernels.fast_cap import (
+    accumulate_shared_fisher,
+    fast_cap_prune,
+    fast_cap_scores,
+    row_scales,
+)
 
 f64 = torch.float64
 
@@ -16,8 +22,11 @@ def correlated(rows, cols, seed, corr=1.0):
     return X + corr * torch.randn(rows, 1, generator=g, dtype=f64) * torch.linspace(1, 2, cols)
 
 
-def column_obs_reference(W, F, num_grads, sparsity, damp, block_size, n=None, m=None):
-    """Unbatched SparseGPT-style sweep: explicit inverse of F[j:, j:] at every column j."""
+def column_obs_reference(
+    W, F, num_grads, sparsity, damp, block_size, n=None, m=None, row_scale=None
+):
+    """Unbatched SparseGPT-style sweep: explicit inverse of F[j:, j:] at every column j; row r's
+    unstructured scores are multiplied by row_scale[r] when given."""
     W = W.clone()
     rows, B = W.shape
     Fd = F / num_grads
@@ -27,7 +36,8 @@ def column_obs_reference(W, F, num_grads, sparsity, damp, block_size, n=None, m=
     for c1 in range(0, B, block_size):
         c2 = min(c1 + block_size, B)
         if n is None:  # selection uses the weights at the start of the column block
-            s = (W[:, c1:c2] ** 2 / d[c1:c2]).flatten()
+            s = W[:, c1:c2] ** 2 / d[c1:c2]
+            s = (s if row_scale is None else s * row_scale[:, None]).flatten()
             k = round(sparsity * s.numel())
             sel = torch.zeros_like(s, dtype=torch.bool)
             sel[torch.argsort(s, stable=True)[:k]] = True
@@ -150,3 +160,42 @@ def test_bad_inputs_raise():
         fast_cap_prune(W, F, 1, 1.5)
     with pytest.raises(ValueError, match="N:M"):
         fast_cap_prune(W, F, 1, 0.5, n=2, m=3)
+
+
+def test_row_energy_and_scales_match_loops():
+    g = torch.randn(3, 10, generator=torch.Generator().manual_seed(5), dtype=f64)
+    energy = torch.zeros(3, dtype=f64)
+    accumulate_shared_fisher(g[:1], 4, row_energy=energy)
+    accumulate_shared_fisher(g[1:], 4, row_energy=energy)
+    padded = torch.cat([g, torch.zeros(3, 2, dtype=f64)], 1).view(3, 3, 4)
+    expect = torch.tensor([float((padded[:, r] ** 2).sum()) for r in range(3)], dtype=f64)
+    torch.testing.assert_close(energy, expect)
+    scales = row_scales(energy)
+    torch.testing.assert_close(scales, expect / expect.mean())
+    assert torch.equal(row_scales(torch.zeros(4, dtype=f64)), torch.ones(4, dtype=f64))
+    with pytest.raises(NumericalError, match="row energies"):
+        row_scales(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="row_energy must have shape"):
+        accumulate_shared_fisher(g, 4, row_energy=torch.zeros(2, dtype=f64))
+
+
+def test_row_scale_weights_the_selection_not_the_updates():
+    rows, B, num = 7, 12, 40
+    X = correlated(num, B, seed=6)
+    F = X.T @ X
+    W = torch.randn(rows, B, generator=torch.Generator().manual_seed(7), dtype=f64)
+    scale = torch.linspace(0.1, 3.0, rows, dtype=f64)
+    W_new, mask = fast_cap_prune(W, F, num, 0.5, damp=1e-2, block_size=5, row_scale=scale)
+    W_ref, mask_ref = column_obs_reference(W, F, num, 0.5, 1e-2, 5, row_scale=scale)
+    assert torch.equal(mask, mask_ref)
+    torch.testing.assert_close(W_new, W_ref, rtol=1e-9, atol=1e-10)
+    plain, plain_mask = fast_cap_prune(W, F, num, 0.5, damp=1e-2, block_size=5)
+    assert not torch.equal(mask, plain_mask)  # heavy rows keep more weights
+    assert int(mask[-1].sum()) > int(plain_mask[-1].sum())
+    # scores: per-row units (F sums the rows), times the row's scale
+    scores = fast_cap_scores(W, F, num, 1e-2, scale)
+    Fd = F / num + 1e-2 * (F / num).diagonal().mean() * torch.eye(B, dtype=f64)
+    d = torch.tensor([torch.linalg.inv(Fd[j:, j:])[0, 0] for j in range(B)], dtype=f64)
+    torch.testing.assert_close(scores, W**2 / d / rows * scale[:, None])
+    with pytest.raises(ValueError, match="row_scale must have shape"):
+        fast_cap_prune(W, F, num, 0.5, row_scale=scale[:3])

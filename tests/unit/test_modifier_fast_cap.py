@@ -89,15 +89,16 @@ def test_nm_and_recomputed_steps_are_exact_and_monotone():
 
 
 def test_global_sparsity_shares_one_budget_among_layers():
-    """Per-layer targets from one threshold over w^2 / [(F[j:, j:])^-1]_00 of both layers,
-    then each layer swept to its own target (the column-OBS oracle)."""
+    """Per-layer targets from one threshold over w^2 / [(F[j:, j:])^-1]_00 / rows of both
+    layers (F sums a layer's rows: per-row units), then each layer swept to its own target
+    (the column-OBS oracle)."""
     fishers = shared_fishers(mlp(), 20, 8)
     dense = [w.double().view(-1, 8) for w in weights_of(mlp())]
     scores = []
     for W, f in zip(dense, fishers):
         Fd = f / 20 + 0.01 * (f / 20).diagonal().mean() * torch.eye(8, dtype=torch.float64)
         d = torch.tensor([torch.linalg.inv(Fd[j:, j:])[0, 0] for j in range(8)])
-        scores.append((W**2 / d).flatten())
+        scores.append((W**2 / d / W.shape[0]).flatten())
     flat = torch.cat(scores)
     pruned = torch.zeros(flat.numel(), dtype=torch.bool)
     pruned[torch.argsort(flat, stable=True)[: round(0.5 * flat.numel())]] = True

@@ -68,16 +68,23 @@ def _feed(chunks: Iterable[list[Tensor]], layout, builders: list[BlockFisherBuil
 
 def shared_block_fishers(
     chunks: Iterable[list[Tensor]], block_size: int | list[int], devices: list[torch.device]
-) -> tuple[list[Tensor], int]:
-    """One (B, B) float64 Gram sum per parameter (rows of B weights share it), and the sample
-    count: FastCAP's Fisher. ``block_size``: one B for all parameters, or one per parameter.
-    Every rank computes every parameter's (the samples are equal)."""
+) -> tuple[list[Tensor], int, list[Tensor]]:
+    """One (B, B) float64 Gram sum per parameter (rows of B weights share it), the sample
+    count, and per parameter each row's gradient energy sum_n ||G_n[r]||^2 (float64,
+    ceil(numel / B) rows): FastCAP's Fisher. ``block_size``: one B for all parameters, or one
+    per parameter. Every rank computes every parameter's (the samples are equal)."""
     blocks = block_size if isinstance(block_size, list) else [block_size] * len(devices)
     fishers = [torch.zeros(b, b, dtype=torch.float64, device=d) for b, d in zip(blocks, devices)]
+    energies: list[Tensor] | None = None
     count = 0
     for chunk in chunks:
-        for grads, F in zip(chunk, fishers):
-            accumulate_shared_fisher(grads, F.shape[0], out=F)
+        if energies is None:
+            energies = [
+                torch.zeros(-(-g.shape[1] // b), dtype=torch.float64, device=d)
+                for g, b, d in zip(chunk, blocks, devices)
+            ]
+        for grads, F, energy in zip(chunk, fishers, energies):
+            accumulate_shared_fisher(grads, F.shape[0], out=F, row_energy=energy)
         count += chunk[0].shape[0]
         chunk = grads = None  # not alive while the next chunk is drawn
-    return fishers, count
+    return fishers, count, energies or []

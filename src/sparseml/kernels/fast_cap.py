@@ -18,11 +18,20 @@ import torch.nn.functional as F_
 
 from sparseml.errors import NumericalError
 
-__all__ = ["accumulate_shared_fisher", "fast_cap_prune", "fast_cap_scores"]
+__all__ = [
+    "accumulate_shared_fisher",
+    "fast_cap_prune",
+    "fast_cap_scores",
+    "inverse_factor",
+    "row_scales",
+]
 
 
 def accumulate_shared_fisher(
-    grads: torch.Tensor, B: int, out: torch.Tensor | None = None
+    grads: torch.Tensor,
+    B: int,
+    out: torch.Tensor | None = None,
+    row_energy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Add sum_n G_n^T G_n to ``out`` and return it.
 
@@ -30,6 +39,8 @@ def accumulate_shared_fisher(
     viewed as (ceil(d / B), B), so padded coordinates get zero rows and columns. out (B, B) is
     updated in place (created as float64 zeros on the gradients' device when None; it may live
     on another device); the product is one GEMM in the gradients' dtype on their device.
+    row_energy (ceil(d / B),), when given, gets sum_n ||G_n[r]||^2 added per row r in place:
+    the trace of row r's own Fisher, from which :func:`row_scales` are derived.
     """
     if grads.dim() != 2 or B < 1:
         raise ValueError(f"grads must be (c, d) and B >= 1; got {tuple(grads.shape)}, B={B}")
@@ -44,11 +55,33 @@ def accumulate_shared_fisher(
     elif out.shape != (B, B):
         raise ValueError(f"out must have shape ({B}, {B}), got {tuple(out.shape)}")
     out += (g.mT @ g).to(device=out.device, dtype=out.dtype)
+    if row_energy is not None:
+        if row_energy.shape != (rows,):
+            raise ValueError(f"row_energy must have shape ({rows},), got {tuple(row_energy.shape)}")
+        # one dot product per row as a batched GEMM: no temporary of the chunk's size
+        energy = torch.bmm(g.unsqueeze(1), g.unsqueeze(2)).view(c, rows).double().sum(dim=0)
+        row_energy += energy.to(device=row_energy.device, dtype=row_energy.dtype)
     return out
 
 
-def _inverse_cholesky(F: torch.Tensor, num_grads: int, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (F / num_grads + damp * mean(diag) I)^-1, float64."""
+def row_scales(row_energy: torch.Tensor) -> torch.Tensor:
+    """Each row's Fisher trace relative to the mean row's, float64 (mean 1; all ones when no
+    row has any curvature). With s_r the scale, row r's Fisher is approximated by s_r times
+    the mean row Fisher F / (num_grads * rows): a diagonal output factor, as in K-FAC, that
+    leaves the sweep's updates unchanged (they are scale-free) and weights its scores."""
+    e = row_energy.double()
+    if not torch.isfinite(e).all() or bool((e < 0).any()):
+        raise NumericalError("FastCAP row energies hold NaN/Inf or negative values")
+    total = e.sum()
+    if total <= 0:
+        return torch.ones_like(e)
+    return e * (e.numel() / total)
+
+
+def inverse_factor(F: torch.Tensor, num_grads: int, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (F / num_grads + damp * mean(diag) I)^-1, float64: what
+    :func:`fast_cap_scores` and :func:`fast_cap_prune` compute from F unless given it
+    (``factor=``), so a caller that needs both computes it once."""
     Fd = F.double() / num_grads
     mean = Fd.diagonal().mean()
     if not torch.isfinite(Fd).all():
@@ -66,17 +99,33 @@ def _inverse_cholesky(F: torch.Tensor, num_grads: int, damp: float) -> torch.Ten
     raise NumericalError(f"FastCAP Fisher is not positive definite even with damp={damp}+1e-2")
 
 
+def _check_scale(row_scale: torch.Tensor | None, rows: int) -> None:
+    if row_scale is not None and row_scale.shape != (rows,):
+        raise ValueError(f"row_scale must have shape ({rows},), got {tuple(row_scale.shape)}")
+
+
 def fast_cap_scores(
-    W: torch.Tensor, F: torch.Tensor, num_grads: int, damp: float = 1e-2
+    W: torch.Tensor,
+    F: torch.Tensor,
+    num_grads: int,
+    damp: float = 1e-2,
+    row_scale: torch.Tensor | None = None,
+    factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-weight loss estimates w^2 / U_jj^2 (rows, B) float64: what the sweep ranks a
-    column by before any error is pushed onto it, comparable across layers (the selectors use
-    them to share one sparsity budget among layers). W (rows, B), F (B, B) as for
-    :func:`fast_cap_prune`; padding scores whatever W holds there (zero)."""
-    if F.shape != (W.shape[1], W.shape[1]):
-        raise ValueError(f"F must be ({W.shape[1]}, {W.shape[1]}), got {tuple(F.shape)}")
-    U = _inverse_cholesky(F, num_grads, damp)
-    return W.double() ** 2 / U.diagonal() ** 2
+    """Per-weight loss estimates s_r w^2 / U_jj^2 / rows (rows, B) float64: what the sweep
+    ranks a column by before any error is pushed onto it, in the units of one row's Fisher
+    (F sums all rows, hence the division), so comparable across layers of any row count (the
+    selectors use them to share one sparsity budget among layers). W (rows, B), F (B, B) as
+    for :func:`fast_cap_prune`; row_scale (rows,): s_r of :func:`row_scales` (None: all 1);
+    factor: :func:`inverse_factor` of (F, num_grads, damp) if already computed; padding
+    scores whatever W holds there (zero)."""
+    rows, B = W.shape
+    if F.shape != (B, B):
+        raise ValueError(f"F must be ({B}, {B}), got {tuple(F.shape)}")
+    _check_scale(row_scale, rows)
+    U = inverse_factor(F, num_grads, damp) if factor is None else factor
+    scores = W.double() ** 2 / U.diagonal() ** 2 / rows
+    return scores if row_scale is None else scores * row_scale.to(scores)[:, None]
 
 
 def _select(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -100,6 +149,8 @@ def fast_cap_prune(
     valid: torch.Tensor | None = None,
     pruned: torch.Tensor | None = None,
     zero_dead: bool = False,
+    row_scale: torch.Tensor | None = None,
+    factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one layer with the FastCAP column sweep; returns (W_new, mask), mask True = kept.
 
@@ -111,8 +162,11 @@ def fast_cap_prune(
     0): the n lowest-scoring entries of every group of m consecutive columns are removed;
     ``sparsity`` is then ignored. valid (rows, B) bool is False on padding: padded entries are
     held at 0, never counted and reported as kept. zero_dead zeroes the weights of coordinates
-    whose Fisher diagonal is 0 before the sweep (the reference behaviour). W_new (rows, B) has
-    W's dtype and exact zeros where the mask is False.
+    whose Fisher diagonal is 0 before the sweep (the reference behaviour). row_scale (rows,)
+    weights row r's unstructured scores by s_r (:func:`row_scales`; None: the reference's
+    unweighted scores); the updates do not depend on it. factor: :func:`inverse_factor` of
+    (F, num_grads, damp) if already computed. W_new (rows, B) has W's dtype and
+    exact zeros where the mask is False.
     """
     rows, B = W.shape
     if F.shape != (B, B):
@@ -134,41 +188,46 @@ def fast_cap_prune(
         if bool((vg.any(2) != vg.all(2)).any()):
             raise ValueError("N:M groups must be either all valid or all padding")
     pruned = torch.zeros_like(valid) if pruned is None else pruned.bool() & valid
-    U = _inverse_cholesky(F, num_grads, damp)
-    Wd = W.double().masked_fill(pruned | ~valid, 0.0)
+    _check_scale(row_scale, rows)
+    U = inverse_factor(F, num_grads, damp) if factor is None else factor
+    # The sweep runs on the transpose: column j of W is the contiguous row WT[j], so the
+    # rank-1 update of the columns after j walks memory in order.
+    WT = W.T.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
+    WT.masked_fill_((pruned | ~valid).T, 0.0)
     if zero_dead:
-        Wd[:, F.diagonal() == 0] = 0.0
+        WT[F.diagonal() == 0] = 0.0
     dU2 = U.diagonal() ** 2
+    if row_scale is not None:  # rows weighted by their own curvature: s_r / U_jj^2
+        dU2 = dU2 / row_scale.to(dU2)[:, None]
+    inv_d = U.diagonal().reciprocal()
     removed = torch.zeros_like(valid)
     for c1 in range(0, B, bs):
         c2 = min(c1 + bs, B)
-        W1, U1, v1 = Wd[:, c1:c2].clone(), U[c1:c2, c1:c2], valid[:, c1:c2]
-        E1 = torch.zeros_like(W1)
+        W1, U1, v1 = WT[c1:c2], U[c1:c2, c1:c2], valid[:, c1:c2]  # W1: a view, (columns, rows)
         if n is None:
             # Forced-pruned entries score -inf (taken first), padding +inf (never counted).
-            s = (W1**2 / dU2[c1:c2]).masked_fill(pruned[:, c1:c2], -1.0)
+            s = (W1.T**2 / dU2[..., c1:c2]).masked_fill(pruned[:, c1:c2], -1.0)
             s.masked_fill_(~v1, float("inf"))
             k = max(round(sparsity * int(v1.sum())), int(pruned[:, c1:c2].sum()))
             rm1 = _select(s, k) | ~v1
         else:
             rm1 = pruned[:, c1:c2] | ~v1
+        # E1[j] holds removed / U_jj until column j is reached, then that column's errors.
+        E1 = rm1.T.to(WT.dtype) * inv_d[c1:c2, None]
         for j in range(c2 - c1):
             if n is not None and j % m == 0:
                 # N:M picks use the weights as updated by the columns already swept.
-                s = (W1[:, j : j + m] ** 2 / dU2[c1 + j : c1 + j + m]).masked_fill(
-                    rm1[:, j : j + m], -1.0
-                )
+                g = slice(j, j + m)
+                s = (W1[g].T ** 2 / dU2[..., c1 + j : c1 + j + m]).masked_fill(rm1[:, g], -1.0)
                 pick = torch.zeros_like(s, dtype=torch.bool)
                 pick.scatter_(1, torch.topk(s, n, dim=1, largest=False).indices, True)
-                rm1[:, j : j + m] |= pick & v1[:, j : j + m]
-            w = W1[:, j]
-            err = w * rm1[:, j] / U1[j, j]
-            W1[:, j:].addr_(err, U1[j, j:], alpha=-1.0)
-            W1[:, j].masked_fill_(rm1[:, j], 0.0)
-            E1[:, j] = err
-        Wd[:, c1:c2] = W1
-        Wd[:, c2:].addmm_(E1, U[c1:c2, c2:], alpha=-1.0)
+                rm1[:, g] |= pick & v1[:, g]
+                E1[g] = rm1[:, g].T.to(WT.dtype) * inv_d[c1 + j : c1 + j + m, None]
+            err = E1[j].mul_(W1[j])
+            W1[j:].addr_(U1[j, j:], err, alpha=-1.0)
+        W1.masked_fill_(rm1.T, 0.0)  # removed columns are exactly 0 (never read again)
+        WT[c2:].addmm_(U[c1:c2, c2:].T, E1, alpha=-1.0)
         removed[:, c1:c2] = rm1
-    if not torch.isfinite(Wd).all():
+    if not torch.isfinite(WT).all():
         raise NumericalError("FastCAP sweep produced NaN/Inf weights")
-    return Wd.to(W.dtype), ~removed | ~valid
+    return WT.T.to(W.dtype), ~removed | ~valid

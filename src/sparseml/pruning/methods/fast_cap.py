@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from sparseml.fields import Check, Field, as_bool, as_int, one_of, optional
-from sparseml.kernels.fast_cap import fast_cap_prune, fast_cap_scores
+from sparseml.kernels.fast_cap import fast_cap_prune, fast_cap_scores, inverse_factor, row_scales
 from sparseml.kernels.fisher import from_blocks, to_blocks
 from sparseml.pruning.estimators import SharedFisher
 from sparseml.pruning.estimators.shared import LAYOUTS
@@ -49,10 +49,17 @@ class FastCAPruningModifier(PruningModifier):
     input position; ``fixed`` (the default, the reference's) cuts the flattening into runs of
     ``fisher_block_size`` wherever the rows start.
 
+    ``row_scaling: true`` (not in the reference) weights each row's scores by its own
+    curvature: row r's Fisher is taken as s_r times the mean row Fisher, s_r = the trace of
+    its own gradient Gram over the mean row's (a diagonal output factor, as in K-FAC). The
+    updates are unchanged; which weights go changes, within a layer and across layers.
+    ``false`` (the default) scores every row with the shared Fisher alone, as the reference.
+
     ``global_sparsity: true`` shares one sparsity budget among the layers: the per-layer targets
-    are those of one threshold over the scores w^2 / U_jj^2 of all layers (`layer_targets`),
-    then every layer is swept to its own target. ``false`` (the reference's behaviour, the
-    default) gives every layer the same sparsity.
+    are those of one threshold over the scores s_r w^2 / U_jj^2 / rows of all layers (in one
+    row's units, as F sums the rows; `layer_targets`), then every layer is swept to its own
+    target. ``false`` (the reference's behaviour, the default) gives every layer the same
+    sparsity.
 
     Sample recipe::
 
@@ -77,6 +84,7 @@ class FastCAPruningModifier(PruningModifier):
     | block_size | - | columns per lazy-update block and per mask selection (None: B) |
     | mask_type | - | unstructured, or "N:M" (N pruned per M consecutive weights, B % M == 0) |
     | zero_dead | - | zero weights whose Fisher diagonal is 0, as the reference does |
+    | row_scaling | - | weight each row's scores by its own Fisher trace (s_r) |
     | global_sparsity | - | one budget over all layers (per-layer targets from one threshold) |
 
     Estimator: `SharedFisher` (B x B per layer, so every rank computes every layer, and the
@@ -89,6 +97,7 @@ class FastCAPruningModifier(PruningModifier):
         "block_size": Field(None, optional(as_int(1)), "columns per lazy block (None: B)"),
         "zero_dead": Field(False, as_bool, "zero weights with a zero Fisher diagonal"),
         "global_sparsity": Field(False, as_bool, "one sparsity budget over all layers"),
+        "row_scaling": Field(False, as_bool, "weight each row's scores by its Fisher trace"),
         "fisher_layout": Field(
             "fixed", one_of(*LAYOUTS), "fixed: runs of B weights; rows: B = each row's length"
         ),
@@ -123,13 +132,15 @@ class FastCAPruningModifier(PruningModifier):
         return W, pruned, valid
 
     def select_and_update(self, estimate, targets: list[float]) -> list[Tensor]:
-        fishers, count = estimate
+        fishers, count, energies = estimate
+        scales = [row_scales(e) if self.row_scaling else None for e in energies]
+        factors = [inverse_factor(F, count, self.damp) for F in fishers]
         if self.selector_kind == "global":
-            scores = [
-                from_blocks(fast_cap_scores(self._rows(i, F.device)[0], F, count, self.damp),
-                            r.param.numel()).view(r.param.shape)
-                for i, (r, F) in enumerate(zip(self.refs, fishers))
-            ]  # fmt: skip
+            scores = []
+            for i, (ref, F) in enumerate(zip(self.refs, fishers)):
+                W = self._rows(i, F.device)[0]
+                s = fast_cap_scores(W, F, count, self.damp, scales[i], factor=factors[i])
+                scores.append(from_blocks(s, ref.param.numel()).view(ref.param.shape))
             budget = Threshold(self.mask_spec, True)
             targets = layer_targets(budget, self.masked_scores(scores), targets)
         spec = self.mask_spec
@@ -140,7 +151,8 @@ class FastCAPruningModifier(PruningModifier):
             W_new, keep = fast_cap_prune(
                 W, F, count, target, damp=self.damp,
                 block_size=self.block_size or F.shape[0], n=nm[0], m=nm[1],
-                valid=valid, pruned=pruned, zero_dead=self.zero_dead,
+                valid=valid, pruned=pruned, zero_dead=self.zero_dead, row_scale=scales[i],
+                factor=factors[i],
             )  # fmt: skip
             d = ref.param.numel()
             self.write_weights(i, from_blocks(W_new, d))
