@@ -54,6 +54,14 @@ BAD_CALLS = {
         "F must be",
         lambda: fast_cap.fast_cap_scores(torch.zeros(2, 4), torch.eye(3), 4),
     ),
+    "fast_cap.row_scales": (
+        "row_energy must be 1-D",
+        lambda: fast_cap.row_scales(torch.ones(2, 2)),
+    ),
+    "fast_cap.inverse_factor": (
+        "F must be square",
+        lambda: fast_cap.inverse_factor(torch.eye(3)[:2], 4, 1e-2),
+    ),
     "cap.cap_eliminate": ("expected W", lambda: cap.cap_eliminate(W, H[:, :3, :3], NONE)),
     "cap.cap_eliminate/blocks_per_batch": (
         "blocks_per_batch",

@@ -121,24 +121,25 @@ def cap_oracle(model, s, m, damp, block, glob, steps=False):
 
 @pytest.mark.parametrize("m,block,glob", [(20, 12, "true"), (10, 32, "false"), (20, 16, "false")])
 def test_one_shot_matches_dense_greedy_oracle(m, block, glob):
+    """The reference's ranking: each prefix's cumulative loss."""
     want, drop = cap_oracle(mlp(), 0.5, m, 0.05, block, glob == "true")
     model = mlp()
-    ScheduledModifierManager.from_yaml(recipe(0.5, m, block, glob)).apply(
-        model, grad_sampler=sampler()
-    )
+    text = recipe(0.5, m, block, glob, extra="loss_ranking: cumulative")
+    ScheduledModifierManager.from_yaml(text).apply(model, grad_sampler=sampler())
     for got, w, d, dense in zip(weights_of(model), want, drop, weights_of(mlp())):
         assert torch.equal(got == 0, d)
         torch.testing.assert_close(got.double(), w, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(got, dense * ~d)  # the kept weights did move
 
 
+@pytest.mark.parametrize("extra", ["loss_ranking: per_step", ""])  # "": per_step is the default
 @pytest.mark.parametrize("glob", ["true", "false"])
-def test_per_step_ranking_matches_its_oracle(glob):
+def test_per_step_ranking_matches_its_oracle(glob, extra):
     want, drop = cap_oracle(mlp(), 0.6, 20, 0.05, 12, glob == "true", steps=True)
     cum_want, cum_drop = cap_oracle(mlp(), 0.6, 20, 0.05, 12, glob == "true")
     assert any(not torch.equal(a, b) for a, b in zip(drop, cum_drop))  # the rankings differ
     model = mlp()
-    text = recipe(0.6, 20, 12, glob, extra="loss_ranking: per_step")
+    text = recipe(0.6, 20, 12, glob, extra=extra)
     ScheduledModifierManager.from_yaml(text).apply(model, grad_sampler=sampler())
     for got, w, d in zip(weights_of(model), want, drop):
         assert torch.equal(got == 0, d)

@@ -123,3 +123,29 @@ def test_generator_builder_is_built_anew_for_each_pass():
         grads.append(torch.cat([torch.cat(c, dim=1) for c in chunks], dim=0))
         assert sampler.passes == 3  # 5 samples from 2 batches per pass
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_a_non_finite_gradient_anywhere_in_a_chunk_is_an_error(bad, dtype):
+    from sparseml.grad_sampler import _check_finite
+
+    chunk = [torch.randn(3, 7).to(dtype), torch.randn(4, 5).to(dtype), torch.empty(0, 2)]
+    _check_finite(chunk, "sampled gradients")  # finite: passes
+    chunk[1][2, 3] = bad
+    with pytest.raises(NumericalError, match="NaN/Inf in sampled gradients"):
+        _check_finite(chunk, "sampled gradients")
+
+
+def test_an_all_kept_mask_leaves_the_samples_as_drawn():
+    net = model()
+    params = [net[0].weight]
+    sampler = GradSampler(finite_builder([]), F.cross_entropy)
+    (plain,) = list(sampler.iter_chunks(net, params, 3))
+    sampler = GradSampler(finite_builder([]), F.cross_entropy)
+    (kept,) = list(
+        sampler.iter_chunks(
+            net, params, 3, masks=[torch.ones_like(net[0].weight, dtype=torch.bool)]
+        )
+    )
+    assert torch.equal(plain[0], kept[0])

@@ -69,6 +69,10 @@ def row_scales(row_energy: torch.Tensor) -> torch.Tensor:
     row has any curvature). With s_r the scale, row r's Fisher is approximated by s_r times
     the mean row Fisher F / (num_grads * rows): a diagonal output factor, as in K-FAC, that
     leaves the sweep's updates unchanged (they are scale-free) and weights its scores."""
+    if row_energy.dim() != 1:
+        raise ValueError(
+            f"row_energy must be 1-D (one value per row), got {tuple(row_energy.shape)}"
+        )
     e = row_energy.double()
     if not torch.isfinite(e).all() or bool((e < 0).any()):
         raise NumericalError("FastCAP row energies hold NaN/Inf or negative values")
@@ -82,6 +86,10 @@ def inverse_factor(F: torch.Tensor, num_grads: int, damp: float) -> torch.Tensor
     """Upper Cholesky factor U of (F / num_grads + damp * mean(diag) I)^-1, float64: what
     :func:`fast_cap_scores` and :func:`fast_cap_prune` compute from F unless given it
     (``factor=``), so a caller that needs both computes it once."""
+    if F.dim() != 2 or F.shape[0] != F.shape[1] or num_grads < 1:
+        raise ValueError(
+            f"F must be square (B, B) and num_grads >= 1; got {tuple(F.shape)}, {num_grads}"
+        )
     Fd = F.double() / num_grads
     mean = Fd.diagonal().mean()
     if not torch.isfinite(Fd).all():
