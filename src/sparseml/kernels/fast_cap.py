@@ -83,9 +83,8 @@ def row_scales(row_energy: torch.Tensor) -> torch.Tensor:
 
 
 def inverse_factor(F: torch.Tensor, num_grads: int, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (F / num_grads + damp * mean(diag) I)^-1, float64: what
-    :func:`fast_cap_scores` and :func:`fast_cap_prune` compute from F unless given it
-    (``factor=``), so a caller that needs both computes it once."""
+    """Upper Cholesky factor U of (F / num_grads + damp * mean(diag) I)^-1, float64 (what
+    :func:`fast_cap_scores` and :func:`fast_cap_prune` rank and update with)."""
     if F.dim() != 2 or F.shape[0] != F.shape[1] or num_grads < 1:
         raise ValueError(
             f"F must be square (B, B) and num_grads >= 1; got {tuple(F.shape)}, {num_grads}"
@@ -118,20 +117,18 @@ def fast_cap_scores(
     num_grads: int,
     damp: float = 1e-2,
     row_scale: torch.Tensor | None = None,
-    factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-weight loss estimates s_r w^2 / U_jj^2 / rows (rows, B) float64: what the sweep
     ranks a column by before any error is pushed onto it, in the units of one row's Fisher
     (F sums all rows, hence the division), so comparable across layers of any row count (the
     selectors use them to share one sparsity budget among layers). W (rows, B), F (B, B) as
     for :func:`fast_cap_prune`; row_scale (rows,): s_r of :func:`row_scales` (None: all 1);
-    factor: :func:`inverse_factor` of (F, num_grads, damp) if already computed; padding
-    scores whatever W holds there (zero)."""
+    padding scores whatever W holds there (zero)."""
     rows, B = W.shape
     if F.shape != (B, B):
         raise ValueError(f"F must be ({B}, {B}), got {tuple(F.shape)}")
     _check_scale(row_scale, rows)
-    U = inverse_factor(F, num_grads, damp) if factor is None else factor
+    U = inverse_factor(F, num_grads, damp)
     scores = W.double() ** 2 / U.diagonal() ** 2 / rows
     return scores if row_scale is None else scores * row_scale.to(scores)[:, None]
 
@@ -158,7 +155,6 @@ def fast_cap_prune(
     pruned: torch.Tensor | None = None,
     zero_dead: bool = False,
     row_scale: torch.Tensor | None = None,
-    factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one layer with the FastCAP column sweep; returns (W_new, mask), mask True = kept.
 
@@ -172,8 +168,7 @@ def fast_cap_prune(
     held at 0, never counted and reported as kept. zero_dead zeroes the weights of coordinates
     whose Fisher diagonal is 0 before the sweep (the reference behaviour). row_scale (rows,)
     weights row r's unstructured scores by s_r (:func:`row_scales`; None: the reference's
-    unweighted scores); the updates do not depend on it. factor: :func:`inverse_factor` of
-    (F, num_grads, damp) if already computed. W_new (rows, B) has W's dtype and
+    unweighted scores); the updates do not depend on it. W_new (rows, B) has W's dtype and
     exact zeros where the mask is False.
     """
     rows, B = W.shape
@@ -197,7 +192,7 @@ def fast_cap_prune(
             raise ValueError("N:M groups must be either all valid or all padding")
     pruned = torch.zeros_like(valid) if pruned is None else pruned.bool() & valid
     _check_scale(row_scale, rows)
-    U = inverse_factor(F, num_grads, damp) if factor is None else factor
+    U = inverse_factor(F, num_grads, damp)
     # The sweep runs on the transpose: column j of W is the contiguous row WT[j], so the
     # rank-1 update of the columns after j walks memory in order.
     WT = W.T.to(torch.float64, memory_format=torch.contiguous_format, copy=True)

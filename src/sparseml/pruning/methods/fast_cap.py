@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from sparseml.fields import Check, Field, as_bool, as_int, one_of, optional
-from sparseml.kernels.fast_cap import fast_cap_prune, fast_cap_scores, inverse_factor, row_scales
+from sparseml.kernels.fast_cap import fast_cap_prune, fast_cap_scores, row_scales
 from sparseml.kernels.fisher import from_blocks, to_blocks
 from sparseml.pruning.estimators import SharedFisher
 from sparseml.pruning.estimators.shared import LAYOUTS
@@ -134,12 +134,11 @@ class FastCAPruningModifier(PruningModifier):
     def select_and_update(self, estimate, targets: list[float]) -> list[Tensor]:
         fishers, count, energies = estimate
         scales = [row_scales(e) if self.row_scaling else None for e in energies]
-        factors = [inverse_factor(F, count, self.damp) for F in fishers]
         if self.selector_kind == "global":
             scores = []
             for i, (ref, F) in enumerate(zip(self.refs, fishers)):
                 W = self._rows(i, F.device)[0]
-                s = fast_cap_scores(W, F, count, self.damp, scales[i], factor=factors[i])
+                s = fast_cap_scores(W, F, count, self.damp, scales[i])
                 scores.append(from_blocks(s, ref.param.numel()).view(ref.param.shape))
             budget = Threshold(self.mask_spec, True)
             targets = layer_targets(budget, self.masked_scores(scores), targets)
@@ -152,7 +151,6 @@ class FastCAPruningModifier(PruningModifier):
                 W, F, count, target, damp=self.damp,
                 block_size=self.block_size or F.shape[0], n=nm[0], m=nm[1],
                 valid=valid, pruned=pruned, zero_dead=self.zero_dead, row_scale=scales[i],
-                factor=factors[i],
             )  # fmt: skip
             d = ref.param.numel()
             self.write_weights(i, from_blocks(W_new, d))
