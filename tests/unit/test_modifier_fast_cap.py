@@ -122,6 +122,7 @@ def test_global_sparsity_shares_one_budget_among_layers():
         ({"mask_type": "2:4", "fisher_block_size": 8, "block_size": 6}, "block_size"),
         ({"block_size": 0}, "block_size"),
         ({"zero_dead": "yes"}, "zero_dead"),
+        ({"row_scaling": "yes"}, "row_scaling.*true or false"),
         ({"blocksize": 8}, "block_size"),
     ],
 )
