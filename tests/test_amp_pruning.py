@@ -88,12 +88,15 @@ def test_autocast_training_with_every_pruner(name: str, amp: torch.dtype, one_th
 # FastCAP with this project's options (row-aligned Fisher, scaled rows, global allocation)
 FAST_CAP_ROWS = "FastCAPruningModifier+rows"
 ROWS_FIELDS = "fisher_layout: rows\n    row_scaling: true\n    global_sparsity: true\n"
+# ... with the layers' sparsities from the sweeps' loss curves
+FAST_CAP_CURVES = "FastCAPruningModifier+curves"
+CURVES_FIELDS = ROWS_FIELDS + "    global_allocation: losses\n"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64],
                          ids=["fp16", "bf16", "fp64"])  # fmt: skip
 @pytest.mark.parametrize("name", ["OBSPruningModifier", "CAPruningModifier",
-                                  "FastCAPruningModifier", FAST_CAP_ROWS,
+                                  "FastCAPruningModifier", FAST_CAP_ROWS, FAST_CAP_CURVES,
                                   "MFACPruningModifier"])  # fmt: skip
 def test_half_precision_timm_model_one_shot(name: str, dtype: torch.dtype, research) -> None:
     import timm
@@ -105,8 +108,8 @@ def test_half_precision_timm_model_one_shot(name: str, dtype: torch.dtype, resea
     ).to(dtype)  # fmt: skip
     params = '["re:.*(qkv|fc1|fc2).weight"]'
     text = recipe(name.split("+")[0], gradual=False).replace("{params}", params)
-    if name == FAST_CAP_ROWS:
-        text += "    " + ROWS_FIELDS
+    if name in (FAST_CAP_ROWS, FAST_CAP_CURVES):
+        text += "    " + (ROWS_FIELDS if name == FAST_CAP_ROWS else CURVES_FIELDS)
     manager = ScheduledModifierManager.from_yaml(text)
 
     def build(**kw):
@@ -126,5 +129,6 @@ def test_half_precision_timm_model_one_shot(name: str, dtype: torch.dtype, resea
     zeros = sum(int((p == 0).sum()) for p in weights)
     if name in LAYER_WISE:
         assert zeros == sum(round(0.5 * p.numel()) for p in weights)
-    else:  # FAST_CAP_ROWS: per-layer targets of one threshold, each met within a weight
-        assert abs(zeros - round(0.5 * total)) <= (len(weights) if name == FAST_CAP_ROWS else 0)
+    else:  # FastCAP's global allocations: per-layer targets, each met within a weight
+        slack = len(weights) if name in (FAST_CAP_ROWS, FAST_CAP_CURVES) else 0
+        assert abs(zeros - round(0.5 * total)) <= slack

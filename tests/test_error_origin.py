@@ -78,6 +78,10 @@ BAD_CALLS = {
         lambda: fast_cap.accumulate_shared_fisher(torch.zeros(3), 4),
     ),
     "fast_cap.fast_cap_prune": ("sparsity", lambda: fast_cap.fast_cap_prune(W, H[0], 1, 1.5)),
+    "fast_cap.fast_cap_losses": (
+        "max_rows",
+        lambda: fast_cap.fast_cap_losses(W, H[0], 1, [0.5], max_rows=0),
+    ),
     "fisher.num_blocks": ("block_size", lambda: fisher.num_blocks(10, 0)),
     "fisher.to_blocks": ("block_size", lambda: fisher.to_blocks(torch.zeros(10), 2.5)),
     "fisher.accumulate_block_gram": (

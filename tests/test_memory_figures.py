@@ -53,6 +53,16 @@ CASES = {
         [(1024, 1), (1024, 2)],
         {"fisher_block_size": 1024, "num_grads": 64},
     ),
+    "SharedFisher (loss curves)": (
+        "FastCAPruningModifier",
+        [(1024, 2), (1024, 3)],
+        {
+            "fisher_block_size": 256,  # 4,096 rows a layer: curves on 128 of them, 11 copies
+            "num_grads": 64,
+            "global_sparsity": True,
+            "global_allocation": "losses",
+        },
+    ),
     "FullFisher": ("WoodFisherPruningModifier", [(768, 1), (768, 2)], {"num_grads": 64}),
     "MFACFisher": (
         "MFACPruningModifier",

@@ -30,8 +30,8 @@ from utils import fmnist
 from utils import results as res
 
 ONE_SHOT = RESEARCH / "recipes" / "one_shot"
-# Candidates per method (recipe variables); the first of each list is tried first and wins
-# ties. CAP's and OBS's damp are absolute (added to F / m), FastCAP's relative to mean(diag F).
+# Candidates per method (recipe variables; a dict value stands for the variables it holds);
+# the first of each list is tried first and wins ties. CAP's and OBS's damp are absolute (added to F / m), FastCAP's relative to mean(diag F).
 GRID: dict[str, dict[str, list[Any]]] = {
     "cap": {
         "damp": [1e-8, 1e-6, 1e-4],
@@ -40,7 +40,14 @@ GRID: dict[str, dict[str, list[Any]]] = {
     },
     "obs": {"damp": [1e-8, 1e-6, 1e-4]},
     "mfac": {"damp": [1e-8, 1e-6, 1e-4]},
-    "fast_cap": {"damp": [1e-3, 1e-2, 1e-1], "global_sparsity": [True, False]},
+    "fast_cap": {
+        "damp": [1e-3, 1e-2, 1e-1],
+        "allocation": [  # a dict value sets several variables at once
+            {"global_sparsity": True},
+            {"global_sparsity": False},
+            {"global_sparsity": True, "global_allocation": "losses"},
+        ],
+    },
     "fast_cap_ref": {"damp": [1e-3, 1e-2, 1e-1]},
 }
 PUBLISHED_BLOCK = {"vit": 192, "resnet": 256}  # CAP's one-shot recipes (ViT, ResNet50d)
@@ -60,12 +67,19 @@ def candidates(method: str, model: str, small: bool = False) -> list[dict[str, A
     ]
     if small:
         values = [v[:2] if i == 0 else v[:1] for i, v in enumerate(values)]
-    return [dict(zip(grid, combo)) for combo in itertools.product(*values)]
+    out = []
+    for combo in itertools.product(*values):
+        variables: dict[str, Any] = {}
+        for key, value in zip(grid, combo):
+            variables.update(value if isinstance(value, dict) else {key: value})
+        out.append(variables)
+    return out
 
 
 def label(method: str, variables: dict[str, Any]) -> str:
     """The candidate's method name in the held-out rows, e.g. ``cap[damp=1e-08,B=192]``."""
-    short = {"fisher_block_size": "B", "loss_ranking": "rank", "global_sparsity": "global"}
+    short = {"fisher_block_size": "B", "loss_ranking": "rank", "global_sparsity": "global",
+             "global_allocation": "alloc"}  # fmt: skip
     inner = ",".join(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else
                      f"{short.get(k, k)}={v}" for k, v in variables.items())  # fmt: skip
     return f"{method}[{inner}]"

@@ -123,6 +123,7 @@ def test_global_sparsity_shares_one_budget_among_layers():
         ({"block_size": 0}, "block_size"),
         ({"zero_dead": "yes"}, "zero_dead"),
         ({"row_scaling": "yes"}, "row_scaling.*true or false"),
+        ({"global_allocation": "threshold"}, "global_allocation.*scores.*losses"),
         ({"blocksize": 8}, "block_size"),
     ],
 )
@@ -141,3 +142,38 @@ def test_defaults():
         None,
     )
     assert mod.global_sparsity is False and mod.zero_dead is False
+
+
+@pytest.mark.parametrize("target", [0.6, 0.75])
+def test_loss_allocation_matches_the_oracle_curves(target):
+    """``global_allocation: losses``: every layer is swept (column-OBS oracle) to each of
+    `curve_levels`, its quadratic loss 1/2 sum_r dW_r^T (F/m + damp) dW_r / rows measured, and
+    the per-layer targets are those of `loss_curve_targets` over these curves; then every
+    layer is swept to its own target."""
+    from sparseml.pruning.methods.fast_cap import curve_levels
+    from sparseml.pruning.selectors import loss_curve_targets
+
+    fishers = shared_fishers(mlp(), 20, 8)
+    dense = [w.double().view(-1, 8) for w in weights_of(mlp())]
+    curves = []
+    for W, f in zip(dense, fishers):
+        Fd = f / 20 + 0.01 * (f / 20).diagonal().mean() * torch.eye(8, dtype=torch.float64)
+        xs, ys = [0.0], [0.0]
+        for level in curve_levels(target):
+            want, keep = column_obs_reference(W, f, 20, level, 1e-2, 8)
+            d = want - W
+            xs.append(float((~keep).sum()))
+            ys.append(float(torch.einsum("rb,bc,rc->", d, Fd, d)) / 2 / W.shape[0])
+        curves.append((xs, ys))
+    sizes = [W.numel() for W in dense]
+    targets = loss_curve_targets(curves, sizes, target * sum(sizes))
+    assert abs(targets[0] - targets[1]) > 0.05  # the budget is really shared unevenly
+
+    model = mlp()
+    text = recipe(target, extra="global_sparsity: true\nglobal_allocation: losses")
+    ScheduledModifierManager.from_yaml(text).apply(model, grad_sampler=sampler())
+    for got, W, f, t in zip(weights_of(model), dense, fishers, targets):
+        want, keep = column_obs_reference(W, f, 20, t, 1e-2, 8)
+        assert torch.equal(got != 0, keep.flatten())
+        torch.testing.assert_close(got.double(), want.flatten(), rtol=1e-5, atol=1e-6)
+    assert sum(int((w == 0).sum()) for w in weights_of(model)) == round(target * sum(sizes))

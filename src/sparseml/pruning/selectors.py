@@ -103,6 +103,56 @@ def layer_targets(selector, scores: list[Tensor], targets: list[float]) -> list[
     return [1.0 - float(m.sum()) / max(m.numel(), 1) for m in masks]
 
 
+def _lower_hull(x: list[float], y: list[float]) -> list[tuple[float, float]]:
+    """The lower convex hull of the points (x, y), sorted by x (the lowest y at each x)."""
+    hull: list[tuple[float, float]] = []
+    for p in sorted(zip(x, y)):
+        if hull and p[0] == hull[-1][0]:
+            continue  # same x, higher (or equal) y: never on the lower hull
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):  # hull[-1] not below
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def loss_curve_targets(
+    curves: list[tuple[list[float], list[float]]], sizes: list[int], total: float
+) -> list[float]:
+    """Per-layer sparsities that remove ``total`` entries at the least summed loss.
+
+    curves[i] = (removed, loss): layer i's loss after removing each count of its entries
+    (measured at a few sparsities; its lowest count is the least it can keep removed). Each
+    curve is replaced by its lower convex hull (interpolating between the measured counts);
+    removals are then taken from all layers in the order of their marginal loss per entry
+    (the hulls' slopes, lowest first) until ``total`` is reached, the last step fractionally:
+    the optimum of the convexified problem, where a cheap removal in one layer is never passed
+    over for a dearer one in another. sizes[i] is layer i's entry count; the sparsities are
+    removed / size.
+    """
+    if len(curves) != len(sizes):
+        raise ValueError(f"one curve per layer: {len(curves)} curves, {len(sizes)} sizes")
+    hulls = [_lower_hull(list(x), list(y)) for x, y in curves]
+    removed = [h[0][0] for h in hulls]
+    left = total - sum(removed)
+    steps = sorted(
+        ((y2 - y1) / (x2 - x1), i, k)
+        for i, h in enumerate(hulls)
+        for k, ((x1, y1), (x2, y2)) in enumerate(zip(h, h[1:]))
+    )  # per layer, the hull's slopes grow with k, so its steps come in order
+    for _, i, k in steps:
+        if left <= 0:
+            break
+        dx = hulls[i][k + 1][0] - hulls[i][k][0]
+        take = min(dx, left)
+        removed[i] += take
+        left -= take
+    return [min(max(r / max(n, 1), 0.0), 1.0) for r, n in zip(removed, sizes)]
+
+
 # ----- the recipe fields' view: which selector they ask for, and whether a method has it ------
 def kind_of(mod: Any) -> str | None:
     """The selector kind a modifier's fields ask for (None while its mask_type is invalid)."""

@@ -72,9 +72,7 @@ class SharedFisher(Estimator):
             MemoryItem("Fisher (float64)", b * b * 8, pruner.fisher_device(r.param))
             for r, b in zip(pruner.refs, blocks)
         ]
-        # the sweep holds a layer's rows in float64 three times (weights, block copy, errors)
-        rows = max((-(-r.param.numel() // b) * b for r, b in zip(pruner.refs, blocks)), default=0)
-        sweep = pruning_item(pruner, extra=3 * rows * 8)
+        sweep = pruning_item(pruner, extra=pruner.sweep_bytes(blocks))
         plan = peak(fishers, [chunk_item(pruner, m)], [sweep])
         layout = "" if self.kind == "fixed" else " (fisher_layout: rows)"
         return plan, f"fisher_block_size={block}{layout} and {len(pruner.refs)} parameters"

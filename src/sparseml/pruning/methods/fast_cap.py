@@ -10,14 +10,59 @@ import torch
 from torch import Tensor
 
 from sparseml.fields import Check, Field, as_bool, as_int, one_of, optional
-from sparseml.kernels.fast_cap import fast_cap_prune, fast_cap_scores, row_scales
+from sparseml.kernels.fast_cap import (
+    fast_cap_losses,
+    fast_cap_prune,
+    fast_cap_scores,
+    row_scales,
+)
 from sparseml.kernels.fisher import from_blocks, to_blocks
 from sparseml.pruning.estimators import SharedFisher
 from sparseml.pruning.estimators.shared import LAYOUTS
 from sparseml.pruning.fields import BLOCKS, SAMPLING, SAMPLING_CHECKS, mask_spec_of
 from sparseml.pruning.modifier import PruningModifier
-from sparseml.pruning.selectors import Threshold, layer_targets
+from sparseml.pruning.selectors import Threshold, layer_targets, loss_curve_targets
 from sparseml.registry import register_modifier
+
+# The densities, as multiples of the target's, at which ``global_allocation: losses`` sweeps
+# every layer to measure its loss curve (sparsities 0.6 ... 0.98 around a target of 0.9).
+CURVE_DENSITIES = (6.0, 4.0, 3.0, 2.0, 1.5, 1.25, 1.0, 0.8, 0.6, 0.4, 0.2)
+
+# Rows a layer's loss curve is measured on at most (a fixed random subset, scaled up).
+CURVE_ROWS = 128
+
+
+def curve_levels(target: float) -> list[float]:
+    """The sparsities at which a layer's loss curve is measured for a budget of ``target``."""
+    return sorted({min(max(1.0 - (1.0 - target) * f, 0.0), 1.0) for f in CURVE_DENSITIES})
+
+
+def score_targets(mod, fishers, count, scales, targets: list[float]) -> list[float]:
+    """Per-layer targets of one threshold over every layer's first-pass scores."""
+    scores = []
+    for i, (ref, F) in enumerate(zip(mod.refs, fishers)):
+        s = fast_cap_scores(mod._rows(i, F.device)[0], F, count, mod.damp, scales[i])
+        scores.append(from_blocks(s, ref.param.numel()).view(ref.param.shape))
+    return layer_targets(Threshold(mod.mask_spec, True), mod.masked_scores(scores), targets)
+
+
+def loss_targets(mod, fishers, count, scales, targets: list[float]) -> list[float]:
+    """Per-layer targets from every layer's loss curve (`loss_curve_targets`): each layer is
+    swept, without write-back, to the `curve_levels` of its target."""
+    curves, sizes = [], []
+    for i, (ref, F, target) in enumerate(zip(mod.refs, fishers, targets)):
+        W, pruned, valid = mod._rows(i, F.device)
+        removed, loss = fast_cap_losses(
+            W, F, count, curve_levels(target), damp=mod.damp,
+            block_size=mod.block_size or F.shape[0], valid=valid, pruned=pruned,
+            row_scale=scales[i], max_rows=CURVE_ROWS,
+        )  # fmt: skip
+        # already pruned entries are zero: keeping them removed costs nothing (a row subset's
+        # scaled-up count may fall a little short of them: the sweep never reopens one)
+        base = float(pruned.sum())
+        curves.append(([base, *removed.clamp(min=base).tolist()], [0.0, *loss.tolist()]))
+        sizes.append(ref.param.numel())
+    return loss_curve_targets(curves, sizes, sum(t * n for t, n in zip(targets, sizes)))
 
 
 def _columns_not_grouped(mod) -> bool:
@@ -59,7 +104,14 @@ class FastCAPruningModifier(PruningModifier):
     are those of one threshold over the scores s_r w^2 / U_jj^2 / rows of all layers (in one
     row's units, as F sums the rows; `layer_targets`), then every layer is swept to its own
     target. ``false`` (the reference's behaviour, the default) gives every layer the same
-    sparsity.
+    sparsity. ``global_allocation: losses`` (with ``global_sparsity: true``) shares the budget
+    by the sweep's own losses instead of the first-pass scores: every layer is swept, without
+    write-back, to the sparsities of `curve_levels` (on at most ``CURVE_ROWS`` of its rows,
+    scaled up), each sweep's quadratic-model loss is recorded (`fast_cap_losses`), and the
+    targets minimize the summed loss over the convexified curves (`loss_curve_targets`). The
+    first-pass scores ignore the error every removal pushes onto the columns after it; the
+    curves count it. The extra sweeps share one pass (copies of the rows) and cost about
+    len(levels) * min(rows, CURVE_ROWS) / rows of a layer's sweep.
 
     Sample recipe::
 
@@ -86,6 +138,7 @@ class FastCAPruningModifier(PruningModifier):
     | zero_dead | - | zero weights whose Fisher diagonal is 0, as the reference does |
     | row_scaling | - | weight each row's scores by its own Fisher trace (s_r) |
     | global_sparsity | - | one budget over all layers (per-layer targets from one threshold) |
+    | global_allocation | - | scores: that threshold; losses: from each layer's sweep losses |
 
     Estimator: `SharedFisher` (B x B per layer, so every rank computes every layer, and the
     results agree without communication); the sweep selects and updates jointly.
@@ -98,6 +151,11 @@ class FastCAPruningModifier(PruningModifier):
         "zero_dead": Field(False, as_bool, "zero weights with a zero Fisher diagonal"),
         "global_sparsity": Field(False, as_bool, "one sparsity budget over all layers"),
         "row_scaling": Field(False, as_bool, "weight each row's scores by its Fisher trace"),
+        "global_allocation": Field(
+            "scores",
+            one_of("scores", "losses"),
+            "scores: one threshold over first-pass scores; losses: the sweeps' loss curves",
+        ),
         "fisher_layout": Field(
             "fixed", one_of(*LAYOUTS), "fixed: runs of B weights; rows: B = each row's length"
         ),
@@ -119,6 +177,16 @@ class FastCAPruningModifier(PruningModifier):
         """B of every selected parameter (a recipe error when the rows layout has none)."""
         return self.estimator().blocks(self)
 
+    def sweep_bytes(self, blocks: list[int]) -> int:
+        """float64 bytes a sweep holds at once: a layer's padded rows three times (weights,
+        block copy, errors); loss curves hold that for their copies of up to CURVE_ROWS rows."""
+        rows = [-(-r.param.numel() // b) for r, b in zip(self.refs, blocks)]
+        copies = [1] * len(rows)
+        if self.selector_kind == "global" and self.global_allocation == "losses":
+            levels = len(CURVE_DENSITIES)  # curve_levels gives at most one per density
+            copies = [max(1, levels * min(n, CURVE_ROWS) / n) for n in rows]
+        return max((3 * 8 * int(c * n) * b for c, n, b in zip(copies, rows, blocks)), default=0)
+
     @property
     def joint(self) -> bool:
         return True
@@ -135,13 +203,8 @@ class FastCAPruningModifier(PruningModifier):
         fishers, count, energies = estimate
         scales = [row_scales(e) if self.row_scaling else None for e in energies]
         if self.selector_kind == "global":
-            scores = []
-            for i, (ref, F) in enumerate(zip(self.refs, fishers)):
-                W = self._rows(i, F.device)[0]
-                s = fast_cap_scores(W, F, count, self.damp, scales[i])
-                scores.append(from_blocks(s, ref.param.numel()).view(ref.param.shape))
-            budget = Threshold(self.mask_spec, True)
-            targets = layer_targets(budget, self.masked_scores(scores), targets)
+            share = loss_targets if self.global_allocation == "losses" else score_targets
+            targets = share(self, fishers, count, scales, targets)
         spec = self.mask_spec
         nm = (spec.n, spec.group) if spec.kind == "nm" else (None, None)
         masks = []
