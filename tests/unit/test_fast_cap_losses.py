@@ -80,7 +80,7 @@ def test_row_subset_scales_up_to_an_estimate_of_the_whole_curve():
 
 def test_bad_curve_arguments_raise():
     W, F, m, _ = problem()
-    with pytest.raises(ValueError, match="sparsity"):
+    with pytest.raises(ValueError, match="levels"):
         fast_cap_losses(W, F, m, [0.5, 1.5])
     with pytest.raises(ValueError, match="max_rows"):
         fast_cap_losses(W, F, m, [0.5], max_rows=0)
@@ -143,3 +143,54 @@ def test_allocation_convexifies_starts_from_the_least_and_stops_at_the_most():
     assert loss_curve_targets(curves, [8, 8], 100) == pytest.approx([1.0, 1.0])  # capped
     with pytest.raises(ValueError, match="one curve per layer"):
         loss_curve_targets(curves, [8], 4)
+
+
+def test_curve_counts_zero_dead_coordinates_as_the_prune_does():
+    W, F, m, _ = problem()
+    F[3, :] = 0.0
+    F[:, 3] = 0.0  # coordinate 3 is dead: zero_dead zeroes its weights before the sweep
+    W_start = W.clone()
+    W_start[:, 3] = 0.0
+    removed, loss = fast_cap_losses(W, F, m, [0.25, 0.6], block_size=16, zero_dead=True)
+    for k, level in enumerate([0.25, 0.6]):
+        W_new, keep = fast_cap_prune(W, F, m, level, block_size=16, zero_dead=True)
+        assert removed[k] == int((~keep).sum())
+        want = quadratic_loss(W_start, W_new, F, m, 1e-2, None)
+        assert loss[k] == pytest.approx(want, rel=1e-9)
+
+
+def test_bad_levels_and_non_finite_inputs_raise():
+    from sparseml.errors import NumericalError
+
+    W, F, m, scale = problem()
+    for levels in ([], [-0.1], [0.5, "x"]):
+        with pytest.raises(ValueError, match="levels"):
+            fast_cap_losses(W, F, m, levels)
+    with pytest.raises(ValueError, match="max_rows"):
+        fast_cap_losses(W, F, m, [0.5], max_rows=2.5)
+    bad = W.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(NumericalError):
+        fast_cap_losses(bad, F, m, [1.0])  # every copy zeroes the weight: still reported
+    scale[0] = float("inf")
+    with pytest.raises(NumericalError, match="row scales"):
+        fast_cap_losses(W, F, m, [0.5], row_scale=scale)
+
+
+def test_bad_curves_raise():
+    from sparseml.errors import NumericalError
+
+    with pytest.raises(ValueError, match="curve 0"):
+        loss_curve_targets([([], [])], [2], 1)
+    with pytest.raises(ValueError, match="curve 1"):
+        loss_curve_targets([([0, 1], [0, 1]), ([0, 1, 2], [0, 1])], [2, 2], 1)
+    with pytest.raises(NumericalError, match="curve 0"):
+        loss_curve_targets([([0, 1], [0, float("nan")]), ([0, 2], [0, 1])], [2, 2], 1)
+
+
+def test_counts_of_a_row_subset_never_exceed_the_valid_entries():
+    W, F, m, _ = problem(rows=200, B=8, seed=2)
+    valid = torch.ones_like(W, dtype=torch.bool)
+    valid[-1, 3:] = False  # the last row is padding from column 3 on
+    removed, _ = fast_cap_losses(W, F, m, [1.0], block_size=8, valid=valid, max_rows=50)
+    assert removed[0] <= int(valid.sum())

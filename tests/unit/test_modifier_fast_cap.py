@@ -124,6 +124,16 @@ def test_global_sparsity_shares_one_budget_among_layers():
         ({"zero_dead": "yes"}, "zero_dead"),
         ({"row_scaling": "yes"}, "row_scaling.*true or false"),
         ({"global_allocation": "threshold"}, "global_allocation.*scores.*losses"),
+        ({"global_allocation": "losses"}, "global_allocation.*global_sparsity: true"),
+        (
+            {
+                "global_allocation": "losses",
+                "global_sparsity": True,
+                "mask_type": "2:4",
+                "fisher_block_size": 8,
+            },
+            "global_allocation.*unstructured",
+        ),
         ({"blocksize": 8}, "block_size"),
     ],
 )

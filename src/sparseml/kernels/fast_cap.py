@@ -129,6 +129,8 @@ def inverse_factor(F: torch.Tensor, num_grads: int, damp: float) -> torch.Tensor
 def _check_scale(row_scale: torch.Tensor | None, rows: int) -> None:
     if row_scale is not None and row_scale.shape != (rows,):
         raise ValueError(f"row_scale must have shape ({rows},), got {tuple(row_scale.shape)}")
+    if row_scale is not None and not bool(torch.isfinite(row_scale).all()):
+        raise NumericalError("FastCAP row scales hold NaN/Inf")
 
 
 def fast_cap_scores(
@@ -215,6 +217,7 @@ def fast_cap_losses(
     pruned: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
     max_rows: int | None = None,
+    zero_dead: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The sweep's own loss curve of one layer: (removed, loss), float64 of len(levels).
 
@@ -228,14 +231,18 @@ def fast_cap_losses(
 
     ``max_rows``: a layer of more rows is measured on that many of them (a fixed random
     subset; the sweeps select within it), and both outputs are scaled up by rows / max_rows:
-    an unbiased estimate of the sum over rows at a fraction of the cost.
+    an unbiased estimate of the sum over rows at a fraction of the cost (counts are capped at
+    the layer's valid entries). Losses are measured from the weights the sweep starts from
+    (pruned, padded and, with ``zero_dead``, dead entries zeroed).
     """
-    for level in levels:
-        _check_sparsity(level)
+    levels = list(levels)
+    if not levels or not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in levels):
+        raise ValueError(f"levels must be a non-empty list of sparsities in [0, 1], got {levels}")
     rows = W.shape[0]
     _check_scale(row_scale, rows)
-    if max_rows is not None and max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+    if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
+        raise ValueError(f"max_rows must be an int >= 1 or None, got {max_rows!r}")
+    total = rows * W.shape[1] if valid is None else int(valid.sum())
     if max_rows is not None and rows > max_rows:
         pick = torch.randperm(rows, generator=torch.Generator().manual_seed(0))[:max_rows]
         pick = pick.sort().values.to(W.device)
@@ -243,10 +250,12 @@ def fast_cap_losses(
             None if t is None else t[pick] for t in (W, valid, pruned, row_scale)
         )
     sweep = _Sweep(W, F, num_grads, damp, block_size, None, None, valid, pruned, row_scale)
-    _, rm, loss = sweep.run(list(levels), with_loss=True)
+    _, rm, loss = sweep.run(levels, zero_dead=zero_dead, with_loss=True)
+    if not torch.isfinite(loss).all():
+        raise NumericalError("FastCAP loss curve holds NaN/Inf (non-finite weights or scales)")
     # loss: the sweep weighs each row by s_r / (its rows), i.e. already scaled up
     removed = (rm & sweep.valid).flatten(1).sum(dim=1).to(torch.float64) * (rows / W.shape[0])
-    return removed.cpu(), loss.cpu()
+    return removed.clamp(max=float(total)).cpu(), loss.cpu()
 
 
 LAZY = 32
@@ -312,6 +321,7 @@ class _Sweep:
         if L > 1:
             WT = WT.repeat(1, L)
         inv_d = U.diagonal().reciprocal()
+        lazy = LAZY if m is None else m * max(1, LAZY // m)
         removed = torch.zeros((L, rows, B), dtype=torch.bool, device=valid.device)
         loss = torch.zeros(L, dtype=torch.float64, device=WT.device) if with_loss else None
         for c1 in range(0, B, bs):
@@ -329,9 +339,10 @@ class _Sweep:
             # E1[j] holds removed / U_jj until column j is reached, then that column's errors.
             E1 = rmT.to(WT.dtype) * inv_d[c1:c2, None]
             # Lazy updates in runs of LAZY columns: the rank-1 steps stay within a run (a
-            # cache-sized slice), whose errors then reach all later columns in one GEMM.
-            for r1 in range(0, c2 - c1, LAZY):
-                r2 = min(r1 + LAZY, c2 - c1)
+            # cache-sized slice), whose errors then reach all later columns in one GEMM. With
+            # N:M a run is whole groups (a group's picks read all its columns up to date).
+            for r1 in range(0, c2 - c1, lazy):
+                r2 = min(r1 + lazy, c2 - c1)
                 for j in range(r1, r2):
                     if n is not None and j % m == 0:
                         # N:M picks use the weights as updated by the columns already swept.

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sparseml.errors import RecipeError
+from sparseml.errors import NumericalError, RecipeError
 from sparseml.flops import macs_prefix_length
 from sparseml.masks import MaskSpec, create_masks, parse_mask_type
 
@@ -135,6 +135,14 @@ def loss_curve_targets(
     """
     if len(curves) != len(sizes):
         raise ValueError(f"one curve per layer: {len(curves)} curves, {len(sizes)} sizes")
+    for i, (x, y) in enumerate(curves):
+        if not len(x) or len(x) != len(y):
+            raise ValueError(
+                f"curve {i} must have as many losses as counts, at least one: {len(x)} counts, "
+                f"{len(y)} losses"
+            )
+        if not all(math.isfinite(v) for v in (*x, *y)):
+            raise NumericalError(f"loss curve {i} holds NaN/Inf")
     hulls = [_lower_hull(list(x), list(y)) for x, y in curves]
     removed = [h[0][0] for h in hulls]
     left = total - sum(removed)

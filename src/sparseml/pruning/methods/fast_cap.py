@@ -55,7 +55,7 @@ def loss_targets(mod, fishers, count, scales, targets: list[float]) -> list[floa
         removed, loss = fast_cap_losses(
             W, F, count, curve_levels(target), damp=mod.damp,
             block_size=mod.block_size or F.shape[0], valid=valid, pruned=pruned,
-            row_scale=scales[i], max_rows=CURVE_ROWS,
+            row_scale=scales[i], max_rows=CURVE_ROWS, zero_dead=mod.zero_dead,
         )  # fmt: skip
         # already pruned entries are zero: keeping them removed costs nothing (a row subset's
         # scaled-up count may fall a little short of them: the sweep never reopens one)
@@ -63,6 +63,14 @@ def loss_targets(mod, fishers, count, scales, targets: list[float]) -> list[floa
         curves.append(([base, *removed.clamp(min=base).tolist()], [0.0, *loss.tolist()]))
         sizes.append(ref.param.numel())
     return loss_curve_targets(curves, sizes, sum(t * n for t, n in zip(targets, sizes)))
+
+
+def _losses_not_global(mod) -> bool:
+    values, spec = mod._values, mask_spec_of(mod._values)
+    if spec is None:  # an invalid mask_type is reported on its own
+        return False
+    losses = values["global_allocation"] == "losses"
+    return losses and not (values["global_sparsity"] and spec.kind == "unstructured")
 
 
 def _columns_not_grouped(mod) -> bool:
@@ -104,14 +112,10 @@ class FastCAPruningModifier(PruningModifier):
     are those of one threshold over the scores s_r w^2 / U_jj^2 / rows of all layers (in one
     row's units, as F sums the rows; `layer_targets`), then every layer is swept to its own
     target. ``false`` (the reference's behaviour, the default) gives every layer the same
-    sparsity. ``global_allocation: losses`` (with ``global_sparsity: true``) shares the budget
-    by the sweep's own losses instead of the first-pass scores: every layer is swept, without
-    write-back, to the sparsities of `curve_levels` (on at most ``CURVE_ROWS`` of its rows,
-    scaled up), each sweep's quadratic-model loss is recorded (`fast_cap_losses`), and the
-    targets minimize the summed loss over the convexified curves (`loss_curve_targets`). The
-    first-pass scores ignore the error every removal pushes onto the columns after it; the
-    curves count it. The extra sweeps share one pass (copies of the rows) and cost about
-    len(levels) * min(rows, CURVE_ROWS) / rows of a layer's sweep.
+    sparsity. ``global_allocation: losses`` shares the budget by the sweep's own losses
+    instead of the first-pass scores: each layer's loss curve (`loss_targets`, swept without
+    write-back to `curve_levels`) and the least summed loss over all curves
+    (`loss_curve_targets`); docs/pruners.md has the details.
 
     Sample recipe::
 
@@ -167,6 +171,12 @@ class FastCAPruningModifier(PruningModifier):
             _columns_not_grouped,
             lambda m: f"must be a multiple of M = {mask_spec_of(m._values).group}",
         ),
+        Check(
+            "global_allocation",
+            _losses_not_global,
+            "losses shares one budget among layers: it needs global_sparsity: true and an "
+            "unstructured mask_type",
+        ),
     )
     SELECTORS = frozenset({"layer", "global", "nm"})
 
@@ -178,14 +188,16 @@ class FastCAPruningModifier(PruningModifier):
         return self.estimator().blocks(self)
 
     def sweep_bytes(self, blocks: list[int]) -> int:
-        """float64 bytes a sweep holds at once: a layer's padded rows three times (weights,
-        block copy, errors); loss curves hold that for their copies of up to CURVE_ROWS rows."""
+        """Bytes a sweep holds at once: a layer's padded rows three times in float64 (weights,
+        block copy, errors); the loss curves' copies of up to CURVE_ROWS rows six times (also
+        each copy's scores, sort order and masks)."""
         rows = [-(-r.param.numel() // b) for r, b in zip(self.refs, blocks)]
-        copies = [1] * len(rows)
-        if self.selector_kind == "global" and self.global_allocation == "losses":
-            levels = len(CURVE_DENSITIES)  # curve_levels gives at most one per density
-            copies = [max(1, levels * min(n, CURVE_ROWS) / n) for n in rows]
-        return max((3 * 8 * int(c * n) * b for c, n, b in zip(copies, rows, blocks)), default=0)
+        sweep = max((3 * 8 * n * b for n, b in zip(rows, blocks)), default=0)
+        if self.selector_kind != "global" or self.global_allocation != "losses":
+            return sweep
+        levels = len(CURVE_DENSITIES)  # curve_levels gives at most one per density
+        curves = (6 * 8 * levels * min(n, CURVE_ROWS) * b for n, b in zip(rows, blocks))
+        return max(sweep, *curves)
 
     @property
     def joint(self) -> bool:
