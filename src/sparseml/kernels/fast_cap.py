@@ -308,9 +308,7 @@ class _Sweep:
         len(sparsities) (unstructured; N:M ignores them). The sweeps to the L sparsities run as
         one sweep of L copies of the rows (WT[:, l * rows : (l + 1) * rows] is copy l): every
         update is shared, only the selection differs per copy."""
-        U, dU2, valid, pruned, n, m, bs = (
-            self.U, self.dU2, self.valid, self.pruned, self.n, self.m, self.bs
-        )  # fmt: skip
+        U, dU2, valid, pruned, n, bs = self.U, self.dU2, self.valid, self.pruned, self.n, self.bs
         (rows, B), L = valid.shape, len(sparsities)
         # The sweep runs on the transpose: column j of W is the contiguous row WT[j], so the
         # rank-1 update of the columns after j walks memory in order.
@@ -321,12 +319,11 @@ class _Sweep:
         if L > 1:
             WT = WT.repeat(1, L)
         inv_d = U.diagonal().reciprocal()
-        lazy = LAZY if m is None else m * max(1, LAZY // m)
         removed = torch.zeros((L, rows, B), dtype=torch.bool, device=valid.device)
         loss = torch.zeros(L, dtype=torch.float64, device=WT.device) if with_loss else None
         for c1 in range(0, B, bs):
             c2 = min(c1 + bs, B)
-            W1, U1, v1 = WT[c1:c2], U[c1:c2, c1:c2], valid[:, c1:c2]  # W1: a view, (cols, L*rows)
+            W1, v1 = WT[c1:c2], valid[:, c1:c2]  # W1: a view, (cols, L*rows)
             if n is None:
                 # Forced-pruned entries score -inf (taken first), padding +inf (never counted).
                 s = W1.view(-1, L, rows).permute(1, 2, 0) ** 2 / dU2[..., c1:c2]
@@ -338,25 +335,7 @@ class _Sweep:
             rmT = rm1.permute(2, 0, 1).reshape(c2 - c1, L * rows)  # (cols, L*rows)
             # E1[j] holds removed / U_jj until column j is reached, then that column's errors.
             E1 = rmT.to(WT.dtype) * inv_d[c1:c2, None]
-            # Lazy updates in runs of LAZY columns: the rank-1 steps stay within a run (a
-            # cache-sized slice), whose errors then reach all later columns in one GEMM. With
-            # N:M a run is whole groups (a group's picks read all its columns up to date).
-            for r1 in range(0, c2 - c1, lazy):
-                r2 = min(r1 + lazy, c2 - c1)
-                for j in range(r1, r2):
-                    if n is not None and j % m == 0:
-                        # N:M picks use the weights as updated by the columns already swept.
-                        g = slice(j, j + m)
-                        s = W1[g].T ** 2 / dU2[..., c1 + j : c1 + j + m]
-                        s = s.masked_fill(rmT[g].T, -1.0)
-                        pick = torch.zeros_like(s, dtype=torch.bool)
-                        pick.scatter_(1, torch.topk(s, n, dim=1, largest=False).indices, True)
-                        rmT[g] |= pick.T & v1[:, g].T
-                        E1[g] = rmT[g].to(WT.dtype) * inv_d[c1 + j : c1 + j + m, None]
-                    err = E1[j].mul_(W1[j])
-                    W1[j:r2].addr_(U1[j, j:r2], err, alpha=-1.0)
-                if c1 + r2 < B:
-                    WT[c1 + r2 :].addmm_(U[c1 + r1 : c1 + r2, c1 + r2 :].T, E1[r1:r2], alpha=-1.0)
+            self._sweep_block(WT, c1, c2, rmT, E1, inv_d)
             W1.masked_fill_(rmT, 0.0)  # removed columns are exactly 0 (never read again)
             removed[:, :, c1:c2] = rmT.view(-1, L, rows).permute(1, 2, 0)
             if loss is not None:
@@ -364,3 +343,30 @@ class _Sweep:
         if not torch.isfinite(WT).all():
             raise NumericalError("FastCAP sweep produced NaN/Inf weights")
         return WT, removed, loss
+
+    def _sweep_block(self, WT, c1: int, c2: int, rmT, E1, inv_d) -> None:
+        """Sweep columns c1 .. c2 - 1 of WT (B, copies * rows) in place: each removed entry's
+        error (E1 (cols, copies * rows), filled in as the columns are reached) is pushed onto
+        the later columns; N:M groups pick their entries (rmT) as they are reached.
+
+        Lazy updates in runs of LAZY columns: the rank-1 steps stay within a run (a cache-sized
+        slice), whose errors then reach all later columns in one GEMM. With N:M a run is whole
+        groups, so a group's picks read all its columns up to date."""
+        U, dU2, valid, n, m = self.U, self.dU2, self.valid, self.n, self.m
+        W1, U1, B = WT[c1:c2], U[c1:c2, c1:c2], U.shape[0]
+        lazy = LAZY if m is None else m * max(1, LAZY // m)
+        for r1 in range(0, c2 - c1, lazy):
+            r2 = min(r1 + lazy, c2 - c1)
+            for j in range(r1, r2):
+                if n is not None and j % m == 0:
+                    # N:M picks use the weights as updated by the columns already swept.
+                    g, cols = slice(j, j + m), slice(c1 + j, c1 + j + m)
+                    s = (W1[g].T ** 2 / dU2[..., cols]).masked_fill(rmT[g].T, -1.0)
+                    pick = torch.zeros_like(s, dtype=torch.bool)
+                    pick.scatter_(1, torch.topk(s, n, dim=1, largest=False).indices, True)
+                    rmT[g] |= pick.T & valid[:, cols].T
+                    E1[g] = rmT[g].to(WT.dtype) * inv_d[cols, None]
+                err = E1[j].mul_(W1[j])
+                W1[j:r2].addr_(U1[j, j:r2], err, alpha=-1.0)
+            if c1 + r2 < B:
+                WT[c1 + r2 :].addmm_(U[c1 + r1 : c1 + r2, c1 + r2 :].T, E1[r1:r2], alpha=-1.0)
