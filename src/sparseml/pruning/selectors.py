@@ -13,7 +13,8 @@ never reopen. The recipe fields choose the selector (`selector_kind`):
 
 `Reweighted` divides each parameter's scores by a factor before another selector
 (``flops_power``); `layer_targets` turns any selector's masks into per-parameter sparsities,
-so a method that prunes layer by layer (FastCAP's sweep) can take a global allocation.
+so a method that prunes layer by layer (FastCAP's sweep) can take a global allocation;
+`loss_curve_targets` makes one from per-layer loss curves instead of scores.
 """
 
 from __future__ import annotations
