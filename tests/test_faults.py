@@ -329,9 +329,9 @@ def test_exit_codes(err, code, text):
 
 def test_one_checkpoint_error_concept():
     """The research scripts' CheckpointError is sparseml's, so one ``except`` catches both."""
-    from sparseml import serialization
+    from sparseml import checkpoints
 
-    assert serialization.CheckpointError is sparseml_errors.CheckpointError
+    assert checkpoints.CheckpointError is sparseml_errors.CheckpointError
     assert issubclass(CheckpointError, sparseml_errors.CheckpointError)
     assert issubclass(CheckpointError, SetupError)
     with pytest.raises(sparseml_errors.CheckpointError, match="no state dict"):

@@ -36,7 +36,7 @@ class NumericalError(SparsificationError, RuntimeError):
 class CheckpointError(SparsificationError, RuntimeError):
     """A checkpoint file is missing, corrupt or does not match the model.
 
-    ``sparseml.serialization`` raises it; the research scripts' own checkpoint errors derive
+    ``sparseml.checkpoints`` raises it; the research scripts' own checkpoint errors derive
     from it (``utils.errors.CheckpointError``), so there is one concept to catch.
     """
 

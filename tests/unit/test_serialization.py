@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from sparseml.errors import CheckpointError
 from sparseml.pytorch.optim import ScheduledModifierManager
 from sparseml.pytorch.utils import (
     ModuleSparsificationInfo,
@@ -13,7 +14,6 @@ from sparseml.pytorch.utils import (
     load_optimizer,
     save_model,
 )
-from sparseml.serialization import CheckpointError
 
 RECIPE = """
 modifiers:

@@ -1,8 +1,8 @@
 """``sparseml.pytorch.utils``: sparsity measurement, checkpoints, gradient sampling."""
 
+from sparseml.checkpoints import load_epoch, load_model, load_optimizer, save_model
 from sparseml.grad_sampler import GradSampler
 from sparseml.params import all_param_refs, is_prunable
-from sparseml.serialization import load_epoch, load_model, load_optimizer, save_model
 from sparseml.sparsity import ModuleSparsificationInfo, tensor_sparsity
 
 
