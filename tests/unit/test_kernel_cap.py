@@ -9,6 +9,7 @@ import torch
 
 from sparseml.errors import NumericalError
 from sparseml.kernels import cap as cap_module
+from sparseml.kernels import native
 from sparseml.kernels.cap import (
     cap_eliminate,
     cap_nm_prune,
@@ -20,11 +21,14 @@ from sparseml.kernels.cap import (
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True, params=["default", 2, 3])
+@pytest.fixture(autouse=True, params=["compiled", "torch", 2, 3])
 def lazy_steps(request, monkeypatch):
-    """Every oracle test also runs with the pending downdates applied every 2 and 3 steps, so
-    the blocked (lazy) path, its flushes and compactions in between are checked on small B."""
-    if request.param != "default":
+    """Every oracle test runs the compiled CPU greedy (`sparseml.kernels.native`) and the torch
+    one (the accelerator path), the latter also with the pending downdates applied every 2 and
+    3 steps, so the blocked (lazy) path, its flushes and compactions are checked on small B."""
+    if request.param != "compiled":
+        monkeypatch.setattr(native, "ENABLED", False)
+    if isinstance(request.param, int):
         monkeypatch.setattr(cap_module, "_LAZY", request.param)
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from sparseml.errors import NumericalError
+from sparseml.kernels import native
 from sparseml.kernels.cap_prefix import (
     _batches,
     _check,
@@ -108,13 +109,13 @@ def _pre_eliminate(aug: torch.Tensor, elim: torch.Tensor, src: torch.Tensor) -> 
     aug[c] = ac - cols @ X
 
 
-def _greedy(h, wb, elim, steps, gid=None, cnt=None, n=0):
+def _greedy(h, wb, elim, steps, gid=None, cnt=None, n=0, group=0):
     """Greedy OBS elimination of ``steps[b]`` coordinates in each block of one batch.
 
     h (nb, B, B + 1) float64 holds the batch's H in h[:, :, :B] (this function owns and
     overwrites it); wb (nb, B) is read only; elim (nb, B) marks coordinates eliminated first
     (modified). N:M: gid (nb, B) group id, cnt (nb, G) eliminated per group; a group holding
-    n eliminated coordinates is closed. Returns pivots (nb, T) as original indices (-1 once a
+    n eliminated coordinates is closed (``group``: the group size m). Returns pivots (nb, T) as original indices (-1 once a
     block has stopped), cumulative losses (nb, T) with 1/2 included, and the final weights
     (nb, B) with every eliminated coordinate exactly 0.
 
@@ -124,7 +125,9 @@ def _greedy(h, wb, elim, steps, gid=None, cnt=None, n=0):
     (k, r + 1) product), the diagonal and w, which are downdated in O(r). Every `_lazy_steps`
     steps the pending updates are applied to h at once as
     one batched GEMM, so the O(B^3) work of a block runs at matrix-multiply speed instead of as
-    B memory-bound rank-1 updates.
+    B memory-bound rank-1 updates. On CPU the compiled `sparseml.kernels.native.greedy_blocks`
+    runs the same steps block by block instead (same pivots; rounding of the downdates
+    differs).
     """
     nb, B = elim.shape
     dev, lazy = h.device, _lazy_steps(B)
@@ -136,6 +139,8 @@ def _greedy(h, wb, elim, steps, gid=None, cnt=None, n=0):
     floor = h.diagonal(dim1=1, dim2=2).amax(1, keepdim=True).clamp_min(1e-300) * _PIVOT_FLOOR
     _pre_eliminate(h, elim, h[:, :, :B])
     T = int(steps.max()) if nb else 0
+    if native.ENABLED and dev.type == "cpu":
+        return _greedy_native(h, elim, steps, floor, cnt, n, group, T)
     t_all = int(steps.min()) if nb else 0  # steps before the first block stops
     piv, hist = [], []  # per step: (nb,) original index and score of the pivot
     idx = torch.arange(B, device=dev).expand(nb, B)
@@ -199,6 +204,41 @@ def _greedy(h, wb, elim, steps, gid=None, cnt=None, n=0):
     return piv, cum, out
 
 
+def _greedy_native(h, elim, steps, floor, cnt, n, group, T):
+    """`_greedy`'s loop in the compiled kernel (CPU): same inputs after the pre-elimination,
+    same outputs."""
+    nb, B = elim.shape
+    piv = torch.empty((nb, T), dtype=torch.long)
+    hist = torch.empty((nb, T), dtype=torch.float64)
+    out = torch.empty((nb, B), dtype=torch.float64)
+    cnt = torch.zeros((nb, 1), dtype=torch.long) if cnt is None else cnt
+    native.greedy_blocks(
+        h.numpy(), elim.numpy(), steps.contiguous().numpy(), floor[:, 0].contiguous().numpy(),
+        group, cnt.numpy(), n, piv.numpy(), hist.numpy(), out.numpy(),
+    )  # fmt: skip
+    cum = hist.mul_(0.5).cumsum(1)
+    return piv, cum, out
+
+
+def _greedy_packed(H: SymBlocks, bi, W64, pre, steps, cnt, n, group):
+    """`_greedy` of blocks ``bi`` by the compiled kernel reading packed H directly (it also
+    does the pre-elimination and the checks): same outputs."""
+    nb, T = bi.numel(), int(steps.max()) if bi.numel() else 0
+    piv = torch.empty((nb, T), dtype=torch.long)
+    hist = torch.empty((nb, T), dtype=torch.float64)
+    out = torch.empty((nb, W64.shape[1]), dtype=torch.float64)
+    bad = torch.zeros(nb, dtype=torch.int32)
+    cnt = torch.zeros((nb, 1), dtype=torch.long) if cnt is None else cnt.contiguous()
+    native.greedy_packed(
+        H.data.numpy(), bi.contiguous().numpy(), W64.numpy(), pre.numpy(),
+        steps.contiguous().numpy(), group, cnt.numpy(), n, piv.numpy(), hist.numpy(),
+        out.numpy(), bad.numpy(),
+    )  # fmt: skip
+    if bad.any():
+        raise NumericalError("CAP received NaN/Inf in the inverse Fisher blocks")
+    return piv, hist.mul_(0.5).cumsum(1), out
+
+
 def _load(H, rows, nb: int, B: int) -> torch.Tensor:
     """A float64 (nb, B, B + 1) working array with blocks ``rows`` of H in [:, :, :B]."""
     h = torch.empty((nb, B, B + 1), dtype=torch.float64, device=H.device)
@@ -229,6 +269,8 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None, per_st
     losses = torch.empty((n_b, B), dtype=torch.float32, device=dev)
     W_new = None if nm is None else torch.empty((n_b, B), dtype=torch.float64, device=dev)
     ar = torch.arange(B, device=dev)
+    packed_cpu = native.ENABLED and isinstance(H, SymBlocks) and dev.type == "cpu"
+    W64 = W.to(torch.float64).contiguous() if packed_cpu else None
 
     def batch(i: int) -> None:
         bi = perm[i : i + bs]
@@ -240,10 +282,12 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None, per_st
             n, m, valid_groups = nm
             gid = (ar // m).expand(nb, B)
             cnt = torch.where(valid_groups[bi], elim.view(nb, -1, m).sum(2), n)
-        # the working array is _greedy's own (no name here keeps it alive through compactions)
-        piv, cum, w = _greedy(
-            _load(H, rows, nb, B), W[bi], elim, steps, gid, cnt, nm[0] if nm else 0
-        )
+        if packed_cpu:  # compiled, straight from the packed triangles
+            piv, cum, w = _greedy_packed(H, bi, W64, pre, steps, cnt, *(nm[:2] if nm else (0, 0)))
+        else:  # the working array is _greedy's own (no name here keeps it alive)
+            piv, cum, w = _greedy(
+                _load(H, rows, nb, B), W[bi], elim, steps, gid, cnt, *(nm[:2] if nm else (0, 0))
+            )
         if W_new is not None:
             W_new[bi] = w
         # Order: pre-eliminated coordinates by index, the pivots, then the survivors by index.

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from sparseml.errors import NumericalError
+from sparseml.kernels import native
 from sparseml.kernels.chunking import for_each_chunk
+from sparseml.kernels.packed import SymBlocks
 
 # Default working set per batch: 1/24 of the float64 [H | w] of all the call's blocks, between
 # 12 and 48 MiB (~42 to ~170 blocks at B = 192). Every greedy step costs ~15 small ops whatever
@@ -83,6 +85,8 @@ def cap_reconstruct(
     W_new = W.clone()
     perm = torch.argsort(counts, descending=True, stable=True)
     perm = perm[counts[perm] > 0]
+    if native.ENABLED and isinstance(H, SymBlocks) and W.device.type == "cpu":
+        perm = _reconstruct_compiled(W, H, order, counts, perm, W_new)  # what it could not solve
 
     def batch(i: int) -> None:
         bi = perm[i : i + bs]
@@ -113,6 +117,22 @@ def cap_reconstruct(
 
     for_each_chunk(batch, perm.numel(), bs, W.device)
     return W_new
+
+
+def _reconstruct_compiled(W, H: SymBlocks, order, counts, perm, W_new) -> torch.Tensor:
+    """`cap_reconstruct` of blocks ``perm`` by the compiled kernel (one block at a time, no
+    batch arrays), into W_new; returns the blocks whose H_SS Cholesky failed (for the LU
+    fallback of the batched path)."""
+    w = W.to(torch.float64).contiguous()
+    _, hy, info = native.solve_subsets_packed(w, H, order.long(), counts, perm)
+    done = perm[info[perm] == 0]
+    new = w[done] - hy[done]
+    first = torch.arange(w.shape[1]) < counts[done].unsqueeze(1)
+    new.scatter_(1, order[done].long(), new.gather(1, order[done].long()) * ~first)
+    if not torch.isfinite(new).all():
+        raise NumericalError("CAP reconstruction produced NaN/Inf: H_SS is singular")
+    W_new[done] = new.to(W.dtype)
+    return perm[info[perm] != 0]
 
 
 def prefix_counts(order: torch.Tensor, prune: torch.Tensor, valid: torch.Tensor | None = None):

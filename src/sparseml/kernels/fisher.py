@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from sparseml.errors import NumericalError
+from sparseml.kernels import native
 from sparseml.kernels.chunking import chunk_blocks, for_each_chunk
 from sparseml.kernels.packed import SymBlocks, pack
 
@@ -118,7 +119,10 @@ def accumulate_block_gram(
     if n_full < n_b:
         parts.append((n_full, to_blocks(grads[:, n_full * block_size :], block_size)))
     if isinstance(out, SymBlocks):
-        _accumulate_packed(parts, out, c, block_size, blocks_per_chunk)
+        if _compiled_gram(grads, out):
+            _accumulate_compiled(grads, out, c, blocks_per_chunk)
+        else:
+            _accumulate_packed(parts, out, c, block_size, blocks_per_chunk)
         return out
     same_device = out.device == grads.device
     upcast = grads.dtype != out.dtype
@@ -162,6 +166,29 @@ def _accumulate_packed(parts, out: SymBlocks, c: int, bsz: int, blocks_per_chunk
             out.data[first + s : first + s + xs.shape[0]] += low.to(out.device)
 
         for_each_chunk(add, x.shape[1], step, device)
+
+
+def _compiled_gram(grads: Tensor, out: SymBlocks) -> bool:
+    return (
+        native.ENABLED
+        and grads.device.type == out.device.type == "cpu"
+        and grads.dtype in (torch.float32, torch.float64)
+        and grads.stride(1) == 1  # rows may be slices of wider per-sample rows
+    )
+
+
+def _accumulate_compiled(grads: Tensor, out: SymBlocks, c: int, blocks_per_chunk) -> None:
+    """`_accumulate_packed` in the compiled kernel: per block, the float64 upcast of its
+    columns and a symmetric rank-c update (BLAS syrk: the lower triangle only, half the flops
+    of a product) added into the packed row."""
+    x, bsz = grads.numpy(), out.block
+    step = blocks_per_chunk or chunk_blocks(2 * bsz * max(bsz, c), grads.device)
+
+    def add(s: int) -> None:
+        native.add_gram_packed(x, s, out.data[s : s + step].numpy(), bsz)
+
+    with native.single_threaded_blas():
+        for_each_chunk(add, out.shape[0], step, grads.device)
 
 
 def invert_block_fisher(
@@ -214,34 +241,31 @@ def invert_block_fisher(
     def invert_chunk(s: int) -> None:
         # A block's sum is finite iff its entries are (short of float64 overflow, itself a
         # fault): one pass, no chunk-sized boolean temporary.
+        if compiled:
+            rows = result.data[s : s + step]
+            _check_finite(rows.sum(dim=1), s)
+            info = torch.from_numpy(native.invert_packed(rows.numpy(), bsz, num_grads, damp))
+            _check_factorized(info, s, n_b, bsz, damp)
+            if on_blocks is not None:
+                on_blocks(rows.shape[0])
+            return
         if packed:  # the lower triangles, all that Cholesky reads (the rest stays unset)
-            bad = ~torch.isfinite(gram.data[s : s + step].sum(dim=1))
+            sums = gram.data[s : s + step].sum(dim=1)
             buf = torch.empty((step, bsz, bsz), dtype=torch.float64, device=gram.device)
             f = gram.rows(s, step, out=buf, lower_only=True)
         else:
             f = gram[s : s + step]
             if not (inplace and f.dtype == torch.float64):  # else factorised where it lies
                 f = f.to(torch.float64, copy=True)
-            bad = ~torch.isfinite(f.sum(dim=(1, 2)))
-        if bad.any():
-            raise NumericalError(
-                f"Fisher block {s + int(bad.nonzero()[0])} has NaN/Inf Gram entries: check the "
-                "loss and gradients (a larger damp cannot fix this)"
-            )
+            sums = f.sum(dim=(1, 2))
+        _check_finite(sums, s)
         f.div_(num_grads).diagonal(dim1=-2, dim2=-1).add_(damp)
         info = torch.empty(f.shape[0], dtype=torch.int32, device=f.device)
         if packed:  # a fresh factor is faster than factorising in place (measured)
             f, info = torch.linalg.cholesky_ex(f)
         else:  # out= aliasing the input: two float64 buffers per chunk, not three
             torch.linalg.cholesky_ex(f, out=(f, info))
-        failed = info.nonzero()
-        if failed.numel():
-            b = int(failed[0])
-            raise NumericalError(
-                f"Fisher block {s + b} (of {n_b}, block size {bsz}) is not positive definite: "
-                f"Cholesky failed at leading minor {int(info[b])} with damp={damp:g}; "
-                f"use a larger damp (e.g. {damp * 10:g}) or a float64 Gram"
-            )
+        _check_factorized(info, s, n_b, bsz, damp)
         if packed:
             result.write(s, torch.cholesky_inverse(f))
         else:
@@ -251,8 +275,35 @@ def invert_block_fisher(
         if on_blocks is not None:
             on_blocks(f.shape[0])
 
-    for_each_chunk(invert_chunk, n_b, step, gram.device)
+    compiled = packed and native.ENABLED and gram.device.type == "cpu"
+    if compiled:
+        with native.single_threaded_blas():
+            for_each_chunk(invert_chunk, n_b, step, gram.device)
+    else:
+        for_each_chunk(invert_chunk, n_b, step, gram.device)
     return result
+
+
+def _check_finite(sums: Tensor, start: int) -> None:
+    """Raise for the first block (from ``start``) whose Gram sum is not finite."""
+    bad = ~torch.isfinite(sums)
+    if bad.any():
+        raise NumericalError(
+            f"Fisher block {start + int(bad.nonzero()[0])} has NaN/Inf Gram entries: check the "
+            "loss and gradients (a larger damp cannot fix this)"
+        )
+
+
+def _check_factorized(info: Tensor, start: int, n_b: int, bsz: int, damp: float) -> None:
+    """Raise for the first block (from ``start``) whose Cholesky factorization failed."""
+    failed = info.nonzero()
+    if failed.numel():
+        b = int(failed[0])
+        raise NumericalError(
+            f"Fisher block {start + b} (of {n_b}, block size {bsz}) is not positive definite: "
+            f"Cholesky failed at leading minor {int(info[b])} with damp={damp:g}; "
+            f"use a larger damp (e.g. {damp * 10:g}) or a float64 Gram"
+        )
 
 
 def block_diag(H: Tensor | SymBlocks, d: int) -> Tensor:

@@ -1,0 +1,367 @@
+"""Compiled CPU kernels (numba) for the two hot loops of second-order pruning.
+
+* `invert_packed`: H_b = (damp I + S_b / m)^{-1} of packed float64 Grams, in place, block by
+  block: unpack into a B x B scratch, LAPACK ``dpotrf`` + ``dpotri`` (scipy's, called without
+  the GIL), repack. A packed triangle (row-major lower, `sparseml.kernels.packed`) is LAPACK's
+  column-major upper triangle, so the factorization reads exactly the unpacked rows.
+* `greedy_blocks`: CAP's greedy OBS elimination of each block in a compact r x r copy of its
+  remaining [H | w], with eager rank-1 Schur downdates (2 B^3 / 3 flops a block, no per-step
+  op dispatch); a removed coordinate's row and column are replaced by the last remaining
+  ones, so the active part stays the leading r x r square.
+
+Both run one block at a time with the GIL released; callers spread batches over threads
+(`sparseml.kernels.chunking.for_each_chunk`). Their torch equivalents (`sparseml.kernels.fisher`,
+`sparseml.kernels.cap._greedy`) remain the path on accelerators, without numba, and the
+oracles of these kernels' tests. ``ENABLED`` is False when numba or scipy's LAPACK cannot be
+loaded; tests switch it off to compare the two paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sparseml.kernels.chunking import for_each_chunk
+
+try:  # numba and scipy are requirements; a bare environment still runs the torch kernels
+    import llvmlite.binding
+    import numba
+    from numba.extending import get_cython_function_address
+except ImportError:  # pragma: no cover - exercised only without numba
+    numba = None
+
+ENABLED = numba is not None and os.environ.get("SPARSEML_NATIVE", "1") != "0"
+
+
+def _routine(module: str, name: str, nargs: int):
+    """scipy's BLAS/LAPACK routine ``name`` as a numba external function (Fortran ABI: every
+    argument by pointer). Bound by symbol, not by address, so compiled code can be cached."""
+    symbol = f"sparseml_{name}"
+    llvmlite.binding.add_symbol(symbol, get_cython_function_address(module, name))
+    return numba.types.ExternalFunction(symbol, numba.types.void(*[numba.types.voidptr] * nargs))
+
+
+if ENABLED:
+    try:
+        _dpotrf = _routine("scipy.linalg.cython_lapack", "dpotrf", 5)
+        _dpotri = _routine("scipy.linalg.cython_lapack", "dpotri", 5)
+        _dpotrs = _routine("scipy.linalg.cython_lapack", "dpotrs", 8)
+        _dsyrk = _routine("scipy.linalg.cython_blas", "dsyrk", 10)
+    except (ImportError, ValueError, AttributeError):  # pragma: no cover - scipy without LAPACK
+        ENABLED = False
+
+if ENABLED:
+    _jit = numba.njit(nogil=True, cache=True)
+
+    @_jit
+    def _add_gram_packed(x, first, out, block):
+        """out[first + b] += the lower triangle of X_b^T X_b, for X_b = x[:, b B : (b + 1) B]
+        (zero-padded past x's columns) and every row b of out (n, B (B + 1) / 2); x (c, d)."""
+        c, d = x.shape
+        xs = np.zeros((c, block))
+        prod = np.empty((block, block))
+        uplo = np.array([ord("U")], np.uint8)
+        trans = np.array([ord("N")], np.uint8)
+        dims = np.array([block, c], np.int32)
+        scalars = np.array([1.0, 0.0])
+        for b in range(out.shape[0]):
+            lo = (first + b) * block
+            width = min(block, d - lo)
+            for i in range(c):
+                for j in range(width):
+                    xs[i, j] = x[i, lo + j]
+                for j in range(width, block):
+                    xs[i, j] = 0.0
+            # column-major: A = xs^T (B x c, lda B), C = A A^T, upper = our lower triangle
+            _dsyrk(uplo.ctypes.data, trans.ctypes.data, dims.ctypes.data, dims[1:].ctypes.data,
+                   scalars.ctypes.data, xs.ctypes.data, dims.ctypes.data, scalars[1:].ctypes.data,
+                   prod.ctypes.data, dims.ctypes.data)  # fmt: skip
+            row = out[b]
+            o = 0
+            for i in range(block):
+                for j in range(i + 1):
+                    row[o + j] += prod[i, j]
+                o += i + 1
+
+    @_jit
+    def _invert_packed(data, block, count, damp, info):
+        """data (n, B (B + 1) / 2) float64 packed Grams S -> packed (damp I + S / count)^-1, in
+        place; info[b] > 0 at the leading minor where block b's factorization failed (its row
+        is then undefined)."""
+        a = np.zeros((block, block))
+        uplo = np.array([ord("U")], np.uint8)
+        order = np.array([block], np.int32)
+        status = np.zeros(1, np.int32)
+        for b in range(data.shape[0]):
+            row = data[b]
+            o = 0
+            for i in range(block):
+                for j in range(i + 1):
+                    a[i, j] = row[o + j] / count
+                a[i, i] += damp
+                o += i + 1
+            _dpotrf(uplo.ctypes.data, order.ctypes.data, a.ctypes.data, order.ctypes.data,
+                    status.ctypes.data)  # fmt: skip
+            if status[0] != 0:
+                info[b] = status[0]
+                continue
+            _dpotri(uplo.ctypes.data, order.ctypes.data, a.ctypes.data, order.ctypes.data,
+                    status.ctypes.data)  # fmt: skip
+            if status[0] != 0:  # pragma: no cover - a singular factor after a clean dpotrf
+                info[b] = status[0]
+                continue
+            o = 0
+            for i in range(block):
+                for j in range(i + 1):
+                    row[o + j] = a[i, j]
+                o += i + 1
+
+    @_jit
+    def _greedy_one(h, w, idx, r, lo, steps, group, cnt, n, piv, hist, out, rp):
+        """CAP's greedy on one block held compactly: h[:r, :r] and w[:r] are the remaining
+        coordinates idx[:r] (ascending) of [H | w]. Pivot: argmin w_j^2 / max(H_jj, lo) over the
+        open coordinates (lowest index on ties; with ``group`` > 0, a group of that size with
+        cnt[g] >= n removed is closed); then w -= (w_p / H_pp) H[:, p] and the Schur downdate,
+        and the last remaining coordinate takes the pivot's place. Writes piv (T,) original
+        indices (-1 after the last step), hist (T,) the pivots' scores (0 after), out (B,) the
+        final weights (0 where removed); updates cnt."""
+        for t in range(piv.shape[0]):
+            if t >= steps:
+                piv[t] = -1
+                hist[t] = 0.0
+                continue
+            best, p = math.inf, -1
+            for j in range(r):
+                if group and cnt[idx[j] // group] >= n:
+                    continue
+                dj = max(h[j, j], lo)
+                s = w[j] * w[j] / dj
+                if p < 0 or s < best or (s == best and idx[j] < idx[p]):
+                    best, p = s, j
+            piv[t] = idx[p]
+            hist[t] = best
+            dp = max(h[p, p], lo)
+            wp = w[p]
+            for j in range(r):
+                rp[j] = h[p, j]
+            for i in range(r):
+                u = rp[i] / dp
+                for j in range(r):
+                    h[i, j] -= u * rp[j]
+                w[i] -= u * wp
+            if group:
+                cnt[idx[p] // group] += 1
+            last = r - 1
+            for j in range(r):
+                h[p, j] = h[last, j]
+            for i in range(r):
+                h[i, p] = h[i, last]
+            w[p], idx[p] = w[last], idx[last]
+            r = last
+        out[:] = 0.0
+        for i in range(r):
+            out[idx[i]] = w[i]
+
+    @_jit
+    def _greedy_blocks(aug, elim, steps, floor, group, cnt, n, piv, hist, out):
+        """`_greedy_one` on every block of aug (nb, B, B + 1) = [H | w] (read only), after the
+        pre-elimination: elim (nb, B) marks the coordinates already removed."""
+        nb, size = elim.shape
+        h, w = np.empty((size, size)), np.empty(size)
+        idx, rp = np.empty(size, np.int64), np.empty(size)
+        for b in range(nb):
+            r = 0
+            for j in range(size):
+                if not elim[b, j]:
+                    idx[r] = j
+                    r += 1
+            for i in range(r):
+                src = aug[b, idx[i]]
+                for j in range(r):
+                    h[i, j] = src[idx[j]]
+                w[i] = src[size]
+            _greedy_one(h, w, idx, r, floor[b], steps[b], group, cnt[b], n, piv[b], hist[b],
+                        out[b], rp)  # fmt: skip
+
+    @_jit
+    def _greedy_packed(data, blocks, weights, pre, steps, group, cnt, n, piv, hist, out, bad):
+        """`_greedy_one` on blocks ``blocks`` of packed float64 H (data) with weights (n_b, B)
+        and already-removed coordinates pre (n_b, B), row i of the outputs being block
+        blocks[i]. Each block is unpacked here; removed coordinates coupled to the others (a
+        nonzero off-diagonal H entry) are first eliminated one by one without being recorded
+        (the joint Schur complement, in sequence). The pivot floor is 1e-12 x the block's
+        largest diagonal entry. bad[i] = 1 where block i holds NaN/Inf (then left undone)."""
+        size = weights.shape[1]
+        full, w = np.empty((size, size)), np.empty(size)
+        h = np.empty((size, size))
+        idx, rp = np.empty(size, np.int64), np.empty(size)
+        for i in range(blocks.shape[0]):
+            b = blocks[i]
+            row = data[b]
+            o, total, top = 0, 0.0, 0.0
+            for r_ in range(size):
+                for j in range(r_ + 1):
+                    v = row[o + j]
+                    full[r_, j] = v
+                    full[j, r_] = v
+                    total += v
+                top = max(top, row[o + r_])
+                o += r_ + 1
+            for j in range(size):
+                w[j] = weights[b, j]
+                total += w[j]
+            if not np.isfinite(total):
+                bad[i] = 1
+                continue
+            lo = max(top, 1e-300) * 1e-12
+            for p in range(size):  # coupled removed coordinates: eliminate them first
+                if not pre[b, p] or full[p, p] == 0.0:
+                    continue
+                coupled = False
+                for j in range(size):
+                    if j != p and full[p, j] != 0.0:
+                        coupled = True
+                        break
+                if not coupled:
+                    continue
+                dp, wp = full[p, p], w[p]
+                for j in range(size):
+                    rp[j] = full[p, j]
+                for a in range(size):
+                    u = rp[a] / dp
+                    for j in range(size):
+                        full[a, j] -= u * rp[j]
+                    w[a] -= u * wp
+            r = 0
+            for j in range(size):
+                if not pre[b, j]:
+                    idx[r] = j
+                    r += 1
+            for a in range(r):
+                for j in range(r):
+                    h[a, j] = full[idx[a], idx[j]]
+                w[a] = w[idx[a]]
+            _greedy_one(h, w, idx, r, lo, steps[i], group, cnt[i], n, piv[i], hist[i], out[i],
+                        rp)  # fmt: skip
+
+    @_jit
+    def _solve_subsets(w, data, sel, counts, blocks, y, hy, info):
+        """For each block b in ``blocks``, with S = sel[b, :counts[b]]: y[b, S] = (H_SS)^{-1}
+        w[b, S] (LAPACK Cholesky; y is left 0 elsewhere) and hy[b] = H y[b]. H is packed
+        float64 (data). info[b] > 0 where H_SS is not positive definite (y[b], hy[b] are then
+        left as they are)."""
+        size = w.shape[1]
+        h = np.empty((size, size))
+        m = np.empty((size, size))
+        z = np.empty(size)
+        uplo = np.array([ord("U")], np.uint8)
+        dims = np.array([0, 1, size], np.int32)  # n, nrhs, lda (m's row stride)
+        status = np.zeros(1, np.int32)
+        for b in blocks:
+            k = counts[b]
+            row = data[b]
+            o = 0
+            for i in range(size):
+                for j in range(i + 1):
+                    h[i, j] = row[o + j]
+                    h[j, i] = row[o + j]
+                o += i + 1
+            for i in range(k):
+                si = sel[b, i]
+                for j in range(i + 1):
+                    m[i, j] = h[si, sel[b, j]]
+                z[i] = w[b, si]
+            dims[0] = k
+            _dpotrf(uplo.ctypes.data, dims.ctypes.data, m.ctypes.data, dims[2:].ctypes.data,
+                    status.ctypes.data)  # fmt: skip
+            if status[0] == 0:
+                _dpotrs(uplo.ctypes.data, dims.ctypes.data, dims[1:].ctypes.data, m.ctypes.data,
+                        dims[2:].ctypes.data, z.ctypes.data, dims.ctypes.data,
+                        status.ctypes.data)  # fmt: skip
+            if status[0] != 0:
+                info[b] = max(status[0], 1)
+                continue
+            for j in range(k):
+                y[b, sel[b, j]] = z[j]
+            for i in range(size):
+                acc = 0.0
+                for j in range(k):
+                    acc += h[i, sel[b, j]] * z[j]
+                hy[b, i] = acc
+
+
+def _c(*arrays) -> None:
+    """One compiled signature per kernel: every array C-contiguous and writable."""
+    for a in arrays:
+        if not (a.flags.c_contiguous and a.flags.writeable):
+            raise ValueError("native kernels take C-contiguous writable arrays")
+
+
+def add_gram_packed(x: np.ndarray, first: int, out: np.ndarray, block: int) -> None:
+    """Add the chunk x (c, d)'s Grams to packed float64 rows out = blocks first, first + 1, ...
+    (`_add_gram_packed`; inside `single_threaded_blas` when several threads run it)."""
+    if x.strides[1] != x.itemsize:
+        raise ValueError("add_gram_packed needs unit-stride rows")
+    _c(out)
+    _add_gram_packed(x, int(first), out, int(block))
+
+
+def solve_subsets_packed(w: Tensor, H, sel: Tensor, counts: Tensor, blocks: Tensor):
+    """`_solve_subsets` of ``blocks`` for packed H (`SymBlocks`) on CPU, spread over the
+    intra-op threads: returns y, H y (float64 (n_b, B)) and the per-block info (int32)."""
+    w = w.to(torch.float64).contiguous()
+    y, hy = torch.zeros_like(w), torch.zeros_like(w)
+    info = torch.zeros(w.shape[0], dtype=torch.int32)
+    fixed = (w.numpy(), H.data.numpy(), sel.long().contiguous().numpy())
+    fixed += (counts.long().contiguous().numpy(),)
+    todo = blocks.long().contiguous().numpy()
+    outs = (y.numpy(), hy.numpy(), info.numpy())
+    _c(*fixed, todo, *outs)
+    step = max(1, -(-len(todo) // (4 * torch.get_num_threads())))
+
+    def batch(i: int) -> None:
+        _solve_subsets(*fixed, todo[i : i + step], *outs)
+
+    with single_threaded_blas():
+        for_each_chunk(batch, len(todo), step, w.device)
+    return y, hy, info
+
+
+def invert_packed(data: np.ndarray, block: int, count: int, damp: float) -> np.ndarray:
+    """Invert packed float64 Grams in place (`_invert_packed`); returns the per-block info.
+
+    Call inside `single_threaded_blas` when several threads run it."""
+    _c(data)
+    info = np.zeros(data.shape[0], np.int32)
+    _invert_packed(data, block, float(count), float(damp), info)
+    return info
+
+
+def greedy_packed(data, blocks, weights, pre, steps, group, cnt, n, piv, hist, out, bad) -> None:
+    """`_greedy_packed` on numpy arrays that share the caller's tensors."""
+    _c(data, blocks, weights, pre, steps, cnt, piv, hist, out, bad)
+    _greedy_packed(data, blocks, weights, pre, steps, int(group), cnt, int(n), piv, hist, out, bad)
+
+
+def greedy_blocks(aug, elim, steps, floor, group, cnt, n, piv, hist, out) -> None:
+    """`_greedy_blocks` on numpy arrays that share the caller's tensors."""
+    _c(aug, elim, steps, floor, cnt, piv, hist, out)
+    _greedy_blocks(aug, elim, steps, floor, int(group), cnt, int(n), piv, hist, out)
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()  # scans the loaded libraries once (scipy's are loaded)
+
+
+def single_threaded_blas():
+    """Context in which scipy's BLAS/LAPACK runs on the calling thread only (the callers
+    already run one batch per core; a threaded LAPACK under them oversubscribes)."""
+    return _blas_controller().limit(limits=1, user_api="blas")
