@@ -73,7 +73,8 @@ def workspace_bytes(
     The reconstruction's batches (`sparseml.kernels.cap_prefix.recon_batch`) hold H's rows
     (nb, B, B) in float64 plus, with k = ``sparsity`` x B removed per block, H_SS, its factor
     and their index (nb, k, k): measured 1.5 + 3.4 s^2 arrays of (nb, B, B) (2.3 at 50%, 4.2
-    at 90%). On CPU one batch per intra-op thread is in flight (`for_each_chunk`).
+    at 90%). On CPU one batch per intra-op thread is in flight (`for_each_chunk`); there the
+    compiled kernels (`sparseml.kernels.native`) need far less (see the code).
     """
     if n_b < 1:
         return 0
@@ -83,8 +84,17 @@ def workspace_bytes(
     recon = nb if blocks_per_batch else recon_batch(nb, sparsity)
     reconstruction = 8 * (1.5 + 3.4 * sparsity**2) * recon * B * B
     batches = -(-n_b // nb)
-    in_flight = 1 if torch.device(device).type != "cpu" else min(torch.get_num_threads(), batches)
-    return int(in_flight * max(elimination, reconstruction))
+    on_cpu = torch.device(device).type == "cpu"
+    in_flight = min(torch.get_num_threads(), batches) if on_cpu else 1
+    if not (native.ENABLED and on_cpu):
+        return int(in_flight * max(elimination, reconstruction))
+    # Compiled kernels (packed H): two B x B float64 scratch blocks per thread, the batch's
+    # outputs (pivots, scores, weights and the order's keys: ~8 (nb, B) arrays), and, for the
+    # reconstruction, float64 w, y, H y and their gathers over all blocks (~6 (n_b, B) arrays).
+    if B <= native.GREEDY_MAX_BLOCK:
+        elimination = 8 * (2 * B * B + 8 * nb * (B + 1))
+    reconstruction = 8 * 2 * B * B
+    return int(in_flight * max(elimination, reconstruction) + 8 * 6 * n_b * B)
 
 
 def _pre_eliminate(aug: torch.Tensor, elim: torch.Tensor, src: torch.Tensor) -> None:
@@ -139,7 +149,7 @@ def _greedy(h, wb, elim, steps, gid=None, cnt=None, n=0, group=0):
     floor = h.diagonal(dim1=1, dim2=2).amax(1, keepdim=True).clamp_min(1e-300) * _PIVOT_FLOOR
     _pre_eliminate(h, elim, h[:, :, :B])
     T = int(steps.max()) if nb else 0
-    if native.ENABLED and dev.type == "cpu":
+    if native.ENABLED and dev.type == "cpu" and B <= native.GREEDY_MAX_BLOCK:
         return _greedy_native(h, elim, steps, floor, cnt, n, group, T)
     t_all = int(steps.min()) if nb else 0  # steps before the first block stops
     piv, hist = [], []  # per step: (nb,) original index and score of the pivot
@@ -270,6 +280,7 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None, per_st
     W_new = None if nm is None else torch.empty((n_b, B), dtype=torch.float64, device=dev)
     ar = torch.arange(B, device=dev)
     packed_cpu = native.ENABLED and isinstance(H, SymBlocks) and dev.type == "cpu"
+    packed_cpu = packed_cpu and B <= native.GREEDY_MAX_BLOCK
     W64 = W.to(torch.float64).contiguous() if packed_cpu else None
 
     def batch(i: int) -> None:
