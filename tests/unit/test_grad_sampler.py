@@ -149,3 +149,27 @@ def test_an_all_kept_mask_leaves_the_samples_as_drawn():
         )
     )
     assert torch.equal(plain[0], kept[0])
+
+
+def test_reused_chunk_buffers_hold_the_same_samples():
+    """With ``reuse`` every chunk is written into the first chunk's buffers (the last, short
+    one into their leading rows), and the samples, masks included, are those of fresh ones."""
+    net = model()
+    params = [p for p in net.parameters() if p.dim() == 2]
+    mask = torch.rand(8, 4, generator=torch.Generator().manual_seed(3)) < 0.5
+
+    def draw(reuse):
+        sampler = GradSampler(finite_builder([], batches=7), F.cross_entropy)
+        out, pointers = [], set()
+        masks = [mask, torch.ones_like(params[1], dtype=torch.bool)]
+        for chunk in sampler.iter_chunks(net, params, 7, 3, masks=masks, reuse=reuse):
+            pointers.add(chunk[0].data_ptr())
+            out.append([t.clone() for t in chunk])
+        return out, pointers
+
+    fresh, _ = draw(False)
+    reused, pointers = draw(True)
+    assert len(pointers) == 1 and [c[0].shape[0] for c in reused] == [3, 3, 1]
+    for a, b in zip(fresh, reused):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert bool((reused[0][0][:, ~mask.flatten()] == 0).all())

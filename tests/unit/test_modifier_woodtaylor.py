@@ -135,9 +135,9 @@ def test_one_pass_gives_fisher_and_mean(monkeypatch, one_thread) -> None:
     calls = []
     chunks = PruningModifier.gradient_chunks
 
-    def counting(self, module, num_grads=None):
+    def counting(self, module, num_grads=None, **kwargs):
         calls.append(1)
-        return chunks(self, module, num_grads)
+        return chunks(self, module, num_grads, **kwargs)
 
     monkeypatch.setattr(PruningModifier, "gradient_chunks", counting)
     q.prune("WoodTaylorPruningModifier", 0.5, fisher_block_size=4)

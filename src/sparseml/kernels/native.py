@@ -127,13 +127,13 @@ if ENABLED:
 
     @_jit
     def _greedy_one(h, w, idx, r, lo, steps, group, cnt, n, piv, hist, out, rp):
-        """CAP's greedy on one block held compactly: h[:r, :r] and w[:r] are the remaining
-        coordinates idx[:r] (ascending) of [H | w]. Pivot: argmin w_j^2 / max(H_jj, lo) over the
-        open coordinates (lowest index on ties; with ``group`` > 0, a group of that size with
-        cnt[g] >= n removed is closed); then w -= (w_p / H_pp) H[:, p] and the Schur downdate,
-        and the last remaining coordinate takes the pivot's place. Writes piv (T,) original
-        indices (-1 after the last step), hist (T,) the pivots' scores (0 after), out (B,) the
-        final weights (0 where removed); updates cnt."""
+        """CAP's greedy on one block held compactly: the lower triangle of h[:r, :r] and w[:r]
+        are the remaining coordinates idx[:r] (ascending) of [H | w]. Pivot: argmin w_j^2 /
+        max(H_jj, lo) over the open coordinates (lowest index on ties; with ``group`` > 0, a
+        group of that size with cnt[g] >= n removed is closed); then w -= (w_p / H_pp) H[:, p]
+        and the Schur downdate of the triangle, and the last remaining coordinate takes the
+        pivot's place. Writes piv (T,) original indices (-1 after the last step), hist (T,) the
+        pivots' scores (0 after), out (B,) the final weights (0 where removed); updates cnt."""
         for t in range(piv.shape[0]):
             if t >= steps:
                 piv[t] = -1
@@ -151,21 +151,25 @@ if ENABLED:
             hist[t] = best
             dp = max(h[p, p], lo)
             wp = w[p]
-            for j in range(r):
+            for j in range(p + 1):  # row p of the symmetric block
                 rp[j] = h[p, j]
+            for j in range(p + 1, r):
+                rp[j] = h[j, p]
             for i in range(r):
                 u = rp[i] / dp
-                for j in range(r):
+                for j in range(i + 1):
                     h[i, j] -= u * rp[j]
                 w[i] -= u * wp
             if group:
                 cnt[idx[p] // group] += 1
-            last = r - 1
-            for j in range(r):
-                h[p, j] = h[last, j]
-            for i in range(r):
-                h[i, p] = h[i, last]
-            w[p], idx[p] = w[last], idx[last]
+            last = r - 1  # the last remaining coordinate takes the pivot's place
+            if p != last:
+                for j in range(p):
+                    h[p, j] = h[last, j]
+                h[p, p] = h[last, last]
+                for i in range(p + 1, last):
+                    h[i, p] = h[last, i]
+                w[p], idx[p] = w[last], idx[last]
             r = last
         out[:] = 0.0
         for i in range(r):
@@ -186,11 +190,63 @@ if ENABLED:
                     r += 1
             for i in range(r):
                 src = aug[b, idx[i]]
-                for j in range(r):
+                for j in range(i + 1):
                     h[i, j] = src[idx[j]]
                 w[i] = src[size]
             _greedy_one(h, w, idx, r, floor[b], steps[b], group, cnt[b], n, piv[b], hist[b],
                         out[b], rp)  # fmt: skip
+
+    @numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
+    def _unpack_lower(row, h):
+        """The packed triangle ``row`` into the lower triangle of h; returns the sum of its
+        entries (NaN/Inf if any is: reassociating the sum lets it vectorize, nothing else)."""
+        total, o = 0.0, 0
+        for i in range(h.shape[0]):
+            for j in range(i + 1):
+                h[i, j] = row[o + j]
+                total += row[o + j]
+            o += i + 1
+        return total
+
+    @_jit
+    def _pre_eliminate(h, w, removed, idx, full, rp):
+        """Drop the coordinates ``removed`` from the block whose lower triangle is h (with w):
+        those coupled to the others (a nonzero off-diagonal H entry) are eliminated one by one
+        without being recorded (the joint Schur complement, in sequence), then the rest is
+        compacted into h[:r, :r] with idx[:r] the remaining indices. Returns r."""
+        size = w.shape[0]
+        for i in range(size):  # the symmetric block
+            for j in range(i + 1):
+                full[i, j] = h[i, j]
+                full[j, i] = h[i, j]
+        for p in range(size):
+            if not removed[p] or full[p, p] == 0.0:
+                continue
+            coupled = False
+            for j in range(size):
+                if j != p and full[p, j] != 0.0:
+                    coupled = True
+                    break
+            if not coupled:
+                continue
+            dp, wp = full[p, p], w[p]
+            for j in range(size):
+                rp[j] = full[p, j]
+            for a in range(size):
+                u = rp[a] / dp
+                for j in range(size):
+                    full[a, j] -= u * rp[j]
+                w[a] -= u * wp
+        r = 0
+        for j in range(size):
+            if not removed[j]:
+                idx[r] = j
+                r += 1
+        for a in range(r):
+            for j in range(a + 1):
+                h[a, j] = full[idx[a], idx[j]]
+            w[a] = w[idx[a]]
+        return r
 
     @_jit
     def _greedy_packed(data, blocks, weights, pre, steps, group, cnt, n, piv, hist, out, bad):
@@ -207,49 +263,23 @@ if ENABLED:
         for i in range(blocks.shape[0]):
             b = blocks[i]
             row = data[b]
-            o, total, top = 0, 0.0, 0.0
-            for r_ in range(size):
-                for j in range(r_ + 1):
-                    v = row[o + j]
-                    full[r_, j] = v
-                    full[j, r_] = v
-                    total += v
-                top = max(top, row[o + r_])
-                o += r_ + 1
+            total, top, removed = 0.0, 0.0, False
             for j in range(size):
                 w[j] = weights[b, j]
                 total += w[j]
+                removed = removed or pre[b, j]
+            total += _unpack_lower(row, h)
+            for j in range(size):
+                top = max(top, h[j, j])
             if not np.isfinite(total):
                 bad[i] = 1
                 continue
             lo = max(top, 1e-300) * 1e-12
-            for p in range(size):  # coupled removed coordinates: eliminate them first
-                if not pre[b, p] or full[p, p] == 0.0:
-                    continue
-                coupled = False
-                for j in range(size):
-                    if j != p and full[p, j] != 0.0:
-                        coupled = True
-                        break
-                if not coupled:
-                    continue
-                dp, wp = full[p, p], w[p]
-                for j in range(size):
-                    rp[j] = full[p, j]
-                for a in range(size):
-                    u = rp[a] / dp
-                    for j in range(size):
-                        full[a, j] -= u * rp[j]
-                    w[a] -= u * wp
-            r = 0
+            r = size
             for j in range(size):
-                if not pre[b, j]:
-                    idx[r] = j
-                    r += 1
-            for a in range(r):
-                for j in range(r):
-                    h[a, j] = full[idx[a], idx[j]]
-                w[a] = w[idx[a]]
+                idx[j] = j
+            if removed:
+                r = _pre_eliminate(h, w, pre[b], idx, full, rp)
             _greedy_one(h, w, idx, r, lo, steps[i], group, cnt[i], n, piv[i], hist[i], out[i],
                         rp)  # fmt: skip
 

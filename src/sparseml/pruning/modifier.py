@@ -388,8 +388,9 @@ class PruningModifier(Modifier):
         device = self._values.get("fisher_inv_device")
         return torch.device(device) if device else param.device
 
-    def gradient_chunks(self, module: nn.Module, num_grads: int | None = None):
-        """Chunks of masked gradient samples: per chunk one ``(c, numel)`` tensor per param."""
+    def gradient_chunks(self, module: nn.Module, num_grads: int | None = None, reuse=False):
+        """Chunks of masked gradient samples: per chunk one ``(c, numel)`` tensor per param
+        (``reuse``: the consumer keeps nothing of a chunk, see `GradSampler.iter_chunks`)."""
         return self.grad_sampler.iter_chunks(
             module,
             [r.param for r in self.refs],
@@ -398,6 +399,7 @@ class PruningModifier(Modifier):
             masks=self.masks,
             desc=f"{type(self).__name__} gradients",
             dtype=self.work_dtype,
+            reuse=reuse,
         )
 
     def flat_weights(self) -> list[Tensor]:

@@ -125,7 +125,12 @@ class BlockFisher(Estimator):
         )
 
     def build(self, pruner: Any, module: Any, layout) -> list[torch.Tensor]:
-        return self.inverses(pruner, pruner.gradient_chunks(module), layout)
+        return self.inverses(pruner, self.chunks(pruner, module), layout)
+
+    def chunks(self, pruner: Any, module: Any):
+        """The gradient chunks; the Gram path (m >= B) keeps nothing of them, so the sampler
+        may write every chunk into the same buffers."""
+        return pruner.gradient_chunks(module, reuse=pruner.num_grads >= self.block)
 
 
 class BlockFisherAndMean(BlockFisher):
@@ -143,7 +148,7 @@ class BlockFisherAndMean(BlockFisher):
         moments = GradientMoments(
             [r.param.numel() for r in pruner.refs], pruner.refs[0].param.device
         )
-        inverses = self.inverses(pruner, tapped(pruner.gradient_chunks(module), moments), layout)
+        inverses = self.inverses(pruner, tapped(self.chunks(pruner, module), moments), layout)
         pieces = layout.take([g.to(pruner.work_dtype) for g in moments.mean()])
         return list(zip(inverses, pieces))
 
