@@ -165,7 +165,9 @@ def run_worker(args: argparse.Namespace) -> None:
             model(torch.randn(min(64, args.eval_images - s), 3, size, size, generator=g))
     eval_s = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the 224 pass
-    grad_224 = gradient_at_224(model, timm_name, kwargs, args) if job["ref"] else None
+    # every run measures its own reference (~1 s), so each ratio compares like with like on
+    # a machine whose speed drifts between runs
+    grad_224 = gradient_at_224(model, timm_name, kwargs, args)
     row = {
         **{f"{k}_s": v for k, v in pruner.timings.items()},
         "apply_s": apply_s,
@@ -182,8 +184,9 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 def gradient_at_224(model, timm_name: str, kwargs: dict, args) -> float:
-    """Seconds of one forward+backward of a -gb batch at 224x224 (median of 3), the cost of one
-    real gradient sample (the benchmark's own inputs are smaller)."""
+    """Seconds of one forward+backward of a -gb batch at 224x224 (one warm-up pass, then the
+    median of 5), the cost of one real gradient sample (the benchmark's own inputs are
+    smaller)."""
     import timm
     import torch
 
@@ -192,12 +195,12 @@ def gradient_at_224(model, timm_name: str, kwargs: dict, args) -> float:
     )  # fmt: skip
     x, y = torch.randn(args.gs_batch_size, 3, 224, 224), torch.zeros(args.gs_batch_size).long()
     times = []
-    for _ in range(3):
+    for _ in range(6):
         start = time.perf_counter()
         torch.nn.functional.cross_entropy(big(x), y).backward()
         times.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
-    return sorted(times)[1]
+    return sorted(times[1:])[2]
 
 
 def prunable(args: argparse.Namespace, name: str) -> list[int]:
@@ -252,12 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         numels = prunable(args, name)
         d, n_layers = sum(numels), len(numels)
-        ref_done = False
         for m in sorted(args.num_grads):
             for method in args.methods:
                 key = f"{name}|{method}|m={m}|B={args.block_size}|d={d}|img={args.img_size}"
                 if key in done and not done[key].get("skipped"):
-                    ref_done = True
                     continue
                 size = sizes(args, method, m, numels)
                 common = {"model": name, "method": method, "m": m, "B": args.block_size, "d": d}
@@ -271,10 +272,7 @@ def main(argv: list[str] | None = None) -> None:
                     record(path, key, {**common, "skipped": why})
                     continue
                 print(f"== cost: {key}", flush=True)
-                measured = spawn(
-                    args, {"model": name, "method": method, "m": m, "ref": not ref_done}
-                )
-                ref_done = True
+                measured = spawn(args, {"model": name, "method": method, "m": m})
                 row = record(path, key, {**common, **measured})
                 phases = ", ".join(
                     f"{k} {row[k + '_s']:.1f} s" for k in ("gradients", "curvature", "pruning")

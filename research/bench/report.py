@@ -78,7 +78,8 @@ def cost_rows(out: Path) -> list[dict[str, Any]]:
             continue
         math_s = r["curvature_s"] + r["pruning_s"]
         target = r["fisher_bytes"] + r["model_bytes"] + r["chunk_bytes"]
-        g224 = r["m"] * grad_224[r["model"]] if r["model"] in grad_224 else None
+        own = r.get("grad_224_s") or grad_224.get(r["model"])  # its own process's, if measured
+        g224 = r["m"] * own if own else None
         row.update(
             gradients_s=r["gradients_s"], curvature_s=r["curvature_s"],
             pruning_s=r["pruning_s"], eval_s=r["eval_s"], math_s=math_s,
