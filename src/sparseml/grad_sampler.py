@@ -279,9 +279,8 @@ class GradSampler:
     ) -> Iterator[list[Tensor]]:
         """Yield chunks of samples: per chunk a list with one ``(c, numel)`` tensor per param.
 
-        ``reuse``: the consumer keeps nothing of a chunk (no tensor, no view) once it asks for
-        the next, so every chunk is written into the same buffers; fresh buffers would cost
-        a page fault per 4 KiB of every chunk (measured about 1 s per 5 GB of samples).
+        ``reuse``: the consumer keeps nothing of a chunk once it asks for the next, so every
+        chunk goes into the same buffers (fresh ones fault in every page: ~1 s per 5 GB).
 
         Samples are returned in ``dtype`` (float32, or float64 for float64 models), whatever
         the parameters' dtype. Sampling runs under `_sampling` (eval mode, training gradients
@@ -298,17 +297,13 @@ class GradSampler:
             off = ~m.reshape(-1).to(p.device)
             pruned[i] = off if bool(off.any()) else None
         with self._sampling(module, num_grads, desc) as progress:
-            done = 0
-            kept = None
+            done, kept = 0, None
             while done < num_grads:
                 count = min(chunk_size, num_grads - done)
-                if kept is None:
-                    chunk = [
-                        torch.empty(count, p.numel(), device=p.device, dtype=dtype) for p in params
-                    ]
-                    kept = chunk if reuse else None
-                else:
-                    chunk = [buf[:count] for buf in kept]
+                chunk = [buf[:count] for buf in kept] if kept else [
+                    torch.empty(count, p.numel(), device=p.device, dtype=dtype) for p in params
+                ]  # fmt: skip
+                kept = chunk if reuse and not kept else kept
                 for row in range(count):
                     t0 = time.perf_counter()
                     grads = self._one_gradient(module, params, dtype)
@@ -324,8 +319,7 @@ class GradSampler:
                 _check_finite(chunk, "sampled gradients")
                 yield chunk
                 # Dropped before the next chunk exists: one chunk alive at a time (each can be
-                # GBs); consumers drop theirs too (`sparseml.curvature`). With ``reuse`` the
-                # buffers are kept and overwritten instead.
+                # GBs); consumers drop theirs too (`sparseml.curvature`). ``reuse`` keeps one.
                 chunk = buf = None
 
     # ----- more than gradients: layer statistics (K-FAC) and Hessian-vector products -----------

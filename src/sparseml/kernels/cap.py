@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from sparseml.errors import NumericalError
-from sparseml.kernels import native
+from sparseml.kernels import native, native_cap
 from sparseml.kernels.cap_prefix import (
     _batches,
     _check,
@@ -91,7 +91,7 @@ def workspace_bytes(
     # Compiled kernels (packed H): two B x B float64 scratch blocks per thread, the batch's
     # outputs (pivots, scores, weights and the order's keys: ~8 (nb, B) arrays), and, for the
     # reconstruction, float64 w, y, H y and their gathers over all blocks (~6 (n_b, B) arrays).
-    if B <= native.GREEDY_MAX_BLOCK:
+    if B <= native_cap.GREEDY_MAX_BLOCK:
         elimination = 8 * (2 * B * B + 8 * nb * (B + 1))
     reconstruction = 8 * 2 * B * B
     return int(in_flight * max(elimination, reconstruction) + 8 * 6 * n_b * B)
@@ -135,8 +135,8 @@ def _greedy(h, wb, elim, steps, gid=None, cnt=None, n=0, group=0):
     (k, r + 1) product), the diagonal and w, which are downdated in O(r). Every `_lazy_steps`
     steps the pending updates are applied to h at once as
     one batched GEMM, so the O(B^3) work of a block runs at matrix-multiply speed instead of as
-    B memory-bound rank-1 updates. On CPU the compiled `sparseml.kernels.native.greedy_blocks`
-    runs the same steps block by block instead (same pivots; rounding of the downdates
+    B memory-bound rank-1 updates. On CPU the compiled greedy
+    (`sparseml.kernels.native_cap.greedy_blocks`) runs the same steps block by block instead (same pivots; rounding of the downdates
     differs).
     """
     nb, B = elim.shape
@@ -149,7 +149,7 @@ def _greedy(h, wb, elim, steps, gid=None, cnt=None, n=0, group=0):
     floor = h.diagonal(dim1=1, dim2=2).amax(1, keepdim=True).clamp_min(1e-300) * _PIVOT_FLOOR
     _pre_eliminate(h, elim, h[:, :, :B])
     T = int(steps.max()) if nb else 0
-    if native.ENABLED and dev.type == "cpu" and B <= native.GREEDY_MAX_BLOCK:
+    if native.ENABLED and dev.type == "cpu" and B <= native_cap.GREEDY_MAX_BLOCK:
         return _greedy_native(h, elim, steps, floor, cnt, n, group, T)
     t_all = int(steps.min()) if nb else 0  # steps before the first block stops
     piv, hist = [], []  # per step: (nb,) original index and score of the pivot
@@ -222,7 +222,7 @@ def _greedy_native(h, elim, steps, floor, cnt, n, group, T):
     hist = torch.empty((nb, T), dtype=torch.float64)
     out = torch.empty((nb, B), dtype=torch.float64)
     cnt = torch.zeros((nb, 1), dtype=torch.long) if cnt is None else cnt
-    native.greedy_blocks(
+    native_cap.greedy_blocks(
         h.numpy(), elim.numpy(), steps.contiguous().numpy(), floor[:, 0].contiguous().numpy(),
         group, cnt.numpy(), n, piv.numpy(), hist.numpy(), out.numpy(),
     )  # fmt: skip
@@ -239,7 +239,7 @@ def _greedy_packed(H: SymBlocks, bi, W64, pre, steps, cnt, n, group):
     out = torch.empty((nb, W64.shape[1]), dtype=torch.float64)
     bad = torch.zeros(nb, dtype=torch.int32)
     cnt = torch.zeros((nb, 1), dtype=torch.long) if cnt is None else cnt.contiguous()
-    native.greedy_packed(
+    native_cap.greedy_packed(
         H.data.numpy(), bi.contiguous().numpy(), W64.numpy(), pre.numpy(),
         steps.contiguous().numpy(), group, cnt.numpy(), n, piv.numpy(), hist.numpy(),
         out.numpy(), bad.numpy(),
@@ -280,7 +280,7 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None, per_st
     W_new = None if nm is None else torch.empty((n_b, B), dtype=torch.float64, device=dev)
     ar = torch.arange(B, device=dev)
     packed_cpu = native.ENABLED and isinstance(H, SymBlocks) and dev.type == "cpu"
-    packed_cpu = packed_cpu and B <= native.GREEDY_MAX_BLOCK
+    packed_cpu = packed_cpu and B <= native_cap.GREEDY_MAX_BLOCK
     W64 = W.to(torch.float64).contiguous() if packed_cpu else None
 
     def batch(i: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from sparseml.errors import NumericalError
-from sparseml.kernels import native
+from sparseml.kernels import native, native_cap
 from sparseml.kernels.chunking import for_each_chunk
 from sparseml.kernels.packed import SymBlocks
 
@@ -124,7 +124,7 @@ def _reconstruct_compiled(W, H: SymBlocks, order, counts, perm, W_new) -> torch.
     batch arrays), into W_new; returns the blocks whose H_SS Cholesky failed (for the LU
     fallback of the batched path)."""
     w = W.to(torch.float64).contiguous()
-    _, hy, info = native.solve_subsets_packed(w, H, order.long(), counts, perm)
+    _, hy, info = native_cap.solve_subsets_packed(w, H, order.long(), counts, perm)
     done = perm[info[perm] == 0]
     new = w[done] - hy[done]
     first = torch.arange(w.shape[1]) < counts[done].unsqueeze(1)

@@ -1,32 +1,29 @@
-"""Compiled CPU kernels (numba) for the two hot loops of second-order pruning.
+"""Compiled CPU kernels (numba) for the hot loops of second-order pruning: the loader and the
+block Fisher's kernels here, CAP's and OBS's in `sparseml.kernels.native_cap`.
 
-* `invert_packed`: H_b = (damp I + S_b / m)^{-1} of packed float64 Grams, in place, block by
-  block: unpack into a B x B scratch, LAPACK ``dpotrf`` + ``dpotri`` (scipy's, called without
-  the GIL), repack. A packed triangle (row-major lower, `sparseml.kernels.packed`) is LAPACK's
-  column-major upper triangle, so the factorization reads exactly the unpacked rows.
-* `greedy_blocks`: CAP's greedy OBS elimination of each block in a compact r x r copy of its
-  remaining [H | w], with eager rank-1 Schur downdates (2 B^3 / 3 flops a block, no per-step
-  op dispatch); a removed coordinate's row and column are replaced by the last remaining
-  ones, so the active part stays the leading r x r square.
+* `add_gram_packed`: a chunk's Grams added into packed float64 triangles, per block a float64
+  copy of its columns and a symmetric rank-c update (BLAS syrk: the triangle only).
+* `invert_packed`: H_b = (damp I + S_b / m)^{-1} of packed Grams, in place, block by block:
+  unpack into a B x B scratch, LAPACK ``dpotrf`` + ``dpotri``, repack. A packed triangle
+  (row-major lower, `sparseml.kernels.packed`) is LAPACK's column-major upper triangle, so the
+  factorization reads exactly the unpacked rows.
 
-Both run one block at a time with the GIL released; callers spread batches over threads
-(`sparseml.kernels.chunking.for_each_chunk`). Their torch equivalents (`sparseml.kernels.fisher`,
-`sparseml.kernels.cap._greedy`) remain the path on accelerators, without numba, and the
-oracles of these kernels' tests. ``ENABLED`` is False when numba or scipy's LAPACK cannot be
-loaded; tests switch it off to compare the two paths.
+BLAS/LAPACK are scipy's, bound by symbol (so numba can cache the compiled code) and called
+without the GIL; every kernel works one block at a time, and callers spread batches over
+threads (`sparseml.kernels.chunking.for_each_chunk`) inside `single_threaded_blas`. Their
+torch equivalents (`sparseml.kernels.fisher`, `sparseml.kernels.cap`, ...) remain the path on
+accelerators, without numba, and the oracles of these kernels' tests. ``ENABLED`` is False
+when numba or scipy's LAPACK cannot be loaded or ``SPARSEML_NATIVE=0``; tests switch it off
+to compare the two paths.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import numpy as np
 import torch
-from torch import Tensor
-
-from sparseml.kernels.chunking import for_each_chunk
 
 try:  # numba and scipy are requirements; a bare environment still runs the torch kernels
     import llvmlite.binding
@@ -36,10 +33,6 @@ except ImportError:  # pragma: no cover - exercised only without numba
     numba = None
 
 ENABLED = numba is not None and os.environ.get("SPARSEML_NATIVE", "1") != "0"
-# The greedy's eager rank-1 downdates stream its r x r block once per step: up to this size
-# (8 MiB) it beats the blocked torch greedy on one core (measured 2x at B = 384-1024); larger
-# blocks fall out of cache and use the blocked (GEMM) path.
-GREEDY_MAX_BLOCK = 1024
 
 
 def _routine(module: str, name: str, nargs: int):
@@ -125,209 +118,6 @@ if ENABLED:
                     row[o + j] = a[i, j]
                 o += i + 1
 
-    @_jit
-    def _greedy_one(h, w, idx, r, lo, steps, group, cnt, n, piv, hist, out, rp):
-        """CAP's greedy on one block held compactly: the lower triangle of h[:r, :r] and w[:r]
-        are the remaining coordinates idx[:r] (ascending) of [H | w]. Pivot: argmin w_j^2 /
-        max(H_jj, lo) over the open coordinates (lowest index on ties; with ``group`` > 0, a
-        group of that size with cnt[g] >= n removed is closed); then w -= (w_p / H_pp) H[:, p]
-        and the Schur downdate of the triangle, and the last remaining coordinate takes the
-        pivot's place. Writes piv (T,) original indices (-1 after the last step), hist (T,) the
-        pivots' scores (0 after), out (B,) the final weights (0 where removed); updates cnt."""
-        for t in range(piv.shape[0]):
-            if t >= steps:
-                piv[t] = -1
-                hist[t] = 0.0
-                continue
-            best, p = math.inf, -1
-            for j in range(r):
-                if group and cnt[idx[j] // group] >= n:
-                    continue
-                dj = max(h[j, j], lo)
-                s = w[j] * w[j] / dj
-                if p < 0 or s < best or (s == best and idx[j] < idx[p]):
-                    best, p = s, j
-            piv[t] = idx[p]
-            hist[t] = best
-            dp = max(h[p, p], lo)
-            wp = w[p]
-            for j in range(p + 1):  # row p of the symmetric block
-                rp[j] = h[p, j]
-            for j in range(p + 1, r):
-                rp[j] = h[j, p]
-            for i in range(r):
-                u = rp[i] / dp
-                for j in range(i + 1):
-                    h[i, j] -= u * rp[j]
-                w[i] -= u * wp
-            if group:
-                cnt[idx[p] // group] += 1
-            last = r - 1  # the last remaining coordinate takes the pivot's place
-            if p != last:
-                for j in range(p):
-                    h[p, j] = h[last, j]
-                h[p, p] = h[last, last]
-                for i in range(p + 1, last):
-                    h[i, p] = h[last, i]
-                w[p], idx[p] = w[last], idx[last]
-            r = last
-        out[:] = 0.0
-        for i in range(r):
-            out[idx[i]] = w[i]
-
-    @_jit
-    def _greedy_blocks(aug, elim, steps, floor, group, cnt, n, piv, hist, out):
-        """`_greedy_one` on every block of aug (nb, B, B + 1) = [H | w] (read only), after the
-        pre-elimination: elim (nb, B) marks the coordinates already removed."""
-        nb, size = elim.shape
-        h, w = np.empty((size, size)), np.empty(size)
-        idx, rp = np.empty(size, np.int64), np.empty(size)
-        for b in range(nb):
-            r = 0
-            for j in range(size):
-                if not elim[b, j]:
-                    idx[r] = j
-                    r += 1
-            for i in range(r):
-                src = aug[b, idx[i]]
-                for j in range(i + 1):
-                    h[i, j] = src[idx[j]]
-                w[i] = src[size]
-            _greedy_one(h, w, idx, r, floor[b], steps[b], group, cnt[b], n, piv[b], hist[b],
-                        out[b], rp)  # fmt: skip
-
-    @numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
-    def _unpack_lower(row, h):
-        """The packed triangle ``row`` into the lower triangle of h; returns the sum of its
-        entries (NaN/Inf if any is: reassociating the sum lets it vectorize, nothing else)."""
-        total, o = 0.0, 0
-        for i in range(h.shape[0]):
-            for j in range(i + 1):
-                h[i, j] = row[o + j]
-                total += row[o + j]
-            o += i + 1
-        return total
-
-    @_jit
-    def _pre_eliminate(h, w, removed, idx, full, rp):
-        """Drop the coordinates ``removed`` from the block whose lower triangle is h (with w):
-        those coupled to the others (a nonzero off-diagonal H entry) are eliminated one by one
-        without being recorded (the joint Schur complement, in sequence), then the rest is
-        compacted into h[:r, :r] with idx[:r] the remaining indices. Returns r."""
-        size = w.shape[0]
-        for i in range(size):  # the symmetric block
-            for j in range(i + 1):
-                full[i, j] = h[i, j]
-                full[j, i] = h[i, j]
-        for p in range(size):
-            if not removed[p] or full[p, p] == 0.0:
-                continue
-            coupled = False
-            for j in range(size):
-                if j != p and full[p, j] != 0.0:
-                    coupled = True
-                    break
-            if not coupled:
-                continue
-            dp, wp = full[p, p], w[p]
-            for j in range(size):
-                rp[j] = full[p, j]
-            for a in range(size):
-                u = rp[a] / dp
-                for j in range(size):
-                    full[a, j] -= u * rp[j]
-                w[a] -= u * wp
-        r = 0
-        for j in range(size):
-            if not removed[j]:
-                idx[r] = j
-                r += 1
-        for a in range(r):
-            for j in range(a + 1):
-                h[a, j] = full[idx[a], idx[j]]
-            w[a] = w[idx[a]]
-        return r
-
-    @_jit
-    def _greedy_packed(data, blocks, weights, pre, steps, group, cnt, n, piv, hist, out, bad):
-        """`_greedy_one` on blocks ``blocks`` of packed float64 H (data) with weights (n_b, B)
-        and already-removed coordinates pre (n_b, B), row i of the outputs being block
-        blocks[i]. Each block is unpacked here; removed coordinates coupled to the others (a
-        nonzero off-diagonal H entry) are first eliminated one by one without being recorded
-        (the joint Schur complement, in sequence). The pivot floor is 1e-12 x the block's
-        largest diagonal entry. bad[i] = 1 where block i holds NaN/Inf (then left undone)."""
-        size = weights.shape[1]
-        full, w = np.empty((size, size)), np.empty(size)
-        h = np.empty((size, size))
-        idx, rp = np.empty(size, np.int64), np.empty(size)
-        for i in range(blocks.shape[0]):
-            b = blocks[i]
-            row = data[b]
-            total, top, removed = 0.0, 0.0, False
-            for j in range(size):
-                w[j] = weights[b, j]
-                total += w[j]
-                removed = removed or pre[b, j]
-            total += _unpack_lower(row, h)
-            for j in range(size):
-                top = max(top, h[j, j])
-            if not np.isfinite(total):
-                bad[i] = 1
-                continue
-            lo = max(top, 1e-300) * 1e-12
-            r = size
-            for j in range(size):
-                idx[j] = j
-            if removed:
-                r = _pre_eliminate(h, w, pre[b], idx, full, rp)
-            _greedy_one(h, w, idx, r, lo, steps[i], group, cnt[i], n, piv[i], hist[i], out[i],
-                        rp)  # fmt: skip
-
-    @_jit
-    def _solve_subsets(w, data, sel, counts, blocks, y, hy, info):
-        """For each block b in ``blocks``, with S = sel[b, :counts[b]]: y[b, S] = (H_SS)^{-1}
-        w[b, S] (LAPACK Cholesky; y is left 0 elsewhere) and hy[b] = H y[b]. H is packed
-        float64 (data). info[b] > 0 where H_SS is not positive definite (y[b], hy[b] are then
-        left as they are)."""
-        size = w.shape[1]
-        h = np.empty((size, size))
-        m = np.empty((size, size))
-        z = np.empty(size)
-        uplo = np.array([ord("U")], np.uint8)
-        dims = np.array([0, 1, size], np.int32)  # n, nrhs, lda (m's row stride)
-        status = np.zeros(1, np.int32)
-        for b in blocks:
-            k = counts[b]
-            row = data[b]
-            o = 0
-            for i in range(size):
-                for j in range(i + 1):
-                    h[i, j] = row[o + j]
-                    h[j, i] = row[o + j]
-                o += i + 1
-            for i in range(k):
-                si = sel[b, i]
-                for j in range(i + 1):
-                    m[i, j] = h[si, sel[b, j]]
-                z[i] = w[b, si]
-            dims[0] = k
-            _dpotrf(uplo.ctypes.data, dims.ctypes.data, m.ctypes.data, dims[2:].ctypes.data,
-                    status.ctypes.data)  # fmt: skip
-            if status[0] == 0:
-                _dpotrs(uplo.ctypes.data, dims.ctypes.data, dims[1:].ctypes.data, m.ctypes.data,
-                        dims[2:].ctypes.data, z.ctypes.data, dims.ctypes.data,
-                        status.ctypes.data)  # fmt: skip
-            if status[0] != 0:
-                info[b] = max(status[0], 1)
-                continue
-            for j in range(k):
-                y[b, sel[b, j]] = z[j]
-            for i in range(size):
-                acc = 0.0
-                for j in range(k):
-                    acc += h[i, sel[b, j]] * z[j]
-                hy[b, i] = acc
-
 
 def _c(*arrays) -> None:
     """One compiled signature per kernel: every array C-contiguous and writable."""
@@ -345,27 +135,6 @@ def add_gram_packed(x: np.ndarray, first: int, out: np.ndarray, block: int) -> N
     _add_gram_packed(x, int(first), out, int(block))
 
 
-def solve_subsets_packed(w: Tensor, H, sel: Tensor, counts: Tensor, blocks: Tensor):
-    """`_solve_subsets` of ``blocks`` for packed H (`SymBlocks`) on CPU, spread over the
-    intra-op threads: returns y, H y (float64 (n_b, B)) and the per-block info (int32)."""
-    w = w.to(torch.float64).contiguous()
-    y, hy = torch.zeros_like(w), torch.zeros_like(w)
-    info = torch.zeros(w.shape[0], dtype=torch.int32)
-    fixed = (w.numpy(), H.data.numpy(), sel.long().contiguous().numpy())
-    fixed += (counts.long().contiguous().numpy(),)
-    todo = blocks.long().contiguous().numpy()
-    outs = (y.numpy(), hy.numpy(), info.numpy())
-    _c(*fixed, todo, *outs)
-    step = max(1, -(-len(todo) // (4 * torch.get_num_threads())))
-
-    def batch(i: int) -> None:
-        _solve_subsets(*fixed, todo[i : i + step], *outs)
-
-    with single_threaded_blas():
-        for_each_chunk(batch, len(todo), step, w.device)
-    return y, hy, info
-
-
 def invert_packed(data: np.ndarray, block: int, count: int, damp: float) -> np.ndarray:
     """Invert packed float64 Grams in place (`_invert_packed`); returns the per-block info.
 
@@ -374,18 +143,6 @@ def invert_packed(data: np.ndarray, block: int, count: int, damp: float) -> np.n
     info = np.zeros(data.shape[0], np.int32)
     _invert_packed(data, block, float(count), float(damp), info)
     return info
-
-
-def greedy_packed(data, blocks, weights, pre, steps, group, cnt, n, piv, hist, out, bad) -> None:
-    """`_greedy_packed` on numpy arrays that share the caller's tensors."""
-    _c(data, blocks, weights, pre, steps, cnt, piv, hist, out, bad)
-    _greedy_packed(data, blocks, weights, pre, steps, int(group), cnt, int(n), piv, hist, out, bad)
-
-
-def greedy_blocks(aug, elim, steps, floor, group, cnt, n, piv, hist, out) -> None:
-    """`_greedy_blocks` on numpy arrays that share the caller's tensors."""
-    _c(aug, elim, steps, floor, cnt, piv, hist, out)
-    _greedy_blocks(aug, elim, steps, floor, int(group), cnt, int(n), piv, hist, out)
 
 
 @functools.lru_cache(maxsize=1)
