@@ -125,9 +125,9 @@ def _greedy(h, wb, elim, steps, gid=None, cnt=None, n=0, group=0):
     h (nb, B, B + 1) float64 holds the batch's H in h[:, :, :B] (this function owns and
     overwrites it); wb (nb, B) is read only; elim (nb, B) marks coordinates eliminated first
     (modified). N:M: gid (nb, B) group id, cnt (nb, G) eliminated per group; a group holding
-    n eliminated coordinates is closed (``group``: the group size m). Returns pivots (nb, T) as original indices (-1 once a
-    block has stopped), cumulative losses (nb, T) with 1/2 included, and the final weights
-    (nb, B) with every eliminated coordinate exactly 0.
+    n eliminated coordinates is closed (``group``: the group size m). Returns pivots (nb, T)
+    as original indices (-1 once a block has stopped), cumulative losses (nb, T) with 1/2
+    included, and the final weights (nb, B) with every eliminated coordinate exactly 0.
 
     Blocked (lazy) downdates: the rank-1 Schur updates of the last k <= ``_LAZY`` steps are
     kept as factors, u_j (nb, r) and the pivot rows R_j (nb, r + 1), with the current
@@ -136,8 +136,8 @@ def _greedy(h, wb, elim, steps, gid=None, cnt=None, n=0, group=0):
     steps the pending updates are applied to h at once as
     one batched GEMM, so the O(B^3) work of a block runs at matrix-multiply speed instead of as
     B memory-bound rank-1 updates. On CPU the compiled greedy
-    (`sparseml.kernels.native_cap.greedy_blocks`) runs the same steps block by block instead (same pivots; rounding of the downdates
-    differs).
+    (`sparseml.kernels.native_cap.greedy_blocks`) runs the same steps block by block instead:
+    the same pivots, unless rounding breaks a near-tie (its downdates round differently).
     """
     nb, B = elim.shape
     dev, lazy = h.device, _lazy_steps(B)
