@@ -262,3 +262,43 @@ def test_results_do_not_depend_on_the_thread_count():
             torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_bad_blocks_raise_clear_errors():
+    """Found by review: LAPACK's Cholesky lets a NaN through (OBS now raises as the torch path
+    does), and a singular H on already-pruned coupled coordinates is a NumericalError."""
+    B = 8
+    _, H = spd_inverse(3, B, 20, 1e-2, seed=14)
+    H[1, 1, 2] = H[1, 2, 1] = float("nan")
+    prune = torch.zeros(3 * B, dtype=torch.bool)
+    prune[B : B + 3] = True  # block 1, coordinates 0-2
+    for fn in (obs_prune_update, obs_loss):
+        with pytest.raises(NumericalError, match="Fisher block 1 is not positive definite"):
+            fn(torch.ones(3 * B, dtype=f64), SymBlocks(pack(H), B), prune)
+    _, H = spd_inverse(1, 4, 10, 0.1, seed=0)
+    H[0, 0, 0] = 0.0  # coupled to the rest, no pivot
+    pruned = torch.tensor([[True, False, False, False]])
+    with pytest.raises(NumericalError, match="block 0 is singular on its already-pruned"):
+        cap_eliminate(torch.ones(1, 4, dtype=f64), SymBlocks(pack(H), 4), pruned)
+
+
+def test_views_and_empty_chunks_take_the_compiled_path_safely(monkeypatch):
+    """Found by review: non-contiguous masks and packed storage, and an empty chunk."""
+    n_b, B = 3, 4
+    _, H = spd_inverse(n_b, B, 12, 1e-2, seed=15)
+    wide = torch.zeros(n_b, 2 * pack(H).shape[1], dtype=f64)
+    wide[:, ::2] = pack(H)
+    sliced = SymBlocks(wide[:, ::2], B)  # a strided view of packed rows
+    W = torch.randn(n_b, B, dtype=f64, generator=torch.Generator().manual_seed(16))
+    pruned = torch.zeros(1, B, dtype=torch.bool).expand(n_b, B)  # stride 0
+
+    def run():
+        order, _ = cap_eliminate(W, sliced, pruned)
+        w_nm, keep = cap_nm_prune(W, sliced, pruned.mT.contiguous().mT, 2, 4)
+        return order, keep, w_nm
+
+    (o, k, w), (o_t, k_t, w_t) = both(run, monkeypatch)
+    assert torch.equal(o, o_t) and torch.equal(k, k_t) and rel(w, w_t) < 1e-12
+    out = SymBlocks.zeros(2, 4)
+    accumulate_block_gram(torch.zeros(0, 8), 4, out=out)
+    assert not out.data.any()

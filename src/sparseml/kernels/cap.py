@@ -240,12 +240,18 @@ def _greedy_packed(H: SymBlocks, bi, W64, pre, steps, cnt, n, group):
     bad = torch.zeros(nb, dtype=torch.int32)
     cnt = torch.zeros((nb, 1), dtype=torch.long) if cnt is None else cnt.contiguous()
     native_cap.greedy_packed(
-        H.data.numpy(), bi.contiguous().numpy(), W64.numpy(), pre.numpy(),
+        H.data.contiguous().numpy(), bi.contiguous().numpy(), W64.numpy(), pre.numpy(),
         steps.contiguous().numpy(), group, cnt.numpy(), n, piv.numpy(), hist.numpy(),
         out.numpy(), bad.numpy(),
     )  # fmt: skip
-    if bad.any():
+    if (bad == 1).any():
         raise NumericalError("CAP received NaN/Inf in the inverse Fisher blocks")
+    if bad.any():
+        b = int(bi[int((bad == 2).nonzero()[0])])
+        raise NumericalError(
+            f"CAP: Fisher block {b} is singular on its already-pruned coordinates "
+            "(the inverse Fisher is ill-conditioned: use a larger damp)"
+        )
     return piv, hist.mul_(0.5).cumsum(1), out
 
 
@@ -282,6 +288,7 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None, per_st
     packed_cpu = native.ENABLED and isinstance(H, SymBlocks) and dev.type == "cpu"
     packed_cpu = packed_cpu and B <= native_cap.GREEDY_MAX_BLOCK
     W64 = W.to(torch.float64).contiguous() if packed_cpu else None
+    pre = pre.contiguous()  # the compiled greedy reads it whole
 
     def batch(i: int) -> None:
         bi = perm[i : i + bs]

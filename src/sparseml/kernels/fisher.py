@@ -174,6 +174,8 @@ def _compiled_gram(grads: Tensor, out: SymBlocks) -> bool:
         and grads.device.type == out.device.type == "cpu"
         and grads.dtype in (torch.float32, torch.float64)
         and grads.stride(1) == 1  # rows may be slices of wider per-sample rows
+        and grads.numel() > 0
+        and out.data.is_contiguous()
     )
 
 
@@ -242,7 +244,7 @@ def invert_block_fisher(
         # A block's sum is finite iff its entries are (short of float64 overflow, itself a
         # fault): one pass, no chunk-sized boolean temporary.
         if compiled:
-            rows = result.data[s : s + step]
+            rows = result.data[s : s + step]  # contiguous: ``compiled`` checked the storage
             _check_finite(rows.sum(dim=1), s)
             info = torch.from_numpy(native.invert_packed(rows.numpy(), bsz, num_grads, damp))
             _check_factorized(info, s, n_b, bsz, damp)
@@ -276,6 +278,7 @@ def invert_block_fisher(
             on_blocks(f.shape[0])
 
     compiled = packed and native.ENABLED and gram.device.type == "cpu"
+    compiled = compiled and result.data.is_contiguous()
     if compiled:
         with native.single_threaded_blas():
             for_each_chunk(invert_chunk, n_b, step, gram.device)

@@ -54,6 +54,10 @@ if ENABLED:
                 s = w[j] * w[j] / dj
                 if p < 0 or s < best or (s == best and idx[j] < idx[p]):
                     best, p = s, j
+            if p < 0:  # no open coordinate left (callers' step counts never ask for this)
+                piv[t:] = -1
+                hist[t:] = 0.0
+                break
             piv[t] = idx[p]
             hist[t] = best
             dp = max(h[p, p], lo)
@@ -120,14 +124,15 @@ if ENABLED:
         """Drop the coordinates ``removed`` from the block whose lower triangle is h (with w):
         those coupled to the others (a nonzero off-diagonal H entry) are eliminated one by one
         without being recorded (the joint Schur complement, in sequence), then the rest is
-        compacted into h[:r, :r] with idx[:r] the remaining indices. Returns r."""
+        compacted into h[:r, :r] with idx[:r] the remaining indices. Returns r, or -1 when a
+        coupled removed coordinate has no positive pivot (H on the removed set is singular)."""
         size = w.shape[0]
         for i in range(size):  # the symmetric block
             for j in range(i + 1):
                 full[i, j] = h[i, j]
                 full[j, i] = h[i, j]
         for p in range(size):
-            if not removed[p] or full[p, p] == 0.0:
+            if not removed[p]:
                 continue
             coupled = False
             for j in range(size):
@@ -137,6 +142,8 @@ if ENABLED:
             if not coupled:
                 continue
             dp, wp = full[p, p], w[p]
+            if not dp > 0.0:
+                return -1
             for j in range(size):
                 rp[j] = full[p, j]
             for a in range(size):
@@ -187,6 +194,9 @@ if ENABLED:
                 idx[j] = j
             if removed:
                 r = _pre_eliminate(h, w, pre[b], idx, full, rp)
+                if r < 0:
+                    bad[i] = 2
+                    continue
             _greedy_one(h, w, idx, r, lo, steps[i], group, cnt[i], n, piv[i], hist[i], out[i],
                         rp)  # fmt: skip
 
@@ -224,6 +234,8 @@ if ENABLED:
                 _dpotrs(uplo.ctypes.data, dims.ctypes.data, dims[1:].ctypes.data, m.ctypes.data,
                         dims[2:].ctypes.data, z.ctypes.data, dims.ctypes.data,
                         status.ctypes.data)  # fmt: skip
+            if status[0] == 0 and not np.isfinite(z[:k].sum()):  # LAPACK lets NaN through
+                status[0] = 1
             if status[0] != 0:
                 info[b] = max(status[0], 1)
                 continue
@@ -242,7 +254,7 @@ def solve_subsets_packed(w: Tensor, H, sel: Tensor, counts: Tensor, blocks: Tens
     w = w.to(torch.float64).contiguous()
     y, hy = torch.zeros_like(w), torch.zeros_like(w)
     info = torch.zeros(w.shape[0], dtype=torch.int32)
-    fixed = (w.numpy(), H.data.numpy(), sel.long().contiguous().numpy())
+    fixed = (w.numpy(), H.data.contiguous().numpy(), sel.long().contiguous().numpy())
     fixed += (counts.long().contiguous().numpy(),)
     todo = blocks.long().contiguous().numpy()
     outs = (y.numpy(), hy.numpy(), info.numpy())
