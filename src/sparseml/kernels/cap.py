@@ -150,7 +150,7 @@ def _greedy(h, wb, elim, steps, gid=None, cnt=None, n=0, group=0):
     _pre_eliminate(h, elim, h[:, :, :B])
     T = int(steps.max()) if nb else 0
     if native.ENABLED and dev.type == "cpu" and B <= native_cap.GREEDY_MAX_BLOCK:
-        return _greedy_native(h, elim, steps, floor, cnt, n, group, T)
+        return native_cap.greedy_batch(h, elim, steps, floor, cnt, n, group, T)
     t_all = int(steps.min()) if nb else 0  # steps before the first block stops
     piv, hist = [], []  # per step: (nb,) original index and score of the pivot
     idx = torch.arange(B, device=dev).expand(nb, B)
@@ -214,47 +214,6 @@ def _greedy(h, wb, elim, steps, gid=None, cnt=None, n=0, group=0):
     return piv, cum, out
 
 
-def _greedy_native(h, elim, steps, floor, cnt, n, group, T):
-    """`_greedy`'s loop in the compiled kernel (CPU): same inputs after the pre-elimination,
-    same outputs."""
-    nb, B = elim.shape
-    piv = torch.empty((nb, T), dtype=torch.long)
-    hist = torch.empty((nb, T), dtype=torch.float64)
-    out = torch.empty((nb, B), dtype=torch.float64)
-    cnt = torch.zeros((nb, 1), dtype=torch.long) if cnt is None else cnt
-    native_cap.greedy_blocks(
-        h.numpy(), elim.numpy(), steps.contiguous().numpy(), floor[:, 0].contiguous().numpy(),
-        group, cnt.numpy(), n, piv.numpy(), hist.numpy(), out.numpy(),
-    )  # fmt: skip
-    cum = hist.mul_(0.5).cumsum(1)
-    return piv, cum, out
-
-
-def _greedy_packed(H: SymBlocks, bi, W64, pre, steps, cnt, n, group):
-    """`_greedy` of blocks ``bi`` by the compiled kernel reading packed H directly (it also
-    does the pre-elimination and the checks): same outputs."""
-    nb, T = bi.numel(), int(steps.max()) if bi.numel() else 0
-    piv = torch.empty((nb, T), dtype=torch.long)
-    hist = torch.empty((nb, T), dtype=torch.float64)
-    out = torch.empty((nb, W64.shape[1]), dtype=torch.float64)
-    bad = torch.zeros(nb, dtype=torch.int32)
-    cnt = torch.zeros((nb, 1), dtype=torch.long) if cnt is None else cnt.contiguous()
-    native_cap.greedy_packed(
-        H.data.contiguous().numpy(), bi.contiguous().numpy(), W64.numpy(), pre.numpy(),
-        steps.contiguous().numpy(), group, cnt.numpy(), n, piv.numpy(), hist.numpy(),
-        out.numpy(), bad.numpy(),
-    )  # fmt: skip
-    if (bad == 1).any():
-        raise NumericalError("CAP received NaN/Inf in the inverse Fisher blocks")
-    if bad.any():
-        b = int(bi[int((bad == 2).nonzero()[0])])
-        raise NumericalError(
-            f"CAP: Fisher block {b} is singular on its already-pruned coordinates "
-            "(the inverse Fisher is ill-conditioned: use a larger damp)"
-        )
-    return piv, hist.mul_(0.5).cumsum(1), out
-
-
 def _load(H, rows, nb: int, B: int) -> torch.Tensor:
     """A float64 (nb, B, B + 1) working array with blocks ``rows`` of H in [:, :, :B]."""
     h = torch.empty((nb, B, B + 1), dtype=torch.float64, device=H.device)
@@ -289,6 +248,8 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None, per_st
     packed_cpu = packed_cpu and B <= native_cap.GREEDY_MAX_BLOCK
     W64 = W.to(torch.float64).contiguous() if packed_cpu else None
     pre = pre.contiguous()  # the compiled greedy reads it whole
+    if packed_cpu and not H.data.is_contiguous():
+        H = SymBlocks(H.data.contiguous(), B)
 
     def batch(i: int) -> None:
         bi = perm[i : i + bs]
@@ -301,7 +262,9 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None, per_st
             gid = (ar // m).expand(nb, B)
             cnt = torch.where(valid_groups[bi], elim.view(nb, -1, m).sum(2), n)
         if packed_cpu:  # compiled, straight from the packed triangles
-            piv, cum, w = _greedy_packed(H, bi, W64, pre, steps, cnt, *(nm[:2] if nm else (0, 0)))
+            piv, cum, w = native_cap.greedy_from_packed(
+                H, bi, W64, pre, steps, cnt, *(nm[:2] if nm else (0, 0))
+            )
         else:  # the working array is _greedy's own (no name here keeps it alive)
             piv, cum, w = _greedy(
                 _load(H, rows, nb, B), W[bi], elim, steps, gid, cnt, *(nm[:2] if nm else (0, 0))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparseml.errors import NumericalError
 from sparseml.kernels.chunking import for_each_chunk
 from sparseml.kernels.native import ENABLED, _c, single_threaded_blas
 
@@ -279,3 +280,47 @@ def greedy_blocks(aug, elim, steps, floor, group, cnt, n, piv, hist, out) -> Non
     """`_greedy_blocks` on numpy arrays that share the caller's tensors."""
     _c(aug, elim, steps, floor, cnt, piv, hist, out)
     _greedy_blocks(aug, elim, steps, floor, int(group), cnt, int(n), piv, hist, out)
+
+
+def _outputs(nb: int, T: int, B: int):
+    """The compiled greedy's outputs: pivots (nb, T), scores (nb, T), weights (nb, B)."""
+    return (torch.empty((nb, T), dtype=torch.long), torch.empty((nb, T), dtype=torch.float64),
+            torch.empty((nb, B), dtype=torch.float64))  # fmt: skip
+
+
+def greedy_batch(h, elim, steps, floor, cnt, n, group, T):
+    """`sparseml.kernels.cap._greedy`'s loop by `greedy_blocks` (CPU): same inputs after the
+    pre-elimination, same outputs."""
+    nb, B = elim.shape
+    piv, hist, out = _outputs(nb, T, B)
+    cnt = torch.zeros((nb, 1), dtype=torch.long) if cnt is None else cnt
+    greedy_blocks(
+        h.numpy(), elim.numpy(), steps.contiguous().numpy(), floor[:, 0].contiguous().numpy(),
+        group, cnt.numpy(), n, piv.numpy(), hist.numpy(), out.numpy(),
+    )  # fmt: skip
+    cum = hist.mul_(0.5).cumsum(1)
+    return piv, cum, out
+
+
+def greedy_from_packed(H, bi, W64, pre, steps, cnt, n, group):
+    """`sparseml.kernels.cap._greedy` of blocks ``bi`` by `greedy_packed`, reading packed H
+    (`SymBlocks`, contiguous) directly (it also does the pre-elimination and the checks):
+    same outputs."""
+    nb, T = bi.numel(), int(steps.max()) if bi.numel() else 0
+    piv, hist, out = _outputs(nb, T, W64.shape[1])
+    bad = torch.zeros(nb, dtype=torch.int32)
+    cnt = torch.zeros((nb, 1), dtype=torch.long) if cnt is None else cnt.contiguous()
+    greedy_packed(
+        H.data.numpy(), bi.contiguous().numpy(), W64.numpy(), pre.numpy(),
+        steps.contiguous().numpy(), group, cnt.numpy(), n, piv.numpy(), hist.numpy(),
+        out.numpy(), bad.numpy(),
+    )  # fmt: skip
+    if (bad == 1).any():
+        raise NumericalError("CAP received NaN/Inf in the inverse Fisher blocks")
+    if bad.any():
+        b = int(bi[int((bad == 2).nonzero()[0])])
+        raise NumericalError(
+            f"CAP: Fisher block {b} is singular on its already-pruned coordinates "
+            "(the inverse Fisher is ill-conditioned: use a larger damp)"
+        )
+    return piv, hist.mul_(0.5).cumsum(1), out
