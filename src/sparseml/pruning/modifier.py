@@ -391,16 +391,12 @@ class PruningModifier(Modifier):
     def gradient_chunks(self, module: nn.Module, num_grads: int | None = None, reuse=False):
         """Chunks of masked gradient samples: per chunk one ``(c, numel)`` tensor per param
         (``reuse``: the consumer keeps nothing of a chunk, see `GradSampler.iter_chunks`)."""
+        params, m = [r.param for r in self.refs], self.num_grads if num_grads is None else num_grads
+        desc, dtype = f"{type(self).__name__} gradients", self.work_dtype
         return self.grad_sampler.iter_chunks(
-            module,
-            [r.param for r in self.refs],
-            self.num_grads if num_grads is None else num_grads,
-            chunk_size=self.GRAD_CHUNK,
-            masks=self.masks,
-            desc=f"{type(self).__name__} gradients",
-            dtype=self.work_dtype,
-            reuse=reuse,
-        )
+            module, params, m, chunk_size=self.GRAD_CHUNK, masks=self.masks, desc=desc,
+            dtype=dtype, reuse=reuse,
+        )  # fmt: skip
 
     def flat_weights(self) -> list[Tensor]:
         """Flattened weights in ``work_dtype`` (a view for float32 params, else an exact copy)."""
