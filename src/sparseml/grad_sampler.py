@@ -280,7 +280,7 @@ class GradSampler:
         """Yield chunks of samples: per chunk a list with one ``(c, numel)`` tensor per param.
 
         ``reuse``: the consumer keeps nothing of a chunk once it asks for the next, so every
-        chunk goes into the same buffers (fresh ones fault in every page: ~1 s per 5 GB).
+        chunk goes into the same buffers (fresh ones fault in every page of every chunk).
 
         Samples are returned in ``dtype`` (float32, or float64 for float64 models), whatever
         the parameters' dtype. Sampling runs under `_sampling` (eval mode, training gradients

@@ -24,7 +24,7 @@ from sparseml.kernels.chunking import for_each_chunk
 from sparseml.kernels.native import ENABLED, _c, single_threaded_blas
 
 # The greedy's eager rank-1 downdates stream its r x r block once per step: up to this size
-# (8 MiB) it beats the blocked torch greedy on one core (measured 2x at B = 384-1024); larger
+# (8 MiB) it stays in cache and beats the blocked torch greedy (timed on one core); larger
 # blocks fall out of cache and use the blocked (GEMM) path.
 GREEDY_MAX_BLOCK = 1024
 
