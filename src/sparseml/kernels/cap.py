@@ -23,6 +23,7 @@ from sparseml.kernels import native, native_cap
 from sparseml.kernels.cap_prefix import (
     _batches,
     _check,
+    cap_prefix_weights,
     cap_reconstruct,
     prefix_counts,
     prefix_mask,
@@ -33,6 +34,8 @@ from sparseml.kernels.packed import SymBlocks
 
 __all__ = [
     "cap_eliminate",
+    "cap_eliminate_factored",
+    "cap_prefix_weights",
     "cap_reconstruct",
     "prefix_counts",
     "prefix_mask",
@@ -224,8 +227,12 @@ def _load(H, rows, nb: int, B: int) -> torch.Tensor:
     return h
 
 
-def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None, per_step=False):
+def _run(
+    W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None, per_step=False, factor=None
+):
     """Shared driver: batches blocks by pending work, pre-eliminates and runs the greedy.
+    ``factor`` (n_b,) bool (the compiled packed path only): blocks whose rows of H become the
+    elimination's factors (`cap_eliminate_factored`).
 
     ``on_blocks(n)`` (optional, e.g. a progress bar's update) is called after each batch with
     its number of blocks, possibly from worker threads.
@@ -263,7 +270,7 @@ def _run(W, H, pre, steps_all, blocks_per_batch, nm=None, on_blocks=None, per_st
             cnt = torch.where(valid_groups[bi], elim.view(nb, -1, m).sum(2), n)
         if packed_cpu:  # compiled, straight from the packed triangles
             piv, cum, w = native_cap.greedy_from_packed(
-                H, bi, W64, pre, steps, cnt, *(nm[:2] if nm else (0, 0))
+                H, bi, W64, pre, steps, cnt, *(nm[:2] if nm else (0, 0)), factor
             )
         else:  # the working array is _greedy's own (no name here keeps it alive)
             piv, cum, w = _greedy(
@@ -324,6 +331,41 @@ def cap_eliminate(
     steps = W.shape[1] - pre.sum(1)
     order, losses, _ = _run(W, H, pre, steps, blocks_per_batch, None, on_blocks, per_step)
     return order, losses
+
+
+def cap_eliminate_factored(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    pruned: torch.Tensor,
+    *,
+    valid: torch.Tensor | None = None,
+    blocks_per_batch: int | None = None,
+    on_blocks: Callable[[int], None] | None = None,
+    per_step: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`cap_eliminate` that keeps, in H's own storage, what rebuilding the weights needs.
+
+    On the compiled CPU path (packed contiguous H, B <= `native_cap.GREEDY_MAX_BLOCK`) the
+    packed row of every block whose already-removed coordinates hold zero weights is
+    overwritten by the elimination's factors (each step's pivot and column: B (B + 1) / 2
+    numbers at most, the row's size). Returns order, losses and ``replay`` (n_b,) bool, the
+    blocks so overwritten; `sparseml.kernels.cap_prefix.cap_prefix_weights` rebuilds any
+    prefix's weights from them in O(B k) (the greedy's own weights, bit for bit) instead of a
+    k x k solve. The other rows keep H (``replay`` all False elsewhere).
+    """
+    _check(W, H, pruned)
+    n_b, B = W.shape
+    pre = pruned.bool() if valid is None else pruned.bool() | ~valid.bool()
+    replay = torch.zeros(n_b, dtype=torch.bool, device=W.device)
+    compiled = native.ENABLED and isinstance(H, SymBlocks) and W.device.type == "cpu"
+    if compiled and B <= native_cap.GREEDY_MAX_BLOCK and H.data.is_contiguous():
+        # a removed coordinate with a nonzero weight would move the others when it is
+        # pre-eliminated, which the replay does not repeat
+        replay = ~(pre & (W != 0)).any(1)
+    steps = B - pre.sum(1)
+    factor = replay if bool(replay.any()) else None
+    order, losses, _ = _run(W, H, pre, steps, blocks_per_batch, None, on_blocks, per_step, factor)
+    return order, losses, replay
 
 
 def cap_nm_prune(

@@ -119,6 +119,35 @@ def cap_reconstruct(
     return W_new
 
 
+def cap_prefix_weights(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    order: torch.Tensor,
+    counts: torch.Tensor,
+    replay: torch.Tensor,
+    pre: torch.Tensor,
+    *,
+    blocks_per_batch: int | None = None,
+) -> torch.Tensor:
+    """`cap_reconstruct` after `sparseml.kernels.cap.cap_eliminate_factored`: the blocks of
+    ``replay`` (their rows of H hold the elimination's factors; ``pre`` (n_b, B) bool, the
+    coordinates removed before it) are replayed (`native_cap.replay_packed`), the others
+    solved from H. Returns W_new (n_b, B) in W's dtype."""
+    counts = counts.to(device=W.device, dtype=torch.long)
+    replay = replay.to(W.device)
+    W_new = cap_reconstruct(
+        W, H, order, counts.masked_fill(replay, 0), blocks_per_batch=blocks_per_batch
+    )
+    rows = replay.nonzero().squeeze(1)
+    if rows.numel():
+        W64 = W.to(torch.float64)
+        out = native_cap.replay_packed(W64, H, order, pre, counts, rows)[rows]
+        if not torch.isfinite(out).all():
+            raise NumericalError("CAP reconstruction produced NaN/Inf")
+        W_new[rows] = out.to(W.dtype)
+    return W_new
+
+
 def _reconstruct_compiled(W, H: SymBlocks, order, counts, perm, W_new) -> torch.Tensor:
     """`cap_reconstruct` of blocks ``perm`` by the compiled kernel (one block at a time, no
     batch arrays), into W_new; returns the blocks whose H_SS Cholesky failed (for the LU

@@ -34,14 +34,17 @@ if ENABLED:
     from sparseml.kernels.native import _dpotrf, _dpotrs, _jit
 
     @_jit
-    def _greedy_one(h, w, idx, r, lo, steps, group, cnt, n, piv, hist, out, rp):
+    def _greedy_one(h, w, idx, r, lo, steps, group, cnt, n, piv, hist, out, rp, fac):
         """CAP's greedy on one block held compactly: the lower triangle of h[:r, :r] and w[:r]
         are the remaining coordinates idx[:r] (ascending) of [H | w]. Pivot: argmin w_j^2 /
         max(H_jj, lo) over the open coordinates (lowest index on ties; with ``group`` > 0, a
         group of that size with cnt[g] >= n removed is closed); then w -= (w_p / H_pp) H[:, p]
         and the Schur downdate of the triangle, and the last remaining coordinate takes the
         pivot's place. Writes piv (T,) original indices (-1 after the last step), hist (T,) the
-        pivots' scores (0 after), out (B,) the final weights (0 where removed); updates cnt."""
+        pivots' scores (0 after), out (B,) the final weights (0 where removed); updates cnt.
+        A non-empty ``fac`` receives every step's factor for `_replay`: its pivot H_pp (floored)
+        then the pivot's column at the r - 1 other remaining positions, r entries per step."""
+        o = 0
         for t in range(piv.shape[0]):
             if t >= steps:
                 piv[t] = -1
@@ -67,6 +70,13 @@ if ENABLED:
                 rp[j] = h[p, j]
             for j in range(p + 1, r):
                 rp[j] = h[j, p]
+            if fac.shape[0]:
+                fac[o] = dp
+                for j in range(p):
+                    fac[o + 1 + j] = rp[j]
+                for j in range(p + 1, r):
+                    fac[o + j] = rp[j]
+                o += r
             for i in range(r):
                 u = rp[i] / dp
                 for j in range(i + 1):
@@ -93,7 +103,7 @@ if ENABLED:
         pre-elimination: elim (nb, B) marks the coordinates already removed."""
         nb, size = elim.shape
         h, w = np.empty((size, size)), np.empty(size)
-        idx, rp = np.empty(size, np.int64), np.empty(size)
+        idx, rp, none = np.empty(size, np.int64), np.empty(size), np.empty(0)
         for b in range(nb):
             r = 0
             for j in range(size):
@@ -106,7 +116,7 @@ if ENABLED:
                     h[i, j] = src[idx[j]]
                 w[i] = src[size]
             _greedy_one(h, w, idx, r, floor[b], steps[b], group, cnt[b], n, piv[b], hist[b],
-                        out[b], rp)  # fmt: skip
+                        out[b], rp, none)  # fmt: skip
 
     @numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
     def _unpack_lower(row, h):
@@ -164,17 +174,21 @@ if ENABLED:
         return r
 
     @_jit
-    def _greedy_packed(data, blocks, weights, pre, steps, group, cnt, n, piv, hist, out, bad):
+    def _greedy_packed(
+        data, blocks, weights, pre, steps, group, cnt, n, piv, hist, out, bad, factor
+    ):
         """`_greedy_one` on blocks ``blocks`` of packed float64 H (data) with weights (n_b, B)
         and already-removed coordinates pre (n_b, B), row i of the outputs being block
         blocks[i]. Each block is unpacked here; removed coordinates coupled to the others (a
         nonzero off-diagonal H entry) are first eliminated one by one without being recorded
         (the joint Schur complement, in sequence). The pivot floor is 1e-12 x the block's
-        largest diagonal entry. bad[i] = 1 where block i holds NaN/Inf (then left undone)."""
+        largest diagonal entry. bad[i] = 1 where block i holds NaN/Inf (then left undone).
+        Where factor[b] (an empty ``factor``: nowhere), block b's packed row is overwritten by
+        the elimination's factors (`_greedy_one`'s ``fac``) once it is unpacked."""
         size = weights.shape[1]
         full, w = np.empty((size, size)), np.empty(size)
         h = np.empty((size, size))
-        idx, rp = np.empty(size, np.int64), np.empty(size)
+        idx, rp, none = np.empty(size, np.int64), np.empty(size), np.empty(0)
         for i in range(blocks.shape[0]):
             b = blocks[i]
             row = data[b]
@@ -198,8 +212,9 @@ if ENABLED:
                 if r < 0:
                     bad[i] = 2
                     continue
+            fac = row if factor.shape[0] and factor[b] else none
             _greedy_one(h, w, idx, r, lo, steps[i], group, cnt[i], n, piv[i], hist[i], out[i],
-                        rp)  # fmt: skip
+                        rp, fac)  # fmt: skip
 
     @_jit
     def _solve_subsets(w, data, sel, counts, blocks, y, hy, info):
@@ -248,6 +263,54 @@ if ENABLED:
                     acc += h[i, sel[b, j]] * z[j]
                 hy[b, i] = acc
 
+    @_jit
+    def _replay(weights, data, order, pre, counts, blocks, out):
+        """For each block b of ``blocks`` whose packed row holds `_greedy_one`'s factors: the
+        greedy's own weights after removing order[b, :counts[b]] (the pre-removed coordinates
+        pre[b], which lead the order, then the first steps), replayed from the factors in
+        O(B k) with the greedy's operations (the same bits), into out[b] (0 where removed)."""
+        size = weights.shape[1]
+        w, idx, pos = np.empty(size), np.empty(size, np.int64), np.empty(size, np.int64)
+        for b in blocks:
+            row, r = data[b], 0
+            for j in range(size):
+                if not pre[b, j]:
+                    idx[r], pos[j], w[r] = j, r, weights[b, j]
+                    r += 1
+            first, o = size - r, 0
+            for t in range(min(counts[b] - first, r)):
+                p = pos[order[b, first + t]]
+                dp, wp = row[o], w[p]
+                for j in range(p):
+                    u = row[o + 1 + j] / dp
+                    w[j] -= u * wp
+                for j in range(p + 1, r):
+                    u = row[o + j] / dp
+                    w[j] -= u * wp
+                o += r
+                last = r - 1  # the greedy's swap: the last remaining takes the pivot's place
+                if p != last:
+                    w[p], idx[p] = w[last], idx[last]
+                    pos[idx[p]] = p
+                r = last
+            out[b, :] = 0.0
+            for i in range(r):
+                out[b, idx[i]] = w[i]
+
+
+def replay_packed(W64: Tensor, H, order: Tensor, pre: Tensor, counts: Tensor, blocks: Tensor):
+    """`_replay` of ``blocks`` (their packed rows of H hold the elimination's factors), spread
+    over the intra-op threads: (n_b, B) float64 weights, zero on the rows not in ``blocks``."""
+    out = torch.zeros_like(W64)
+    args = (W64.contiguous().numpy(), H.data.numpy(), order.long().contiguous().numpy())
+    args += (pre.contiguous().numpy(), counts.long().contiguous().numpy())
+    todo = blocks.long().contiguous().numpy()
+    _c(*args, todo, out.numpy())
+    step = max(1, -(-len(todo) // (4 * torch.get_num_threads())))
+    for_each_chunk(lambda i: _replay(*args, todo[i : i + step], out.numpy()), len(todo), step,
+                   W64.device)  # fmt: skip
+    return out
+
 
 def solve_subsets_packed(w: Tensor, H, sel: Tensor, counts: Tensor, blocks: Tensor):
     """`_solve_subsets` of ``blocks`` for packed H (`SymBlocks`) on CPU, spread over the
@@ -270,10 +333,11 @@ def solve_subsets_packed(w: Tensor, H, sel: Tensor, counts: Tensor, blocks: Tens
     return y, hy, info
 
 
-def greedy_packed(data, blocks, weights, pre, steps, group, cnt, n, piv, hist, out, bad) -> None:
+def greedy_packed(data, blocks, weights, pre, steps, group, cnt, n, piv, hist, out, bad, factor):
     """`_greedy_packed` on numpy arrays that share the caller's tensors."""
-    _c(data, blocks, weights, pre, steps, cnt, piv, hist, out, bad)
-    _greedy_packed(data, blocks, weights, pre, steps, int(group), cnt, int(n), piv, hist, out, bad)
+    _c(data, blocks, weights, pre, steps, cnt, piv, hist, out, bad, factor)
+    _greedy_packed(data, blocks, weights, pre, steps, int(group), cnt, int(n), piv, hist, out, bad,
+                   factor)  # fmt: skip
 
 
 def greedy_blocks(aug, elim, steps, floor, group, cnt, n, piv, hist, out) -> None:
@@ -302,10 +366,10 @@ def greedy_batch(h, elim, steps, floor, cnt, n, group, T):
     return piv, cum, out
 
 
-def greedy_from_packed(H, bi, W64, pre, steps, cnt, n, group):
+def greedy_from_packed(H, bi, W64, pre, steps, cnt, n, group, factor=None):
     """`sparseml.kernels.cap._greedy` of blocks ``bi`` by `greedy_packed`, reading packed H
     (`SymBlocks`, contiguous) directly (it also does the pre-elimination and the checks):
-    same outputs."""
+    same outputs. ``factor`` (n_b,) bool: blocks whose rows of H become their factors."""
     nb, T = bi.numel(), int(steps.max()) if bi.numel() else 0
     piv, hist, out = _outputs(nb, T, W64.shape[1])
     bad = torch.zeros(nb, dtype=torch.int32)
@@ -313,7 +377,7 @@ def greedy_from_packed(H, bi, W64, pre, steps, cnt, n, group):
     greedy_packed(
         H.data.numpy(), bi.contiguous().numpy(), W64.numpy(), pre.numpy(),
         steps.contiguous().numpy(), group, cnt.numpy(), n, piv.numpy(), hist.numpy(),
-        out.numpy(), bad.numpy(),
+        out.numpy(), bad.numpy(), np.zeros(0, np.bool_) if factor is None else factor.numpy(),
     )  # fmt: skip
     if (bad == 1).any():
         raise NumericalError("CAP received NaN/Inf in the inverse Fisher blocks")

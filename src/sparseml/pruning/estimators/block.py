@@ -19,7 +19,7 @@ import torch
 from sparseml.curvature import GradientMoments, block_fisher_inverses, tapped
 from sparseml.curvature.moments import SLICE_NUMEL
 from sparseml.dist import is_distributed, on_all_ranks
-from sparseml.kernels.cap import cap_eliminate, workspace_bytes
+from sparseml.kernels.cap import cap_eliminate_factored, workspace_bytes
 from sparseml.kernels.chunking import chunk_blocks
 from sparseml.kernels.fisher import to_blocks
 from sparseml.kernels.packed import packed_numel
@@ -155,11 +155,14 @@ class BlockFisherAndMean(BlockFisher):
 
 class CAPElimination(BlockFisher):
     """Per part: H, the blocks (W, valid) and, for unstructured masks, CAP's greedy
-    elimination order with its cumulative losses (`sparseml.kernels.cap.cap_eliminate`).
+    elimination order with its cumulative losses (`sparseml.kernels.cap.cap_eliminate_factored`):
+    on the compiled CPU path H's rows of the ``replay`` blocks then hold the elimination's
+    factors, from which any prefix's weights are replayed (``pre``: the coordinates removed
+    before it).
 
     The order depends on the weights, masks and H only, so a sweep over sparsities reuses it.
-    Memory: the blocks, the (n_b, B) order and losses, and the elimination's float64 working
-    batches (one per CPU thread in flight).
+    Memory: the blocks, the (n_b, B) order, losses and ``pre``, and the elimination's float64
+    working batches (one per CPU thread in flight).
     """
 
     def __init__(
@@ -175,7 +178,7 @@ class CAPElimination(BlockFisher):
         layout = BlockLayout(self.sizes(pruner), block)
         n_local = sum(p.b1 - p.b0 for p in layout.parts)
         device = home(pruner)
-        weights = n_local * block * (width(pruner) + 1 + (0 if self.nm else 6))
+        weights = n_local * block * (width(pruner) + 1 + (0 if self.nm else 7))
         arrays = MemoryItem("CAP blocks, order and losses", weights, device)
         # every block has the same work (one batch is a slice of H) when the model is dense
         # and no parameter ends in a padded block
@@ -202,12 +205,13 @@ class CAPElimination(BlockFisher):
                 W = to_blocks(w.to(H.device), bsz)  # work dtype (float32 or float64)
                 valid = to_blocks(torch.ones(w.numel(), device=H.device), bsz) > 0
                 est = {"H": H, "W": W, "valid": valid}
-                if not self.nm:
+                if not self.nm:  # H's rows of the "replay" blocks become their factors
                     pruned = to_blocks((~k).to(H.device, torch.float32), bsz) > 0
-                    est["order"], est["losses"] = cap_eliminate(
+                    est["order"], est["losses"], est["replay"] = cap_eliminate_factored(
                         W, H, pruned, valid=valid, blocks_per_batch=self.blocks_per_batch,
                         on_blocks=progress.update, per_step=self.per_step,
                     )  # fmt: skip
+                    est["pre"] = pruned | ~valid
                 out.append(est)
             progress.close()
             return out

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from sparseml.fields import Field, FieldValueError, as_int, as_str, one_of, optional
-from sparseml.kernels.cap import cap_nm_prune, cap_reconstruct, prefix_counts, prefix_mask
+from sparseml.kernels.cap import cap_nm_prune, cap_prefix_weights, prefix_counts, prefix_mask
 from sparseml.kernels.fisher import from_blocks, to_blocks
 from sparseml.layouts import BlockPart
 from sparseml.pruning.estimators import CAPElimination
@@ -43,7 +43,7 @@ class CAPruningModifier(PruningModifier):
     downdate H, repeat. The cumulative loss of each removal is its score; one threshold (global
     by default) over all scores picks a prefix of every block's elimination order, and the kept
     weights become the joint OBS solution for the removed set. Only the order and the losses are
-    stored (6 bytes per weight) instead of the reference's (B+1) weight traces. ``mask_type``
+    stored (7 bytes per weight, with the removed set) instead of the reference's (B+1) weight traces. ``mask_type``
     "N:M" runs the same greedy restricted to groups that still need removals.
 
     Sample recipe::
@@ -130,7 +130,15 @@ class CAPruningModifier(PruningModifier):
         prune = to_blocks((~kept | new).to(H.device, torch.float32), W.shape[1]) > 0
         # Counts per block keep the selection's totals; ties resolve along the order.
         counts = prefix_counts(est["order"], prune, valid)
-        W_new = cap_reconstruct(W, H, est["order"], counts, blocks_per_batch=self._per_batch())
+        W_new = cap_prefix_weights(
+            W,
+            H,
+            est["order"],
+            counts,
+            est["replay"],
+            est["pre"],
+            blocks_per_batch=self._per_batch(),
+        )
         keep = prefix_mask(est["order"], counts, valid)
         return from_blocks(W_new, w.numel()), from_blocks(keep, w.numel()) > 0
 
