@@ -104,9 +104,15 @@ def lowest_mask(scores: Tensor, sparsity: float) -> Tensor:
     already = int(torch.isneginf(flat).sum())
     k = _prune_count(flat.numel(), sparsity, already)
     keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-    if k > 0:
-        order = torch.argsort(flat, stable=True)
-        keep[order[:k]] = False
+    if k == flat.numel():
+        keep.fill_(False)
+    elif k > 0 and bool(torch.isnan(flat).any()):  # NaN ranks last, as in a sort
+        keep[torch.argsort(flat, stable=True)[:k]] = False
+    elif k > 0:  # the k-th lowest value (a selection, ~8x faster than a sort of millions)
+        kth = torch.kthvalue(flat, k).values
+        keep = flat >= kth
+        tied = (flat == kth).nonzero().squeeze(1)
+        keep[tied[: k - (flat.numel() - int(keep.sum()))]] = False  # lowest indices first
     return keep.view(scores.shape)
 
 

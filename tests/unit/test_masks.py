@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sparseml.errors import RecipeError
-from sparseml.masks import MaskSpec, check_groupable, create_masks, parse_mask_type
+from sparseml.masks import MaskSpec, check_groupable, create_masks, lowest_mask, parse_mask_type
 from sparseml.params import select_params
 
 
@@ -19,6 +19,24 @@ def test_exact_counts_per_tensor_and_ties_by_index():
         x = torch.randn(7, 13)
         (k,) = create_masks([x], [s], MaskSpec(), False)
         assert int((~k).sum()) == round(s * x.numel())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lowest_mask_is_the_stable_sort(dtype):
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = int(torch.randint(1, 300, (1,), generator=gen))
+        x = torch.randint(0, 6, (n,), generator=gen).to(dtype)  # many ties
+        if trial % 3 == 0:
+            x[torch.rand(n, generator=gen) < 0.2] = -math.inf
+        if trial % 5 == 0:
+            x[torch.rand(n, generator=gen) < 0.1] = math.nan
+        for sparsity in (0.0, 0.1, 0.5, 0.77, 1.0):
+            got = lowest_mask(x, sparsity)
+            k = max(min(round(n * sparsity), n), int(torch.isneginf(x).sum()))
+            want = torch.ones(n, dtype=torch.bool)
+            want[torch.argsort(x, stable=True)[:k]] = False
+            assert torch.equal(got, want), (trial, sparsity)
 
 
 def test_global_threshold_counts_across_tensors_and_requires_equal_targets():

@@ -33,7 +33,7 @@ def rel(a, b) -> float:
 def spd_inverse(n_b, B, m, damp, seed=0):
     g = torch.randn(n_b, m, B, generator=torch.Generator().manual_seed(seed), dtype=f64)
     F = g.mT @ g / m + damp * torch.eye(B, dtype=f64)
-    return F, torch.linalg.inv(F)
+    return F, torch.cholesky_inverse(torch.linalg.cholesky(F))  # not batched LU (see below)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -57,8 +57,9 @@ def test_gram_is_the_float64_gram(dtype, d, monkeypatch):
 
 
 @pytest.mark.parametrize("damp", [1e-1, 1e-8])
-def test_inverse_is_the_float64_inverse(damp, monkeypatch):
-    n_b, B, m = 7, 24, 40
+@pytest.mark.parametrize("B", [1, 24, 25, 77, 192])  # the triangle's inverse: plain, split, odd
+def test_inverse_is_the_float64_inverse(damp, B, monkeypatch):
+    n_b, m = 7, B + 16
     g = torch.randn(n_b, m, B, dtype=f64, generator=torch.Generator().manual_seed(1))
     gram = g.mT @ g
 
@@ -66,7 +67,10 @@ def test_inverse_is_the_float64_inverse(damp, monkeypatch):
         return invert_block_fisher(SymBlocks(pack(gram), B), m, damp).full()
 
     compiled, torch_path = both(run, monkeypatch)
-    oracle = torch.linalg.inv(gram / m + damp * torch.eye(B, dtype=f64))
+    # torch's batched LU (linalg.inv) is wrong for B >= 160 once torch.set_num_threads ran
+    # (torch 2.13, MKL on this CPU; `for_each_chunk` runs it): the oracle inverts one by one
+    F = gram / m + damp * torch.eye(B, dtype=f64)
+    oracle = torch.stack([torch.linalg.inv(f) for f in F])
     assert rel(compiled, oracle) < 1e-12  # m > B: well conditioned at any damp
     assert rel(compiled, torch_path) < 1e-10
 
@@ -242,6 +246,27 @@ def test_reconstruction_falls_back_when_h_ss_is_indefinite(monkeypatch):
     assert torch.equal(compiled, torch_path)
     y = torch.linalg.solve(H[1][:2, :2], W[1][:2])
     assert rel(compiled[1], (W[1] - H[1][:, :2] @ y) * (torch.arange(B) >= 2)) < 1e-12
+
+
+def test_lu_fallback_is_right_where_torchs_batched_lu_is_not():
+    """torch 2.13's batched LU (MKL) returns wrong solutions for n >= 160 after an explicit
+    torch.set_num_threads(>1) on this machine; the reconstruction's LU fallback runs inside
+    `for_each_chunk` on one thread, where it is right."""
+    B, n_b = 192, 2
+    F, H = spd_inverse(n_b, B, B + 16, 1e-1, seed=13)
+    H[0, 0, 1] = H[0, 1, 0] = 5 * H[0].diagonal()[:2].max()  # H_SS indefinite: LU solves it
+    W = torch.randn(n_b, B, dtype=f64, generator=torch.Generator().manual_seed(14))
+    order, counts = torch.arange(B).repeat(n_b, 1), torch.tensor([170, 0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = cap_reconstruct(W, SymBlocks(pack(H), B), order, counts)
+    finally:
+        torch.set_num_threads(threads)
+    S = torch.arange(170)
+    y = torch.linalg.solve(H[0][S][:, S], W[0][S])  # one matrix: not affected
+    want = (W[0] - H[0][:, S] @ y) * (torch.arange(B) >= 170)
+    assert rel(got[0], want) < 1e-9 and torch.equal(got[1], W[1])
 
 
 def test_results_do_not_depend_on_the_thread_count():

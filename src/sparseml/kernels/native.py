@@ -4,7 +4,8 @@ block Fisher's kernels here, CAP's and OBS's in `sparseml.kernels.native_cap`.
 * `add_gram_packed`: a chunk's Grams added into packed float64 triangles, per block a float64
   copy of its columns and a symmetric rank-c update (BLAS syrk: the triangle only).
 * `invert_packed`: H_b = (damp I + S_b / m)^{-1} of packed Grams, in place, block by block:
-  unpack into a B x B scratch, LAPACK ``dpotrf`` + ``dpotri``, repack. A packed triangle
+  unpack into a B x B scratch, LAPACK ``dpotrf``, the factor's inverse by recursive halving
+  (BLAS ``dtrmm``), LAPACK ``dlauum``, repack. A packed triangle
   (row-major lower, `sparseml.kernels.packed`) is LAPACK's column-major upper triangle, so the
   factorization reads exactly the unpacked rows.
 
@@ -46,9 +47,10 @@ def _routine(module: str, name: str, nargs: int):
 if ENABLED:
     try:
         _dpotrf = _routine("scipy.linalg.cython_lapack", "dpotrf", 5)
-        _dpotri = _routine("scipy.linalg.cython_lapack", "dpotri", 5)
+        _dlauum = _routine("scipy.linalg.cython_lapack", "dlauum", 5)
         _dpotrs = _routine("scipy.linalg.cython_lapack", "dpotrs", 8)
         _dsyrk = _routine("scipy.linalg.cython_blas", "dsyrk", 10)
+        _dtrmm = _routine("scipy.linalg.cython_blas", "dtrmm", 11)
     except (ImportError, ValueError, AttributeError):  # pragma: no cover - scipy without LAPACK
         ENABLED = False
 
@@ -85,15 +87,68 @@ if ENABLED:
                     row[o + j] += prod[i, j]
                 o += i + 1
 
+    # Triangles up to this order are inverted by the plain loop of `_tri_inv_base`; larger
+    # ones are split in two (BLAS trmm): LAPACK's dtrtri is the slowest part of a B = 192
+    # inversion (half of it, at a third of its rate), the split one a third faster in all.
+    _TRI_BASE = 24
+
+    @_jit
+    def _tri_inv_base(a, k0, k1, acc):
+        """Invert in place the upper triangular U[k0:k1, k0:k1] (column-major; U[i, j] is
+        a[j, i]), column by column: X[:j, j] = -X[:j, :j] U[:j, j] / U[j, j], summed over the
+        (contiguous) columns of X."""
+        for j in range(k0, k1):
+            acc[: j - k0] = 0.0
+            for c in range(k0, j):
+                t = a[j, c]
+                for i in range(c - k0 + 1):
+                    acc[i] += a[c, k0 + i] * t
+            a[j, j] = 1.0 / a[j, j]
+            scale = -a[j, j]
+            for i in range(j - k0):
+                a[j, k0 + i] = acc[i] * scale
+
+    @_jit
+    def _tri_inv(a, acc, text, dims, scalars):
+        """U^-1 in place for the upper triangular U (column-major, in a), bottom-up (numba's
+        cache does not hold recursive functions): the diagonal triangles of `_TRI_BASE` by
+        the plain loop, then neighbours of width w merged for w = base, 2 base, ...: with
+        U = [U11 U12; 0 U22] and both inverted, the inverse is [X11, -X11 U12 X22; 0, X22]
+        (two BLAS trmm on U12)."""
+        n = a.shape[0]
+        for k0 in range(0, n, _TRI_BASE):
+            _tri_inv_base(a, k0, min(n, k0 + _TRI_BASE), acc)
+        base, t = a.ctypes.data, text.ctypes.data  # "ULNR": upper; left; no transpose,
+        width = _TRI_BASE  # non-unit; right
+        while width < n:
+            for k0 in range(0, n - width, 2 * width):
+                mid, k1 = k0 + width, min(n, k0 + 2 * width)
+                dims[0], dims[1], dims[2] = width, k1 - mid, n
+                x11, x22 = base + 8 * (k0 * n + k0), base + 8 * (mid * n + mid)
+                u12 = base + 8 * (mid * n + k0)
+                # U12 <- -X11 U12, then U12 <- U12 X22
+                _dtrmm(t + 1, t, t + 2, t + 2, dims.ctypes.data, dims[1:].ctypes.data,
+                       scalars[1:].ctypes.data, x11, dims[2:].ctypes.data, u12,
+                       dims[2:].ctypes.data)  # fmt: skip
+                _dtrmm(t + 3, t, t + 2, t + 2, dims.ctypes.data, dims[1:].ctypes.data,
+                       scalars.ctypes.data, x22, dims[2:].ctypes.data, u12,
+                       dims[2:].ctypes.data)  # fmt: skip
+            width *= 2
+
     @_jit
     def _invert_packed(data, block, count, damp, info):
         """data (n, B (B + 1) / 2) float64 packed Grams S -> packed (damp I + S / count)^-1, in
         place; info[b] > 0 at the leading minor where block b's factorization failed (its row
-        is then undefined)."""
+        is then undefined). LAPACK dpotrf (F = U^T U), U^-1 (`_tri_inv`), then dlauum
+        (U^-1 U^-T = F^-1)."""
         a = np.zeros((block, block))
-        uplo = np.array([ord("U")], np.uint8)
+        acc = np.empty(block)
+        text = np.array([ord("U"), ord("L"), ord("N"), ord("R")], np.uint8)
         order = np.array([block], np.int32)
+        dims = np.zeros(3, np.int32)
+        scalars = np.array([1.0, -1.0])
         status = np.zeros(1, np.int32)
+        uplo = text.ctypes.data
         for b in range(data.shape[0]):
             row = data[b]
             o = 0
@@ -102,16 +157,14 @@ if ENABLED:
                     a[i, j] = row[o + j] / count
                 a[i, i] += damp
                 o += i + 1
-            _dpotrf(uplo.ctypes.data, order.ctypes.data, a.ctypes.data, order.ctypes.data,
+            _dpotrf(uplo, order.ctypes.data, a.ctypes.data, order.ctypes.data,
                     status.ctypes.data)  # fmt: skip
             if status[0] != 0:
                 info[b] = status[0]
                 continue
-            _dpotri(uplo.ctypes.data, order.ctypes.data, a.ctypes.data, order.ctypes.data,
+            _tri_inv(a, acc, text, dims, scalars)
+            _dlauum(uplo, order.ctypes.data, a.ctypes.data, order.ctypes.data,
                     status.ctypes.data)  # fmt: skip
-            if status[0] != 0:  # pragma: no cover - a singular factor after a clean dpotrf
-                info[b] = status[0]
-                continue
             o = 0
             for i in range(block):
                 for j in range(i + 1):
