@@ -7,7 +7,9 @@ in a fresh process so that its peak is its own:
   them), then CAP's loop with per-step weight traces and a global threshold per sparsity
   (`bench_fisher_inverse.woodbury_baseline`, `bench_cap.run_reference`);
 * ours: `BlockFisherBuilder` fed chunks of 64 samples (packed float64 Grams and inverses), then
-  `cap_eliminate` and, per sparsity, the threshold and `cap_reconstruct`.
+  `cap_eliminate_factored` and, per sparsity, the threshold and `cap_prefix_weights` (as the
+  pruner runs them; an earlier commit without them runs `cap_eliminate` and
+  `cap_reconstruct`).
 
 Per run: seconds of the Fisher build and of CAP (elimination + every sparsity), and of the
 elimination alone; the peak extra memory (VmHWM minus the resident set once the gradients and
@@ -128,12 +130,20 @@ def run_ours(grads, W, valid, args) -> tuple[dict, dict]:
         builder.add(grads[s : s + CHUNK])
     H = builder.finish()
     t1 = time.perf_counter()
-    order, losses = cap_eliminate(W, H, torch.zeros_like(valid), valid=valid)
+    none = torch.zeros_like(valid)
+    try:  # what the pruner runs: the elimination keeps its factors, the weights are replayed
+        from sparseml.kernels.cap import cap_eliminate_factored, cap_prefix_weights
+
+        order, losses, replay = cap_eliminate_factored(W, H, none, valid=valid)
+        rebuild = lambda counts: cap_prefix_weights(W, H, order, counts, replay, ~valid)  # noqa: E731
+    except ImportError:  # an earlier commit: the weights are solved from H
+        order, losses = cap_eliminate(W, H, none, valid=valid)
+        rebuild = lambda counts: cap_reconstruct(W, H, order, counts)  # noqa: E731
     t2 = time.perf_counter()
     masks = {}
     for s in args.sparsities:
         counts = prefix_counts(order, select(losses, valid, s), valid)
-        cap_reconstruct(W, H, order, counts)
+        rebuild(counts)
         masks[s] = ~prefix_mask(order, counts)
     t3 = time.perf_counter()
     return {"fisher_s": t1 - t0, "elimination_s": t2 - t1, "cap_s": t3 - t1}, masks

@@ -298,7 +298,11 @@ def _run(
         if on_blocks is not None:
             on_blocks(nb)
 
-    for_each_chunk(batch, n_b, bs, dev)
+    if native.ENABLED and dev.type == "cpu":  # the compiled greedy calls BLAS (syrk)
+        with native.single_threaded_blas():
+            for_each_chunk(batch, n_b, bs, dev)
+    else:
+        for_each_chunk(batch, n_b, bs, dev)
     return order, losses, W_new
 
 

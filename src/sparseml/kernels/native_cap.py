@@ -27,24 +27,39 @@ from sparseml.kernels.native import ENABLED, _c, single_threaded_blas
 # (8 MiB) it stays in cache and beats the blocked torch greedy (timed on one core); larger
 # blocks fall out of cache and use the blocked (GEMM) path.
 GREEDY_MAX_BLOCK = 1024
+# Downdates the compiled greedy lets wait before one BLAS syrk applies them (`_greedy_one`).
+_LAZY = 16
 
 if ENABLED:
     import numba
 
-    from sparseml.kernels.native import _dpotrf, _dpotrs, _jit
+    from sparseml.kernels.native import _dpotrf, _dpotrs, _dsyrk, _jit
 
     @_jit
-    def _greedy_one(h, w, idx, r, lo, steps, group, cnt, n, piv, hist, out, rp, fac):
+    def _greedy_one(h, w, idx, r, lo, steps, group, cnt, n, piv, hist, out, rp, fac, ws):
         """CAP's greedy on one block held compactly: the lower triangle of h[:r, :r] and w[:r]
         are the remaining coordinates idx[:r] (ascending) of [H | w]. Pivot: argmin w_j^2 /
         max(H_jj, lo) over the open coordinates (lowest index on ties; with ``group`` > 0, a
         group of that size with cnt[g] >= n removed is closed); then w -= (w_p / H_pp) H[:, p]
-        and the Schur downdate of the triangle, and the last remaining coordinate takes the
-        pivot's place. Writes piv (T,) original indices (-1 after the last step), hist (T,) the
-        pivots' scores (0 after), out (B,) the final weights (0 where removed); updates cnt.
-        A non-empty ``fac`` receives every step's factor for `_replay`: its pivot H_pp (floored)
-        then the pivot's column at the r - 1 other remaining positions, r entries per step."""
-        o = 0
+        and the Schur downdate H -= H[:, p] H[p, :] / H_pp, and the last remaining coordinate
+        takes the pivot's place. Writes piv (T,) original indices (-1 after the last step),
+        hist (T,) the pivots' scores (0 after), out (B,) the final weights (0 where removed);
+        updates cnt. A non-empty ``fac`` receives every step's factor for `_replay`: its pivot
+        H_pp (floored) then the pivot's column at the r - 1 other remaining positions, r
+        entries per step.
+
+        The downdates are lazy: up to `_LAZY` of them wait as the columns v_s = H[:, p_s] /
+        sqrt(H_pp) (rows of ws[1:]) and are applied to the triangle at once by BLAS syrk
+        (h -= V V^T); a step rebuilds only its pivot's column from them, while the diagonal
+        (ws[0]) and w are downdated at every step."""
+        d, v = ws[0], ws[1:]
+        size, lazy = h.shape[0], ws.shape[0] - 1
+        text = np.array([ord("U"), ord("N")], np.uint8)
+        dims = np.array([0, 0, size], np.int32)  # n, k, leading dimension
+        scalars = np.array([-1.0, 1.0])
+        for j in range(r):
+            d[j] = h[j, j]
+        o, k = 0, 0
         for t in range(piv.shape[0]):
             if t >= steps:
                 piv[t] = -1
@@ -54,7 +69,7 @@ if ENABLED:
             for j in range(r):
                 if group and cnt[idx[j] // group] >= n:
                     continue
-                dj = max(h[j, j], lo)
+                dj = max(d[j], lo)
                 s = w[j] * w[j] / dj
                 if p < 0 or s < best or (s == best and idx[j] < idx[p]):
                     best, p = s, j
@@ -64,12 +79,16 @@ if ENABLED:
                 break
             piv[t] = idx[p]
             hist[t] = best
-            dp = max(h[p, p], lo)
+            dp = max(d[p], lo)
             wp = w[p]
-            for j in range(p + 1):  # row p of the symmetric block
+            for j in range(p + 1):  # column p of the symmetric block, less what is pending
                 rp[j] = h[p, j]
             for j in range(p + 1, r):
                 rp[j] = h[j, p]
+            for q in range(k):
+                vp = v[q, p]
+                for j in range(r):
+                    rp[j] -= v[q, j] * vp
             if fac.shape[0]:
                 fac[o] = dp
                 for j in range(p):
@@ -77,11 +96,13 @@ if ENABLED:
                 for j in range(p + 1, r):
                     fac[o + j] = rp[j]
                 o += r
+            root = math.sqrt(dp)
             for i in range(r):
                 u = rp[i] / dp
-                for j in range(i + 1):
-                    h[i, j] -= u * rp[j]
                 w[i] -= u * wp
+                d[i] -= u * rp[i]
+                v[k, i] = rp[i] / root
+            k += 1
             if group:
                 cnt[idx[p] // group] += 1
             last = r - 1  # the last remaining coordinate takes the pivot's place
@@ -91,8 +112,17 @@ if ENABLED:
                 h[p, p] = h[last, last]
                 for i in range(p + 1, last):
                     h[i, p] = h[last, i]
-                w[p], idx[p] = w[last], idx[last]
+                w[p], idx[p], d[p] = w[last], idx[last], d[last]
+                for q in range(k):
+                    v[q, p] = v[q, last]
             r = last
+            if k == lazy and r > 0:  # column-major: h is the upper triangle, V^T is r x k
+                dims[0], dims[1] = r, k
+                _dsyrk(text.ctypes.data, text[1:].ctypes.data, dims.ctypes.data,
+                       dims[1:].ctypes.data, scalars.ctypes.data, v.ctypes.data,
+                       dims[2:].ctypes.data, scalars[1:].ctypes.data, h.ctypes.data,
+                       dims[2:].ctypes.data)  # fmt: skip
+                k = 0
         out[:] = 0.0
         for i in range(r):
             out[idx[i]] = w[i]
@@ -104,6 +134,7 @@ if ENABLED:
         nb, size = elim.shape
         h, w = np.empty((size, size)), np.empty(size)
         idx, rp, none = np.empty(size, np.int64), np.empty(size), np.empty(0)
+        ws = np.empty((_LAZY + 1, size))
         for b in range(nb):
             r = 0
             for j in range(size):
@@ -116,7 +147,7 @@ if ENABLED:
                     h[i, j] = src[idx[j]]
                 w[i] = src[size]
             _greedy_one(h, w, idx, r, floor[b], steps[b], group, cnt[b], n, piv[b], hist[b],
-                        out[b], rp, none)  # fmt: skip
+                        out[b], rp, none, ws)  # fmt: skip
 
     @numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
     def _unpack_lower(row, h):
@@ -189,6 +220,7 @@ if ENABLED:
         full, w = np.empty((size, size)), np.empty(size)
         h = np.empty((size, size))
         idx, rp, none = np.empty(size, np.int64), np.empty(size), np.empty(0)
+        ws = np.empty((_LAZY + 1, size))
         for i in range(blocks.shape[0]):
             b = blocks[i]
             row = data[b]
@@ -214,7 +246,7 @@ if ENABLED:
                     continue
             fac = row if factor.shape[0] and factor[b] else none
             _greedy_one(h, w, idx, r, lo, steps[i], group, cnt[i], n, piv[i], hist[i], out[i],
-                        rp, fac)  # fmt: skip
+                        rp, fac, ws)  # fmt: skip
 
     @_jit
     def _solve_subsets(w, data, sel, counts, blocks, y, hy, info):
