@@ -10,7 +10,7 @@ from sparseml.errors import NumericalError
 from sparseml.kernels import native
 from sparseml.kernels.cap import cap_eliminate, cap_nm_prune, cap_reconstruct
 from sparseml.kernels.fisher import accumulate_block_gram, invert_block_fisher
-from sparseml.kernels.fisher_build import block_fisher_inverse
+from sparseml.kernels.fisher_build import BlockFisherBuilder, block_fisher_inverse
 from sparseml.kernels.obs import obs_loss, obs_prune_update
 from sparseml.kernels.packed import SymBlocks, pack
 
@@ -94,6 +94,46 @@ def test_builder_matches_the_torch_path_at_small_damp(monkeypatch):
 
     compiled, torch_path = both(run, monkeypatch)
     assert rel(compiled, torch_path) < 1e-6  # conditioning ~1e8: rounding of two float64 paths
+
+
+@pytest.mark.parametrize("chunks", [[40], [16, 16, 8], [16, 24]])  # the last one: in the inverse
+def test_builder_writes_its_first_chunk_and_inverts_with_its_last(chunks, monkeypatch):
+    B, d, m = 32, 3 * 32 + 7, sum(chunks)
+    wide = torch.randn(m, d + 5, dtype=f64, generator=torch.Generator().manual_seed(15))
+    grads = wide[:, 2 : 2 + d]  # rows that are slices of wider rows
+
+    def run():
+        builder = BlockFisherBuilder(d, B, m, 1e-3)
+        builder.store.data.fill_(float("nan"))  # what empty memory may hold: never read
+        start = 0
+        for c in chunks:
+            builder.add(grads[start : start + c])
+            start += c
+        return builder.finish().full()
+
+    compiled, torch_path = both(run, monkeypatch)
+    g = torch.nn.functional.pad(grads, (0, 4 * B - d)).view(m, 4, B).transpose(0, 1)
+    F = g.mT @ g / m + 1e-3 * torch.eye(B, dtype=f64)
+    oracle = torch.stack([torch.linalg.inv(f) for f in F])
+    assert rel(compiled, oracle) < 1e-12 and rel(torch_path, oracle) < 1e-12
+
+
+def test_builder_flushes_a_held_chunk_and_names_a_nan_block():
+    B, d = 16, 64
+    grads = torch.randn(24, d, dtype=f64, generator=torch.Generator().manual_seed(16))
+    builder = BlockFisherBuilder(d, B, 16, 1e-2)  # announced 16, given 24
+    builder.add(grads[:16])
+    builder.add(grads[16:])
+    F = grads.view(24, 4, B).transpose(0, 1)
+    F = F.mT @ F / 24 + 1e-2 * torch.eye(B, dtype=f64)
+    assert rel(builder.finish().full(), torch.stack([torch.linalg.inv(f) for f in F])) < 1e-12
+    bad = grads.clone()
+    bad[20, 2 * B + 3] = float("nan")  # in the last chunk, block 2
+    builder = BlockFisherBuilder(d, B, 24, 1e-2)
+    builder.add(bad[:16])
+    builder.add(bad[16:])
+    with pytest.raises(NumericalError, match="Fisher block 2 has NaN/Inf"):
+        builder.finish()
 
 
 def reference_greedy(w, h, closed=None):

@@ -86,6 +86,7 @@ def accumulate_block_gram(
     out: Tensor | None = None,
     *,
     blocks_per_chunk: int | None = None,
+    fresh: bool = False,
 ) -> Tensor:
     """Add sum_i g_b^(i) g_b^(i)^T over a chunk of gradients to every block's Gram matrix.
 
@@ -98,6 +99,8 @@ def accumulate_block_gram(
             than ``grads`` (the ``fisher_inv_device``): the GEMMs then run on
             ``grads.device`` over slices of ``blocks_per_chunk`` blocks and each slice is
             added into ``out``.
+        fresh: ``out`` (packed) holds nothing yet: the Grams are written into it, not added
+            (its uninitialised memory is never read; spares a zero-filling pass).
     Returns:
         ``out`` (n_b, B, B).
     """
@@ -120,8 +123,10 @@ def accumulate_block_gram(
         parts.append((n_full, to_blocks(grads[:, n_full * block_size :], block_size)))
     if isinstance(out, SymBlocks):
         if _compiled_gram(grads, out):
-            _accumulate_compiled(grads, out, c, blocks_per_chunk)
+            _accumulate_compiled(grads, out, c, blocks_per_chunk, fresh)
         else:
+            if fresh:
+                out.data.zero_()
             _accumulate_packed(parts, out, c, block_size, blocks_per_chunk)
         return out
     same_device = out.device == grads.device
@@ -179,15 +184,15 @@ def _compiled_gram(grads: Tensor, out: SymBlocks) -> bool:
     )
 
 
-def _accumulate_compiled(grads: Tensor, out: SymBlocks, c: int, blocks_per_chunk) -> None:
+def _accumulate_compiled(grads: Tensor, out: SymBlocks, c: int, blocks_per_chunk, fresh) -> None:
     """`_accumulate_packed` in the compiled kernel: per block, the float64 upcast of its
     columns and a symmetric rank-c update (BLAS syrk: the lower triangle only, half the flops
-    of a product) added into the packed row."""
+    of a product) added into (``fresh``: written to) the packed row."""
     x, bsz = grads.numpy(), out.block
     step = blocks_per_chunk or chunk_blocks(2 * bsz * max(bsz, c), grads.device)
 
     def add(s: int) -> None:
-        native.add_gram_packed(x, s, out.data[s : s + step].numpy(), bsz)
+        native.add_gram_packed(x, s, out.data[s : s + step].numpy(), bsz, fresh)
 
     with native.single_threaded_blas():
         for_each_chunk(add, out.shape[0], step, grads.device)
@@ -201,6 +206,8 @@ def invert_block_fisher(
     blocks_per_chunk: int | None = None,
     inplace: bool = True,
     on_blocks: Callable[[int], None] | None = None,
+    last: Tensor | None = None,
+    fresh: bool = False,
 ) -> Tensor:
     """H_b = (damp * I + gram_b / num_grads)^{-1} for every block, via float64 Cholesky.
 
@@ -215,6 +222,10 @@ def invert_block_fisher(
             Gram is factorised where it lies, so after a `NumericalError` it holds garbage).
         on_blocks: told ``n`` after every chunk of ``n`` blocks is inverted (progress; may be
             called from worker threads).
+        last: a (c, d) chunk of samples not yet in ``gram`` (counted in ``num_grads``): added
+            first, on the compiled path inside the inversion, where each Gram lies unpacked
+            (one pass less over the packed rows). fresh: ``gram`` (packed) holds nothing yet,
+            ``last`` is all there is.
     Returns:
         (n_b, B, B) H in ``gram``'s dtype and device.
     Raises:
@@ -232,6 +243,11 @@ def invert_block_fisher(
     _check_block_size(gram.shape[1])
     n_b, bsz = gram.shape[0], gram.shape[1]
     packed = isinstance(gram, SymBlocks)
+    if last is not None and not inplace:
+        raise ValueError("invert_block_fisher adds `last` to the Grams: it needs inplace=True")
+    if last is not None and not (packed and _compiled_gram(last, gram)):
+        gram = accumulate_block_gram(last, bsz, out=gram, fresh=fresh)
+        last = None
     if packed:
         result = gram if inplace else SymBlocks(gram.data.clone(), bsz)
     else:
@@ -245,8 +261,10 @@ def invert_block_fisher(
         # fault): one pass, no chunk-sized boolean temporary.
         if compiled:
             rows = result.data[s : s + step]  # contiguous: ``compiled`` checked the storage
-            _check_finite(rows.sum(dim=1), s)
-            info = torch.from_numpy(native.invert_packed(rows.numpy(), bsz, num_grads, damp))
+            x = None if last is None else last.numpy()
+            info = native.invert_packed(rows.numpy(), bsz, num_grads, damp, x, s, fresh)
+            info = torch.from_numpy(info)
+            _check_finite(torch.where(info < 0, math.nan, 0.0), s)
             _check_factorized(info, s, n_b, bsz, damp)
             if on_blocks is not None:
                 on_blocks(rows.shape[0])

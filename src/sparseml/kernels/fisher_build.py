@@ -16,6 +16,7 @@ from sparseml.kernels.chunking import chunk_blocks, for_each_chunk
 from sparseml.kernels.fisher import (
     _check_block_size,
     _check_num_grads_damp,
+    _compiled_gram,
     accumulate_block_gram,
     invert_block_fisher,
     num_blocks,
@@ -132,16 +133,23 @@ class BlockFisherBuilder:
         self.count = 0
         self.num_grads, self.device = num_grads, torch.device(device)
         n_b = num_blocks(d, block_size)
+        # fresh: the packed Grams are not yet written (the first chunk writes them, so no
+        # zero-filling pass); last: the final chunk, added inside the inversion (`finish`)
+        self.fresh, self.last = False, None
         if self.mspace:
             self.store: Tensor | SymBlocks | list[Tensor] = []
         elif gram_dtype == torch.float64:
-            self.store = SymBlocks.zeros(n_b, block_size, device)
+            shape = (n_b, packed_numel(block_size))
+            data = torch.empty(shape, dtype=torch.float64, device=self.device)
+            self.store, self.fresh = SymBlocks(data, block_size), True
         else:
             shape = (n_b, block_size, block_size)
             self.store = torch.zeros(shape, device=device, dtype=gram_dtype)
 
     def add(self, grads: Tensor) -> None:
-        """Add a (c, d) chunk of samples."""
+        """Add a (c, d) chunk of samples. The chunk that completes ``num_grads`` may be held
+        as it is (not copied) until `finish` adds it inside the inversion: do not overwrite it
+        before then."""
         if grads.dim() != 2 or grads.shape[1] != self.d:
             raise ValueError(f"grads must have shape (c, {self.d}), got {tuple(grads.shape)}")
         c = grads.shape[0]
@@ -155,8 +163,18 @@ class BlockFisherBuilder:
             kept = grads.to(self.device, self.dtype)
             self.store.append(kept.clone() if kept is grads and shared else kept)
         else:
-            accumulate_block_gram(grads, self.block_size, out=self.store)
+            if self.last is not None:  # more samples than announced: add the held one now
+                self._accumulate(self.last)
+                self.last = None
+            if c and self.count + c == self.num_grads and _compiled_gram(grads, self.store):
+                self.last = grads  # a view of the sampler's chunk: no copy, no pass yet
+            else:
+                self._accumulate(grads)
         self.count += c
+
+    def _accumulate(self, grads: Tensor) -> None:
+        accumulate_block_gram(grads, self.block_size, out=self.store, fresh=self.fresh)
+        self.fresh = False
 
     def finish(self, on_blocks: Callable[[int], None] | None = None) -> SymBlocks | Tensor:
         """H (n_b, B, B) of the samples added so far (consumes the builder's storage).
@@ -170,7 +188,10 @@ class BlockFisherBuilder:
             if on_blocks is not None:
                 on_blocks(H.shape[0])
             return H
-        return invert_block_fisher(store, self.count, self.damp, on_blocks=on_blocks)
+        last, self.last = self.last, None
+        return invert_block_fisher(
+            store, self.count, self.damp, on_blocks=on_blocks, last=last, fresh=self.fresh
+        )
 
 
 def block_fisher_inverse(

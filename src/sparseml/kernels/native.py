@@ -58,33 +58,47 @@ if ENABLED:
     _jit = numba.njit(nogil=True, cache=True)
 
     @_jit
-    def _add_gram_packed(x, first, out, block):
-        """out[first + b] += the lower triangle of X_b^T X_b, for X_b = x[:, b B : (b + 1) B]
-        (zero-padded past x's columns) and every row b of out (n, B (B + 1) / 2); x (c, d)."""
+    def _block_columns(x, lo, xs):
+        """xs (c, B) = float64 x[:, lo : lo + B], zero past x's columns."""
         c, d = x.shape
-        xs = np.zeros((c, block))
+        width = min(xs.shape[1], d - lo)
+        for i in range(c):
+            for j in range(width):
+                xs[i, j] = x[i, lo + j]
+            for j in range(width, xs.shape[1]):
+                xs[i, j] = 0.0
+
+    @_jit
+    def _syrk_lower(xs, a, beta, dims, scalars, text):
+        """The lower triangle of a (B x B, row-major) = X^T X + beta * itself, X = xs (c, B):
+        BLAS syrk, for which a is column-major upper and xs^T is B x c (lda B)."""
+        scalars[1] = beta
+        dims[0], dims[1] = xs.shape[1], xs.shape[0]
+        _dsyrk(text.ctypes.data, text[1:].ctypes.data, dims.ctypes.data, dims[1:].ctypes.data,
+               scalars.ctypes.data, xs.ctypes.data, dims.ctypes.data, scalars[1:].ctypes.data,
+               a.ctypes.data, dims.ctypes.data)  # fmt: skip
+
+    @_jit
+    def _add_gram_packed(x, first, out, block, assign):
+        """out[first + b] += the lower triangle of X_b^T X_b, for X_b = x[:, b B : (b + 1) B]
+        (zero-padded past x's columns) and every row b of out (n, B (B + 1) / 2); x (c, d).
+        ``assign``: out's rows are written (their old contents are never read)."""
+        xs = np.zeros((x.shape[0], block))
         prod = np.empty((block, block))
-        uplo = np.array([ord("U")], np.uint8)
-        trans = np.array([ord("N")], np.uint8)
-        dims = np.array([block, c], np.int32)
-        scalars = np.array([1.0, 0.0])
+        text = np.array([ord("U"), ord("N")], np.uint8)
+        dims, scalars = np.zeros(2, np.int32), np.array([1.0, 0.0])
         for b in range(out.shape[0]):
-            lo = (first + b) * block
-            width = min(block, d - lo)
-            for i in range(c):
-                for j in range(width):
-                    xs[i, j] = x[i, lo + j]
-                for j in range(width, block):
-                    xs[i, j] = 0.0
-            # column-major: A = xs^T (B x c, lda B), C = A A^T, upper = our lower triangle
-            _dsyrk(uplo.ctypes.data, trans.ctypes.data, dims.ctypes.data, dims[1:].ctypes.data,
-                   scalars.ctypes.data, xs.ctypes.data, dims.ctypes.data, scalars[1:].ctypes.data,
-                   prod.ctypes.data, dims.ctypes.data)  # fmt: skip
+            _block_columns(x, (first + b) * block, xs)
+            _syrk_lower(xs, prod, 0.0, dims, scalars, text)
             row = out[b]
             o = 0
             for i in range(block):
-                for j in range(i + 1):
-                    row[o + j] += prod[i, j]
+                if assign:
+                    for j in range(i + 1):
+                        row[o + j] = prod[i, j]
+                else:
+                    for j in range(i + 1):
+                        row[o + j] += prod[i, j]
                 o += i + 1
 
     # Triangles up to this order are inverted by the plain loop of `_tri_inv_base`; larger
@@ -136,40 +150,70 @@ if ENABLED:
             width *= 2
 
     @_jit
-    def _invert_packed(data, block, count, damp, info):
+    def _invert_lower(a, count, damp, ws, text, dims, scalars, status):
+        """a's lower triangle S (row-major B x B) -> (damp I + S / count)^-1 in place: LAPACK
+        dpotrf (F = U^T U, column-major upper), U^-1 (`_tri_inv`), then dlauum (U^-1 U^-T =
+        F^-1). Returns dpotrf's info (> 0: not positive definite at that leading minor)."""
+        block = a.shape[0]
+        for i in range(block):
+            for j in range(i + 1):
+                a[i, j] /= count
+            a[i, i] += damp
+        order = dims[3:]
+        order[0] = block
+        _dpotrf(text.ctypes.data, order.ctypes.data, a.ctypes.data, order.ctypes.data,
+                status.ctypes.data)  # fmt: skip
+        if status[0] != 0:
+            return status[0]
+        _tri_inv(a, ws, text, dims, scalars)
+        _dlauum(text.ctypes.data, order.ctypes.data, a.ctypes.data, order.ctypes.data,
+                status.ctypes.data)  # fmt: skip
+        return 0
+
+    @_jit
+    def _pack_lower(a, row):
+        o = 0
+        for i in range(a.shape[0]):
+            for j in range(i + 1):
+                row[o + j] = a[i, j]
+            o += i + 1
+
+    @_jit
+    def _invert_packed(data, block, count, damp, info, x, first, fresh):
         """data (n, B (B + 1) / 2) float64 packed Grams S -> packed (damp I + S / count)^-1, in
-        place; info[b] > 0 at the leading minor where block b's factorization failed (its row
-        is then undefined). LAPACK dpotrf (F = U^T U), U^-1 (`_tri_inv`), then dlauum
-        (U^-1 U^-T = F^-1)."""
+        place; info[b] > 0 at the leading minor where block b's factorization failed, -1 where
+        its Gram holds NaN/Inf (its row is then undefined). A non-empty chunk x (c, d) (its
+        blocks first, first + 1, ...) is first added to each Gram where it lies unpacked, so
+        the last chunk of samples never makes a pass of its own over the packed rows;
+        ``fresh``: the rows hold nothing yet (x is the only chunk)."""
         a = np.zeros((block, block))
-        acc = np.empty(block)
+        xs = np.zeros((x.shape[0], block))
+        ws = np.empty(block)
         text = np.array([ord("U"), ord("L"), ord("N"), ord("R")], np.uint8)
-        order = np.array([block], np.int32)
-        dims = np.zeros(3, np.int32)
-        scalars = np.array([1.0, -1.0])
+        syrk_text = np.array([ord("U"), ord("N")], np.uint8)
+        dims, scalars = np.zeros(4, np.int32), np.array([1.0, -1.0])
+        syrk_dims, syrk_scalars = np.zeros(2, np.int32), np.array([1.0, 0.0])
         status = np.zeros(1, np.int32)
-        uplo = text.ctypes.data
         for b in range(data.shape[0]):
             row = data[b]
             o = 0
+            total = 0.0
             for i in range(block):
                 for j in range(i + 1):
-                    a[i, j] = row[o + j] / count
-                a[i, i] += damp
+                    a[i, j] = 0.0 if fresh else row[o + j]
                 o += i + 1
-            _dpotrf(uplo, order.ctypes.data, a.ctypes.data, order.ctypes.data,
-                    status.ctypes.data)  # fmt: skip
-            if status[0] != 0:
-                info[b] = status[0]
+            if x.shape[0]:
+                _block_columns(x, (first + b) * block, xs)
+                _syrk_lower(xs, a, 1.0, syrk_dims, syrk_scalars, syrk_text)
+            for i in range(block):
+                for j in range(i + 1):
+                    total += a[i, j]
+            if not np.isfinite(total):
+                info[b] = -1
                 continue
-            _tri_inv(a, acc, text, dims, scalars)
-            _dlauum(uplo, order.ctypes.data, a.ctypes.data, order.ctypes.data,
-                    status.ctypes.data)  # fmt: skip
-            o = 0
-            for i in range(block):
-                for j in range(i + 1):
-                    row[o + j] = a[i, j]
-                o += i + 1
+            info[b] = _invert_lower(a, count, damp, ws, text, dims, scalars, status)
+            if info[b] == 0:
+                _pack_lower(a, row)
 
 
 def _c(*arrays) -> None:
@@ -179,22 +223,39 @@ def _c(*arrays) -> None:
             raise ValueError("native kernels take C-contiguous writable arrays")
 
 
-def add_gram_packed(x: np.ndarray, first: int, out: np.ndarray, block: int) -> None:
+def add_gram_packed(
+    x: np.ndarray, first: int, out: np.ndarray, block: int, assign: bool = False
+) -> None:
     """Add the chunk x (c, d)'s Grams to packed float64 rows out = blocks first, first + 1, ...
-    (`_add_gram_packed`; inside `single_threaded_blas` when several threads run it)."""
+    (``assign``: write them, the rows' contents are not read) (`_add_gram_packed`; inside
+    `single_threaded_blas` when several threads run it)."""
     if x.strides[1] != x.itemsize:
         raise ValueError("add_gram_packed needs unit-stride rows")
     _c(out)
-    _add_gram_packed(x, int(first), out, int(block))
+    _add_gram_packed(x, int(first), out, int(block), bool(assign))
 
 
-def invert_packed(data: np.ndarray, block: int, count: int, damp: float) -> np.ndarray:
-    """Invert packed float64 Grams in place (`_invert_packed`); returns the per-block info.
+def invert_packed(
+    data: np.ndarray,
+    block: int,
+    count: int,
+    damp: float,
+    last: np.ndarray | None = None,
+    first: int = 0,
+    fresh: bool = False,
+) -> np.ndarray:
+    """Invert packed float64 Grams in place, after adding the chunk ``last`` (c, d) to them
+    (blocks first, first + 1, ...; ``fresh``: the rows hold nothing yet) (`_invert_packed`);
+    returns the per-block info (-1: NaN/Inf in the Gram).
 
     Call inside `single_threaded_blas` when several threads run it."""
     _c(data)
+    if last is None:
+        last = np.zeros((0, 1), np.float32)
+    elif last.strides[1] != last.itemsize:
+        raise ValueError("invert_packed needs unit-stride rows")
     info = np.zeros(data.shape[0], np.int32)
-    _invert_packed(data, block, float(count), float(damp), info)
+    _invert_packed(data, block, float(count), float(damp), info, last, int(first), bool(fresh))
     return info
 
 

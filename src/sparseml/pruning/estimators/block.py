@@ -19,6 +19,7 @@ import torch
 from sparseml.curvature import GradientMoments, block_fisher_inverses, tapped
 from sparseml.curvature.moments import SLICE_NUMEL
 from sparseml.dist import is_distributed, on_all_ranks
+from sparseml.kernels import native
 from sparseml.kernels.cap import cap_eliminate_factored, workspace_bytes
 from sparseml.kernels.chunking import chunk_blocks
 from sparseml.kernels.fisher import to_blocks
@@ -104,7 +105,10 @@ class BlockFisher(Estimator):
         slices = per_slice * (c * block + block * block + packed_numel(block)) * 8
         in_flight = min(threads, n_b)
         sampling.append(MemoryItem("float64 Gram slices", in_flight * slices, device))
-        return blocks, sampling, [batches(int(3.5 * block * block * 8), block * block)]
+        inverting = [batches(int(3.5 * block * block * 8), block * block)]
+        if native.ENABLED and device.type == "cpu":  # the last chunk is added while inverting
+            inverting.append(chunk)
+        return blocks, sampling, inverting
 
     def smaller(self, pruner: Any) -> Iterator[tuple[dict, str]]:
         """Halved block sizes, down to the mask group."""
