@@ -90,16 +90,10 @@ if ENABLED:
         for b in range(out.shape[0]):
             _block_columns(x, (first + b) * block, xs)
             _syrk_lower(xs, prod, 0.0, dims, scalars, text)
-            row = out[b]
-            o = 0
-            for i in range(block):
-                if assign:
-                    for j in range(i + 1):
-                        row[o + j] = prod[i, j]
-                else:
-                    for j in range(i + 1):
-                        row[o + j] += prod[i, j]
-                o += i + 1
+            if assign:
+                _pack_lower(prod, out[b])
+            else:
+                _add_lower(prod, out[b])
 
     # Triangles up to this order are inverted by the plain loop of `_tri_inv_base`; larger
     # ones are split in two (BLAS trmm): LAPACK's dtrtri is the slowest part of a B = 192
@@ -176,6 +170,14 @@ if ENABLED:
         for i in range(a.shape[0]):
             for j in range(i + 1):
                 row[o + j] = a[i, j]
+            o += i + 1
+
+    @_jit
+    def _add_lower(a, row):
+        o = 0
+        for i in range(a.shape[0]):
+            for j in range(i + 1):
+                row[o + j] += a[i, j]
             o += i + 1
 
     @_jit
