@@ -252,28 +252,25 @@ if ENABLED:
     def _solve_subsets(w, data, sel, counts, blocks, y, hy, info):
         """For each block b in ``blocks``, with S = sel[b, :counts[b]]: y[b, S] = (H_SS)^{-1}
         w[b, S] (LAPACK Cholesky; y is left 0 elsewhere) and hy[b] = H y[b]. H is packed
-        float64 (data). info[b] > 0 where H_SS is not positive definite (y[b], hy[b] are then
-        left as they are)."""
+        float64 (data), read where it lies: H_SS gathered from the triangle, H y by one pass
+        over it. info[b] > 0 where H_SS is not positive definite (y[b], hy[b] are then left
+        as they are)."""
         size = w.shape[1]
-        h = np.empty((size, size))
         m = np.empty((size, size))
-        z = np.empty(size)
+        z, yb, tri = np.empty(size), np.empty(size), np.empty(size, np.int64)
+        for i in range(size):
+            tri[i] = i * (i + 1) // 2  # where row i of the triangle starts
         uplo = np.array([ord("U")], np.uint8)
         dims = np.array([0, 1, size], np.int32)  # n, nrhs, lda (m's row stride)
         status = np.zeros(1, np.int32)
         for b in blocks:
             k = counts[b]
             row = data[b]
-            o = 0
-            for i in range(size):
-                for j in range(i + 1):
-                    h[i, j] = row[o + j]
-                    h[j, i] = row[o + j]
-                o += i + 1
             for i in range(k):
                 si = sel[b, i]
                 for j in range(i + 1):
-                    m[i, j] = h[si, sel[b, j]]
+                    sj = sel[b, j]
+                    m[i, j] = row[tri[si] + sj] if sj <= si else row[tri[sj] + si]
                 z[i] = w[b, si]
             dims[0] = k
             _dpotrf(uplo.ctypes.data, dims.ctypes.data, m.ctypes.data, dims[2:].ctypes.data,
@@ -287,13 +284,17 @@ if ENABLED:
             if status[0] != 0:
                 info[b] = max(status[0], 1)
                 continue
+            yb[:] = 0.0
             for j in range(k):
+                yb[sel[b, j]] = z[j]
                 y[b, sel[b, j]] = z[j]
-            for i in range(size):
-                acc = 0.0
-                for j in range(k):
-                    acc += h[i, sel[b, j]] * z[j]
-                hy[b, i] = acc
+            out = hy[b]
+            for i in range(size):  # H y by rows of the triangle: H[i, :i] and H[:i, i]
+                o, acc, yi = tri[i], 0.0, yb[i]
+                for j in range(i):
+                    acc += row[o + j] * yb[j]
+                    out[j] += row[o + j] * yi
+                out[i] = acc + row[o + i] * yi
 
     @_jit
     def _replay(weights, data, order, pre, counts, blocks, out):
