@@ -10,8 +10,9 @@ images (``--img-size``) so that the gradients stay cheap; the gradient time of a
 Each (model, method, m) runs in a fresh subprocess, so ``ru_maxrss`` is that run's peak. Its
 row (``<out>/cost/cost.jsonl``) holds the modifier's own phase timings (``modifier.timings``:
 gradients / curvature = Fisher build / pruning = scores, CAP elimination and weight update),
-the evaluation time (a forward over ``--eval-images`` random images), the peak resident set
-(``peak_rss``), the resident set of the bare process before the model exists
+the evaluation time (a forward over ``--eval-images`` random images), the 224x224 gradient
+time (``grad_224_s``: the mean of a measure before the run and one after), the peak resident
+set (``peak_rss``), the resident set of the bare process before the model exists
 (``runtime_rss``), and the sizes the peak is compared with: Fisher blocks
 (n_blocks * B * B * bytes: float64 Gram when m >= B, float32 sample-space H when m < B),
 the model, one gradient chunk (64 samples), and the modifier's memory plan. A run whose
@@ -151,6 +152,9 @@ def run_worker(args: argparse.Namespace) -> None:
             yield [x], {}, torch.randint(0, 10, (bs,), generator=g)
 
     manager = ScheduledModifierManager.from_yaml(recipe(args, job["method"], job["m"], params))
+    # the reference is measured before and after the run and averaged: on shared cores one
+    # process's speed drifts (the same measure moved by 30% between processes)
+    grad_224_before = gradient_at_224(model, timm_name, kwargs, args)
     rss_before = rss_bytes()
     start = time.perf_counter()
     manager.apply(model, grad_sampler={"data_loader_builder": batches, "loss_fn": F.cross_entropy})
@@ -165,14 +169,16 @@ def run_worker(args: argparse.Namespace) -> None:
             model(torch.randn(min(64, args.eval_images - s), 3, size, size, generator=g))
     eval_s = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the 224 pass
-    # every run measures its own reference (~1 s), so each ratio compares like with like on
-    # a machine whose speed drifts between runs
-    grad_224 = gradient_at_224(model, timm_name, kwargs, args)
+    # every run measures its own reference (~1 s each time), so each ratio compares like with
+    # like on a machine whose speed drifts between runs
+    grad_224_after = gradient_at_224(model, timm_name, kwargs, args)
     row = {
         **{f"{k}_s": v for k, v in pruner.timings.items()},
         "apply_s": apply_s,
         "eval_s": eval_s,
-        "grad_224_s": grad_224,
+        "grad_224_s": (grad_224_before + grad_224_after) / 2,
+        "grad_224_before_s": grad_224_before,
+        "grad_224_after_s": grad_224_after,
         "peak_rss": peak,
         "runtime_rss": runtime_rss,
         "rss_before_apply": rss_before,
