@@ -71,6 +71,16 @@ BAD_CALLS = {
         "counts",
         lambda: cap_prefix.cap_reconstruct(W, H, NONE.long(), torch.tensor([5, 0])),
     ),
+    "cap.cap_eliminate_factored": (
+        "expected W",
+        lambda: cap.cap_eliminate_factored(W, H[:, :3, :3], NONE),
+    ),
+    "cap_prefix.cap_prefix_weights": (
+        "counts",
+        lambda: cap_prefix.cap_prefix_weights(
+            W, H, NONE.long(), torch.tensor([5, 0]), NONE[:, 0], NONE
+        ),
+    ),
     "cap_prefix.prefix_counts": ("differ", lambda: cap_prefix.prefix_counts(NONE, NONE[:, :3])),
     "cap.cap_nm_prune": ("B % m", lambda: cap.cap_nm_prune(W, H, NONE, 2, 3)),
     "fast_cap.accumulate_shared_fisher": (

@@ -15,6 +15,7 @@ where a coordinate is already removed; returned ``mask`` tensors are True where 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -338,16 +339,10 @@ def cap_eliminate(
 
 
 def cap_eliminate_factored(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    pruned: torch.Tensor,
-    *,
-    valid: torch.Tensor | None = None,
-    blocks_per_batch: int | None = None,
-    on_blocks: Callable[[int], None] | None = None,
-    per_step: bool = False,
+    W: torch.Tensor, H: torch.Tensor, pruned: torch.Tensor, **options: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`cap_eliminate` that keeps, in H's own storage, what rebuilding the weights needs.
+    """`cap_eliminate` (same ``options``: valid, blocks_per_batch, on_blocks, per_step) that
+    keeps, in H's own storage, what rebuilding the weights needs.
 
     On the compiled CPU path (packed contiguous H, B <= `native_cap.GREEDY_MAX_BLOCK`) the
     packed row of every block whose already-removed coordinates hold zero weights is
@@ -357,8 +352,12 @@ def cap_eliminate_factored(
     prefix's weights from them in O(B k) (the greedy's own weights, bit for bit) instead of a
     k x k solve. The other rows keep H (``replay`` all False elsewhere).
     """
+    unknown = set(options) - {"valid", "blocks_per_batch", "on_blocks", "per_step"}
+    if unknown:
+        raise TypeError(f"cap_eliminate_factored got unexpected options {sorted(unknown)}")
     _check(W, H, pruned)
     n_b, B = W.shape
+    valid = options.get("valid")
     pre = pruned.bool() if valid is None else pruned.bool() | ~valid.bool()
     replay = torch.zeros(n_b, dtype=torch.bool, device=W.device)
     compiled = native.ENABLED and isinstance(H, SymBlocks) and W.device.type == "cpu"
@@ -368,7 +367,10 @@ def cap_eliminate_factored(
         replay = ~(pre & (W != 0)).any(1)
     steps = B - pre.sum(1)
     factor = replay if bool(replay.any()) else None
-    order, losses, _ = _run(W, H, pre, steps, blocks_per_batch, None, on_blocks, per_step, factor)
+    order, losses, _ = _run(
+        W, H, pre, steps, options.get("blocks_per_batch"), None, options.get("on_blocks"),
+        options.get("per_step", False), factor,
+    )  # fmt: skip
     return order, losses, replay
 
 
