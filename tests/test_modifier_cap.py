@@ -177,19 +177,21 @@ def test_recomputations_keep_unpruned_weights():
     assert torch.equal(keep, flat != 0)  # every kept weight is still non-zero
 
 
-def test_sweep_cache_reuses_fisher_and_order():
+@pytest.mark.parametrize("targets", [(0.4, 0.6), (0.6, 0.4)])  # a sweep in either order
+def test_sweep_cache_reuses_fisher_and_order(targets):
     counter, cache, results = [], {}, []
-    for s in (0.4, 0.6):
+    for s in targets:  # B = 4 divides both weights: blocks are views of them, no padding copy
         model = mlp()
-        manager = ScheduledModifierManager.from_yaml(recipe(s))
+        manager = ScheduledModifierManager.from_yaml(recipe(s, block=4))
         manager.apply(model, grad_sampler=sampler(counter), sweep_cache=cache)
         results.append(weights_of(model))
     assert len(counter) == 20  # gradients drawn once for both targets
     assert any("curvature" in key for key in cache)  # the Fisher and the elimination order
-    fresh = mlp()
-    ScheduledModifierManager.from_yaml(recipe(0.6)).apply(fresh, grad_sampler=sampler())
-    for a, b in zip(results[1], weights_of(fresh)):
-        torch.testing.assert_close(a, b)
+    for s, swept in zip(targets, results):  # the cached weights are not the pruned model's
+        fresh = mlp()
+        ScheduledModifierManager.from_yaml(recipe(s, block=4)).apply(fresh, grad_sampler=sampler())
+        for a, b in zip(swept, weights_of(fresh)):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize(

@@ -99,3 +99,20 @@ def test_full_blocks_and_the_torch_path_keep_h(monkeypatch):
     counts = torch.tensor([2, 5, 8])
     got = cap_prefix_weights(W, packed, order, counts, replay, none)
     assert torch.equal(got, cap_reconstruct(W, packed, order, counts))
+
+
+def test_a_removed_set_that_does_not_lead_the_order_is_refused():
+    n_b, B = 3, 8
+    H, W = problem(n_b, B, 12, 1e-2, seed=5)
+    pruned = torch.zeros(n_b, B, dtype=torch.bool)
+    pruned[:, 0] = True
+    W[:, 0] = 0.0
+    packed = SymBlocks(pack(H), B)
+    order, _, replay = cap_eliminate_factored(W, packed, pruned)
+    counts = torch.full((n_b,), 4)
+    other = torch.zeros_like(pruned)
+    other[:, 1] = True  # not the set the elimination removed first
+    with pytest.raises(ValueError, match="leads the order"):
+        cap_prefix_weights(W, packed, order, counts, replay, other)
+    with pytest.raises(ValueError, match="leads the order"):  # fewer than the removed ones
+        cap_prefix_weights(W, packed, order, torch.zeros(n_b, dtype=torch.long), replay, pruned)

@@ -118,14 +118,32 @@ def test_builder_writes_its_first_chunk_and_inverts_with_its_last(chunks, monkey
     assert rel(compiled, oracle) < 1e-12 and rel(torch_path, oracle) < 1e-12
 
 
-def test_builder_flushes_a_held_chunk_and_names_a_nan_block():
+def test_an_empty_chunk_adds_nothing_with_a_padded_last_block(monkeypatch):
+    d, B = 3 * 16 + 5, 16
+    grads = torch.randn(20, d, dtype=f64, generator=torch.Generator().manual_seed(17))
+
+    def run():
+        builder = BlockFisherBuilder(d, B, 20, 1e-2)
+        builder.add(grads[:0])  # first: the fresh store must still become zeros
+        builder.add(grads[:12])
+        builder.add(grads[12:12])
+        builder.add(grads[12:])
+        return builder.finish().full()
+
+    compiled, torch_path = both(run, monkeypatch)
+    want = block_fisher_inverse(grads, B, 1e-2).full()
+    assert rel(compiled, want) < 1e-12 and rel(torch_path, want) < 1e-12
+
+
+def test_builder_refuses_samples_past_a_held_chunk_and_names_a_nan_block():
     B, d = 16, 64
     grads = torch.randn(24, d, dtype=f64, generator=torch.Generator().manual_seed(16))
-    builder = BlockFisherBuilder(d, B, 16, 1e-2)  # announced 16, given 24
+    builder = BlockFisherBuilder(d, B, 16, 1e-2)  # announced 16: the chunk of 16 is held
     builder.add(grads[:16])
-    builder.add(grads[16:])
-    F = grads.view(24, 4, B).transpose(0, 1)
-    F = F.mT @ F / 24 + 1e-2 * torch.eye(B, dtype=f64)
+    with pytest.raises(RuntimeError, match="more than num_grads=16"):  # it could be stale
+        builder.add(grads[16:])
+    F = grads[:16].view(16, 4, B).transpose(0, 1)
+    F = F.mT @ F / 16 + 1e-2 * torch.eye(B, dtype=f64)
     assert rel(builder.finish().full(), torch.stack([torch.linalg.inv(f) for f in F])) < 1e-12
     bad = grads.clone()
     bad[20, 2 * B + 3] = float("nan")  # in the last chunk, block 2

@@ -134,7 +134,17 @@ def cap_prefix_weights(
     coordinates removed before it) are replayed (`native_cap.replay_packed`), the others
     solved from H. Returns W_new (n_b, B) in W's dtype."""
     counts = counts.to(device=W.device, dtype=torch.long)
-    replay = replay.to(W.device)
+    replay, pre = replay.to(W.device), pre.to(W.device)
+    if pre.shape != W.shape or replay.shape != W.shape[:1]:
+        raise ValueError(f"pre must be {tuple(W.shape)} and replay ({W.shape[0]},) bool")
+    # the replay starts after the coordinates removed before the elimination: they must lead
+    # each order (as `cap_eliminate_factored` put them) and be counted
+    first = pre.sum(1)
+    lead = pre.gather(1, order.long()) == (
+        torch.arange(W.shape[1], device=W.device) < first[:, None]
+    )
+    if bool((replay & ~(lead.all(1) & (counts >= first))).any()):
+        raise ValueError("pre is not the removed set that leads the order of a replayed block")
     W_new = cap_reconstruct(
         W, H, order, counts.masked_fill(replay, 0), blocks_per_batch=blocks_per_batch
     )

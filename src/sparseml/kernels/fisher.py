@@ -116,6 +116,10 @@ def accumulate_block_gram(
             f"out must have shape {(n_b, block_size, block_size)} for d={d}, "
             f"block_size={block_size}, got {tuple(out.shape)}"
         )
+    if c == 0:  # nothing to add (a fresh packed store still becomes zeros)
+        if fresh and isinstance(out, SymBlocks):
+            out.data.zero_()
+        return out
     # Full blocks are a strided view of the chunk (no copy): (c, n_full, B) -> per block
     # X_b^T X_b with X_b = grads[:, b] (c, B). Only the short last block is padded (c x B copy).
     parts = [(0, grads[:, : n_full * block_size].view(c, n_full, block_size))]

@@ -107,7 +107,7 @@ class BlockFisherBuilder:
     lower triangles: exact, in (B + 1) / B times the memory of float32 blocks). With
     ``gram_dtype=torch.float32`` (a control for the precision tests, not for production) the
     Gram and H are full float32 blocks instead. ``num_grads`` is the number of samples that will
-    be added; the normalisation uses the number actually added.
+    be added (more is an error); the normalisation uses the number actually added.
 
     Args:
         d: coordinates of the vector. block_size: B. num_grads: m. damp: lambda > 0.
@@ -153,9 +153,9 @@ class BlockFisherBuilder:
         if grads.dim() != 2 or grads.shape[1] != self.d:
             raise ValueError(f"grads must have shape (c, {self.d}), got {tuple(grads.shape)}")
         c = grads.shape[0]
+        if self.count + c > self.num_grads:  # the held last chunk may be overwritten by then
+            raise RuntimeError(f"more than num_grads={self.num_grads} samples added")
         if self.mspace:
-            if self.count + c > self.num_grads:
-                raise RuntimeError(f"more than num_grads={self.num_grads} samples added")
             # Keep a view only when it does not pin a much larger tensor (another rank's part)
             # and needs no conversion; otherwise a compact copy.
             base = grads if grads._base is None else grads._base
@@ -163,9 +163,6 @@ class BlockFisherBuilder:
             kept = grads.to(self.device, self.dtype)
             self.store.append(kept.clone() if kept is grads and shared else kept)
         else:
-            if self.last is not None:  # more samples than announced: add the held one now
-                self._accumulate(self.last)
-                self.last = None
             if c and self.count + c == self.num_grads and _compiled_gram(grads, self.store):
                 self.last = grads  # a view of the sampler's chunk: no copy, no pass yet
             else:

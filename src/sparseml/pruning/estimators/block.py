@@ -206,7 +206,8 @@ class CAPElimination(BlockFisher):
             total = 0 if self.nm else sum(H.shape[0] for H in inverses)
             progress = Progress(f"{type(pruner).__name__}: CAP elimination", total, "blocks")
             for w, k, H in zip(weights, kept, inverses):
-                W = to_blocks(w.to(H.device), bsz)  # work dtype (float32 or float64)
+                # a copy in the work dtype: a sweep prunes the model while the estimate is reused
+                W = to_blocks(w.to(H.device), bsz).clone()
                 valid = to_blocks(torch.ones(w.numel(), device=H.device), bsz) > 0
                 est = {"H": H, "W": W, "valid": valid}
                 if not self.nm:  # H's rows of the "replay" blocks become their factors
