@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from sparseml.errors import NumericalError
-from sparseml.kernels import cap as cap_module
-from sparseml.kernels import native
+from sparseml.kernels import cap_greedy, native
 from sparseml.kernels.cap import (
     cap_eliminate,
     cap_nm_prune,
@@ -29,7 +28,7 @@ def lazy_steps(request, monkeypatch):
     if request.param != "compiled":
         monkeypatch.setattr(native, "ENABLED", False)
     if isinstance(request.param, int):
-        monkeypatch.setattr(cap_module, "_LAZY", request.param)
+        monkeypatch.setattr(cap_greedy, "_LAZY", request.param)
 
 
 def make_problem(n_b=5, B=6, m=4, damp=1e-2, seed=0, corr=0.0, grad_mask=None):

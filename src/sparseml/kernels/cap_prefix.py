@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from sparseml.errors import NumericalError
-from sparseml.kernels import native, native_cap
+from sparseml.kernels import native, native_solve
 from sparseml.kernels.chunking import for_each_chunk
 from sparseml.kernels.packed import SymBlocks
 
@@ -131,7 +131,7 @@ def cap_prefix_weights(
 ) -> torch.Tensor:
     """`cap_reconstruct` after `sparseml.kernels.cap.cap_eliminate_factored`: the blocks of
     ``replay`` (their rows of H hold the elimination's factors; ``pre`` (n_b, B) bool, the
-    coordinates removed before it) are replayed (`native_cap.replay_packed`), the others
+    coordinates removed before it) are replayed (`native_solve.replay_packed`), the others
     solved from H. Returns W_new (n_b, B) in W's dtype."""
     counts = counts.to(device=W.device, dtype=torch.long)
     replay, pre = replay.to(W.device), pre.to(W.device)
@@ -151,7 +151,7 @@ def cap_prefix_weights(
     rows = replay.nonzero().squeeze(1)
     if rows.numel():
         W64 = W.to(torch.float64)
-        out = native_cap.replay_packed(W64, H, order, pre, counts, rows)[rows]
+        out = native_solve.replay_packed(W64, H, order, pre, counts, rows)[rows]
         if not torch.isfinite(out).all():
             raise NumericalError("CAP reconstruction produced NaN/Inf")
         W_new[rows] = out.to(W.dtype)
@@ -163,7 +163,7 @@ def _reconstruct_compiled(W, H: SymBlocks, order, counts, perm, W_new) -> torch.
     batch arrays), into W_new; returns the blocks whose H_SS Cholesky failed (for the LU
     fallback of the batched path)."""
     w = W.to(torch.float64).contiguous()
-    _, hy, info = native_cap.solve_subsets_packed(w, H, order.long(), counts, perm)
+    _, hy, info = native_solve.solve_subsets_packed(w, H, order.long(), counts, perm)
     done = perm[info[perm] == 0]
     new = w[done] - hy[done]
     first = torch.arange(w.shape[1]) < counts[done].unsqueeze(1)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from sparseml.errors import NumericalError
-from sparseml.kernels import native, native_cap
+from sparseml.kernels import native, native_solve
 from sparseml.kernels.chunking import chunk_blocks, for_each_chunk
 from sparseml.kernels.fisher import block_diag, block_matvec, from_blocks, to_blocks
 from sparseml.kernels.packed import SymBlocks
@@ -132,7 +132,7 @@ def _masked_solve(H: Tensor, w: Tensor, prune: Tensor) -> tuple[Tensor, Tensor]:
     active = q.any(-1).nonzero().squeeze(-1)
     if native.ENABLED and isinstance(H, SymBlocks) and H.device.type == "cpu":
         sel = torch.argsort((~q).to(torch.int8), dim=1, stable=True)  # Q first, by index
-        y, hy, info = native_cap.solve_subsets_packed(wb, H, sel, q.sum(1), active)
+        y, hy, info = native_solve.solve_subsets_packed(wb, H, sel, q.sum(1), active)
         _check_solved(info[active], active)
         return y, hy
     step = chunk_blocks(bsz * bsz, H.device)
