@@ -268,7 +268,7 @@ def invert_block_fisher(
             x = None if last is None else last.numpy()
             info = native.invert_packed(rows.numpy(), bsz, num_grads, damp, x, s, fresh)
             info = torch.from_numpy(info)
-            _check_finite(torch.where(info < 0, math.nan, 0.0), s)
+            _check_finite(info < 0, s)  # the kernel marks NaN/Inf Grams with -1
             _check_factorized(info, s, n_b, bsz, damp)
             if on_blocks is not None:
                 on_blocks(rows.shape[0])
@@ -282,7 +282,7 @@ def invert_block_fisher(
             if not (inplace and f.dtype == torch.float64):  # else factorised where it lies
                 f = f.to(torch.float64, copy=True)
             sums = f.sum(dim=(1, 2))
-        _check_finite(sums, s)
+        _check_finite(~torch.isfinite(sums), s)
         f.div_(num_grads).diagonal(dim1=-2, dim2=-1).add_(damp)
         info = torch.empty(f.shape[0], dtype=torch.int32, device=f.device)
         if packed:  # a fresh factor is faster than factorising in place (measured)
@@ -309,9 +309,8 @@ def invert_block_fisher(
     return result
 
 
-def _check_finite(sums: Tensor, start: int) -> None:
-    """Raise for the first block (from ``start``) whose Gram sum is not finite."""
-    bad = ~torch.isfinite(sums)
+def _check_finite(bad: Tensor, start: int) -> None:
+    """Raise for the first block (from ``start``) marked ``bad`` (its Gram holds NaN/Inf)."""
     if bad.any():
         raise NumericalError(
             f"Fisher block {start + int(bad.nonzero()[0])} has NaN/Inf Gram entries: check the "
