@@ -151,14 +151,17 @@ class HessianDiagonal(Estimator):
         return _layers(pruner)
 
     def memory(self, pruner: Any, block: int | None, m: int) -> tuple[list[MemoryItem], str]:
-        """The float64 sums; per batch the gradients with their graph, the product, the probe
-        and the float64 terms of v * Hv (5 widths + 24 bytes per weight), and the largest
-        layer's probe while it is drawn as int64 (24 bytes per weight): measured 59-75 bytes
-        per float32 weight in all."""
+        """The float64 sums; per batch about 6 widths + 8 bytes per weight (the gradients
+        with their graph, the double-backward's product and temporaries, the probe, the float64
+        terms v * Hv); and, one layer at a time, its probe drawn as int64 and the float64
+        copies its terms are made from (32 bytes per weight of the largest layer). Measured
+        peaks (`tests/memory_probe.py`, float32, nine runs each; they move with the
+        allocator's reuse of freed blocks): one layer 63-75 bytes per weight (figure 72), two
+        equal layers 48-61 (figure 56)."""
         sums = _per_weight(pruner, [("Hessian diagonal sums (float64)", 8)])
-        batch = _per_weight(pruner, [("gradient, probe, product", 5 * width(pruner) + 24)])
+        batch = _per_weight(pruner, [("gradient, probe, products, terms", 6 * width(pruner) + 8)])
         layer = max((r.param.numel() for r in pruner.refs), default=0)
-        batch.append(MemoryItem("int64 probe draw", 24 * layer, batch[0].device))
+        batch.append(MemoryItem("one layer's probe draw and terms", 32 * layer, batch[0].device))
         return peak(sums, batch, [pruning_item(pruner)]), "the selected weights"
 
     def build(self, pruner: Any, module: Any, layout: LayerLayout) -> list[Tensor]:
