@@ -56,28 +56,6 @@ def test_gram_is_the_float64_gram(dtype, d, monkeypatch):
     assert rel(torch_path, oracle) < 1e-14
 
 
-@pytest.mark.parametrize("group", [1, 2, 3, 8])  # blocks whose columns are copied at once
-def test_grouped_column_copies_give_the_same_grams_and_inverses(group, monkeypatch):
-    B, d, chunks = 16, 6 * 16 + 5, [9, 7]  # 7 blocks (the last one padded): partial groups
-    m = sum(chunks)
-    wide = torch.randn(m, d + 3, dtype=torch.float32, generator=torch.Generator().manual_seed(4))
-    x = wide[:, 1 : 1 + d]
-    monkeypatch.setattr(native, "GROUP_BYTES", group * chunks[0] * B * 8)
-    assert native.group_size(chunks[0], B) == group
-    n_b = -(-d // B)
-    out = SymBlocks.zeros(n_b, B)
-    accumulate_block_gram(x[: chunks[0]], B, out=out, blocks_per_chunk=n_b)
-    xp = torch.nn.functional.pad(x.double(), (0, n_b * B - d)).view(m, n_b, B).transpose(0, 1)
-    gram = xp[:, : chunks[0]].mT @ xp[:, : chunks[0]]
-    assert rel(out.full(), gram) < 1e-14
-    builder = BlockFisherBuilder(d, B, m, 1e-3)  # the last chunk is added while inverting
-    builder.add(x[: chunks[0]])
-    builder.add(x[chunks[0] :])
-    F = xp.mT @ xp / m + 1e-3 * torch.eye(B, dtype=f64)
-    oracle = torch.cholesky_inverse(torch.linalg.cholesky(F))
-    assert rel(builder.finish().full(), oracle) < 1e-12
-
-
 @pytest.mark.parametrize("damp", [1e-1, 1e-8])
 @pytest.mark.parametrize("B", [1, 24, 25, 77, 192])  # the triangle's inverse: plain, split, odd
 def test_inverse_is_the_float64_inverse(damp, B, monkeypatch):

@@ -1,9 +1,8 @@
 """Compiled CPU kernels (numba) for the hot loops of second-order pruning: the loader and the
 block Fisher's kernels here, CAP's and OBS's in `sparseml.kernels.native_cap`.
 
-* `add_gram_packed`: a chunk's Grams added into packed float64 triangles: a float64 copy of
-  the columns of a few consecutive blocks at a time (`group_size`), then per block a
-  symmetric rank-c update (BLAS syrk: the triangle only).
+* `add_gram_packed`: a chunk's Grams added into packed float64 triangles, per block a float64
+  copy of its columns and a symmetric rank-c update (BLAS syrk: the triangle only).
 * `invert_packed`: H_b = (damp I + S_b / m)^{-1} of packed Grams, in place, block by block:
   unpack into a B x B scratch, LAPACK ``dpotrf``, the factor's inverse by bottom-up halving
   (BLAS ``dtrmm``), LAPACK ``dlauum``, repack. A packed triangle
@@ -59,49 +58,42 @@ if ENABLED:
     _jit = numba.njit(nogil=True, cache=True)
 
     @_jit
-    def _block_columns(x, lo, xs, width):
-        """xs[:, :width] = float64 x[:, lo : lo + width], zero past x's columns; x (c, d),
-        xs (c, >= width)."""
+    def _block_columns(x, lo, xs):
+        """xs (c, B) = float64 x[:, lo : lo + B], zero past x's columns."""
         c, d = x.shape
-        have = max(0, min(width, d - lo))
+        width = min(xs.shape[1], d - lo)
         for i in range(c):
-            dst = xs[i]
-            for j in range(have):
-                dst[j] = x[i, lo + j]
-            for j in range(have, width):
-                dst[j] = 0.0
+            for j in range(width):
+                xs[i, j] = x[i, lo + j]
+            for j in range(width, xs.shape[1]):
+                xs[i, j] = 0.0
 
     @_jit
-    def _syrk_lower(xs, j0, block, a, beta, dims, scalars, text):
-        """The lower triangle of a (block x block, row-major) = X^T X + beta * itself, X =
-        xs[:, j0 : j0 + block] (c rows): BLAS syrk, for which a is column-major upper and X^T
-        is block x c with leading dimension xs.shape[1]."""
+    def _syrk_lower(xs, a, beta, dims, scalars, text):
+        """The lower triangle of a (B x B, row-major) = X^T X + beta * itself, X = xs (c, B):
+        BLAS syrk, for which a is column-major upper and xs^T is B x c (lda B)."""
         scalars[1] = beta
-        dims[0], dims[1], dims[2] = block, xs.shape[0], xs.shape[1]
+        dims[0], dims[1] = xs.shape[1], xs.shape[0]
         _dsyrk(text.ctypes.data, text[1:].ctypes.data, dims.ctypes.data, dims[1:].ctypes.data,
-               scalars.ctypes.data, xs[0, j0:].ctypes.data, dims[2:].ctypes.data,
-               scalars[1:].ctypes.data, a.ctypes.data, dims.ctypes.data)  # fmt: skip
+               scalars.ctypes.data, xs.ctypes.data, dims.ctypes.data, scalars[1:].ctypes.data,
+               a.ctypes.data, dims.ctypes.data)  # fmt: skip
 
     @_jit
-    def _add_gram_packed(x, first, out, block, assign, group):
+    def _add_gram_packed(x, first, out, block, assign):
         """out[first + b] += the lower triangle of X_b^T X_b, for X_b = x[:, b B : (b + 1) B]
         (zero-padded past x's columns) and every row b of out (n, B (B + 1) / 2); x (c, d).
-        ``assign``: out's rows are written (their old contents are never read). The columns
-        of ``group`` blocks are copied at a time (`group_size`)."""
-        n = out.shape[0]
-        xs = np.zeros((x.shape[0], group * block))
+        ``assign``: out's rows are written (their old contents are never read)."""
+        xs = np.zeros((x.shape[0], block))
         prod = np.empty((block, block))
         text = np.array([ord("U"), ord("N")], np.uint8)
-        dims, scalars = np.zeros(3, np.int32), np.array([1.0, 0.0])
-        for g in range(0, n, group):
-            count = min(group, n - g)
-            _block_columns(x, (first + g) * block, xs, count * block)
-            for j in range(count):
-                _syrk_lower(xs, j * block, block, prod, 0.0, dims, scalars, text)
-                if assign:
-                    _pack_lower(prod, out[g + j])
-                else:
-                    _add_lower(prod, out[g + j])
+        dims, scalars = np.zeros(2, np.int32), np.array([1.0, 0.0])
+        for b in range(out.shape[0]):
+            _block_columns(x, (first + b) * block, xs)
+            _syrk_lower(xs, prod, 0.0, dims, scalars, text)
+            if assign:
+                _pack_lower(prod, out[b])
+            else:
+                _add_lower(prod, out[b])
 
     # Triangles up to this order are inverted by the plain loop of `_tri_inv_base`; larger
     # ones are split in two (BLAS trmm): LAPACK's dtrtri is the slowest part of a B = 192
@@ -189,27 +181,23 @@ if ENABLED:
             o += i + 1
 
     @_jit
-    def _invert_packed(data, block, count, damp, info, x, first, fresh, group):
+    def _invert_packed(data, block, count, damp, info, x, first, fresh):
         """data (n, B (B + 1) / 2) float64 packed Grams S -> packed (damp I + S / count)^-1, in
         place; info[b] > 0 at the leading minor where block b's factorization failed, -1 where
         its Gram holds NaN/Inf (its row is then undefined). A non-empty chunk x (c, d) (its
         blocks first, first + 1, ...) is first added to each Gram where it lies unpacked, so
         the last chunk of samples never makes a pass of its own over the packed rows;
-        ``fresh``: the rows hold nothing yet (x is the only chunk). The chunk's columns are
-        copied ``group`` blocks at a time (`group_size`)."""
-        n = data.shape[0]
+        ``fresh``: the rows hold nothing yet (x is the only chunk)."""
         a = np.zeros((block, block))
-        xs = np.zeros((x.shape[0], group * block))
+        xs = np.zeros((x.shape[0], block))
         ws = np.empty(block)
         text = np.array([ord("U"), ord("L"), ord("N"), ord("R")], np.uint8)
         syrk_text = np.array([ord("U"), ord("N")], np.uint8)
         dims, scalars = np.zeros(4, np.int32), np.array([1.0, -1.0])
-        syrk_dims, syrk_scalars = np.zeros(3, np.int32), np.array([1.0, 0.0])
+        syrk_dims, syrk_scalars = np.zeros(2, np.int32), np.array([1.0, 0.0])
         status = np.zeros(1, np.int32)
-        for b in range(n):
+        for b in range(data.shape[0]):
             row = data[b]
-            if x.shape[0] and b % group == 0:
-                _block_columns(x, (first + b) * block, xs, min(group, n - b) * block)
             o = 0
             total = 0.0
             for i in range(block):
@@ -217,8 +205,8 @@ if ENABLED:
                     a[i, j] = 0.0 if fresh else row[o + j]
                 o += i + 1
             if x.shape[0]:
-                j0 = (b % group) * block
-                _syrk_lower(xs, j0, block, a, 1.0, syrk_dims, syrk_scalars, syrk_text)
+                _block_columns(x, (first + b) * block, xs)
+                _syrk_lower(xs, a, 1.0, syrk_dims, syrk_scalars, syrk_text)
             for i in range(block):
                 for j in range(i + 1):
                     total += a[i, j]
@@ -228,17 +216,6 @@ if ENABLED:
             info[b] = _invert_lower(a, count, damp, ws, text, dims, scalars, status)
             if info[b] == 0:
                 _pack_lower(a, row)
-
-
-# A chunk's rows lie far apart (one gradient sample each), so copying one block's columns out
-# of them reads c short runs; copying the columns of several consecutive blocks at once reads
-# longer runs. The group's float64 copy stays under this size (it is per thread, in cache).
-GROUP_BYTES = 1 << 19
-
-
-def group_size(rows: int, block: int) -> int:
-    """Blocks whose columns the Gram kernels copy out of a chunk of ``rows`` samples at once."""
-    return max(1, GROUP_BYTES // max(1, rows * block * 8))
 
 
 def _c(*arrays) -> None:
@@ -257,8 +234,7 @@ def add_gram_packed(
     if x.strides[1] != x.itemsize:
         raise ValueError("add_gram_packed needs unit-stride rows")
     _c(out)
-    group = group_size(x.shape[0], block)
-    _add_gram_packed(x, int(first), out, int(block), bool(assign), group)
+    _add_gram_packed(x, int(first), out, int(block), bool(assign))
 
 
 def invert_packed(
@@ -281,10 +257,7 @@ def invert_packed(
     elif last.strides[1] != last.itemsize:
         raise ValueError("invert_packed needs unit-stride rows")
     info = np.zeros(data.shape[0], np.int32)
-    group = group_size(last.shape[0], block)
-    _invert_packed(
-        data, block, float(count), float(damp), info, last, int(first), bool(fresh), group
-    )
+    _invert_packed(data, block, float(count), float(damp), info, last, int(first), bool(fresh))
     return info
 
 
