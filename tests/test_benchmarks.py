@@ -330,3 +330,23 @@ def test_cost_runs_over_the_memory_cap_are_not_started(tmp_path: Path, capsys) -
     assert "skipped" in capsys.readouterr().out
     sizes = bench_cost.sizes(bench_cost.parse_args(args), "cap", 256, [5308416])
     assert sizes["fisher_bytes"] == 27648 * 192 * 192 * 8  # n_blocks * B * B * 8 bytes
+
+
+def test_cost_repeats_record_the_run_of_median_ratio(tmp_path: Path, monkeypatch, capsys) -> None:
+    sys.path.insert(0, str(ROOT / "research" / "bench"))
+    import bench_cost
+
+    curvature = iter([3.0, 1.0, 2.0])  # ratios 3, 1, 2 with m = 8 and 0.125 s per gradient
+    run = {"gradients_s": 0.5, "pruning_s": 0.0, "grad_224_s": 0.125, "peak_rss": 2**30}
+    monkeypatch.setattr(
+        bench_cost, "spawn", lambda args, job: {**run, "curvature_s": next(curvature)}
+    )
+    args = ["--out", str(tmp_path), "--models", "deit_tiny", "--methods", "cap"]
+    bench_cost.main([*args, "--num-grads", "8", "--deit-blocks", "1", "--repeats", "3"])
+    (row,) = bench_cost.records(tmp_path / "cost" / "cost.jsonl").values()
+    assert row["curvature_s"] == 2.0 and row["repeat_ratios"] == [1.0, 2.0, 3.0]
+    assert "math / 8 gradients at 224: 2.00x (median of 3: 1.00, 2.00, 3.00)" in (
+        capsys.readouterr().out
+    )
+    with pytest.raises(SystemExit):
+        bench_cost.parse_args([*args, "--repeats", "0"])

@@ -15,7 +15,10 @@ time (``grad_224_s``: the mean of a measure before the run and one after), the p
 set (``peak_rss``), the resident set of the bare process before the model exists
 (``runtime_rss``), and the sizes the peak is compared with: Fisher blocks
 (n_blocks * B * B * bytes: float64 Gram when m >= B, float32 sample-space H when m < B),
-the model, one gradient chunk (64 samples), and the modifier's memory plan. A run whose
+the model, one gradient chunk (64 samples), and the modifier's memory plan. With
+``--repeats N`` each (model, method, m) runs N times and the row is the run whose pruning math
+over drawing its m gradients at 224x224 is the median (``repeat_ratios``: all N ratios): on
+shared cores one run's ratio moves by +-15%. A run whose
 estimate (times ``SAFETY``, plus 1 GiB) exceeds ``--mem-cap-gb`` (18), or the memory
 preflight's share of the free memory (``sparseml.memory``), is not started (its row says why;
 a rerun retries it).
@@ -68,9 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparsity", type=float, default=0.7)
     p.add_argument("--eval-images", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--repeats", type=int, default=1,
+        help="runs per (model, method, m); the row is the run of median math / 224 gradients",
+    )  # fmt: skip
     p.add_argument("--mem-cap-gb", type=float, default=18.0, help="skip runs estimated above")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     if not 1 <= args.deit_blocks <= 12:
         p.error(f"--deit-blocks must be in 1..12, got {args.deit_blocks}")
     if not all(s in {"1", "2", "3", "4"} for s in args.resnet_stages.split(",")):
@@ -248,6 +257,18 @@ def spawn(args: argparse.Namespace, job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def math_over_224(run: dict[str, Any], m: int) -> float:
+    """The pruning math (curvature + pruning phases) over drawing m gradients at 224x224."""
+    return (run["curvature_s"] + run["pruning_s"]) / (m * run["grad_224_s"])
+
+
+def median_run(runs: list[dict[str, Any]], ratios: list[float]) -> dict[str, Any]:
+    """The run of median ratio (the lower of the middle two for an even count): a real run,
+    so its phases, peak and reference gradient belong together."""
+    order = sorted(range(len(runs)), key=lambda i: ratios[i])
+    return dict(runs[order[(len(runs) - 1) // 2]])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
@@ -278,12 +299,20 @@ def main(argv: list[str] | None = None) -> None:
                     record(path, key, {**common, "skipped": why})
                     continue
                 print(f"== cost: {key}", flush=True)
-                measured = spawn(args, {"model": name, "method": method, "m": m})
+                job = {"model": name, "method": method, "m": m}
+                runs = [spawn(args, job) for _ in range(args.repeats)]
+                ratios = [math_over_224(r, m) for r in runs]
+                measured = median_run(runs, ratios)
+                if len(runs) > 1:
+                    measured["repeat_ratios"] = sorted(ratios)
                 row = record(path, key, {**common, **measured})
                 phases = ", ".join(
                     f"{k} {row[k + '_s']:.1f} s" for k in ("gradients", "curvature", "pruning")
                 )
                 print(f"   {phases}; peak RSS {row['peak_rss'] / 2**30:.2f} GiB", flush=True)
+                each = ", ".join(f"{x:.2f}" for x in sorted(ratios))
+                tail = f" (median of {len(runs)}: {each})" if len(runs) > 1 else ""
+                print(f"   math / {m} gradients at 224: {math_over_224(row, m):.2f}x{tail}")
 
 
 if __name__ == "__main__":
