@@ -58,6 +58,14 @@ BAD_CALLS = {
         "row_energy must be 1-D",
         lambda: fast_cap.row_scales(torch.ones(2, 2)),
     ),
+    "fast_cap.factors": (
+        "square",
+        lambda: fast_cap.factors(torch.zeros(2, 3, 4), 4, 1e-2),
+    ),
+    "fast_cap.group_count": (
+        "group_rows",
+        lambda: fast_cap.group_count(6, 0),
+    ),
     "fast_cap.inverse_factor": (
         "F must be square",
         lambda: fast_cap.inverse_factor(torch.eye(3)[:2], 4, 1e-2),

@@ -47,6 +47,8 @@ GRID: dict[str, dict[str, list[Any]]] = {
             {"global_sparsity": False},
             {"global_sparsity": True, "global_allocation": "losses"},
         ],
+        # one Fisher per layer (the empty dict: the recipe's default), or one per 8 output rows
+        "fisher_rows": [{}, {"fisher_rows": 8}],
     },
     "fast_cap_ref": {"damp": [1e-3, 1e-2, 1e-1]},
 }

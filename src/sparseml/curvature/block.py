@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from sparseml.dist import on_all_ranks
-from sparseml.kernels.fast_cap import accumulate_shared_fisher
+from sparseml.kernels.fast_cap import accumulate_shared_fisher, group_count
 from sparseml.kernels.fisher import num_blocks
 from sparseml.kernels.fisher_build import BlockFisherBuilder
 from sparseml.kernels.packed import SymBlocks
@@ -67,24 +67,42 @@ def _feed(chunks: Iterable[list[Tensor]], layout, builders: list[BlockFisherBuil
 
 
 def shared_block_fishers(
-    chunks: Iterable[list[Tensor]], block_size: int | list[int], devices: list[torch.device]
+    chunks: Iterable[list[Tensor]],
+    block_size: int | list[int],
+    devices: list[torch.device],
+    group_rows: list[int | None] | None = None,
 ) -> tuple[list[Tensor], int, list[Tensor]]:
     """One (B, B) float64 Gram sum per parameter (rows of B weights share it), the sample
     count, and per parameter each row's gradient energy sum_n ||G_n[r]||^2 (float64,
     ceil(numel / B) rows): FastCAP's Fisher. ``block_size``: one B for all parameters, or one
-    per parameter. Every rank computes every parameter's (the samples are equal)."""
+    per parameter. ``group_rows[i]``: parameter i gets one Fisher per run of that many
+    consecutive rows, (G, B, B) (None: one for all its rows). Every rank computes every
+    parameter's (the samples are equal)."""
     blocks = block_size if isinstance(block_size, list) else [block_size] * len(devices)
-    fishers = [torch.zeros(b, b, dtype=torch.float64, device=d) for b, d in zip(blocks, devices)]
+    groups = group_rows or [None] * len(devices)
+    fishers: list[Tensor] | None = None
     energies: list[Tensor] | None = None
     count = 0
     for chunk in chunks:
         if energies is None:
+            rows = [-(-g.shape[1] // b) for g, b in zip(chunk, blocks)]
             energies = [
-                torch.zeros(-(-g.shape[1] // b), dtype=torch.float64, device=d)
-                for g, b, d in zip(chunk, blocks, devices)
+                torch.zeros(r, dtype=torch.float64, device=d) for r, d in zip(rows, devices)
             ]
-        for grads, F, energy in zip(chunk, fishers, energies):
-            accumulate_shared_fisher(grads, F.shape[0], out=F, row_energy=energy)
+            fishers = [
+                torch.zeros(
+                    (b, b) if k is None else (group_count(r, k), b, b),
+                    dtype=torch.float64,
+                    device=d,
+                )
+                for r, b, k, d in zip(rows, blocks, groups, devices)
+            ]
+        for grads, F, energy, k in zip(chunk, fishers, energies, groups):
+            accumulate_shared_fisher(grads, F.shape[-1], out=F, row_energy=energy, group_rows=k)
         count += chunk[0].shape[0]
         chunk = grads = None  # not alive while the next chunk is drawn
+    if fishers is None:
+        fishers = [
+            torch.zeros(b, b, dtype=torch.float64, device=d) for b, d in zip(blocks, devices)
+        ]
     return fishers, count, energies or []

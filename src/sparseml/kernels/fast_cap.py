@@ -23,9 +23,19 @@ __all__ = [
     "fast_cap_losses",
     "fast_cap_prune",
     "fast_cap_scores",
+    "factors",
+    "group_count",
     "inverse_factor",
     "row_scales",
 ]
+
+
+def group_count(rows: int, group_rows: int | None) -> int:
+    """How many Fishers a layer of ``rows`` rows of B gets when each is shared by
+    ``group_rows`` consecutive rows (None: one for all; the last group may be shorter)."""
+    if group_rows is not None and group_rows < 1:
+        raise ValueError(f"group_rows must be >= 1 or None, got {group_rows}")
+    return 1 if group_rows is None else -(-rows // group_rows)
 
 
 def accumulate_shared_fisher(
@@ -33,6 +43,7 @@ def accumulate_shared_fisher(
     B: int,
     out: torch.Tensor | None = None,
     row_energy: torch.Tensor | None = None,
+    group_rows: int | None = None,
 ) -> torch.Tensor:
     """Add sum_n G_n^T G_n to ``out`` and return it.
 
@@ -42,20 +53,31 @@ def accumulate_shared_fisher(
     on another device); the product is one GEMM in the gradients' dtype on their device.
     row_energy (ceil(d / B),), when given, gets sum_n ||G_n[r]||^2 added per row r in place:
     the trace of row r's own Fisher, from which :func:`row_scales` are derived.
+
+    group_rows: each run of that many consecutive rows gets its own Fisher (the sum over its
+    rows only); out is then (G, B, B) with G = :func:`group_count` (None: one (B, B) Fisher).
     """
     if grads.dim() != 2 or B < 1:
         raise ValueError(f"grads must be (c, d) and B >= 1; got {tuple(grads.shape)}, B={B}")
     c, d = grads.shape
     rows = -(-d // B)
+    G = group_count(rows, group_rows)
     if rows * B == d and grads.is_contiguous():
         g = grads.view(c * rows, B)  # no copy of the chunk
     else:
         g = F_.pad(grads, (0, rows * B - d)).reshape(c * rows, B)
+    shape = (B, B) if group_rows is None else (G, B, B)
     if out is None:
-        out = torch.zeros((B, B), dtype=torch.float64, device=grads.device)
-    elif out.shape != (B, B):
-        raise ValueError(f"out must have shape ({B}, {B}), got {tuple(out.shape)}")
-    out += _gram(g).to(device=out.device, dtype=out.dtype)
+        out = torch.zeros(shape, dtype=torch.float64, device=grads.device)
+    elif out.shape != shape:
+        raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
+    if group_rows is None:
+        out += _gram(g).to(device=out.device, dtype=out.dtype)
+    else:
+        g3 = g.view(c, rows, B)
+        for k in range(G):  # one group's rows of every sample (a copy of 1 / G of the chunk)
+            part = g3[:, k * group_rows : (k + 1) * group_rows].reshape(-1, B)
+            out[k] += _gram(part).to(device=out.device, dtype=out.dtype)
     if row_energy is not None:
         if row_energy.shape != (rows,):
             raise ValueError(f"row_energy must have shape ({rows},), got {tuple(row_energy.shape)}")
@@ -126,6 +148,24 @@ def inverse_factor(F: torch.Tensor, num_grads: int, damp: float) -> torch.Tensor
     raise NumericalError(f"FastCAP Fisher is not positive definite even with damp={damp}+1e-2")
 
 
+def factors(F: torch.Tensor, num_grads: int, damp: float) -> torch.Tensor:
+    """:func:`inverse_factor` of F (B, B), or of each group's F[g] of a grouped (G, B, B): what
+    the sweep kernels take as ``U`` to skip factoring the same Fisher again."""
+    if F.dim() != 3:
+        return inverse_factor(F, num_grads, damp)
+    U = torch.empty(F.shape, dtype=torch.float64, device=F.device)
+    for g, f in enumerate(F):
+        U[g] = inverse_factor(f, num_grads, damp)
+    return U
+
+
+def _one_group(F: torch.Tensor, U: torch.Tensor | None):
+    """A grouped F of one group is the shared Fisher: (F[0], U[0])."""
+    if F.dim() == 3 and F.shape[0] == 1:
+        return F[0], None if U is None else U[0]
+    return F, U
+
+
 def _check_scale(row_scale: torch.Tensor | None, rows: int) -> None:
     if row_scale is not None and row_scale.shape != (rows,):
         raise ValueError(f"row_scale must have shape ({rows},), got {tuple(row_scale.shape)}")
@@ -139,20 +179,69 @@ def fast_cap_scores(
     num_grads: int,
     damp: float = 1e-2,
     row_scale: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    U: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-weight loss estimates s_r w^2 / U_jj^2 / rows (rows, B) float64: what the sweep
     ranks a column by before any error is pushed onto it, in the units of one row's Fisher
     (F sums all rows, hence the division), so comparable across layers of any row count (the
-    selectors use them to share one sparsity budget among layers). W (rows, B), F (B, B) as
-    for :func:`fast_cap_prune`; row_scale (rows,): s_r of :func:`row_scales` (None: all 1);
-    padding scores whatever W holds there (zero)."""
-    rows, B = W.shape
-    if F.shape != (B, B):
-        raise ValueError(f"F must be ({B}, {B}), got {tuple(F.shape)}")
+    selectors use them to share one sparsity budget among layers). W (rows, B), F (B, B) or
+    grouped (G, B, B) as for :func:`fast_cap_prune`; row_scale (rows,): s_r of
+    :func:`row_scales` (None: all 1); padding scores whatever W holds there (zero). valid
+    (rows, B): with a grouped F, rows without a valid entry do not count in their group. U:
+    :func:`factors` of F when already computed."""
+    rows = W.shape[0]
+    F, U = _one_group(F, U)
     _check_scale(row_scale, rows)
-    U = inverse_factor(F, num_grads, damp)
-    scores = W.double() ** 2 / U.diagonal() ** 2 / rows
+    if F.dim() == 2:
+        if F.shape != (W.shape[1], W.shape[1]):
+            raise ValueError(f"F must be ({W.shape[1]}, {W.shape[1]}), got {tuple(F.shape)}")
+        U = inverse_factor(F, num_grads, damp) if U is None else U
+        scores = W.double() ** 2 / U.diagonal() ** 2 / rows
+        return scores if row_scale is None else scores * row_scale.to(scores)[:, None]
+    f = _Factors(W, F, num_grads, damp, valid, None, U)
+    scores = W.double() ** 2 / f.dU2 * f.loss_scale[:, None]
     return scores if row_scale is None else scores * row_scale.to(scores)[:, None]
+
+
+class _Factors:
+    """A layer's inverse factors and what the sweep weighs rows by: U (B, B) or (G, B, B),
+    dU2 (U_jj^2 / s_r: (B,), or (rows, B) with row scales or groups), inv_d (1 / U_jj: (B, 1)
+    or (B, rows)) and loss_scale (rows,): s_r / (the rows sharing the row's Fisher)."""
+
+    def __init__(self, W, F, num_grads, damp, valid, row_scale, U=None):
+        rows, B = W.shape
+        grouped = F.dim() == 3
+        G = F.shape[0] if grouped else 1
+        if F.dim() not in (2, 3) or tuple(F.shape[-2:]) != (B, B) or rows % G:
+            raise ValueError(
+                f"F must be ({B}, {B}) or (G, {B}, {B}) with G dividing the {rows} rows of W "
+                f"{tuple(W.shape)}, got {tuple(F.shape)}"
+            )
+        _check_scale(row_scale, rows)
+        self.G, self.R = G, rows // G
+        if U is not None and U.shape != F.shape:
+            raise ValueError(f"U must have F's shape {tuple(F.shape)}, got {tuple(U.shape)}")
+        self.U = factors(F, num_grads, damp) if U is None else U
+        if not grouped:
+            self.dU2 = self.U.diagonal() ** 2
+            self.inv_d = self.U.diagonal().reciprocal()[:, None]
+            self.loss_scale = torch.full((rows,), 1.0 / rows, dtype=torch.float64, device=W.device)
+        else:
+            diag = self.U.diagonal(dim1=1, dim2=2)  # (G, B)
+            self.dU2 = (diag**2).repeat_interleave(self.R, dim=0)
+            self.inv_d = diag.reciprocal().T.repeat_interleave(self.R, dim=1)
+            # a group's Fisher sums its rows (padding rows, all invalid, do not count)
+            live = (
+                torch.full((G,), self.R, device=W.device)
+                if valid is None
+                else valid.reshape(G, self.R, B).any(dim=2).sum(dim=1)
+            )
+            share = 1.0 / live.clamp(min=1).to(torch.float64)
+            self.loss_scale = share.repeat_interleave(self.R).to(W.device)
+        if row_scale is not None:  # rows weighted by their own curvature: s_r / U_jj^2
+            self.dU2 = self.dU2 / row_scale.to(self.dU2)[:, None]
+            self.loss_scale = self.loss_scale * row_scale.to(self.loss_scale)
 
 
 def _select(scores: torch.Tensor, k: list[int]) -> torch.Tensor:
@@ -173,7 +262,7 @@ def fast_cap_prune(
     W: torch.Tensor,
     F: torch.Tensor,
     num_grads: int,
-    sparsity: float,
+    sparsity: float | list[float],
     *,
     damp: float = 1e-2,
     block_size: int = 128,
@@ -183,6 +272,7 @@ def fast_cap_prune(
     pruned: torch.Tensor | None = None,
     zero_dead: bool = False,
     row_scale: torch.Tensor | None = None,
+    U: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one layer with the FastCAP column sweep; returns (W_new, mask), mask True = kept.
 
@@ -198,9 +288,21 @@ def fast_cap_prune(
     weights row r's unstructured scores by s_r (:func:`row_scales`; None: the reference's
     unweighted scores); the updates do not depend on it. W_new (rows, B) has W's dtype and
     exact zeros where the mask is False.
+
+    Grouped: F (G, B, B) gives each of G equal runs of rows (rows / G each; pad with invalid
+    rows) its own Fisher, used for its rows' updates and scores; ``sparsity`` may then be one
+    value per group, each group removing its own share of every column block. U: :func:`factors`
+    of F when already computed.
     """
-    _check_sparsity(sparsity)
-    sweep = _Sweep(W, F, num_grads, damp, block_size, n, m, valid, pruned, row_scale)
+    F, U = _one_group(F, U)
+    groups = F.shape[0] if F.dim() == 3 else 1
+    if isinstance(sparsity, (list, tuple)):
+        if len(sparsity) != groups:
+            raise ValueError(f"need one sparsity per group ({groups}), got {list(sparsity)}")
+        sparsity = list(sparsity) if groups > 1 else sparsity[0]
+    for value in sparsity if isinstance(sparsity, list) else [sparsity]:
+        _check_sparsity(value)
+    sweep = _Sweep(W, F, num_grads, damp, block_size, n, m, valid, pruned, row_scale, U)
     WT, removed, _ = sweep.run([sparsity], zero_dead=zero_dead)
     return WT.T.to(W.dtype), ~removed[0] | ~sweep.valid
 
@@ -218,6 +320,7 @@ def fast_cap_losses(
     row_scale: torch.Tensor | None = None,
     max_rows: int | None = None,
     zero_dead: bool = False,
+    U: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The sweep's own loss curve of one layer: (removed, loss), float64 of len(levels).
 
@@ -234,28 +337,50 @@ def fast_cap_losses(
     an unbiased estimate of the sum over rows at a fraction of the cost (counts are capped at
     the layer's valid entries). Losses are measured from the weights the sweep starts from
     (pruned, padded and, with ``zero_dead``, dead entries zeroed).
+
+    Grouped F (G, B, B) (:func:`fast_cap_prune`): one curve per group, (removed, loss) of
+    shape (len(levels), G), each in its group's rows' units (they add up like layers');
+    ``max_rows`` then measures the same random positions of every group, max_rows // G each.
     """
     levels = list(levels)
     if not levels or not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in levels):
         raise ValueError(f"levels must be a non-empty list of sparsities in [0, 1], got {levels}")
-    rows = W.shape[0]
+    rows, B = W.shape
     _check_scale(row_scale, rows)
     if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
         raise ValueError(f"max_rows must be an int >= 1 or None, got {max_rows!r}")
-    total = rows * W.shape[1] if valid is None else int(valid.sum())
-    if max_rows is not None and rows > max_rows:
-        pick = torch.randperm(rows, generator=torch.Generator().manual_seed(0))[:max_rows]
-        pick = pick.sort().values.to(W.device)
+    F, U = _one_group(F, U)
+    G = F.shape[0] if F.dim() == 3 else 1
+    if rows % G:
+        raise ValueError(f"the {rows} rows of W do not split into G = {G} equal groups")
+    R = rows // G
+    valid = torch.ones_like(W, dtype=torch.bool) if valid is None else valid.bool()
+    total = valid.reshape(G, R * B).sum(dim=1).to(torch.float64)  # entries per group
+    alive = valid.reshape(G, R, B).any(dim=2)  # (G, R): rows holding a valid entry
+    live = alive.sum(dim=1)  # rows per group
+    keep = R if max_rows is None else min(R, max(1, max_rows // G))
+    if keep < R:  # a fixed random order of the positions; each group takes its live rows first
+        order = torch.randperm(R, generator=torch.Generator().manual_seed(0))
+        firsts = alive.cpu()[:, order]  # (G, R): is the row at each place of the order live
+        rank = torch.argsort((~firsts).to(torch.uint8), dim=1, stable=True)[:, :keep]
+        pick = order[rank].sort(dim=1).values + torch.arange(G)[:, None] * R
+        pick = pick.flatten().to(W.device)
         W, valid, pruned, row_scale = (
             None if t is None else t[pick] for t in (W, valid, pruned, row_scale)
         )
-    sweep = _Sweep(W, F, num_grads, damp, block_size, None, None, valid, pruned, row_scale)
+    sweep = _Sweep(W, F, num_grads, damp, block_size, None, None, valid, pruned, row_scale, U)
     _, rm, loss = sweep.run(levels, zero_dead=zero_dead, with_loss=True)
     if not torch.isfinite(loss).all():
         raise NumericalError("FastCAP loss curve holds NaN/Inf (non-finite weights or scales)")
-    # loss: the sweep weighs each row by s_r / (its rows), i.e. already scaled up
-    removed = (rm & sweep.valid).flatten(1).sum(dim=1).to(torch.float64) * (rows / W.shape[0])
-    return removed.clamp(max=float(total)).cpu(), loss.cpu()
+    # loss: the sweep weighs each row by s_r / (its group's rows), i.e. already scaled up;
+    # counts are scaled up by the group's rows over those measured
+    counted = (rm & sweep.valid).view(len(levels), G, -1).sum(dim=2).to(torch.float64)
+    if G == 1:
+        removed = counted[:, 0] * (rows / W.shape[0])
+        return removed.clamp(max=float(total[0])).cpu(), loss.cpu()
+    measured = sweep.valid.reshape(G, keep, B).any(dim=2).sum(dim=1).clamp(min=1)
+    removed = counted * (live / measured).to(counted)
+    return removed.minimum(total.to(removed)).cpu(), loss.cpu()
 
 
 LAZY = 32
@@ -267,15 +392,12 @@ def _check_sparsity(sparsity: float) -> None:
 
 
 class _Sweep:
-    """One layer's checked inputs and inverse factor, swept to several sparsities at once (U is
-    factored once)."""
+    """One layer's checked inputs and inverse factors, swept to several sparsities at once (U
+    is factored once). With a grouped F (G, B, B) the rows form G equal runs, each updated and
+    scored with its own factor and selecting its own share of every column block."""
 
-    def __init__(self, W, F, num_grads, damp, block_size, n, m, valid, pruned, row_scale):
+    def __init__(self, W, F, num_grads, damp, block_size, n, m, valid, pruned, row_scale, U=None):
         rows, B = W.shape
-        if F.shape != (B, B):
-            raise ValueError(
-                f"F must be ({B}, {B}) to match W {tuple(W.shape)}, got {tuple(F.shape)}"
-            )
         if num_grads < 1 or block_size < 1:
             raise ValueError(
                 f"need num_grads >= 1, block_size >= 1; got num_grads={num_grads}, "
@@ -292,35 +414,50 @@ class _Sweep:
             vg = valid.view(rows, -1, m)
             if bool((vg.any(2) != vg.all(2)).any()):
                 raise ValueError("N:M groups must be either all valid or all padding")
-        _check_scale(row_scale, rows)
+        f = _Factors(W, F, num_grads, damp, valid, row_scale, U)
         self.W, self.F, self.bs, self.n, self.m, self.valid = W, F, bs, n, m, valid
         self.pruned = torch.zeros_like(valid) if pruned is None else pruned.bool() & valid
-        self.U = inverse_factor(F, num_grads, damp)
-        self.dU2 = self.U.diagonal() ** 2
-        # the per-row weight of each column error in the loss: s_r / rows
-        self.loss_scale = torch.full((rows,), 1.0 / rows, dtype=torch.float64, device=W.device)
-        if row_scale is not None:  # rows weighted by their own curvature: s_r / U_jj^2
-            self.dU2 = self.dU2 / row_scale.to(self.dU2)[:, None]
-            self.loss_scale = self.loss_scale * row_scale.to(self.loss_scale)
+        self.U, self.dU2, self.inv_d, self.loss_scale = f.U, f.dU2, f.inv_d, f.loss_scale
+        self.G, self.R = f.G, f.R
 
-    def run(self, sparsities: list[float], zero_dead: bool = False, with_loss: bool = False):
+    def _dead(self) -> torch.Tensor:
+        """(B, rows) True where the row's Fisher has a zero diagonal."""
+        if self.F.dim() == 2:
+            return (self.F.diagonal() == 0)[:, None].expand(-1, self.valid.shape[0])
+        dead = self.F.diagonal(dim1=1, dim2=2) == 0  # (G, B)
+        return dead.T.repeat_interleave(self.R, dim=1)
+
+    def _counts(self, sparsities, count, forced) -> list[int]:
+        """Entries each (copy, group) removes from a column block: count / forced (G,) are its
+        valid / already pruned entries there."""
+        out = []
+        for sp in sparsities:
+            per_group = sp if isinstance(sp, list) else [sp] * self.G
+            if len(per_group) != self.G:
+                raise ValueError(f"need one sparsity per group ({self.G}), got {per_group}")
+            out += [max(round(v * c), f) for v, c, f in zip(per_group, count, forced)]
+        return out
+
+    def run(self, sparsities: list, zero_dead: bool = False, with_loss: bool = False):
         """(WT (B, L * rows) swept, removed (L, rows, B) bool, loss (L,) or None) for L =
         len(sparsities) (unstructured; N:M ignores them). The sweeps to the L sparsities run as
         one sweep of L copies of the rows (WT[:, l * rows : (l + 1) * rows] is copy l): every
-        update is shared, only the selection differs per copy."""
-        U, dU2, valid, pruned, n, bs = self.U, self.dU2, self.valid, self.pruned, self.n, self.bs
-        (rows, B), L = valid.shape, len(sparsities)
+        update is shared, only the selection differs per copy. Grouped: an entry of
+        ``sparsities`` may be one value per group, and loss is (L, G)."""
+        dU2, valid, pruned, n, bs = self.dU2, self.valid, self.pruned, self.n, self.bs
+        (rows, B), L, G, R = valid.shape, len(sparsities), self.G, self.R
         # The sweep runs on the transpose: column j of W is the contiguous row WT[j], so the
         # rank-1 update of the columns after j walks memory in order.
         WT = self.W.T.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
         WT.masked_fill_((pruned | ~valid).T, 0.0)
         if zero_dead:
-            WT[self.F.diagonal() == 0] = 0.0
+            WT.masked_fill_(self._dead(), 0.0)
         if L > 1:
             WT = WT.repeat(1, L)
-        inv_d = U.diagonal().reciprocal()
+        inv_d = self.inv_d if G == 1 or L == 1 else self.inv_d.repeat(1, L)
         removed = torch.zeros((L, rows, B), dtype=torch.bool, device=valid.device)
-        loss = torch.zeros(L, dtype=torch.float64, device=WT.device) if with_loss else None
+        shape = (L,) if G == 1 else (L, G)
+        loss = torch.zeros(shape, dtype=torch.float64, device=WT.device) if with_loss else None
         for c1 in range(0, B, bs):
             c2 = min(c1 + bs, B)
             W1, v1 = WT[c1:c2], valid[:, c1:c2]  # W1: a view, (cols, L*rows)
@@ -328,18 +465,23 @@ class _Sweep:
                 # Forced-pruned entries score -inf (taken first), padding +inf (never counted).
                 s = W1.view(-1, L, rows).permute(1, 2, 0) ** 2 / dU2[..., c1:c2]
                 s = s.masked_fill(pruned[:, c1:c2], -1.0).masked_fill(~v1, float("inf"))
-                count, forced = int(v1.sum()), int(pruned[:, c1:c2].sum())
-                rm1 = _select(s, [max(round(sp * count), forced) for sp in sparsities]) | ~v1
+                count = v1.reshape(G, -1).sum(dim=1).tolist()
+                forced = pruned[:, c1:c2].reshape(G, -1).sum(dim=1).tolist()
+                k = self._counts(sparsities, count, forced)
+                rm1 = _select(s.reshape(L * G, R, c2 - c1), k).view(L, rows, -1) | ~v1
             else:
                 rm1 = (pruned[:, c1:c2] | ~v1).unsqueeze(0)
             rmT = rm1.permute(2, 0, 1).reshape(c2 - c1, L * rows)  # (cols, L*rows)
             # E1[j] holds removed / U_jj until column j is reached, then that column's errors.
-            E1 = rmT.to(WT.dtype) * inv_d[c1:c2, None]
+            E1 = rmT.to(WT.dtype) * inv_d[c1:c2]
             self._sweep_block(WT, c1, c2, rmT, E1, inv_d)
             W1.masked_fill_(rmT, 0.0)  # removed columns are exactly 0 (never read again)
             removed[:, :, c1:c2] = rmT.view(-1, L, rows).permute(1, 2, 0)
-            if loss is not None:
+            if loss is not None and G == 1:
                 loss += (E1.square().view(-1, L, rows) @ self.loss_scale).sum(dim=0) / 2
+            elif loss is not None:
+                e2 = E1.square().view(-1, L, G, R) * self.loss_scale.view(G, R)
+                loss += e2.sum(dim=(0, 3)) / 2
         if not torch.isfinite(WT).all():
             raise NumericalError("FastCAP sweep produced NaN/Inf weights")
         return WT, removed, loss
@@ -350,10 +492,11 @@ class _Sweep:
         the later columns; N:M groups pick their entries (rmT) as they are reached.
 
         Lazy updates in runs of LAZY columns: the rank-1 steps stay within a run (a cache-sized
-        slice), whose errors then reach all later columns in one GEMM. With N:M a run is whole
-        groups, so a group's picks read all its columns up to date."""
-        U, dU2, valid, n, m = self.U, self.dU2, self.valid, self.n, self.m
-        W1, U1, B = WT[c1:c2], U[c1:c2, c1:c2], U.shape[0]
+        slice), whose errors then reach all later columns in one GEMM (one per row group). With
+        N:M a run is whole groups, so a group's picks read all its columns up to date."""
+        U, dU2, valid, n, m, G, R = self.U, self.dU2, self.valid, self.n, self.m, self.G, self.R
+        W1, U1, B = WT[c1:c2], U[..., c1:c2, c1:c2], U.shape[-1]
+        L = WT.shape[1] // valid.shape[0]
         lazy = LAZY if m is None else m * max(1, LAZY // m)
         for r1 in range(0, c2 - c1, lazy):
             r2 = min(r1 + lazy, c2 - c1)
@@ -365,8 +508,19 @@ class _Sweep:
                     pick = torch.zeros_like(s, dtype=torch.bool)
                     pick.scatter_(1, torch.topk(s, n, dim=1, largest=False).indices, True)
                     rmT[g] |= pick.T & valid[:, cols].T
-                    E1[g] = rmT[g].to(WT.dtype) * inv_d[cols, None]
+                    E1[g] = rmT[g].to(WT.dtype) * inv_d[cols]
                 err = E1[j].mul_(W1[j])
-                W1[j:r2].addr_(U1[j, j:r2], err, alpha=-1.0)
-            if c1 + r2 < B:
+                if G == 1:
+                    W1[j:r2].addr_(U1[j, j:r2], err, alpha=-1.0)
+                else:  # row group g moves along its own factor's row j
+                    coef = U1[:, j, j:r2].T[:, None, :, None]
+                    W1[j:r2].view(r2 - j, L, G, R).addcmul_(coef, err.view(1, L, G, R), value=-1.0)
+            if c1 + r2 >= B:
+                continue
+            if G == 1:
                 WT[c1 + r2 :].addmm_(U[c1 + r1 : c1 + r2, c1 + r2 :].T, E1[r1:r2], alpha=-1.0)
+            else:
+                k = r2 - r1
+                E = E1[r1:r2].view(k, L, G, R).permute(2, 0, 1, 3).reshape(G, k, L * R)
+                P = torch.bmm(U[:, c1 + r1 : c1 + r2, c1 + r2 :].transpose(1, 2), E)
+                WT[c1 + r2 :].view(-1, L, G, R).sub_(P.view(G, -1, L, R).permute(1, 2, 0, 3))

@@ -8,6 +8,9 @@ Two layouts of a parameter's row-major flattening:
 - ``rows``: B is the parameter's row length (``in_features`` of a Linear, ``in_channels * kh
   * kw`` of a conv), or its largest divisor not above ``fisher_block_size`` (and a multiple of
   the N:M group), so coordinate j of every block is the same input position of the layer.
+
+With ``fisher_rows`` (rows layout only) each run of that many output rows (features or
+channels) of a parameter gets its own Fisher, summed over its rows only: (G, B, B).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 from typing import Any
 
 from sparseml.curvature import shared_block_fishers
+from sparseml.kernels.fast_cap import group_count
 from sparseml.memory import MemoryItem
 from sparseml.pruning.estimators.base import Estimator, chunk_item, peak, pruning_item
 
@@ -34,16 +38,30 @@ def row_block(shape: tuple[int, ...], cap: int, group: int = 1) -> int:
 
 
 class SharedFisher(Estimator):
-    """(fishers, count): per parameter the float64 (B, B) sum of G_n^T G_n over the samples
-    (G_n: sample n viewed as rows of B, zero-padded), and the number of samples. Every rank
-    computes every parameter's (the averaged samples are equal on all ranks). ``layout``
+    """(fishers, count, energies): per parameter the float64 (B, B) sum of G_n^T G_n over the
+    samples (G_n: sample n viewed as rows of B, zero-padded), or (G, B, B) with one per group
+    of ``fisher_rows`` output rows; the number of samples; each row's gradient energy. Every
+    rank computes every parameter's (the averaged samples are equal on all ranks). ``layout``
     ``fixed`` uses B = ``block`` for every parameter, ``rows`` a B per parameter
     (:func:`row_block` with ``block`` as the cap)."""
 
-    def __init__(self, block: int, layout: str = "fixed") -> None:
+    def __init__(self, block: int, layout: str = "fixed", fisher_rows: int | None = None) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        self.block, self.kind = block, layout
+        if fisher_rows is not None and (layout != "rows" or fisher_rows < 1):
+            raise ValueError(f"fisher_rows needs the rows layout and >= 1, got {fisher_rows}")
+        self.block, self.kind, self.fisher_rows = block, layout, fisher_rows
+
+    def group_rows(self, pruner: Any, blocks: list[int]) -> list[int | None]:
+        """Per parameter: the rows of B sharing one Fisher (None: all of them)."""
+        if self.fisher_rows is None:
+            return [None] * len(blocks)
+        out = []
+        for ref, b in zip(pruner.refs, blocks):
+            shape = tuple(ref.param.shape)
+            row = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
+            out.append(self.fisher_rows * max(row // b, 1))
+        return out
 
     def blocks(self, pruner: Any, block: int | None = None) -> list[int]:
         """B of every selected parameter."""
@@ -68,9 +86,14 @@ class SharedFisher(Estimator):
 
     def memory(self, pruner: Any, block: int, m: int) -> tuple[list[MemoryItem], str]:
         blocks = self.blocks(pruner, block)
+        groups = self.group_rows(pruner, blocks)
         fishers = [
-            MemoryItem("Fisher (float64)", b * b * 8, pruner.fisher_device(r.param))
-            for r, b in zip(pruner.refs, blocks)
+            MemoryItem(
+                "Fisher (float64)",
+                group_count(-(-r.param.numel() // b), k) * b * b * 8,
+                pruner.fisher_device(r.param),
+            )
+            for r, b, k in zip(pruner.refs, blocks, groups)
         ]
         sweep = pruning_item(pruner, extra=pruner.sweep_bytes(blocks))
         plan = peak(fishers, [chunk_item(pruner, m)], [sweep])
@@ -85,4 +108,7 @@ class SharedFisher(Estimator):
 
     def build(self, pruner: Any, module: Any, layout: None):
         devices = [pruner.fisher_device(r.param) for r in pruner.refs]
-        return shared_block_fishers(pruner.gradient_chunks(module), self.blocks(pruner), devices)
+        blocks = self.blocks(pruner)
+        return shared_block_fishers(
+            pruner.gradient_chunks(module), blocks, devices, self.group_rows(pruner, blocks)
+        )

@@ -11,9 +11,11 @@ from torch import Tensor
 
 from sparseml.fields import Check, Field, as_bool, as_int, one_of, optional
 from sparseml.kernels.fast_cap import (
+    factors,
     fast_cap_losses,
     fast_cap_prune,
     fast_cap_scores,
+    group_count,
     row_scales,
 )
 from sparseml.kernels.fisher import from_blocks, to_blocks
@@ -37,32 +39,125 @@ def curve_levels(target: float) -> list[float]:
     return sorted({min(max(1.0 - (1.0 - target) * f, 0.0), 1.0) for f in CURVE_DENSITIES})
 
 
-def score_targets(mod, fishers, count, scales, targets: list[float]) -> list[float]:
+def rows_of(mod, i: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Parameter i's weights, pruned and valid flags as rows of its B."""
+    bsz, d = mod.blocks()[i], mod.refs[i].param.numel()
+    W = to_blocks(mod.flat_weights()[i].to(device), bsz)
+    pruned = to_blocks((~mod.masks[i].reshape(-1)).to(device, torch.float), bsz) > 0
+    valid = to_blocks(torch.ones(d, device=device), bsz) > 0
+    return W, pruned, valid
+
+
+class _Layer:
+    """One parameter's rows of B as the kernels take them: with ``fisher_rows`` its rows are
+    padded (invalid rows) to whole groups, one per Fisher in F (G, B, B), and each group's
+    row scales are relative to its own mean row."""
+
+    def __init__(self, mod, i: int, F: Tensor, energy: Tensor | None, group_rows: int | None):
+        W, pruned, valid = rows_of(mod, i, F.device)
+        if F.dim() == 3 and F.shape[0] == 1:  # one group holds every row: the shared Fisher
+            F, group_rows = F[0], None
+        self.index, self.F, self.rows = i, F, W.shape[0]
+        self.scale = None
+        if group_rows is None:
+            if mod.row_scaling:
+                self.scale = row_scales(energy)
+            self.W, self.pruned, self.valid = W, pruned, valid
+            return
+        pad = F.shape[0] * group_rows - self.rows
+        self.W = torch.nn.functional.pad(W, (0, 0, 0, pad))
+        self.pruned, self.valid = (
+            torch.nn.functional.pad(t, (0, 0, 0, pad), value=False) for t in (pruned, valid)
+        )
+        if mod.row_scaling:  # each group's real rows against their mean; padding rows 1
+            parts = [row_scales(e) for e in energy.to(F.device).split(group_rows)]
+            ones = torch.ones(pad, dtype=torch.float64, device=F.device)
+            self.scale = torch.cat([*parts, ones])
+
+    def U(self, mod, count: int) -> Tensor:
+        """The inverse factors of F (`factors`), computed once for all sweeps of the step."""
+        if getattr(self, "_U", None) is None:
+            self._U = factors(self.F, count, mod.damp)
+        return self._U
+
+    @property
+    def groups(self) -> int:
+        return self.F.shape[0] if self.F.dim() == 3 else 1
+
+    def group_sizes(self) -> list[int]:
+        return self.valid.view(self.groups, -1).sum(dim=1).tolist()
+
+    def group_pruned(self) -> list[float]:
+        return self.pruned.view(self.groups, -1).sum(dim=1).double().tolist()
+
+
+def layers_of(mod, fishers: list[Tensor], energies: list[Tensor]) -> list[_Layer]:
+    groups = mod.estimator().group_rows(mod, mod.blocks())
+    return [
+        _Layer(mod, i, F, energies[i] if energies else None, k)
+        for i, (F, k) in enumerate(zip(fishers, groups))
+    ]
+
+
+def score_targets(mod, layers: list[_Layer], count, targets: list[float]) -> list:
     """Per-layer targets of one threshold over every layer's first-pass scores."""
     scores = []
-    for i, (ref, F) in enumerate(zip(mod.refs, fishers)):
-        s = fast_cap_scores(mod._rows(i, F.device)[0], F, count, mod.damp, scales[i])
-        scores.append(from_blocks(s, ref.param.numel()).view(ref.param.shape))
+    for layer, ref in zip(layers, mod.refs):
+        s = fast_cap_scores(
+            layer.W, layer.F, count, mod.damp, layer.scale, valid=layer.valid,
+            U=layer.U(mod, count),
+        )  # fmt: skip
+        scores.append(from_blocks(s[: layer.rows], ref.param.numel()).view(ref.param.shape))
     return layer_targets(Threshold(mod.mask_spec, True), mod.masked_scores(scores), targets)
 
 
-def loss_targets(mod, fishers, count, scales, targets: list[float]) -> list[float]:
-    """Per-layer targets from every layer's loss curve (`loss_curve_targets`): each layer is
-    swept, without write-back, to the `curve_levels` of its target."""
+def loss_targets(mod, layers: list[_Layer], count, targets: list[float]) -> list:
+    """Per-layer (or, with ``fisher_rows``, per-group) targets from every layer's or group's
+    loss curve (`loss_curve_targets`): each is swept, without write-back, to the
+    `curve_levels` of its layer's target."""
     curves, sizes = [], []
-    for i, (ref, F, target) in enumerate(zip(mod.refs, fishers, targets)):
-        W, pruned, valid = mod._rows(i, F.device)
+    for layer, target in zip(layers, targets):
         removed, loss = fast_cap_losses(
-            W, F, count, curve_levels(target), damp=mod.damp,
-            block_size=mod.block_size or F.shape[0], valid=valid, pruned=pruned,
-            row_scale=scales[i], max_rows=CURVE_ROWS, zero_dead=mod.zero_dead,
+            layer.W, layer.F, count, curve_levels(target), damp=mod.damp,
+            block_size=mod.block_size or layer.F.shape[-1], valid=layer.valid,
+            pruned=layer.pruned, row_scale=layer.scale, max_rows=CURVE_ROWS,
+            zero_dead=mod.zero_dead, U=layer.U(mod, count),
         )  # fmt: skip
-        # already pruned entries are zero: keeping them removed costs nothing (a row subset's
-        # scaled-up count may fall a little short of them: the sweep never reopens one)
-        base = float(pruned.sum())
-        curves.append(([base, *removed.clamp(min=base).tolist()], [0.0, *loss.tolist()]))
-        sizes.append(ref.param.numel())
-    return loss_curve_targets(curves, sizes, sum(t * n for t, n in zip(targets, sizes)))
+        removed, loss = removed.view(len(loss), -1), loss.view(len(loss), -1)
+        for g, (base, size) in enumerate(zip(layer.group_pruned(), layer.group_sizes())):
+            # already pruned entries are zero: keeping them removed costs nothing (a row
+            # subset's scaled-up count may fall a little short of them: no sweep reopens one)
+            got = removed[:, g].clamp(min=base).tolist()
+            curves.append(([base, *got], [0.0, *loss[:, g].tolist()]))
+            sizes.append(size)
+    total = sum(t * ref.param.numel() for t, ref in zip(targets, mod.refs))
+    flat = iter(loss_curve_targets(curves, sizes, total))
+    return [
+        next(flat) if layer.groups == 1 else [next(flat) for _ in range(layer.groups)]
+        for layer in layers
+    ]
+
+
+def sweep_bytes(mod, blocks: list[int]) -> int:
+    """Bytes a sweep holds at once: a layer's padded rows three times in float64 (weights,
+    block copy, errors), one more with ``fisher_rows`` (the groups' lazy updates); the loss
+    curves' copies of up to CURVE_ROWS rows (one per group at least) six times (also each
+    copy's scores, sort order and masks); plus the inverse factors, every layer's at once
+    under a global allocation (each layer's are kept from the allocation to its prune)."""
+    rows = [-(-r.param.numel() // b) for r, b in zip(mod.refs, blocks)]
+    groups = [group_count(n, k) for n, k in zip(rows, mod.estimator().group_rows(mod, blocks))]
+    extra = mod.fisher_rows is not None
+    U = [g * b * b * 8 for g, b in zip(groups, blocks)]
+    held = sum(U) if mod.selector_kind == "global" else max(U, default=0)
+    sweep = max(((3 + extra) * 8 * n * b for n, b in zip(rows, blocks)), default=0)
+    if mod.selector_kind != "global" or mod.global_allocation != "losses":
+        return sweep + held
+    levels = len(CURVE_DENSITIES)  # curve_levels gives at most one per density
+    curves = (
+        (6 + extra) * 8 * levels * min(n, max(CURVE_ROWS, g)) * b
+        for n, g, b in zip(rows, groups, blocks)
+    )
+    return max(sweep, *curves) + held
 
 
 def _losses_not_global(mod) -> bool:
@@ -71,6 +166,10 @@ def _losses_not_global(mod) -> bool:
         return False
     losses = values["global_allocation"] == "losses"
     return losses and not (values["global_sparsity"] and spec.kind == "unstructured")
+
+
+def _rows_not_aligned(mod) -> bool:
+    return mod._values["fisher_rows"] is not None and mod._values["fisher_layout"] != "rows"
 
 
 def _columns_not_grouped(mod) -> bool:
@@ -117,6 +216,10 @@ class FastCAPruningModifier(PruningModifier):
     write-back to `curve_levels`) and the least summed loss over all curves
     (`loss_curve_targets`); docs/pruners.md has the details.
 
+    ``fisher_rows: k`` (rows layout; not in the reference) gives each run of k output rows
+    (features, channels) its own Fisher, summed over its rows only, for its updates and
+    scores; each group takes its share of a layer's target (``losses``: its own curve).
+
     Sample recipe::
 
         !FastCAPruningModifier
@@ -143,6 +246,7 @@ class FastCAPruningModifier(PruningModifier):
     | row_scaling | - | weight each row's scores by its own Fisher trace (s_r) |
     | global_sparsity | - | one budget over all layers (per-layer targets from one threshold) |
     | global_allocation | - | scores: that threshold; losses: from each layer's sweep losses |
+    | fisher_rows | - | output rows sharing one Fisher (None: all of the layer's) |
 
     Estimator: `SharedFisher` (B x B per layer, so every rank computes every layer, and the
     results agree without communication); the sweep selects and updates jointly.
@@ -156,12 +260,13 @@ class FastCAPruningModifier(PruningModifier):
         "global_sparsity": Field(False, as_bool, "one sparsity budget over all layers"),
         "row_scaling": Field(False, as_bool, "weight each row's scores by its Fisher trace"),
         "global_allocation": Field(
-            "scores",
-            one_of("scores", "losses"),
-            "scores: one threshold over first-pass scores; losses: the sweeps' loss curves",
+            "scores", one_of("scores", "losses"), "scores: one threshold; losses: loss curves"
         ),
         "fisher_layout": Field(
             "fixed", one_of(*LAYOUTS), "fixed: runs of B weights; rows: B = each row's length"
+        ),
+        "fisher_rows": Field(
+            None, optional(as_int(1)), "output rows sharing one Fisher (None: all of a layer's)"
         ),
     }
     CHECKS = (
@@ -171,6 +276,7 @@ class FastCAPruningModifier(PruningModifier):
             _columns_not_grouped,
             lambda m: f"must be a multiple of M = {mask_spec_of(m._values).group}",
         ),
+        Check("fisher_rows", _rows_not_aligned, "groups output rows: it needs fisher_layout: rows"),
         Check(
             "global_allocation",
             _losses_not_global,
@@ -181,53 +287,37 @@ class FastCAPruningModifier(PruningModifier):
     SELECTORS = frozenset({"layer", "global", "nm"})
 
     def estimator(self) -> SharedFisher:
-        return SharedFisher(self.fisher_block_size, self.fisher_layout)
+        return SharedFisher(self.fisher_block_size, self.fisher_layout, self.fisher_rows)
 
     def blocks(self) -> list[int]:
         """B of every selected parameter (a recipe error when the rows layout has none)."""
         return self.estimator().blocks(self)
 
     def sweep_bytes(self, blocks: list[int]) -> int:
-        """Bytes a sweep holds at once: a layer's padded rows three times in float64 (weights,
-        block copy, errors); the loss curves' copies of up to CURVE_ROWS rows six times (also
-        each copy's scores, sort order and masks)."""
-        rows = [-(-r.param.numel() // b) for r, b in zip(self.refs, blocks)]
-        sweep = max((3 * 8 * n * b for n, b in zip(rows, blocks)), default=0)
-        if self.selector_kind != "global" or self.global_allocation != "losses":
-            return sweep
-        levels = len(CURVE_DENSITIES)  # curve_levels gives at most one per density
-        curves = (6 * 8 * levels * min(n, CURVE_ROWS) * b for n, b in zip(rows, blocks))
-        return max(sweep, *curves)
+        return sweep_bytes(self, blocks)
 
     @property
     def joint(self) -> bool:
         return True
 
-    def _rows(self, i: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """Parameter i's weights, pruned and valid flags as rows of its B."""
-        bsz, d = self.blocks()[i], self.refs[i].param.numel()
-        W = to_blocks(self.flat_weights()[i].to(device), bsz)
-        pruned = to_blocks((~self.masks[i].reshape(-1)).to(device, torch.float), bsz) > 0
-        valid = to_blocks(torch.ones(d, device=device), bsz) > 0
-        return W, pruned, valid
-
     def select_and_update(self, estimate, targets: list[float]) -> list[Tensor]:
         fishers, count, energies = estimate
-        scales = [row_scales(e) if self.row_scaling else None for e in energies]
+        layers = layers_of(self, fishers, energies)
         if self.selector_kind == "global":
             share = loss_targets if self.global_allocation == "losses" else score_targets
-            targets = share(self, fishers, count, scales, targets)
+            targets = share(self, layers, count, targets)
         spec = self.mask_spec
         nm = (spec.n, spec.group) if spec.kind == "nm" else (None, None)
         masks = []
-        for i, (ref, F, target) in enumerate(zip(self.refs, fishers, targets)):
-            W, pruned, valid = self._rows(i, F.device)
+        for layer, ref, target in zip(layers, self.refs, targets):
             W_new, keep = fast_cap_prune(
-                W, F, count, target, damp=self.damp,
-                block_size=self.block_size or F.shape[0], n=nm[0], m=nm[1],
-                valid=valid, pruned=pruned, zero_dead=self.zero_dead, row_scale=scales[i],
+                layer.W, layer.F, count, target, damp=self.damp,
+                block_size=self.block_size or layer.F.shape[-1], n=nm[0], m=nm[1],
+                valid=layer.valid, pruned=layer.pruned, zero_dead=self.zero_dead,
+                row_scale=layer.scale, U=layer.U(self, count),
             )  # fmt: skip
+            layer._U = None  # this layer's factors are not needed again
             d = ref.param.numel()
-            self.write_weights(i, from_blocks(W_new, d))
-            masks.append(from_blocks(keep, d).view(ref.param.shape))
+            self.write_weights(layer.index, from_blocks(W_new[: layer.rows], d))
+            masks.append(from_blocks(keep[: layer.rows], d).view(ref.param.shape))
         return masks
