@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparseml.kernels.fast_cap import accumulate_shared_fisher, fast_cap_prune
+from sparseml.kernels.fast_cap import accumulate_shared_fisher, fast_cap_losses, fast_cap_prune
 from sparseml.kernels.fisher import to_blocks
 from sparseml.kernels.fisher_build import block_fisher_inverse
 from sparseml.kernels.mfac import MFACInverse
@@ -114,6 +114,28 @@ def test_kernels_cuda_match_cpu() -> None:
         new, keep = fast_cap_prune(blocks, F_, 96, 0.5, damp=1e-2, block_size=64)
         outs.append((new.cpu(), keep.cpu()))
     assert ((outs[0][1] != outs[1][1]).float().mean()) <= 0.02
+
+
+def grouped_fast_cap(device: str) -> tuple[torch.Tensor, ...]:
+    """FastCAP with one Fisher per 4 rows (3 groups, the last one padded) on ``device``:
+    the pruned rows, the mask and the groups' loss curves measured on 2 rows each."""
+    gen = torch.Generator().manual_seed(3)
+    grads = torch.randn(32, 12 * 64, generator=gen).to(device)
+    W = torch.randn(12, 64, generator=gen, dtype=torch.float64).to(device)
+    valid = torch.ones(12, 64, dtype=torch.bool, device=device)
+    valid[10:] = False
+    W = W * valid
+    F_ = accumulate_shared_fisher(grads, 64, group_rows=4)
+    new, keep = fast_cap_prune(W, F_, 32, [0.5, 0.6, 0.7], damp=1e-2, block_size=32, valid=valid)
+    removed, loss = fast_cap_losses(W, F_, 32, [0.5, 0.9], block_size=32, valid=valid, max_rows=6)
+    return tuple(t.cpu() for t in (new, keep, removed, loss))
+
+
+def test_grouped_fast_cap_cuda_matches_cpu() -> None:
+    cpu, gpu = grouped_fast_cap("cpu"), grouped_fast_cap("cuda")
+    assert ((cpu[1] != gpu[1]).float().mean()) <= 0.02
+    torch.testing.assert_close(gpu[2], cpu[2], rtol=0.05, atol=2.0)
+    torch.testing.assert_close(gpu[3], cpu[3], rtol=1e-2, atol=1e-6)
 
 
 def test_mfac_optimizer_cuda_matches_cpu() -> None:
