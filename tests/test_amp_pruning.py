@@ -91,13 +91,17 @@ ROWS_FIELDS = "fisher_layout: rows\n    row_scaling: true\n    global_sparsity: 
 # ... with the layers' sparsities from the sweeps' loss curves
 FAST_CAP_CURVES = "FastCAPruningModifier+curves"
 CURVES_FIELDS = ROWS_FIELDS + "    global_allocation: losses\n"
+# ... and one Fisher per 5 output rows (groups with a padded last one), each with its own curve
+FAST_CAP_GROUPS = "FastCAPruningModifier+groups"
+GROUPS_FIELDS = CURVES_FIELDS + "    fisher_rows: 5\n"
+OURS = {FAST_CAP_ROWS: ROWS_FIELDS, FAST_CAP_CURVES: CURVES_FIELDS, FAST_CAP_GROUPS: GROUPS_FIELDS}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64],
                          ids=["fp16", "bf16", "fp64"])  # fmt: skip
 @pytest.mark.parametrize("name", ["OBSPruningModifier", "CAPruningModifier",
                                   "FastCAPruningModifier", FAST_CAP_ROWS, FAST_CAP_CURVES,
-                                  "MFACPruningModifier"])  # fmt: skip
+                                  FAST_CAP_GROUPS, "MFACPruningModifier"])  # fmt: skip
 def test_half_precision_timm_model_one_shot(name: str, dtype: torch.dtype, research) -> None:
     import timm
 
@@ -108,8 +112,8 @@ def test_half_precision_timm_model_one_shot(name: str, dtype: torch.dtype, resea
     ).to(dtype)  # fmt: skip
     params = '["re:.*(qkv|fc1|fc2).weight"]'
     text = recipe(name.split("+")[0], gradual=False).replace("{params}", params)
-    if name in (FAST_CAP_ROWS, FAST_CAP_CURVES):
-        text += "    " + (ROWS_FIELDS if name == FAST_CAP_ROWS else CURVES_FIELDS)
+    if name in OURS:
+        text += "    " + OURS[name]
     manager = ScheduledModifierManager.from_yaml(text)
 
     def build(**kw):
@@ -129,6 +133,9 @@ def test_half_precision_timm_model_one_shot(name: str, dtype: torch.dtype, resea
     zeros = sum(int((p == 0).sum()) for p in weights)
     if name in LAYER_WISE:
         assert zeros == sum(round(0.5 * p.numel()) for p in weights)
-    else:  # FastCAP's global allocations: per-layer targets, each met within a weight
-        slack = len(weights) if name in (FAST_CAP_ROWS, FAST_CAP_CURVES) else 0
+    else:  # FastCAP's global allocations: per-layer (per-group) targets, each met within a weight
+        units = (
+            sum(-(-p.shape[0] // 5) for p in weights) if name == FAST_CAP_GROUPS else len(weights)
+        )
+        slack = units if name in OURS else 0
         assert abs(zeros - round(0.5 * total)) <= slack

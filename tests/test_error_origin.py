@@ -17,7 +17,17 @@ import torch
 
 from sparseml import curvature
 from sparseml.errors import NumericalError, RecipeError, SparsificationError
-from sparseml.kernels import cap, cap_prefix, fast_cap, fisher, fisher_build, mfac, obs, packed
+from sparseml.kernels import (
+    cap,
+    cap_prefix,
+    fast_cap,
+    fast_cap_sweep,
+    fisher,
+    fisher_build,
+    mfac,
+    obs,
+    packed,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "sparseml"
@@ -58,17 +68,33 @@ BAD_CALLS = {
         "row_energy must be 1-D",
         lambda: fast_cap.row_scales(torch.ones(2, 2)),
     ),
-    "fast_cap.factors": (
+    "fast_cap_sweep.factors": (
         "square",
-        lambda: fast_cap.factors(torch.zeros(2, 3, 4), 4, 1e-2),
+        lambda: fast_cap_sweep.factors(torch.zeros(2, 3, 4), 4, 1e-2),
+    ),
+    "fast_cap_sweep.check_scale": (
+        "row_scale must have shape",
+        lambda: fast_cap_sweep.check_scale(torch.ones(3), 2),
+    ),
+    "fast_cap_sweep.Factors": (
+        "F must be",
+        lambda: fast_cap_sweep.Factors(
+            torch.zeros(3, 4), torch.eye(4)[None].repeat(2, 1, 1), 4, 1e-2, None, None
+        ),
+    ),
+    "fast_cap_sweep.Sweep": (
+        "num_grads",
+        lambda: fast_cap_sweep.Sweep(
+            torch.zeros(2, 4), torch.eye(4), 0, 1e-2, 4, None, None, None, None, None
+        ),
     ),
     "fast_cap.group_count": (
         "group_rows",
         lambda: fast_cap.group_count(6, 0),
     ),
-    "fast_cap.inverse_factor": (
+    "fast_cap_sweep.inverse_factor": (
         "F must be square",
-        lambda: fast_cap.inverse_factor(torch.eye(3)[:2], 4, 1e-2),
+        lambda: fast_cap_sweep.inverse_factor(torch.eye(3)[:2], 4, 1e-2),
     ),
     "cap.cap_eliminate": ("expected W", lambda: cap.cap_eliminate(W, H[:, :3, :3], NONE)),
     "cap.cap_eliminate/blocks_per_batch": (
@@ -167,6 +193,7 @@ BAD_STATE = {
 # Public names of the pruning kernels with no argument check of their own (pure views or
 # formulas whose callers are the checked entry points above).
 UNCHECKED = {
+    "fast_cap_sweep.select_smallest",  # counts the sweep computed itself
     "cap_prefix.prefix_mask",
     "cap_prefix.recon_batch",  # sizes only, never given user values
     "cap.workspace_bytes",  # sizes only, never given user values
@@ -208,7 +235,8 @@ def test_misused_builder_is_a_runtime_error(name):
 
 def test_every_checking_entry_point_is_covered():
     public = set()
-    for module in (cap, cap_prefix, fast_cap, fisher, fisher_build, mfac, obs, packed):
+    kernels = (cap, cap_prefix, fast_cap, fast_cap_sweep, fisher, fisher_build, mfac, obs, packed)
+    for module in kernels:
         short = module.__name__.rsplit(".", 1)[1]
         for name, obj in vars(module).items():
             defined_here = getattr(obj, "__module__", None) == module.__name__
