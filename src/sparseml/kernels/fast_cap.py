@@ -245,7 +245,8 @@ def fast_cap_losses(
 
     Grouped F (G, B, B) (:func:`fast_cap_prune`): one curve per group, (removed, loss) of
     shape (len(levels), G), each in its group's rows' units (they add up like layers');
-    ``max_rows`` then measures the same random positions of every group, max_rows // G each.
+    ``max_rows`` then measures max_rows // G rows of every group: the first of its live rows
+    in one fixed random order of the positions (the same order for every group).
     """
     levels = list(levels)
     if not levels or not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in levels):

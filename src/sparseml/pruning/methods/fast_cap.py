@@ -58,7 +58,7 @@ class _Layer:
         if F.dim() == 3 and F.shape[0] == 1:  # one group holds every row: the shared Fisher
             F, group_rows = F[0], None
         self.index, self.F, self.rows = i, F, W.shape[0]
-        self.scale = None
+        self.scale, self._U = None, None
         if group_rows is None:
             if mod.row_scaling:
                 self.scale = row_scales(energy)
@@ -76,7 +76,7 @@ class _Layer:
 
     def U(self, mod, count: int) -> Tensor:
         """The inverse factors of F (`factors`), computed once for all sweeps of the step."""
-        if getattr(self, "_U", None) is None:
+        if self._U is None:
             self._U = factors(self.F, count, mod.damp)
         return self._U
 
