@@ -91,9 +91,10 @@ ROWS_FIELDS = "fisher_layout: rows\n    row_scaling: true\n    global_sparsity: 
 # ... with the layers' sparsities from the sweeps' loss curves
 FAST_CAP_CURVES = "FastCAPruningModifier+curves"
 CURVES_FIELDS = ROWS_FIELDS + "    global_allocation: losses\n"
-# ... and one Fisher per 5 output rows (groups with a padded last one), each with its own curve
+# ... and one Fisher per 5 output rows (groups with a padded last one), each with its own
+# curve, each group reaching its target in 3 sweeps
 FAST_CAP_GROUPS = "FastCAPruningModifier+groups"
-GROUPS_FIELDS = CURVES_FIELDS + "    fisher_rows: 5\n"
+GROUPS_FIELDS = CURVES_FIELDS + "    fisher_rows: 5\n    sweeps: 3\n"
 OURS = {FAST_CAP_ROWS: ROWS_FIELDS, FAST_CAP_CURVES: CURVES_FIELDS, FAST_CAP_GROUPS: GROUPS_FIELDS}
 
 

@@ -64,6 +64,14 @@ BAD_CALLS = {
         "F must be",
         lambda: fast_cap.fast_cap_scores(torch.zeros(2, 4), torch.eye(3), 4),
     ),
+    "fast_cap_sweep.select_smallest": (
+        "one count per copy",
+        lambda: fast_cap_sweep.select_smallest(torch.zeros(3, 4), [1, 2]),
+    ),
+    "fast_cap.sweep_levels": (
+        "one sparsity per group",
+        lambda: fast_cap.sweep_levels([0.5], 2, (4, 5), 2),
+    ),
     "fast_cap.row_scales": (
         "row_energy must be 1-D",
         lambda: fast_cap.row_scales(torch.ones(2, 2)),
@@ -193,7 +201,6 @@ BAD_STATE = {
 # Public names of the pruning kernels with no argument check of their own (pure views or
 # formulas whose callers are the checked entry points above).
 UNCHECKED = {
-    "fast_cap_sweep.select_smallest",  # counts the sweep computed itself
     "cap_prefix.prefix_mask",
     "cap_prefix.recon_batch",  # sizes only, never given user values
     "cap.workspace_bytes",  # sizes only, never given user values

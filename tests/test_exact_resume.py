@@ -26,6 +26,10 @@ PRUNERS = {
     "OBSPruningModifier": SECOND,
     "CAPruningModifier": SECOND,
     "FastCAPruningModifier": "num_grads: 6\n    damp: 0.01\n    fisher_block_size: 8",
+    # one Fisher per 2 output rows, each step's target reached in 3 sweeps, loss-curve allocation
+    "FastCAP-groups-sweeps": "num_grads: 6\n    damp: 0.01\n    fisher_block_size: 8\n"
+    "    fisher_layout: rows\n    row_scaling: true\n    fisher_rows: 2\n    sweeps: 3\n"
+    "    global_sparsity: true\n    global_allocation: losses",
     "MFACPruningModifier": SECOND,
     "MFAC-buffered": "num_grads: 3\n    fisher_block_size: 8\n    use_gradient_buffering: true",
 }
@@ -48,7 +52,8 @@ class Noisy(Dataset):
 
 
 def recipe(name: str) -> str:
-    tag = "MFACPruningModifier" if name.startswith("MFAC") else name
+    tags = {"MFAC": "MFACPruningModifier", "FastCAP-": "FastCAPruningModifier"}
+    tag = next((t for prefix, t in tags.items() if name.startswith(prefix)), name)
     return f"""
 modifiers:
   - !{tag}

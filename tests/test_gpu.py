@@ -118,7 +118,8 @@ def test_kernels_cuda_match_cpu() -> None:
 
 def grouped_fast_cap(device: str) -> tuple[torch.Tensor, ...]:
     """FastCAP with one Fisher per 4 rows (3 groups, the last one padded) on ``device``:
-    the pruned rows, the mask and the groups' loss curves measured on 2 rows each."""
+    the pruned rows, the mask, the groups' loss curves measured on 2 rows each and the mask of
+    three sweeps."""
     gen = torch.Generator().manual_seed(3)
     grads = torch.randn(32, 12 * 64, generator=gen).to(device)
     W = torch.randn(12, 64, generator=gen, dtype=torch.float64).to(device)
@@ -128,7 +129,12 @@ def grouped_fast_cap(device: str) -> tuple[torch.Tensor, ...]:
     F_ = accumulate_shared_fisher(grads, 64, group_rows=4)
     new, keep = fast_cap_prune(W, F_, 32, [0.5, 0.6, 0.7], damp=1e-2, block_size=32, valid=valid)
     removed, loss = fast_cap_losses(W, F_, 32, [0.5, 0.9], block_size=32, valid=valid, max_rows=6)
-    return tuple(t.cpu() for t in (new, keep, removed, loss))
+    pruned = torch.zeros_like(valid)
+    pruned[:, :8] = True  # three sweeps of rising sparsity from 1/8 already pruned
+    _, multi = fast_cap_prune(
+        W, F_, 32, [0.8, 0.9, 0.7], damp=1e-2, block_size=32, valid=valid, pruned=pruned, sweeps=3
+    )
+    return tuple(t.cpu() for t in (new, keep, removed, loss, multi))
 
 
 def test_grouped_fast_cap_cuda_matches_cpu() -> None:
@@ -136,6 +142,7 @@ def test_grouped_fast_cap_cuda_matches_cpu() -> None:
     assert ((cpu[1] != gpu[1]).float().mean()) <= 0.02
     torch.testing.assert_close(gpu[2], cpu[2], rtol=0.05, atol=2.0)
     torch.testing.assert_close(gpu[3], cpu[3], rtol=1e-2, atol=1e-6)
+    assert ((cpu[4] != gpu[4]).float().mean()) <= 0.02
 
 
 def test_mfac_optimizer_cuda_matches_cpu() -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "group_count",
     "inverse_factor",
     "row_scales",
+    "sweep_levels",
 ]
 
 
@@ -178,6 +179,7 @@ def fast_cap_prune(
     zero_dead: bool = False,
     row_scale: torch.Tensor | None = None,
     U: torch.Tensor | None = None,
+    sweeps: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one layer with the FastCAP column sweep; returns (W_new, mask), mask True = kept.
 
@@ -198,7 +200,14 @@ def fast_cap_prune(
     rows) its own Fisher, used for its rows' updates and scores; ``sparsity`` may then be one
     value per group, each group removing its own share of every column block. U: :func:`factors`
     of F when already computed.
+
+    sweeps (unstructured): reach the target in that many sweeps of rising sparsity
+    (:func:`sweep_levels`), each choosing its removals from the weights the previous one left
+    and keeping those it removed; 1 is one sweep, as the reference.
     """
+    count_ok = isinstance(sweeps, int) and not isinstance(sweeps, bool) and sweeps >= 1
+    if not count_ok or (sweeps > 1 and n is not None):
+        raise ValueError(f"sweeps must be an int >= 1 (1 with N:M), got {sweeps!r} (n={n})")
     F, U = _one_group(F, U)
     groups = F.shape[0] if F.dim() == 3 else 1
     if isinstance(sparsity, (list, tuple)):
@@ -207,9 +216,50 @@ def fast_cap_prune(
         sparsity = list(sparsity) if groups > 1 else sparsity[0]
     for value in sparsity if isinstance(sparsity, list) else [sparsity]:
         _check_sparsity(value)
-    sweep = Sweep(W, F, num_grads, damp, block_size, n, m, valid, pruned, row_scale, U)
-    WT, removed, _ = sweep.run([sparsity], zero_dead=zero_dead)
-    return WT.T.to(W.dtype), ~removed[0] | ~sweep.valid
+    dtype, levels = W.dtype, [sparsity]
+    if sweeps > 1:
+        levels = sweep_levels(sparsity, sweeps, W.shape, groups, valid, pruned)
+    for level in levels:
+        sweep = Sweep(W, F, num_grads, damp, block_size, n, m, valid, pruned, row_scale, U)
+        WT, removed, _ = sweep.run([level], zero_dead=zero_dead)
+        W, pruned, U = WT.T, removed[0] & sweep.valid, sweep.U
+    return W.to(dtype), ~removed[0] | ~sweep.valid
+
+
+def sweep_levels(
+    sparsity: float | list[float],
+    sweeps: int,
+    shape: tuple[int, int],
+    groups: int = 1,
+    valid: torch.Tensor | None = None,
+    pruned: torch.Tensor | None = None,
+) -> list:
+    """The sparsities of ``sweeps`` successive sweeps of a layer of ``shape`` (rows, B) that
+    end at ``sparsity`` (one value, or one per group of rows): each group's density falls
+    geometrically from its current one (its valid entries not yet ``pruned``) to the target's,
+    so every sweep removes the same fraction of what the previous one kept. A group already at
+    or beyond its target stays there."""
+    per_group = list(sparsity) if isinstance(sparsity, (list, tuple)) else [sparsity] * groups
+    if len(per_group) != groups or sweeps < 1:
+        raise ValueError(f"need one sparsity per group ({groups}) and sweeps >= 1")
+    total = torch.full((groups,), shape[0] * shape[1] // groups, dtype=torch.float64)
+    if valid is not None:
+        total = valid.reshape(groups, -1).sum(dim=1).double().cpu()
+    done = torch.zeros(groups, dtype=torch.float64)
+    if pruned is not None:
+        mask = pruned.bool() if valid is None else pruned.bool() & valid.bool()
+        done = mask.reshape(groups, -1).sum(dim=1).double().cpu()
+    start = (1.0 - done / total.clamp(min=1)).tolist()
+    out = []
+    for p in range(1, sweeps + 1):
+        level = []
+        for d0, target in zip(start, per_group):
+            d1 = 1.0 - target
+            level.append(
+                target if p == sweeps or d0 <= d1 else 1.0 - d0 * (d1 / d0) ** (p / sweeps)
+            )
+        out.append(level if isinstance(sparsity, (list, tuple)) else level[0])
+    return out
 
 
 def fast_cap_losses(

@@ -95,18 +95,46 @@ class Factors:
             self.loss_scale = self.loss_scale * row_scale.to(self.loss_scale)
 
 
+# Above this many distinct counts in one call, one batched sort beats a search per count.
+SEARCHES = 4
+
+
 def select_smallest(scores: torch.Tensor, k: list[int]) -> torch.Tensor:
     """Bool mask of the k[l] smallest scores of each scores[l] (L, ...), ties broken by
-    row-major position (one sort when every scores[l] is the same, as in a first block)."""
+    row-major position: a stable sort's first k[l] entries (NaN last). Without NaN and with
+    few distinct counts they are found without a sort, which costs more than the rest of a
+    column block's sweep: the k-th smallest value, every entry below it, then its ties in
+    order, one batched search per distinct count."""
     flat = scores.flatten(1)
+    if len(k) != flat.shape[0]:
+        raise ValueError(f"need one count per copy ({flat.shape[0]}), got {len(k)}")
+    if len(set(k)) > SEARCHES or bool(torch.isnan(flat).any()):
+        return _sorted_smallest(flat, k).view_as(scores)
+    out = torch.empty_like(flat, dtype=torch.bool)
+    n = flat.shape[1]
+    for count in sorted(set(k)):
+        rows = [i for i, c in enumerate(k) if c == count]
+        pick = slice(None) if len(rows) == len(k) else torch.tensor(rows, device=flat.device)
+        if count <= 0 or count >= n:
+            out[pick] = count > 0
+            continue
+        values = flat[pick]
+        kth = values.kthvalue(count, dim=1, keepdim=True).values
+        below, ties = values < kth, values == kth
+        extra = count - below.sum(dim=1, keepdim=True)  # the earliest ties fill the rest
+        out[pick] = below | (ties & (ties.cumsum(dim=1) <= extra))
+    return out.view_as(scores)
+
+
+def _sorted_smallest(flat: torch.Tensor, k: list[int]) -> torch.Tensor:
+    """:func:`select_smallest` of flat (L, n) by a stable sort (one when all rows are equal)."""
     if flat.shape[0] > 1 and bool((flat == flat[:1]).all()):
         order = torch.argsort(flat[0], stable=True).expand_as(flat)
     else:
         order = torch.argsort(flat, dim=1, stable=True)
-    rank_taken = torch.arange(flat.shape[1], device=flat.device) < torch.tensor(
-        k, device=flat.device
-    ).unsqueeze(1)
-    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, rank_taken).view_as(scores)
+    counts = torch.tensor(k, device=flat.device).unsqueeze(1)
+    taken = torch.arange(flat.shape[1], device=flat.device) < counts
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, taken)
 
 
 LAZY = 32

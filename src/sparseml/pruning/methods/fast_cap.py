@@ -140,16 +140,18 @@ def loss_targets(mod, layers: list[_Layer], count, targets: list[float]) -> list
 
 def sweep_bytes(mod, blocks: list[int]) -> int:
     """Bytes a sweep holds at once: a layer's padded rows three times in float64 (weights,
-    block copy, errors), one more with ``fisher_rows`` (the groups' lazy updates); the loss
+    block copy, errors), one more with ``fisher_rows`` (the groups' lazy updates) and one more
+    with ``sweeps`` above 1 (the previous sweep's weights, which the next copies); the loss
     curves' copies of up to CURVE_ROWS rows (one per group at least) six times (also each
     copy's scores, sort order and masks); plus the inverse factors, every layer's at once
     under a global allocation (each layer's are kept from the allocation to its prune)."""
     rows = [-(-r.param.numel() // b) for r, b in zip(mod.refs, blocks)]
     groups = [group_count(n, k) for n, k in zip(rows, mod.estimator().group_rows(mod, blocks))]
     extra = mod.fisher_rows is not None
+    again = mod.sweeps > 1  # a later sweep starts from the previous one's result
     U = [g * b * b * 8 for g, b in zip(groups, blocks)]
     held = sum(U) if mod.selector_kind == "global" else max(U, default=0)
-    sweep = max(((3 + extra) * 8 * n * b for n, b in zip(rows, blocks)), default=0)
+    sweep = max(((3 + extra + again) * 8 * n * b for n, b in zip(rows, blocks)), default=0)
     if mod.selector_kind != "global" or mod.global_allocation != "losses":
         return sweep + held
     levels = len(CURVE_DENSITIES)  # curve_levels gives at most one per density
@@ -170,6 +172,11 @@ def _losses_not_global(mod) -> bool:
 
 def _rows_not_aligned(mod) -> bool:
     return mod._values["fisher_rows"] is not None and mod._values["fisher_layout"] != "rows"
+
+
+def _sweeps_not_unstructured(mod) -> bool:
+    spec = mask_spec_of(mod._values)
+    return mod._values["sweeps"] > 1 and spec is not None and spec.kind != "unstructured"
 
 
 def _columns_not_grouped(mod) -> bool:
@@ -220,6 +227,12 @@ class FastCAPruningModifier(PruningModifier):
     (features, channels) its own Fisher, summed over its rows only, for its updates and
     scores; each group takes its share of a layer's target (``losses``: its own curve).
 
+    ``sweeps: k`` (unstructured; not in the reference) reaches each layer's target in k sweeps
+    with the same Fisher, the density falling geometrically (`sweep_levels`): each sweep
+    chooses its removals from the weights the previous one updated and keeps those it
+    removed, a cheap stand-in for CAP's greedy, weight-by-weight choice. The allocation
+    (``global_sparsity``) is made once, before the first sweep.
+
     Sample recipe::
 
         !FastCAPruningModifier
@@ -247,6 +260,7 @@ class FastCAPruningModifier(PruningModifier):
     | global_sparsity | - | one budget over all layers (per-layer targets from one threshold) |
     | global_allocation | - | scores: that threshold; losses: from each layer's sweep losses |
     | fisher_rows | - | output rows sharing one Fisher (None: all of the layer's) |
+    | sweeps | - | sweeps of rising sparsity that reach the target (1: one, as the reference) |
 
     Estimator: `SharedFisher` (B x B per layer, so every rank computes every layer, and the
     results agree without communication); the sweep selects and updates jointly.
@@ -268,6 +282,7 @@ class FastCAPruningModifier(PruningModifier):
         "fisher_rows": Field(
             None, optional(as_int(1)), "output rows sharing one Fisher (None: all of a layer's)"
         ),
+        "sweeps": Field(1, as_int(1), "sweeps of rising sparsity that reach the target"),
     }
     CHECKS = (
         *SAMPLING_CHECKS,
@@ -277,6 +292,7 @@ class FastCAPruningModifier(PruningModifier):
             lambda m: f"must be a multiple of M = {mask_spec_of(m._values).group}",
         ),
         Check("fisher_rows", _rows_not_aligned, "groups output rows: it needs fisher_layout: rows"),
+        Check("sweeps", _sweeps_not_unstructured, "above 1 needs an unstructured mask_type"),
         Check(
             "global_allocation",
             _losses_not_global,
@@ -314,7 +330,7 @@ class FastCAPruningModifier(PruningModifier):
                 layer.W, layer.F, count, target, damp=self.damp,
                 block_size=self.block_size or layer.F.shape[-1], n=nm[0], m=nm[1],
                 valid=layer.valid, pruned=layer.pruned, zero_dead=self.zero_dead,
-                row_scale=layer.scale, U=layer.U(self, count),
+                row_scale=layer.scale, U=layer.U(self, count), sweeps=self.sweeps,
             )  # fmt: skip
             layer._U = None  # this layer's factors are not needed again
             d = ref.param.numel()
