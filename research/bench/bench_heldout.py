@@ -49,6 +49,8 @@ GRID: dict[str, dict[str, list[Any]]] = {
         ],
         # one Fisher per layer (the empty dict: the recipe's default), or one per 8 output rows
         "fisher_rows": [{}, {"fisher_rows": 8}],
+        # one sweep (the recipe's default), or 8 of rising sparsity
+        "sweeps": [{}, {"sweeps": 8}],
     },
     "fast_cap_ref": {"damp": [1e-3, 1e-2, 1e-1]},
 }
