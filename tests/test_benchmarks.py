@@ -254,28 +254,29 @@ def test_a_changed_choice_reruns_only_that_methods_rows(tmp_path: Path, monkeypa
     others keep theirs; any other change of the sweeps' settings drops every row."""
     sys.path.insert(0, str(ROOT / "research" / "bench"))
     import bench_quality as bq
+    import stale_rows
 
     from utils import results as res
 
     base = {"num_grads": 128, "gs_batch_size": 16, "bn_batches": 50}
     old = {**base, "chosen": {"cap": {"damp": 1e-8}, "fast_cap": {"damp": 0.1}, "gm": {}}}
     new = {**base, "chosen": {"cap": {"damp": 1e-8}, "fast_cap": {"damp": 0.01}, "gm": {}}}
-    assert bq.stale_methods(old, new) == {"fast_cap"}
-    assert bq.stale_methods(old, old) == set()
+    assert stale_rows.stale_methods(old, new) == {"fast_cap"}
+    assert stale_rows.stale_methods(old, old) == set()
     # a rerun of some methods only: the others keep their rows
-    assert bq.stale_methods(old, {**base, "chosen": {"fast_cap": {"damp": 0.1}}}) == set()
-    assert bq.stale_methods({**old, "num_grads": 64}, new) is None
-    assert bq.stale_methods([], new) is None
+    assert stale_rows.stale_methods(old, {**base, "chosen": {"fast_cap": {"damp": 0.1}}}) == set()
+    assert stale_rows.stale_methods({**old, "num_grads": 64}, new) is None
+    assert stale_rows.stale_methods([], new) is None
     folder = tmp_path / "seed0"
     names = ["dense", "fast_cap", "fast_cap+bn", "fast_cap_2to4", "fast_cap_ref", "cap",
              "cap_cumulative", "cap_per_step"]  # fmt: skip
     for name in names:
         res.append_row(folder, {"method": name, "sparsity": 0.9, "accuracy": 1.0})
-    bq.drop_rows(folder, {"fast_cap"})
+    stale_rows.drop_rows(folder, {"fast_cap"})
     assert [r["method"] for r in res.read_rows(folder)] == [
         "dense", "fast_cap_ref", "cap", "cap_cumulative", "cap_per_step"
     ]  # fmt: skip
-    bq.drop_rows(folder, {"cap"})
+    stale_rows.drop_rows(folder, {"cap"})
     assert [r["method"] for r in res.read_rows(folder)] == ["dense", "fast_cap_ref"]
 
     # through the sweep's setup: a rerun of fast_cap alone with a new choice keeps cap's rows
@@ -299,6 +300,10 @@ def test_a_changed_choice_reruns_only_that_methods_rows(tmp_path: Path, monkeypa
     res.append_row(seed, {"method": "fast_cap", "sparsity": 0.9, "accuracy": 1.0})
     bq.one_shot(args, model, tmp_path, tmp_path, out)
     assert [r["method"] for r in res.read_rows(seed)] == ["cap", "fast_cap"]
+    (out / model / "sweep.json").write_text('{"num_grads": 12')  # cut short by a kill
+    bq.one_shot(args, model, tmp_path, tmp_path, out)
+    assert not seed.exists()  # unreadable: no row can be trusted
+    assert json.loads((out / model / "sweep.json").read_text())["chosen"] == chosen
 
 
 def test_jobs_run_in_order_or_side_by_side_and_stop_at_the_first_failure() -> None:

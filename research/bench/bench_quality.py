@@ -32,9 +32,9 @@ from pathlib import Path
 
 import bench_heldout as held
 import numpy as np
+import stale_rows
 from bench_common import RESEARCH, ROOT, SetupError, guarded, in_parallel, record, records, run
 
-from sparseml.serialization import atomic_write_text
 from utils import dense_cache, fmnist
 from utils import results as res
 
@@ -44,7 +44,6 @@ NO_GRADIENTS = {"gm"}  # magnitude pruning: the seed changes nothing
 # Comparison rows run for the first seed only (they cost a process per seed): the reference
 # FastCAP and the BatchNorm-recalibrated (+bn) rows.
 FIRST_SEED_ONLY = {"fast_cap_ref"}
-OTHER_RANKING = {"cumulative": "per_step", "per_step": "cumulative"}
 RECORDS = threading.Lock()  # jobs run on threads: one append to a shared record file at a time
 
 
@@ -225,7 +224,10 @@ def sweep_jobs(args, chosen: dict | None = None, model: str = "") -> list[tuple]
         grads, variables = method not in NO_GRADIENTS, chosen.get(method, {})
         jobs.append((method, recipe, args.sparsities, grads, variables, 0))
         if "loss_ranking" in variables:
-            other = {**variables, "loss_ranking": OTHER_RANKING[variables["loss_ranking"]]}
+            other = {
+                **variables,
+                "loss_ranking": stale_rows.OTHER_RANKING[variables["loss_ranking"]],
+            }
             jobs.append((f"{method}_{other['loss_ranking']}", recipe, args.sparsities, grads,
                          other, 0))  # fmt: skip
         if bn:  # at the three highest sparsities, where BatchNorm statistics drift most
@@ -241,25 +243,12 @@ def one_shot(args, model: str, checkpoint: Path, data: Path, out: Path) -> list[
     """One job per seed (each its own folder, its methods in order)."""
     # Rows are skipped by (method, sparsity): when the gradient settings change, the earlier
     # sweeps no longer count; when a method's held-out choice changes, its rows no longer
-    # count (`stale_methods`; one_shot_pruning.py also recomputes any row whose recipe
+    # count (`stale_rows`; one_shot_pruning.py also recomputes any row whose recipe
     # settings differ: --overwrite).
     chosen = {m: held.chosen_variables(out, model, m) for m in args.methods}
     want = {"num_grads": args.num_grads, "gs_batch_size": args.gs_batch_size,
             "chosen": chosen, "bn_batches": args.bn_batches}  # fmt: skip
-    meta = out / model / "sweep.json"
-    old = read_json(meta) if meta.is_file() else want
-    stale = stale_methods(old, want)
-    if stale is None:
-        print(f"== {model}: gradient settings changed; removing the earlier sweeps", flush=True)
-        for folder in (out / model).glob("seed*"):
-            shutil.rmtree(folder)
-    elif stale:
-        print(f"== {model}: settings of {sorted(stale)} changed; removing their rows", flush=True)
-        for folder in (out / model).glob("seed*"):
-            drop_rows(folder, stale)
-    if stale is not None:  # methods not run now keep their rows and their recorded choice
-        want = {**want, "chosen": {**old["chosen"], **want["chosen"]}}
-    atomic_write_text(meta, json.dumps(want))
+    stale_rows.refresh(out / model, want)
     return [
         (
             lambda seed=seed, first=(i == 0): sweep(
@@ -268,32 +257,6 @@ def one_shot(args, model: str, checkpoint: Path, data: Path, out: Path) -> list[
         )  # fmt: skip
         for i, seed in enumerate(args.seeds)
     ]
-
-
-def stale_methods(old: object, want: dict) -> set[str] | None:
-    """Methods of ``want`` whose earlier rows no longer count when the sweeps' settings go
-    from ``old`` to ``want`` (``sweep.json``): those whose held-out choice changed (methods
-    not in ``want`` are not run now and keep theirs); None (all of them) when anything else
-    changed (the gradient sample, BatchNorm batches) or ``old`` is unreadable."""
-    if not isinstance(old, dict) or not isinstance(old.get("chosen"), dict):
-        return None
-    if {k: v for k, v in old.items() if k != "chosen"} != {
-        k: v for k, v in want.items() if k != "chosen"
-    }:
-        return None
-    before, after = old["chosen"], want["chosen"]
-    return {m for m in after if before.get(m) != after[m]}
-
-
-def drop_rows(folder: Path, methods: set[str]) -> None:
-    """Remove from a seed folder's results the rows of ``methods`` and of the jobs derived
-    from them (`sweep_jobs`: the other loss ranking, ``+bn``, 2:4)."""
-    derived = {f"{m}{tail}" for m in methods for tail in ("", "+bn", "_2to4")}
-    derived |= {f"{m}_{ranking}" for m in methods for ranking in OTHER_RANKING}
-    rows = res.read_rows(folder)
-    kept = [r for r in rows if r.get("method") not in derived]
-    if len(kept) != len(rows):
-        res.rewrite_rows(folder, kept)
 
 
 def sweep(args, model, checkpoint: Path, data: Path, out: Path, seed: int, first: bool, chosen):
