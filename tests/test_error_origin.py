@@ -25,6 +25,7 @@ from sparseml.kernels import (
     fisher,
     fisher_build,
     mfac,
+    native_fast_cap,
     obs,
     packed,
 )
@@ -79,6 +80,30 @@ BAD_CALLS = {
     "fast_cap_sweep.factors": (
         "square",
         lambda: fast_cap_sweep.factors(torch.zeros(2, 3, 4), 4, 1e-2),
+    ),
+    "native_fast_cap.sweep_run": (
+        "C-contiguous",
+        lambda: native_fast_cap.sweep_run(
+            torch.zeros(4, 6, dtype=torch.float64).T,
+            torch.zeros(2, 4, dtype=torch.float64),
+            torch.eye(6, dtype=torch.float64)[None],
+            0,
+            0,
+            2,
+            4,
+        ),
+    ),
+    "native_fast_cap.sweep_run/rows": (
+        "a multiple of R",
+        lambda: native_fast_cap.sweep_run(
+            torch.zeros(6, 4, dtype=torch.float64),
+            torch.zeros(2, 4, dtype=torch.float64),
+            torch.eye(6, dtype=torch.float64)[None],
+            0,
+            0,
+            2,
+            3,
+        ),
     ),
     "fast_cap_sweep.check_scale": (
         "row_scale must have shape",
@@ -214,6 +239,8 @@ UNCHECKED = {
     "mfac.mfac_recursion_reference",
     "mfac.recursion_diag",
     "mfac.recursion_mul",
+    "native_fast_cap.usable",  # a yes/no on a tensor's device and dtype
+    "native_fast_cap.warm_up",  # no arguments
 }
 
 
@@ -242,7 +269,10 @@ def test_misused_builder_is_a_runtime_error(name):
 
 def test_every_checking_entry_point_is_covered():
     public = set()
-    kernels = (cap, cap_prefix, fast_cap, fast_cap_sweep, fisher, fisher_build, mfac, obs, packed)
+    kernels = (
+        cap, cap_prefix, fast_cap, fast_cap_sweep, fisher, fisher_build, mfac, native_fast_cap,
+        obs, packed,
+    )  # fmt: skip
     for module in kernels:
         short = module.__name__.rsplit(".", 1)[1]
         for name, obj in vars(module).items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from sparseml.errors import NumericalError
+from sparseml.kernels import native_fast_cap
 
 __all__ = ["Factors", "Sweep", "check_scale", "factors", "inverse_factor", "select_smallest"]
 
@@ -39,12 +40,27 @@ def inverse_factor(F: torch.Tensor, num_grads: int, damp: float) -> torch.Tensor
 
 def factors(F: torch.Tensor, num_grads: int, damp: float) -> torch.Tensor:
     """:func:`inverse_factor` of F (B, B), or of each group's F[g] of a grouped (G, B, B): what
-    the sweep kernels take as ``U`` to skip factoring the same Fisher again."""
+    the sweep kernels take as ``U`` to skip factoring the same Fisher again. The groups are
+    factored in one batched call; a group that needs more than ``damp`` (or has no curvature)
+    is redone alone by :func:`inverse_factor`."""
     if F.dim() != 3:
         return inverse_factor(F, num_grads, damp)
-    U = torch.empty(F.shape, dtype=torch.float64, device=F.device)
-    for g, f in enumerate(F):
-        U[g] = inverse_factor(f, num_grads, damp)
+    if F.shape[1] != F.shape[2] or num_grads < 1:
+        raise ValueError(
+            f"F must be square (G, B, B) and num_grads >= 1; got {tuple(F.shape)}, {num_grads}"
+        )
+    Fd = F.double() / num_grads
+    if not torch.isfinite(Fd).all():
+        raise NumericalError("FastCAP Fisher holds NaN/Inf")
+    mean = Fd.diagonal(dim1=1, dim2=2).mean(dim=1)  # (G,)
+    eye = torch.eye(F.shape[-1], dtype=Fd.dtype, device=Fd.device)
+    L, info = torch.linalg.cholesky_ex(Fd + (damp * mean)[:, None, None] * eye)
+    redo = (info != 0) | (mean <= 0)
+    L[redo] = eye  # a stand-in (these groups are redone below): the inverse needs a factor
+    U, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    U = U.contiguous()  # rows in order: the compiled sweep reads them so
+    for g in torch.nonzero(redo | (info2 != 0)).flatten().tolist():
+        U[g] = inverse_factor(F[g], num_grads, damp)
     return U
 
 
@@ -167,7 +183,7 @@ class Sweep:
         self.W, self.F, self.bs, self.n, self.m, self.valid = W, F, bs, n, m, valid
         self.pruned = torch.zeros_like(valid) if pruned is None else pruned.bool() & valid
         self.U, self.dU2, self.inv_d, self.loss_scale = f.U, f.dU2, f.inv_d, f.loss_scale
-        self.G, self.R = f.G, f.R
+        self.G, self.R, self._U3 = f.G, f.R, None
 
     def _dead(self) -> torch.Tensor:
         """(B, rows) True where the row's Fisher has a zero diagonal."""
@@ -207,6 +223,7 @@ class Sweep:
         removed = torch.zeros((L, rows, B), dtype=torch.bool, device=valid.device)
         shape = (L,) if G == 1 else (L, G)
         loss = torch.zeros(shape, dtype=torch.float64, device=WT.device) if with_loss else None
+        compiled = native_fast_cap.usable(WT, n)
         for c1 in range(0, B, bs):
             c2 = min(c1 + bs, B)
             W1, v1 = WT[c1:c2], valid[:, c1:c2]  # W1: a view, (cols, L*rows)
@@ -223,6 +240,7 @@ class Sweep:
             rmT = rm1.permute(2, 0, 1).reshape(c2 - c1, L * rows)  # (cols, L*rows)
             # E1[j] holds removed / U_jj until column j is reached, then that column's errors.
             E1 = rmT.to(WT.dtype) * inv_d[c1:c2]
+            E1 = E1.contiguous() if compiled else E1  # the compiled steps take rows
             self._sweep_block(WT, c1, c2, rmT, E1, inv_d)
             W1.masked_fill_(rmT, 0.0)  # removed columns are exactly 0 (never read again)
             removed[:, :, c1:c2] = rmT.view(-1, L, rows).permute(1, 2, 0)
@@ -241,29 +259,21 @@ class Sweep:
         the later columns; N:M groups pick their entries (rmT) as they are reached.
 
         Lazy updates in runs of LAZY columns: the rank-1 steps stay within a run (a cache-sized
-        slice), whose errors then reach all later columns in one GEMM (one per row group). With
-        N:M a run is whole groups, so a group's picks read all its columns up to date."""
-        U, dU2, valid, n, m, G, R = self.U, self.dU2, self.valid, self.n, self.m, self.G, self.R
-        W1, U1, B = WT[c1:c2], U[..., c1:c2, c1:c2], U.shape[-1]
-        L = WT.shape[1] // valid.shape[0]
-        lazy = LAZY if m is None else m * max(1, LAZY // m)
+        slice; compiled on CPU, `native_fast_cap`), whose errors then reach all later columns
+        in one GEMM (one per row group). With N:M a run is whole groups, so a group's picks
+        read all its columns up to date."""
+        U, G, R, B = self.U, self.G, self.R, self.U.shape[-1]
+        L = WT.shape[1] // self.valid.shape[0]
+        lazy = LAZY if self.m is None else self.m * max(1, LAZY // self.m)
+        compiled = native_fast_cap.usable(WT, self.n)
+        if compiled and self._U3 is None:  # the factors as the compiled steps read them
+            self._U3 = (U if U.dim() == 3 else U.unsqueeze(0)).contiguous()
         for r1 in range(0, c2 - c1, lazy):
             r2 = min(r1 + lazy, c2 - c1)
-            for j in range(r1, r2):
-                if n is not None and j % m == 0:
-                    # N:M picks use the weights as updated by the columns already swept.
-                    g, cols = slice(j, j + m), slice(c1 + j, c1 + j + m)
-                    s = (W1[g].T ** 2 / dU2[..., cols]).masked_fill(rmT[g].T, -1.0)
-                    pick = torch.zeros_like(s, dtype=torch.bool)
-                    pick.scatter_(1, torch.topk(s, n, dim=1, largest=False).indices, True)
-                    rmT[g] |= pick.T & valid[:, cols].T
-                    E1[g] = rmT[g].to(WT.dtype) * inv_d[cols]
-                err = E1[j].mul_(W1[j])
-                if G == 1:
-                    W1[j:r2].addr_(U1[j, j:r2], err, alpha=-1.0)
-                else:  # row group g moves along its own factor's row j
-                    coef = U1[:, j, j:r2].T[:, None, :, None]
-                    W1[j:r2].view(r2 - j, L, G, R).addcmul_(coef, err.view(1, L, G, R), value=-1.0)
+            if compiled:
+                native_fast_cap.sweep_run(WT, E1, self._U3, c1, r1, r2, R)
+            else:
+                self._steps(WT[c1:c2], c1, r1, r2, rmT, E1, inv_d)
             if c1 + r2 >= B:
                 continue
             if G == 1:
@@ -273,3 +283,25 @@ class Sweep:
                 E = E1[r1:r2].view(k, L, G, R).permute(2, 0, 1, 3).reshape(G, k, L * R)
                 P = torch.bmm(U[:, c1 + r1 : c1 + r2, c1 + r2 :].transpose(1, 2), E)
                 WT[c1 + r2 :].view(-1, L, G, R).sub_(P.view(G, -1, L, R).permute(1, 2, 0, 3))
+
+    def _steps(self, W1, c1: int, r1: int, r2: int, rmT, E1, inv_d) -> None:
+        """The rank-1 steps of columns r1 .. r2 - 1 of the block W1 (its columns from c1 on),
+        one column at a time (N:M picks a group's entries as its first column is reached)."""
+        U1, dU2, valid, n, m, G, R = self.U, self.dU2, self.valid, self.n, self.m, self.G, self.R
+        U1 = U1[..., c1 : c1 + W1.shape[0], c1 : c1 + W1.shape[0]]
+        L = W1.shape[1] // valid.shape[0]
+        for j in range(r1, r2):
+            if n is not None and j % m == 0:
+                # N:M picks use the weights as updated by the columns already swept.
+                g, cols = slice(j, j + m), slice(c1 + j, c1 + j + m)
+                s = (W1[g].T ** 2 / dU2[..., cols]).masked_fill(rmT[g].T, -1.0)
+                pick = torch.zeros_like(s, dtype=torch.bool)
+                pick.scatter_(1, torch.topk(s, n, dim=1, largest=False).indices, True)
+                rmT[g] |= pick.T & valid[:, cols].T
+                E1[g] = rmT[g].to(W1.dtype) * inv_d[cols]
+            err = E1[j].mul_(W1[j])
+            if G == 1:
+                W1[j:r2].addr_(U1[j, j:r2], err, alpha=-1.0)
+            else:  # row group g moves along its own factor's row j
+                coef = U1[:, j, j:r2].T[:, None, :, None]
+                W1[j:r2].view(r2 - j, L, G, R).addcmul_(coef, err.view(1, L, G, R), value=-1.0)

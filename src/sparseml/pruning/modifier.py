@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from sparseml.errors import RecipeError
 from sparseml.fields import Check
 from sparseml.grad_sampler import GradSampler
+from sparseml.kernels import native
 from sparseml.kernels.precision import work_dtype
 from sparseml.masks import MaskEnforcer, MaskSpec, check_groupable, parse_mask_type
 from sparseml.modifiers.base import Modifier
@@ -327,6 +328,8 @@ class PruningModifier(Modifier):
             )
             for c, t in zip(self.schedule_levels(), targets)
         ]  # fmt: skip
+        if self.needs_gradients:
+            native.ready()  # the compiled kernels' start-up is not part of any phase
         timings = sampling.Timings(self.grad_sampler)
         for step in range(rounds):
             self.prune_once(module, [plan[step] for plan in plans], timings)
