@@ -59,7 +59,7 @@ def test_one_run_equals_the_torch_steps(G, copies, span):
     WT_t, E1_t = WT.clone(), E1.clone()
     r1, r2 = span
     sweep._steps(WT_t[c1:], c1, r1, r2, None, E1_t, None)
-    U3 = (sweep.U if sweep.U.dim() == 3 else sweep.U[None]).contiguous()
+    U3 = sweep.U if sweep.U.dim() == 3 else sweep.U[None]  # column-major for one group
     native_fast_cap.sweep_run(WT, E1, U3, c1, r1, r2, sweep.R)
     torch.testing.assert_close(E1, E1_t, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(WT, WT_t, rtol=1e-12, atol=1e-12)
@@ -111,7 +111,6 @@ def test_grouped_factors_equal_each_groups_own():
     F[1] = 0.0  # no curvature: identity fallback
     F[2] = torch.diag(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, -1e-3], dtype=D))  # indefinite
     U = factors(F, 4, 0.0)
-    assert U.is_contiguous()
     for g in range(4):
         torch.testing.assert_close(U[g], inverse_factor(F[g], 4, 0.0), rtol=1e-12, atol=1e-14)
     F[3, 0, 0] = float("nan")

@@ -58,7 +58,6 @@ def factors(F: torch.Tensor, num_grads: int, damp: float) -> torch.Tensor:
     redo = (info != 0) | (mean <= 0)
     L[redo] = eye  # a stand-in (these groups are redone below): the inverse needs a factor
     U, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-    U = U.contiguous()  # rows in order: the compiled sweep reads them so
     for g in torch.nonzero(redo | (info2 != 0)).flatten().tolist():
         U[g] = inverse_factor(F[g], num_grads, damp)
     return U
@@ -183,7 +182,7 @@ class Sweep:
         self.W, self.F, self.bs, self.n, self.m, self.valid = W, F, bs, n, m, valid
         self.pruned = torch.zeros_like(valid) if pruned is None else pruned.bool() & valid
         self.U, self.dU2, self.inv_d, self.loss_scale = f.U, f.dU2, f.inv_d, f.loss_scale
-        self.G, self.R, self._U3 = f.G, f.R, None
+        self.G, self.R = f.G, f.R
 
     def _dead(self) -> torch.Tensor:
         """(B, rows) True where the row's Fisher has a zero diagonal."""
@@ -239,8 +238,10 @@ class Sweep:
                 rm1 = (pruned[:, c1:c2] | ~v1).unsqueeze(0)
             rmT = rm1.permute(2, 0, 1).reshape(c2 - c1, L * rows)  # (cols, L*rows)
             # E1[j] holds removed / U_jj until column j is reached, then that column's errors.
-            E1 = rmT.to(WT.dtype) * inv_d[c1:c2]
-            E1 = E1.contiguous() if compiled else E1  # the compiled steps take rows
+            if compiled:  # the compiled steps read E1's rows in order (no second copy)
+                E1 = rmT.to(WT.dtype, memory_format=torch.contiguous_format).mul_(inv_d[c1:c2])
+            else:
+                E1 = rmT.to(WT.dtype) * inv_d[c1:c2]
             self._sweep_block(WT, c1, c2, rmT, E1, inv_d)
             W1.masked_fill_(rmT, 0.0)  # removed columns are exactly 0 (never read again)
             removed[:, :, c1:c2] = rmT.view(-1, L, rows).permute(1, 2, 0)
@@ -266,12 +267,10 @@ class Sweep:
         L = WT.shape[1] // self.valid.shape[0]
         lazy = LAZY if self.m is None else self.m * max(1, LAZY // self.m)
         compiled = native_fast_cap.usable(WT, self.n)
-        if compiled and self._U3 is None:  # the factors as the compiled steps read them
-            self._U3 = (U if U.dim() == 3 else U.unsqueeze(0)).contiguous()
         for r1 in range(0, c2 - c1, lazy):
             r2 = min(r1 + lazy, c2 - c1)
             if compiled:
-                native_fast_cap.sweep_run(WT, E1, self._U3, c1, r1, r2, R)
+                native_fast_cap.sweep_run(WT, E1, U if G > 1 else U[None], c1, r1, r2, R)
             else:
                 self._steps(WT[c1:c2], c1, r1, r2, rmT, E1, inv_d)
             if c1 + r2 >= B:

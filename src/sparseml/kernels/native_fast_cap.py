@@ -52,10 +52,10 @@ def sweep_run(
     WT: torch.Tensor, E1: torch.Tensor, U: torch.Tensor, c1: int, r1: int, r2: int, R: int
 ) -> None:
     """`_sweep_run` on torch tensors (shared memory, no copies): WT (B, N) and E1 (cols, N)
-    C-contiguous float64, updated in place; U (G, B, B) C-contiguous upper factors; R: rows per
-    factor run (N = copies * G * R)."""
-    if not (WT.is_contiguous() and E1.is_contiguous() and U.is_contiguous()) or U.dim() != 3:
-        raise ValueError("sweep_run needs C-contiguous WT, E1 and U (G, B, B)")
+    C-contiguous float64, updated in place; U (G, B, B) float64 upper factors, any strides (it
+    is read once per pair of columns); R: rows per factor run (N = copies * G * R)."""
+    if not (WT.is_contiguous() and E1.is_contiguous()) or U.dim() != 3:
+        raise ValueError("sweep_run needs C-contiguous WT and E1, and U (G, B, B)")
     if WT.shape[1] % R:
         raise ValueError(f"sweep_run needs N = {WT.shape[1]} a multiple of R = {R}")
     _sweep_run(WT.numpy(), E1.numpy(), U.numpy(), int(c1), int(r1), int(r2), int(R))

@@ -329,7 +329,7 @@ class PruningModifier(Modifier):
             for c, t in zip(self.schedule_levels(), targets)
         ]  # fmt: skip
         if self.needs_gradients:
-            native.ready()  # the compiled kernels' start-up is not part of any phase
+            native.warm_up()  # loading the compiled kernels is not part of any phase
         timings = sampling.Timings(self.grad_sampler)
         for step in range(rounds):
             self.prune_once(module, [plan[step] for plan in plans], timings)
