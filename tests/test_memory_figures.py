@@ -63,6 +63,17 @@ CASES = {
             "global_allocation": "losses",
         },
     ),
+    "SharedFisher (row groups, sweeps)": (
+        "FastCAPruningModifier",
+        [(512, 1), (512, 2)],
+        {
+            "fisher_layout": "rows",  # 256 Fishers of 512 x 512 a layer, factored per group
+            "fisher_block_size": 512,
+            "fisher_rows": 2,
+            "sweeps": 3,
+            "num_grads": 64,
+        },
+    ),
     "FullFisher": ("WoodFisherPruningModifier", [(768, 1), (768, 2)], {"num_grads": 64}),
     "MFACFisher": (
         "MFACPruningModifier",

@@ -40,26 +40,13 @@ def inverse_factor(F: torch.Tensor, num_grads: int, damp: float) -> torch.Tensor
 
 def factors(F: torch.Tensor, num_grads: int, damp: float) -> torch.Tensor:
     """:func:`inverse_factor` of F (B, B), or of each group's F[g] of a grouped (G, B, B): what
-    the sweep kernels take as ``U`` to skip factoring the same Fisher again. The groups are
-    factored in one batched call; a group that needs more than ``damp`` (or has no curvature)
-    is redone alone by :func:`inverse_factor`."""
+    the sweep kernels take as ``U`` to skip factoring the same Fisher again. One group at a
+    time, so the working copies stay a few B x B (a batched call holds several (G, B, B))."""
     if F.dim() != 3:
         return inverse_factor(F, num_grads, damp)
-    if F.shape[1] != F.shape[2] or num_grads < 1:
-        raise ValueError(
-            f"F must be square (G, B, B) and num_grads >= 1; got {tuple(F.shape)}, {num_grads}"
-        )
-    Fd = F.double() / num_grads
-    if not torch.isfinite(Fd).all():
-        raise NumericalError("FastCAP Fisher holds NaN/Inf")
-    mean = Fd.diagonal(dim1=1, dim2=2).mean(dim=1)  # (G,)
-    eye = torch.eye(F.shape[-1], dtype=Fd.dtype, device=Fd.device)
-    L, info = torch.linalg.cholesky_ex(Fd + (damp * mean)[:, None, None] * eye)
-    redo = (info != 0) | (mean <= 0)
-    L[redo] = eye  # a stand-in (these groups are redone below): the inverse needs a factor
-    U, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-    for g in torch.nonzero(redo | (info2 != 0)).flatten().tolist():
-        U[g] = inverse_factor(F[g], num_grads, damp)
+    U = torch.empty(F.shape, dtype=torch.float64, device=F.device)
+    for g, f in enumerate(F):
+        U[g] = inverse_factor(f, num_grads, damp)
     return U
 
 
@@ -222,7 +209,7 @@ class Sweep:
         removed = torch.zeros((L, rows, B), dtype=torch.bool, device=valid.device)
         shape = (L,) if G == 1 else (L, G)
         loss = torch.zeros(shape, dtype=torch.float64, device=WT.device) if with_loss else None
-        compiled = native_fast_cap.usable(WT, n)
+        compiled = native_fast_cap.usable(WT, n, self.R)
         for c1 in range(0, B, bs):
             c2 = min(c1 + bs, B)
             W1, v1 = WT[c1:c2], valid[:, c1:c2]  # W1: a view, (cols, L*rows)
@@ -266,7 +253,7 @@ class Sweep:
         U, G, R, B = self.U, self.G, self.R, self.U.shape[-1]
         L = WT.shape[1] // self.valid.shape[0]
         lazy = LAZY if self.m is None else self.m * max(1, LAZY // self.m)
-        compiled = native_fast_cap.usable(WT, self.n)
+        compiled = native_fast_cap.usable(WT, self.n, R)
         for r1 in range(0, c2 - c1, lazy):
             r2 = min(r1 + lazy, c2 - c1)
             if compiled:

@@ -286,18 +286,20 @@ def warm_up() -> None:
     and benchmarks before they measure, so their figures show only what scales."""
     if not ENABLED or _warm:
         return
-    _warm.append(True)
     from sparseml.kernels.cap import cap_eliminate, cap_nm_prune, cap_reconstruct
     from sparseml.kernels.fisher_build import block_fisher_inverse
     from sparseml.kernels.native_fast_cap import warm_up as fast_cap_warm_up
     from sparseml.kernels.obs import obs_prune_update
 
-    g = torch.Generator().manual_seed(0)  # the global RNG stays as the run left it
-    H = block_fisher_inverse(torch.randn(8, 16, generator=g), 4, 1.0, chunk_size=4)
-    W, none = torch.randn(4, 4, generator=g), torch.zeros(4, 4, dtype=torch.bool)
+    # CPU tensors whatever torch's default device; the global RNG stays as the run left it
+    g, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
+    H = block_fisher_inverse(torch.randn(8, 16, generator=g, device=cpu), 4, 1.0, chunk_size=4)
+    W = torch.randn(4, 4, generator=g, device=cpu)
+    none = torch.zeros(4, 4, dtype=torch.bool, device=cpu)
     order, _ = cap_eliminate(W, H, none)  # the packed greedy
     cap_eliminate(W, H.full(), none)  # the greedy on [H | w] batches
     cap_nm_prune(W, H, none, 2, 4)
-    cap_reconstruct(W, H, order, torch.full((4,), 2))
-    obs_prune_update(W.flatten(), H, torch.rand(16, generator=g) < 0.5)
+    cap_reconstruct(W, H, order, torch.full((4,), 2, device=cpu))
+    obs_prune_update(W.flatten(), H, torch.rand(16, generator=g, device=cpu) < 0.5)
     fast_cap_warm_up()
+    _warm.append(True)
