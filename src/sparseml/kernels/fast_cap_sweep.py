@@ -229,7 +229,7 @@ class Sweep:
                 E1 = rmT.to(WT.dtype, memory_format=torch.contiguous_format).mul_(inv_d[c1:c2])
             else:
                 E1 = rmT.to(WT.dtype) * inv_d[c1:c2]
-            self._sweep_block(WT, c1, c2, rmT, E1, inv_d)
+            self._sweep_block(WT, c1, c2, rmT, E1, inv_d, compiled)
             W1.masked_fill_(rmT, 0.0)  # removed columns are exactly 0 (never read again)
             removed[:, :, c1:c2] = rmT.view(-1, L, rows).permute(1, 2, 0)
             if loss is not None and G == 1:
@@ -241,7 +241,7 @@ class Sweep:
             raise NumericalError("FastCAP sweep produced NaN/Inf weights")
         return WT, removed, loss
 
-    def _sweep_block(self, WT, c1: int, c2: int, rmT, E1, inv_d) -> None:
+    def _sweep_block(self, WT, c1: int, c2: int, rmT, E1, inv_d, compiled: bool) -> None:
         """Sweep columns c1 .. c2 - 1 of WT (B, copies * rows) in place: each removed entry's
         error (E1 (cols, copies * rows), filled in as the columns are reached) is pushed onto
         the later columns; N:M groups pick their entries (rmT) as they are reached.
@@ -253,7 +253,6 @@ class Sweep:
         U, G, R, B = self.U, self.G, self.R, self.U.shape[-1]
         L = WT.shape[1] // self.valid.shape[0]
         lazy = LAZY if self.m is None else self.m * max(1, LAZY // self.m)
-        compiled = native_fast_cap.usable(WT, self.n, R)
         for r1 in range(0, c2 - c1, lazy):
             r2 = min(r1 + lazy, c2 - c1)
             if compiled:

@@ -8,7 +8,8 @@
 Its multiply-adds are fused (one rounding each), as torch's vectorized ``addr_`` and
 ``addcmul_`` compute them; torch's scalar tail of a row rounds twice, so the two paths agree to
 the last bit or two. The torch loop remains the path on accelerators, for N:M masks (whose
-picks happen inside the run) and without numba, and the oracle of this kernel's tests.
+picks happen inside the run), for row groups of fewer than MIN_RUN rows and without numba,
+and the oracle of this kernel's tests.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sparseml.kernels import native
 # (B = 512), 4 rows tied and from 8 rows on it was faster (B = 192, one thread).
 MIN_RUN = 8
 
+_sweep_run = None  # the compiled loop, where numba loads
 if native.ENABLED:
     import numba
 
@@ -53,7 +55,7 @@ def usable(WT: torch.Tensor, n: int | None, R: int) -> bool:
     read at each call), unstructured, float64 on CPU, runs of at least MIN_RUN rows."""
     return (
         native.ENABLED
-        and "_sweep_run" in globals()
+        and _sweep_run is not None
         and n is None
         and R >= MIN_RUN
         and WT.device.type == "cpu"
@@ -69,7 +71,7 @@ def sweep_run(
     any strides (one entry is read per pair of columns); columns c1 + r1 .. c1 + r2 - 1 of WT
     are swept; R: rows per factor run (N = copies * G * R). The compiled loop checks no
     bounds, so every shape is checked here."""
-    if "_sweep_run" not in globals():
+    if _sweep_run is None:
         raise RuntimeError("the compiled FastCAP kernel is not loaded (numba missing)")
     tensors = (WT, E1, U)
     if any(t.dtype != torch.float64 or t.device.type != "cpu" for t in tensors):
@@ -95,7 +97,7 @@ def sweep_run(
 
 def warm_up() -> None:
     """Load (or compile) `_sweep_run` on a tiny problem."""
-    if native.ENABLED and "_sweep_run" in globals():
+    if native.ENABLED and _sweep_run is not None:
         WT = torch.zeros(4, 8, dtype=torch.float64, device="cpu")
         E1 = torch.ones(4, 8, dtype=torch.float64, device="cpu")
         sweep_run(WT, E1, torch.eye(4, dtype=torch.float64, device="cpu")[None], 0, 0, 4, 8)
