@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from proc_tree import run_bounded
+
 # Tests never download: the product leaves HF_HUB_OFFLINE alone (--pretrained may download),
 # so the tests set it for themselves and, through run_script, for the scripts they start.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -109,7 +111,8 @@ def _launch_prefix(launcher: str, nproc: int) -> list[str]:
 def run_script(research: Path, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
     """``run_script("sparse_training.py", [args], nproc=1, launcher="python")`` -> result.
 
-    Runs in ``tmp_path`` with offline W&B / HF hub, one thread per process, and a timeout.
+    Runs in ``tmp_path`` with offline W&B / HF hub, one thread per process, and a timeout
+    (`proc_tree.run_bounded`: past it, returncode 124, the processes' stacks and no survivors).
     """
 
     def run(
@@ -129,16 +132,6 @@ def run_script(research: Path, tmp_path: Path) -> Callable[..., subprocess.Compl
         full_env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
         full_env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
         full_env.update({"HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", **(env or {})})
-        try:
-            return subprocess.run(
-                cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout
-            )
-        except subprocess.TimeoutExpired as err:  # keep what it printed for the assertion
-            out, errs = (
-                x.decode() if isinstance(x, bytes) else x or "" for x in (err.stdout, err.stderr)
-            )
-            return subprocess.CompletedProcess(
-                cmd, 124, out, f"{errs}\n[timed out after {timeout} s]"
-            )
+        return run_bounded(cmd, cwd=tmp_path, env=full_env, timeout=timeout)
 
     return run

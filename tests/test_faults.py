@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from conftest import RESEARCH, ROOT, copy_digits_subset, ensure_research
+from proc_tree import TIMED_OUT, alive, run_bounded
 
 ensure_research()
 import one_shot_pruning as osp_script  # noqa: E402
@@ -268,6 +269,66 @@ def test_watchdog_ends_a_process_blocked_in_cpp(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_stacks_signal_prints_every_thread_and_the_run_goes_on(tmp_path):
+    """SIGUSR2 while the main thread waits in C++: every thread's stack on stderr, no exit."""
+    code = f"""
+        import datetime, sys, threading
+        sys.path.insert(0, {str(RESEARCH)!r})
+        import torch.distributed as dist
+        from utils import faults
+        faults.install_signal_handlers(grace=1.0)
+        store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=300))
+        def helper_thread_waiting():
+            threading.Event().wait()
+        threading.Thread(target=helper_thread_waiting, daemon=True).start()
+        print("waiting", flush=True)
+        faults.run_main(lambda: store.wait(["never-set"]))
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "waiting"
+        time.sleep(0.3)
+        proc.send_signal(faults.STACKS_SIGNAL)
+        time.sleep(1.5)
+        assert proc.poll() is None, "the stacks signal ended the process"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert err.count("most recent call first") >= 3, err  # main, helper, watchdog threads
+    assert "helper_thread_waiting" in err and "run_main" in err and "_watchdog" in err, err
+
+
+@pytest.mark.dist
+def test_a_hung_torchrun_job_times_out_with_its_stacks_and_no_survivors(tmp_path):
+    """The tests' own bound (`proc_tree.run_bounded`): a job whose ranks never finish ends at
+    the timeout with every rank's stack in its output, and no process of it left running."""
+    script = tmp_path / "hang.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, threading
+        sys.path.insert(0, {str(RESEARCH)!r})
+        from utils import faults
+        def rank_waits_forever():
+            open(os.path.join({str(tmp_path)!r}, "pid" + os.environ["RANK"]), "w").write(
+                str(os.getpid()))
+            threading.Event().wait()
+        faults.run_main(rank_waits_forever)
+    """))  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script)]  # fmt: skip
+    start = time.monotonic()
+    done = run_bounded(cmd, cwd=tmp_path, env=_env(), timeout=25)
+    assert done.returncode == TIMED_OUT
+    assert time.monotonic() - start < 25 + 40
+    pids = [int((tmp_path / f"pid{r}").read_text()) for r in (0, 1)]
+    assert done.stderr.count("rank_waits_forever") >= 2, done.stderr[-4000:]
+    assert "timed out after 25 s" in done.stderr
+    assert not alive(pids), "a rank survived the timeout"
 
 
 # ----- honest interrupts ----------------------------------------------------------------------

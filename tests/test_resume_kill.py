@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import RESEARCH, copy_digits_subset
+from proc_tree import alive, descendants, run_bounded
 from test_sparse_training import PRUNED, base_args, pruned_weights, write
 from utils.checkpoint import load_checkpoint
 from utils.summary import read_summary
@@ -56,24 +57,8 @@ def env() -> dict[str, str]:
 
 
 def run(nproc: int, argv: list[str], cwd: Path) -> None:
-    done = subprocess.run(command(nproc, argv), cwd=cwd, env=env(), capture_output=True,
-                          text=True, timeout=400)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for line in subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True,
-                               text=True).stdout.splitlines():  # fmt: skip
-        child, parent = map(int, line.split())
-        children.setdefault(parent, []).append(child)
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+    done = run_bounded(command(nproc, argv), cwd=cwd, env=env(), timeout=400)
+    assert done.returncode == 0, done.stderr[-6000:]
 
 
 def run_and_kill(nproc: int, argv: list[str], cwd: Path, last: Path) -> None:
@@ -92,9 +77,8 @@ def run_and_kill(nproc: int, argv: list[str], cwd: Path, last: Path) -> None:
             os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     time.sleep(1)
-    alive = [p for p in victims if Path(f"/proc/{p}").exists() and "zombie" not in
-             Path(f"/proc/{p}/status").read_text().lower()]  # fmt: skip
-    assert not alive, f"processes survived the kill: {alive}"
+    survivors = alive(victims)
+    assert not survivors, f"processes survived the kill: {survivors}"
 
 
 @pytest.mark.slow

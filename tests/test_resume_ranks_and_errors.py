@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -15,6 +14,7 @@ from unittest import mock
 import pytest
 
 from conftest import RESEARCH
+from proc_tree import run_bounded
 from sparseml.errors import RecipeError
 from sparseml.pytorch.optim import ScheduledModifierManager
 from sparseml.serialization import atomic_save
@@ -60,7 +60,7 @@ def test_two_rank_resume_from_rank0_state_equals_uninterrupted(name):
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(RESEARCH.parent / "src")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node=2", str(HERE / "review_resume_ranks.py"), name]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = run_bounded(cmd, cwd=os.getcwd(), env=env, timeout=300)
     results = re.findall(r"RESULT rank \d differing=\[[^\]]*\]", done.stdout)
-    assert len(results) == 2, done.stderr[-3000:]
+    assert len(results) == 2, done.stderr[-6000:]
     assert all(r.endswith("differing=[]") for r in results), results

@@ -15,12 +15,17 @@ blocked in C++ code, where Python signal handlers cannot run (one backward pass 
 sampler on a loaded machine took seconds). A stopped process leaves with ``os._exit`` once its
 message is out: interpreter finalisation (module teardown, thread pools) took ~10 s under load.
 Every result file is written atomically, so nothing finished is lost by either.
+
+A run that seems stuck can be asked where it is: ``kill -USR2 <pid>`` (each rank's pid under
+``torchrun``) prints the stack of every thread of that process to its stderr, and the run goes
+on. SIGUSR1 is left alone: schedulers such as SLURM send it as a warning before a time limit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import faulthandler
 import logging
 import os
 import signal
@@ -39,6 +44,7 @@ from .errors import SetupError
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 GRACE_S = 1.0  # SIGINT/SIGTERM -> exit within ~1 s plus the scheduler's latency, at any load
+STACKS_SIGNAL = signal.SIGUSR2  # prints every thread's stack to stderr; the process goes on
 # errno values that mean "the disk or folder refused the write": reported in one line.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
 # Text of the errors a collective raises when a peer process is gone.
@@ -84,7 +90,9 @@ def _watchdog(fd: int, grace: float) -> None:
 
 
 def install_signal_handlers(grace: float = GRACE_S) -> None:
-    """SIGTERM raises :class:`Interrupted`; SIGINT/SIGTERM end the process within ``grace`` s.
+    """SIGTERM raises :class:`Interrupted`; SIGINT/SIGTERM end the process within ``grace`` s;
+    :data:`STACKS_SIGNAL` prints every thread's stack to stderr (from C, so also while the main
+    thread is blocked in a collective) and changes nothing else.
 
     ``signal.set_wakeup_fd`` writes the signal number from the C-level handler, so the watchdog
     sees it even while the main thread waits in a collective or a store and holds no GIL.
@@ -97,6 +105,7 @@ def install_signal_handlers(grace: float = GRACE_S) -> None:
     os.set_blocking(write_fd, False)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, _raise_interrupted)  # SIGINT already raises KeyboardInterrupt
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
     threading.Thread(
         target=_watchdog, args=(read_fd, grace), name="stop-watchdog", daemon=True
     ).start()
