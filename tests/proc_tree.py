@@ -23,16 +23,24 @@ STACKS_SIGNAL = signal.SIGUSR2  # as research/utils/faults.py
 STACKS_WAIT_S = 3.0  # for the stacks to be written before the kill
 
 
+def _children() -> dict[int, list[int]]:
+    """parent pid -> child pids, from /proc (no ``ps`` needed)."""
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(entry.name))
+    return kids
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    listing = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True)
-    for line in listing.stdout.splitlines():
-        child, parent = map(int, line.split())
-        children.setdefault(parent, []).append(child)
-    out, todo = [], [pid]
+    kids, out, todo = _children(), [], [pid]
     while todo:
-        for child in children.get(todo.pop(), []):
+        for child in kids.get(todo.pop(), []):
             out.append(child)
             todo.append(child)
     return out

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import proc_tree
 from conftest import RESEARCH, ROOT, copy_digits_subset, ensure_research
 from proc_tree import TIMED_OUT, alive, run_bounded
 
@@ -78,26 +79,9 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(entry.name))
-    return kids
-
-
 def descendants(pid: int) -> list[int]:
     """``pid`` and every live process below it."""
-    kids, out, todo = _children(), [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += kids.get(p, [])
-    return [p for p in out if Path(f"/proc/{p}").exists()]
+    return alive([pid, *proc_tree.descendants(pid)])
 
 
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
@@ -169,8 +153,8 @@ def _free_port() -> int:
 
 def assert_all_gone(job: Job, pids: list[int]) -> None:
     time.sleep(0.2)
-    alive = [p for p in pids if Path(f"/proc/{p}").exists() and p != job.proc.pid]
-    assert not alive, f"processes left behind: {alive}"
+    left = [p for p in alive(pids) if p != job.proc.pid]
+    assert not left, f"processes left behind: {left}"
 
 
 # ----- no hang --------------------------------------------------------------------------------
