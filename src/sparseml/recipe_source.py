@@ -37,7 +37,11 @@ MAX_NODES = 20_000
 MAX_MESSAGE_CHARS = 300  # of a YAML parser message (it may quote input)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 # [ \t]* and not \s*: \s* also eats newlines, which made the search quadratic on blank lines.
-_FRONT_MATTER = re.compile(r"^[ \t]*(?:---|\+\+\+)(.*?)(?:---|\+\+\+)", re.MULTILINE | re.DOTALL)
+# Front matter: from a line that is only ``---`` (or ``+++``) to the next line that is only the
+# same marker; a marker inside a line (a ``# ---- pruning ----`` comment) neither opens nor ends it.
+_FRONT_MATTER = re.compile(
+    r"^[ \t]*(---|\+\+\+)[ \t]*\r?\n(.*?)^[ \t]*\1[ \t]*\r?$", re.MULTILINE | re.DOTALL
+)
 
 
 @dataclass
@@ -181,7 +185,7 @@ def read_recipe_text(source: str | Path) -> tuple[str, str]:
     if "\n" in source or "\r" in source:
         _check_size(len(source), "recipe text", "characters")
         found = _FRONT_MATTER.search(source)
-        return (found.group(1) if found else source), "<text>"
+        return (found.group(2) if found else source), "<text>"
     path = Path(source)
     shown = brief(source)
     if path.suffix.lower() not in (".yaml", ".yml", ".md"):
@@ -191,7 +195,7 @@ def read_recipe_text(source: str | Path) -> tuple[str, str]:
         found = _FRONT_MATTER.search(text)
         if not found:
             raise RecipeError(f"recipe {shown}: no YAML front matter (--- ... ---) found")
-        text = found.group(1)
+        text = found.group(2)
     return text, clip(str(path), 200)
 
 

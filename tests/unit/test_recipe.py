@@ -239,6 +239,24 @@ def test_unreadable_and_wrong_extension(tmp_path):
         load_modifiers(str(tmp_path / "r.md"))
 
 
+def test_front_matter_ends_only_at_a_marker_line(tmp_path):
+    """A ``# ---- pruning ----`` comment inside the front matter neither ends nor opens it."""
+    card = tmp_path / "card.md"
+    card.write_text(
+        "---\ntraining_modifiers:\n  - !EpochRangeModifier\n    start_epoch: 0\n"
+        "    end_epoch: 2\n# ------------ pruning ------------\npruning_modifiers:\n"
+        "  - !GMPruningModifier\n    params: __ALL_PRUNABLE__\n    init_sparsity: 0.2\n"
+        "    final_sparsity: 0.5\n    start_epoch: 0\n    end_epoch: 1\n"
+        "    update_frequency: 0.5\n---  \n\n# Prose --- with dashes --- after it.\n"
+    )
+    names = [type(m).__name__ for m in load_modifiers(card)]
+    assert sorted(names) == ["EpochRangeModifier", "GMPruningModifier"]
+    inline = tmp_path / "inline.md"
+    inline.write_text("# Title --- with dashes ---\n\nNo marker line here: --- x ---\n")
+    with pytest.raises(RecipeError, match="front matter"):
+        load_modifiers(inline)
+
+
 def test_dump_round_trip_gives_equal_modifiers(tmp_path):
     manager = ScheduledModifierManager.from_yaml(CAP_STYLE)
     again = ScheduledModifierManager.from_yaml(str(manager))
