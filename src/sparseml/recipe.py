@@ -238,6 +238,12 @@ def _load_modifiers(source: str | Path, recipe_variables: Any) -> list:
             cls = get_modifier_class(node.tag)
             if not node.args:
                 raise _empty_modifier_error(cls)
+            keys = [k for k in node.args if not isinstance(k, str)]
+            if keys:  # YAML reads `on:`, `1:` and `~:` as a bool, an int and null
+                raise RecipeError(
+                    f"field name {keys[0]!r} is a {type(keys[0]).__name__}, not a name; fields "
+                    f"of {cls.__name__}: {', '.join(cls.fields)}"
+                )
             modifiers.append(cls(**node.args))
         except RecipeError as err:
             raise RecipeError(f"{where}: {err}") from None

@@ -155,6 +155,18 @@ class _Inspection:
             seen[key] = line
 
 
+def yaml_error_line(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: the problem, where it is (1-based line and column), and
+    what it was reading (its own message spans several lines and quotes the text)."""
+    problem = getattr(err, "problem", None)
+    if not problem:
+        return clip(" ".join(str(err).split()), MAX_MESSAGE_CHARS)
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(err, "context", None)
+    return clip(f"{problem}{where}" + (f" ({context})" if context else ""), MAX_MESSAGE_CHARS)
+
+
 def load_yaml(text: str, name: str) -> Any:
     """The YAML document ``text`` of recipe ``name``, with ``!Tag`` mappings as TaggedNodes."""
     try:
@@ -162,8 +174,7 @@ def load_yaml(text: str, name: str) -> Any:
     except RecipeError as err:
         raise RecipeError(f"recipe {name}: {err}") from None
     except yaml.YAMLError as err:
-        message = clip(str(err), MAX_MESSAGE_CHARS)
-        raise RecipeError(f"recipe {name} is not valid YAML: {message}") from None
+        raise RecipeError(f"recipe {name} is not valid YAML: {yaml_error_line(err)}") from None
     except RecursionError:
         raise RecipeError(f"recipe {name}: the YAML is nested too deeply") from None
     except (ValueError, OverflowError) as err:  # e.g. an int literal of 5000 digits

@@ -7,6 +7,7 @@ the manager's step wrapper, immediately before each optimizer step.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -110,6 +111,29 @@ class LearningRateFunctionModifier(Modifier):
         super().validate()
         if self._values["cycle_epochs"] == 0:
             raise self.field_error("cycle_epochs", "must be > 0 or -1 (the whole range)")
+        self._check_growth()
+
+    def _check_growth(self) -> None:
+        """A decay_rate or cycle_mul above 1 makes the LR grow: it must stay <= 1 (as init_lr)
+        over the whole range (computed in logs: 1e300 ** epochs overflows)."""
+        v = self._values
+        span = v["end_epoch"] - max(v["start_epoch"], 0.0)
+        if span <= 0:
+            return
+        cycle = span if v["cycle_epochs"] < 0 else v["cycle_epochs"]
+        growth = {"cycle_mul": math.log(v["cycle_mul"]) * max(math.ceil(span / cycle) - 1, 0)}
+        if v["lr_func"] in ("exponential", "step"):
+            growth["decay_rate"] = math.log(v["decay_rate"]) * min(cycle, span) / v["decay_epochs"]
+        peak = math.log(max(v["init_lr"], v["final_lr"], 1e-300)) + sum(
+            max(g, 0.0) for g in growth.values()
+        )
+        if peak > 1e-12:
+            name = max(growth, key=growth.get)
+            raise self.field_error(
+                name,
+                f"makes the LR grow above 1 within the schedule (init_lr {v['init_lr']:g}); "
+                "use a value <= 1 or a shorter range",
+            )
 
     @property
     def effective_cycle_epochs(self) -> float:
@@ -144,7 +168,7 @@ class LearningRateFunctionModifier(Modifier):
 
 
 def _lr_class(value: Any) -> str:
-    if value not in LR_CLASSES:
+    if not isinstance(value, str) or value not in LR_CLASSES:
         raise FieldValueError(f"must be one of {', '.join(LR_CLASSES)}")
     return value
 
@@ -236,16 +260,19 @@ class LearningRateModifier(Modifier):
             "eta_min": (as_float(0.0), "minimum LR"),
             "lr_min": (as_float(0.0), "minimum LR"),
         }
+        # the checked numbers are what the scheduler gets (YAML reads `1e-1` as a string)
+        normalized = dict(kwargs)
         for key, (convert, what) in checks.items():
             if key in kwargs:
                 try:
-                    convert(kwargs[key])
+                    normalized[key] = convert(kwargs[key])
                 except FieldValueError as err:
                     raise self.field_error("lr_kwargs", f"{key} ({what}) {err}") from None
         if "milestones" in kwargs:
-            self._check_milestones(kwargs["milestones"])
+            normalized["milestones"] = self._check_milestones(kwargs["milestones"])
+        self._values["lr_kwargs"] = normalized
 
-    def _check_milestones(self, milestones: Any) -> None:
+    def _check_milestones(self, milestones: Any) -> list[float]:
         start, end = max(self._values["start_epoch"], 0.0), self._values["end_epoch"]
         ok = isinstance(milestones, list) and milestones
         try:
@@ -259,6 +286,7 @@ class LearningRateModifier(Modifier):
         if values[0] <= start or (end >= 0 and values[-1] >= end):
             within = f"> start_epoch ({start})" + (f" and < end_epoch ({end})" if end >= 0 else "")
             raise self.field_error("lr_kwargs", f"milestones {values} must all be {within}")
+        return values
 
     # ----- the LR ----------------------------------------------------------------------------
     def _build(self, steps_per_epoch: int) -> Any:

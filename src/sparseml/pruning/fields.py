@@ -29,6 +29,10 @@ from sparseml.masks import MaskSpec, parse_mask_type
 from sparseml.schedules import INTER_FUNCS, RECOMPUTATION_FUNCS
 
 FROM_PARAM = "__FROM_PARAM__"
+# Damping above this leaves H = F^-1 ~ I / damp with 1 / damp below float32's normal range (the
+# scores then underflow to 0 and the masks are wrong); no curvature method has a use for it.
+MAX_DAMP = 1e20
+as_damp = as_float(0.0, MAX_DAMP, lo_open=True)
 _sparsity = as_float(0.0, 1.0, hi_open=True)
 
 
@@ -110,18 +114,22 @@ def _finals(values: dict[str, Any]) -> list[float]:
     return [] if final is None else list(final) if isinstance(final, dict) else [final]
 
 
-def _nm_mismatch(values: dict[str, Any]) -> bool:
+def _nm_mismatch(values: dict[str, Any], name: str) -> bool:
+    """Field ``name`` (final_sparsity or init_sparsity) differs from an N:M mask's N/M."""
     spec = mask_spec_of(values)
     if spec is None or spec.kind != "nm":
         return False
-    init = values["init_sparsity"]
-    levels = _finals(values) + ([init] if isinstance(init, float) else [])
-    return any(abs(v - spec.sparsity) > 1e-6 for v in levels)
+    value = values[name]
+    levels = _finals(values) if name == "final_sparsity" else [value]
+    return any(isinstance(v, float) and abs(v - spec.sparsity) > 1e-6 for v in levels)
 
 
 def _nm_target(values: dict[str, Any]) -> str:
     spec = mask_spec_of(values)
-    return f"must equal N/M = {spec.sparsity} for mask_type {spec} (init_sparsity too)"
+    return (
+        f"must equal N/M = {spec.sparsity} for mask_type {spec}: an N:M mask prunes to N/M at "
+        "once (init_sparsity and final_sparsity both)"
+    )
 
 
 SCHEDULE_CHECKS = (
@@ -150,13 +158,22 @@ SCHEDULE_CHECKS = (
         ),
         "n and m are only allowed with an N:M mask_type",
     ),
-    Check("final_sparsity", lambda m: _nm_mismatch(m._values), lambda m: _nm_target(m._values)),
+    Check(
+        "final_sparsity",
+        lambda m: _nm_mismatch(m._values, "final_sparsity"),
+        lambda m: _nm_target(m._values),
+    ),
+    Check(
+        "init_sparsity",
+        lambda m: _nm_mismatch(m._values, "init_sparsity"),
+        lambda m: _nm_target(m._values),
+    ),
 )
 
 # ----- gradient samples and their schedule: pruners that estimate curvature ------------------
 SAMPLING = {
     "num_grads": Field(1024, as_int(1), "m: gradient samples per Fisher estimate"),
-    "damp": Field(1e-7, as_float(0.0, lo_open=True), "lambda: Fisher dampening (> 0)"),
+    "damp": Field(1e-7, as_damp, "lambda: Fisher dampening (> 0)"),
     "num_recomputations": Field(1, as_int(1), "Fisher rebuilds per pruning step"),
     "recomputation_inter_func": Field(
         "linear", one_of(*RECOMPUTATION_FUNCS), "spacing of rebuilds (poly: recompute_degree)"

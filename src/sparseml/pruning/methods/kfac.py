@@ -17,7 +17,7 @@ from sparseml.curvature.kfac import KFACFactors
 from sparseml.fields import Field, as_float
 from sparseml.layouts import BlockPart
 from sparseml.pruning.estimators import KFAC
-from sparseml.pruning.fields import SAMPLING, SAMPLING_CHECKS
+from sparseml.pruning.fields import SAMPLING, SAMPLING_CHECKS, as_damp
 from sparseml.pruning.modifier import PruningModifier
 from sparseml.pruning.updates import Scored, part_scores, part_updates
 from sparseml.registry import register_modifier
@@ -79,7 +79,7 @@ class KFACPruningModifier(PruningModifier):
 
     FIELDS = {
         **SAMPLING,
-        "damp": Field(1e-5, as_float(0.0, lo_open=True), "lambda: pi-damping strength (> 0)"),
+        "damp": Field(1e-5, as_damp, "lambda: pi-damping strength (> 0)"),
         "scale_prune_update": Field(1.0, as_float(0.0, 1.0), "fraction of the OBS update"),
     }
     CHECKS = SAMPLING_CHECKS

@@ -30,6 +30,7 @@ from sparseml.pruning.fields import (
     DEVICE,
     SAMPLING,
     SAMPLING_CHECKS,
+    as_damp,
     block_size_or_full,
     mask_spec_of,
 )
@@ -55,7 +56,7 @@ MFAC_FIELDS = {
     **SAMPLING,
     **DEVICE,
     "num_grads": Field(64, _num_grads, "m, or {sparsity: m} (key 0.0 required)"),
-    "damp": Field(1e-5, as_float(0.0, lo_open=True), "lambda: Fisher dampening (> 0)"),
+    "damp": Field(1e-5, as_damp, "lambda: Fisher dampening (> 0)"),
     "fisher_block_size": Field(2000, block_size_or_full, "B; null or -1 for the full Fisher"),
     "num_pages": Field(1, as_int(1), "column pages for the full Fisher"),
     "global_sparsity": Field(False, as_bool, "one threshold over all params"),

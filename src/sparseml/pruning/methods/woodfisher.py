@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from sparseml.fields import Field, as_float
+from sparseml.fields import Field
 from sparseml.pruning.estimators import FullFisher
-from sparseml.pruning.fields import DEVICE, SAMPLING, SAMPLING_CHECKS
+from sparseml.pruning.fields import DEVICE, SAMPLING, SAMPLING_CHECKS, as_damp
 from sparseml.pruning.flops_plan import FLOPS, FLOPS_CHECKS
 from sparseml.pruning.methods.obs import OBS_UPDATE
 from sparseml.pruning.modifier import PruningModifier
@@ -73,7 +73,7 @@ class WoodFisherPruningModifier(PruningModifier):
         **DEVICE,
         **FLOPS,
         **OBS_UPDATE,
-        "damp": Field(1e-5, as_float(0.0, lo_open=True), "lambda: Fisher dampening (> 0)"),
+        "damp": Field(1e-5, as_damp, "lambda: Fisher dampening (> 0)"),
     }
     CHECKS = (*SAMPLING_CHECKS, *FLOPS_CHECKS)
 

@@ -12,12 +12,18 @@ import torch
 from torch import Tensor
 
 from sparseml import dist
-from sparseml.fields import Check, Field, as_bool, as_float, one_of
+from sparseml.fields import Check, Field, as_bool, one_of
 from sparseml.kernels.fisher import block_matvec
 from sparseml.kernels.obs import obs_independent_update, obs_prune_update, obs_scores
 from sparseml.layouts import BlockPart
 from sparseml.pruning.estimators import BlockFisherAndMean, FullFisher
-from sparseml.pruning.fields import BLOCKS, SAMPLING, SAMPLING_CHECKS, block_size_or_full
+from sparseml.pruning.fields import (
+    BLOCKS,
+    SAMPLING,
+    SAMPLING_CHECKS,
+    as_damp,
+    block_size_or_full,
+)
 from sparseml.pruning.flops_plan import FLOPS, FLOPS_CHECKS
 from sparseml.pruning.methods.obs import DYNAMIC_BLOCKS, DYNAMIC_CHECKS, OBS_UPDATE
 from sparseml.pruning.modifier import PruningModifier
@@ -92,7 +98,7 @@ class WoodTaylorPruningModifier(PruningModifier):
         **OBS_UPDATE,
         **DYNAMIC_BLOCKS,
         "fisher_block_size": Field(None, block_size_or_full, "B; null or -1: one full Fisher"),
-        "damp": Field(1e-5, as_float(0.0, lo_open=True), "lambda: Fisher dampening (> 0)"),
+        "damp": Field(1e-5, as_damp, "lambda: Fisher dampening (> 0)"),
         "normalize_hgp": Field(False, as_bool, "use H g_bar / ||H g_bar||"),
         "obs_update": Field(
             "independent", one_of("independent", "joint"), "reference or joint block update"
