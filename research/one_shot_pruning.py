@@ -58,7 +58,12 @@ from utils.checkpoint import (  # noqa: E402
     save_state_dict,
 )
 from utils.class_map import check_class_map, class_names  # noqa: E402
-from utils.data import configure_grad_sampler, loader_kwargs, resolve_data_dir  # noqa: E402
+from utils.data import (  # noqa: E402
+    check_split_options,
+    configure_grad_sampler,
+    loader_kwargs,
+    resolve_data_dir,
+)
 from utils.distributed import (  # noqa: E402
     broadcast_model,
     cleanup,
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     pruner = check_recipe(args)
     needs_grads = osp.needs_gradients(pruner)
     resolve_data_dir(args.dataset, args.data_dir)  # missing data: fail before the model loads
+    check_split_options(args)  # again: a digits tree written just now is checked only here
     device = init_distributed(args)
     quiet_other_ranks(args)
     # No `finally`: after a failure on this rank, a barrier here would wait for peers that sit

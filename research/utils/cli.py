@@ -19,6 +19,7 @@ import yaml
 
 from . import options as opt
 from .errors import SetupError
+from .option_checks import check_device, check_model_kwargs, check_timm_training_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,8 +168,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# numpy seeds its generator with seed + rank, which must stay below 2**32.
+SEED_MAX = 2**31 - 1
+# The metrics engine.validate reports (a test checks they match); --eval-metric picks one.
+EVAL_METRICS = ("top1", "top5", "loss")
+# The names timm.scheduler.create_scheduler_v2 builds (timm keeps no list; a test builds each).
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant", "wsd", "rsqrt",
+              "none")  # fmt: skip
+
+
 def check_shared_args(args: argparse.Namespace) -> None:
     """Checks of the options both scripts share (``options.py``)."""
+    opt.check_between("--seed", args.seed, 0, SEED_MAX, "the random seed")
+    opt.check_at_least("--img-size", args.img_size, 1, "the input size in pixels")
     opt.check_at_least(
         "-vb/--validation-batch-size", args.validation_batch_size, 1, "the batch size"
     )
@@ -177,11 +189,45 @@ def check_shared_args(args: argparse.Namespace) -> None:
     opt.check_at_least("-j/--workers", args.workers, 0, "the number of loader processes")
     opt.check_at_least("--timeout", args.timeout, 1, "the process group timeout in seconds")
     opt.check_file("--initial-checkpoint", args.initial_checkpoint)
+    check_device(args.device)
+    check_model_kwargs(args)
+    from .data import check_split_options  # torch and timm: after --help and usage errors
+
+    check_split_options(args)
+
+
+def check_training_numbers(args: argparse.Namespace) -> None:
+    """Ranges of ``sparse_training.py``'s data, loss and schedule options."""
+    opt.check_at_least("--in-chans", args.in_chans, 1, "the number of input channels")
+    if args.input_size is not None and min(args.input_size) < 1:
+        size = " ".join(map(str, args.input_size))
+        raise SetupError(f"--input-size {size} is not allowed: C, H and W must be >= 1")
+    if args.crop_pct is not None and not args.crop_pct > 0:
+        raise SetupError(f"--crop-pct {args.crop_pct} is not allowed: the crop must be > 0")
+    opt.check_between("--smoothing", args.smoothing, 0, 1, "label smoothing", high_open=True)
+    opt.check_at_least("--lr-base-size", args.lr_base_size, 1, "the batch size of --lr-base")
+    opt.check_at_least("--aug-repeats", args.aug_repeats, 0, "the number of repeats")
+    minmax = args.cutmix_minmax
+    if minmax is not None and (len(minmax) != 2 or not 0 <= minmax[0] < minmax[1] <= 1):
+        raise SetupError(
+            f"--cutmix-minmax {' '.join(map(str, minmax))} is not allowed: give MIN MAX "
+            "with 0 <= MIN < MAX <= 1 (fractions of the image side)"
+        )
+    if args.eval_metric not in EVAL_METRICS:
+        raise SetupError(
+            f"--eval-metric {args.eval_metric!r} is not allowed: one of {', '.join(EVAL_METRICS)}"
+        )
+    if args.sched not in SCHEDULERS:
+        raise SetupError(f"--sched {args.sched!r} is not a timm scheduler: one of "
+                         f"{', '.join(SCHEDULERS)}")  # fmt: skip
+    opt.check_file("--class-map", args.class_map)
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Reject values that would fail later with a traceback, an endless loop or a hang."""
     check_shared_args(args)
+    check_training_numbers(args)
+    check_timm_training_options(args)
     opt.check_at_least("--epochs", args.epochs, 1, "the number of epochs")
     opt.check_at_least("-b/--batch-size", args.batch_size, 1, "the batch size")
     opt.check_at_least("--log-interval", args.log_interval, 1, "the logging interval in updates")
@@ -226,7 +272,10 @@ def build_one_shot_parser() -> argparse.ArgumentParser:
     opt.add_config(p)
     a = opt.add_sparsification_options(p, "required; one pruning modifier")
     p.set_defaults(gs_batch_size=128)
-    a("--sparsities", type=float, nargs="+", default=[], help="default: recipe final_sparsity")
+    sparsities = a(
+        "--sparsities", type=float, nargs="+", default=[], help="default: recipe final_sparsity"
+    )
+    sparsities.checks_finite = True  # one_shot.check_sparsities: NaN/Inf named with the range
     a(
         "--method",
         default="",

@@ -132,6 +132,46 @@ def resolve_data_dir(dataset: str | None, data_dir: str | None) -> tuple[str, st
     return name, data_dir
 
 
+def check_splits(name: str, root: str | None, splits: dict[str, str]) -> None:
+    """Refuse a split (``{option: split}``) that names no folder of a folder data set's root.
+
+    timm reads a split from ``root/<split>`` (or a synonym: ``val`` for ``validation``) and
+    falls back to the root itself when there is none: a misspelled split would then read every
+    split's images, their folders taken for classes. The fallback stays allowed for a flat
+    root (class folders only, no split folders), where every split reads the same images.
+    """
+    if not root or not is_folder_name(name) or not Path(root).is_dir():
+        return
+    from timm.data.dataset_factory import _EVAL_SYNONYM, _TRAIN_SYNONYM, _search_split
+
+    base = Path(root)
+    found = {option: Path(_search_split(root, split)) for option, split in splits.items()}
+    folders = sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=True))
+    synonyms = {*_TRAIN_SYNONYM, *_EVAL_SYNONYM}
+    if all(f == base for f in found.values()) and not synonyms.intersection(folders):
+        return  # a flat root
+    for option, split in splits.items():
+        if found[option] == base:
+            raise SetupError(
+                f"{option} {split!r}: {root} has no split folder of that name; allowed: one "
+                f"of its split folders ({', '.join(folders) or 'none'}; timm's synonyms such as "
+                "validation for val/ also work)"
+            )
+
+
+def check_split_options(args: Any) -> None:
+    """:func:`check_splits` for ``--train-split`` / ``--val-split`` of a root that is already
+    there (before the model and any work; a digits tree not yet written is checked once it
+    is, in :func:`create_datasets`)."""
+    name, root = args.dataset or "", args.data_dir
+    if name.lower() == DIGITS:
+        folder = Path(root).expanduser() if root else default_digits_dir()
+        if not _digits_complete(folder):
+            return
+        name, root = "", str(folder)
+    check_splits(name, root, {"--train-split": args.train_split, "--val-split": args.val_split})
+
+
 class _RGBDataset(torch.utils.data.Dataset):
     """Convert the PIL images of a torchvision data set (e.g. MNIST, mode 'L') to RGB.
 
@@ -180,6 +220,7 @@ def create_datasets(args: Any) -> tuple[Any, Any]:
     """Train and eval datasets for ``args.dataset`` / ``args.data_dir`` (checked first), with
     one class map for both (see the module docstring)."""
     name, root = resolve_data_dir(args.dataset, args.data_dir)
+    check_splits(name, root, {"--train-split": args.train_split, "--val-split": args.val_split})
     common = dict(
         class_map=args.class_map or None,
         download=args.dataset_download,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import os
 import sys
 import tempfile
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from sparseml.recipe_source import yaml_error_line
 
 from .errors import SetupError
 
@@ -227,15 +230,56 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     try:
         cfg = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as err:
-        raise SetupError(f"config file {path} is not valid YAML: {err}") from err
+        raise SetupError(f"config file {path} is not valid YAML: {yaml_error_line(err)}") from err
     if not isinstance(cfg, dict):
         raise SetupError(f"config file {path} must hold a mapping of option: value")
     keys = _config_keys(parser)
+    actions = {a.dest: a for a in parser._actions}  # noqa: SLF001
     out = {}
     for key, value in cfg.items():
         name = str(key).replace("-", "_")
-        out[keys.get(name, name)] = value  # unknown keys are kept as attributes
+        dest = keys.get(name, name)  # unknown keys are kept as attributes
+        if dest in actions:
+            _check_config_value(path, key, actions[dest], value)
+        out[dest] = value
     return out
+
+
+def _config_value_problem(action: argparse.Action, value: Any) -> str:
+    """What a ``--config`` value lacks for ``action`` ('' when it fits).
+
+    argparse converts only string defaults, so a YAML number, list or mapping reaches the
+    scripts as it is: each is checked here against the kind of value the option parses to.
+    """
+    if value is None or isinstance(value, str) and action.nargs is None:
+        return ""  # None: the option's own "not given"; a string parses like the command line
+    if isinstance(action, ParseKwargs):
+        return "" if isinstance(value, dict) else "give a mapping of keyword: value"
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):  # noqa: SLF001
+        return "" if isinstance(value, bool) else "give true or false"
+    if action.type in (int, float):
+        kinds = (int,) if action.type is int else (int, float)
+        items = value if action.nargs is not None else [value]
+        if action.nargs is not None and not isinstance(value, list):
+            return f"give a list of {action.type.__name__} values"
+        if any(isinstance(v, bool) or not isinstance(v, kinds + (str,)) for v in items):
+            return (
+                f"give {'a list of ' if action.nargs is not None else 'an '}{action.type.__name__}"
+            )
+    return ""
+
+
+def _check_config_value(path: str, key: Any, action: argparse.Action, value: Any) -> None:
+    problem = _config_value_problem(action, value)
+    if problem:
+        raise SetupError(f"config file {path}: {key}: {value!r} is not allowed for "
+                         f"{option_name(action)}: {problem}")  # fmt: skip
+
+
+def option_name(action: argparse.Action) -> str:
+    """The spellings ``--help`` shows for ``action`` (``-b/--batch-size``), aliases left out."""
+    hidden = getattr(action, "hidden_aliases", ())
+    return "/".join(s for s in action.option_strings if s not in hidden) or action.dest
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> Any:
@@ -245,7 +289,9 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     known, _ = first.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**load_config(known.config, parser))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_finite_numbers(parser, args)
+    return args
 
 
 # ----- validation: one place, one line per problem (the scripts exit with status 2) ------------
@@ -253,6 +299,28 @@ def check_at_least(option: str, value: int | float | None, low: int, what: str) 
     """``value`` (None: option not given) must be >= ``low``."""
     if value is not None and value < low:
         raise SetupError(f"{option} {value} is not allowed: {what} must be >= {low}")
+
+
+def check_between(
+    option: str, value: float | None, low: float, high: float, what: str, *, high_open: bool = False
+) -> None:
+    """``value`` (None: option not given) must lie in ``[low, high]`` (``[low, high)``)."""
+    if value is None or low <= value < high or value == high and not high_open:
+        return
+    bound = f"{high})" if high_open else f"{high}]"
+    raise SetupError(f"{option} {value} is not allowed: {what} must be in [{low}, {bound}")
+
+
+def check_finite_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every number option (command line or ``--config``) is finite: ``inf`` and ``nan``
+    parse as floats but no learning rate, probability or size means them."""
+    for action in parser._actions:  # noqa: SLF001
+        value = getattr(args, action.dest, None)
+        if action.type is not float or value is None or getattr(action, "checks_finite", False):
+            continue  # checks_finite: a script's own check refuses them with the allowed range
+        for v in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(v, int | float) and not math.isfinite(v):
+                raise SetupError(f"{option_name(action)} {v} is not allowed: give a finite number")
 
 
 def check_file(option: str, path: str | None) -> None:
