@@ -34,6 +34,7 @@ from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
 from utils.plots import plot_accuracy  # noqa: E402
 from utils.summary import read_summary, write_summary_row  # noqa: E402
+from utils.weights import content_checksum  # noqa: E402
 
 GM = RESEARCH / "recipes" / "one_shot" / "gm_digits.yaml"
 
@@ -323,6 +324,7 @@ def test_training_resume_keeps_best_and_summary_and_refuses_fresh_runs(small_dig
     state = torch.load(last, weights_only=True)
     [entry] = state["checkpoint_hist"]
     state["checkpoint_hist"] = [{**entry, "metric": 101.0}]
+    state["checksum"] = content_checksum(state)  # an edit made on purpose, not damage
     atomic_save(state, last)
     write_summary_row(out / "summary.csv", {**read_summary(out / "summary.csv")[-1], "epoch": 2})
     best_before = best.read_bytes()

@@ -64,6 +64,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _byte_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8
+
+
+def rng_state_problem(state: Any) -> str | None:
+    """Why ``state`` is no :func:`rng_state` (None when it is one): each part is tried on a
+    scratch generator, so a hand-edited or damaged state is found before the run starts."""
+    if not isinstance(state, dict):
+        return f"is a {type(state).__name__}, not a table of random states"
+    missing = [k for k in ("torch", "numpy", "python") if k not in state]
+    if missing:
+        return f"has no {missing[0]!r} state"
+    try:
+        torch.Generator().set_state(state["torch"])
+        kind, keys, *rest = state["numpy"]
+        np.random.RandomState().set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        version, internal, gauss = state["python"]
+        random.Random().setstate((version, tuple(internal), gauss))
+    except (TypeError, ValueError, RuntimeError, AttributeError, OverflowError) as err:
+        return f"holds an invalid random state ({str(err).splitlines()[0][:120]})"
+    cuda = state.get("cuda", [])
+    if not (isinstance(cuda, list) and all(_byte_tensor(t) for t in cuda)):
+        return "holds an invalid 'cuda' random state (not a list of byte tensors)"
+    return None
+
+
 def save_checkpoint(
     path: str | Path,
     *,

@@ -5,7 +5,9 @@ as soon as it is computed, flushed and fsync'ed, so a killed sweep loses at most
 progress. ``results.csv``, the table and the plot are regenerated from it (the CSV atomically,
 after every row and when a sweep starts), so a kill between two writes cannot make them
 disagree for good. A line cut short by a kill is dropped with a warning when the next sweep
-starts (:func:`repair`), and its row is computed again. Rows are keyed by
+starts (:func:`repair`), and its row is computed again; so is a line that holds no valid row
+(``jsonl_rows.row_problem``: a field the code reads is missing or of the wrong type, e.g. edited by
+hand). Rows are keyed by
 ``(method, sparsity)``; when a key appears twice the last row wins. The dense model is stored as
 a row with method ``dense`` and sparsity 0.
 """
@@ -25,6 +27,7 @@ from typing import Any
 from sparseml.serialization import atomic_write_text, write_error
 
 from .errors import SetupError
+from .jsonl_rows import describe_lines, parse_lines, record_problem
 
 _logger = logging.getLogger("one_shot")
 
@@ -61,53 +64,36 @@ def row_key(method: str, sparsity: float) -> tuple[str, float]:
     return method, round(float(sparsity), 6)
 
 
-def _parse_lines(
-    path: Path, required: tuple[str, ...] = ("method", "sparsity")
-) -> tuple[list[dict[str, Any]], list[int]]:
-    """Rows of a JSONL file and the numbers of the lines that hold no row (a row is a JSON
-    object with every ``required`` key)."""
-    rows, bad = [], []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict) and all(k in row for k in required):
-            rows.append(row)
-        else:
-            bad.append(number)
-    return rows, bad
-
-
 def read_rows(out_dir: str | Path) -> list[dict[str, Any]]:
-    """All rows of ``results.jsonl`` in file order; lines cut short by a crash are skipped."""
+    """All rows of ``results.jsonl`` in file order; lines holding no valid row are skipped."""
     path = Path(out_dir) / JSONL
     if not path.is_file():
         return []
-    rows, bad = _parse_lines(path)
+    rows, bad = parse_lines(path)
     if bad:
-        _logger.warning("%s lines %s are incomplete (interrupted write?); ignored", path, bad)
+        _logger.warning("%s: lines %s hold no valid row; ignored", path, describe_lines(bad))
     return rows
 
 
 def repair(out_dir: str | Path) -> list[dict[str, Any]]:
-    """Drop incomplete lines from ``results.jsonl`` and regenerate ``results.csv``; the rows.
+    """Drop lines holding no valid row from ``results.jsonl`` and regenerate ``results.csv``;
+    the rows.
 
     Call it when a sweep starts (holding the folder's lock): a kill during an append leaves a
-    cut line, whose row is then missing and computed again.
+    cut line, whose row is then missing and computed again (so is a row edited into a wrong
+    type).
     """
     out = Path(out_dir)
     path = out / JSONL
     if not path.is_file():
         return []
-    rows, bad = _parse_lines(path)
+    rows, bad = parse_lines(path)
     if bad:
         _logger.warning(
-            "%s: dropped incomplete lines %s (interrupted write); their rows are computed again",
+            "%s: dropped lines %s holding no valid row (interrupted write or edit); their "
+            "rows are computed again",
             path,
-            bad,
+            describe_lines(bad),
         )
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     write_csv(out, rows)
@@ -179,14 +165,14 @@ def append_record(path: str | Path, row: dict[str, Any]) -> None:
 
 def read_records(path: str | Path, key: str = "key") -> dict[Any, dict[str, Any]]:
     """``{row[key]: row}`` of a JSONL file written by :func:`append_record` (the last row of a
-    key wins); lines cut short by a kill are skipped with a warning, so their rows are
-    computed again by a rerun."""
+    key wins); lines cut short by a kill (or without a ``key``) are skipped with a warning, so
+    their rows are computed again by a rerun."""
     path = Path(path)
     if not path.is_file():
         return {}
-    rows, bad = _parse_lines(path, (key,))
+    rows, bad = parse_lines(path, record_problem(key))
     if bad:
-        _logger.warning("%s lines %s are incomplete (interrupted write?); ignored", path, bad)
+        _logger.warning("%s: lines %s hold no valid record; ignored", path, describe_lines(bad))
     return {row[key]: row for row in rows}
 
 
