@@ -212,3 +212,13 @@ def test_end_to_end_one_error_line_exit_2(small, tmp_path, run_script, script, a
     assert "Traceback" not in done.stderr
     assert len(lines) == 1 and lines[0].startswith("error: --"), lines
     assert not out.exists() or not any(out.rglob("*.pth"))  # nothing trained
+
+
+@pytest.mark.parametrize(
+    "config", sorted((Path(__file__).resolve().parents[1] / "research/configs").glob("*.yaml"))
+)
+def test_every_shipped_config_passes_the_checks(small, tmp_path, config):
+    """The option checks refuse no shipped hyper-parameter file (their models included)."""
+    args = parse_args([str(small), "--dataset", "", "--config", str(config), "--output",
+                       str(tmp_path)])  # fmt: skip
+    assert args.model
