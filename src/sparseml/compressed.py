@@ -304,6 +304,8 @@ def _entry_problem(entry: Any) -> str:
             f"shape {str(shape)[:60]} is not a list of at most {MAX_DIMS} sizes with at most "
             f"{MAX_NUMEL} entries in all"
         )
+    if layout != "dense" and not cf.has_layout(_DTYPES[dtype]):
+        return f"dtype {dtype} has no {layout} layout (it is stored dense)"
     crcs = entry.get("crc32")
     parts = _PARTS[layout] + (("negzero",) if entry.get("negzero") and layout != "dense" else ())
     if (

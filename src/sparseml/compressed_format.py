@@ -230,6 +230,11 @@ class _Signs:
 
     def __init__(self, parts: dict[str, Tensor], dtype: torch.dtype, unstored: int) -> None:
         self.packed = parts.get("negzero")
+        if self.packed is not None and (self.packed.dtype != torch.uint8 or self.packed.dim() != 1):
+            raise LayoutError(
+                f"negzero is {self.packed.dtype} {tuple(self.packed.shape)}, expected a uint8 bit "
+                "stream (1-D)"
+            )
         if self.packed is not None and self.packed.numel() != math.ceil(unstored / 8):
             raise LayoutError(
                 f"negzero has {self.packed.numel()} bytes, {unstored} unstored entries need "

@@ -266,6 +266,30 @@ def test_bad_nm_indices(good_file):
     _expect_error(good_file, "not increasing")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
+def test_negzero_must_be_a_uint8_bit_stream(tmp_path, dtype):
+    """An int64 stream of one element passed the size check and set the wrong entries' signs."""
+    w = pruned((64, 64), "unstructured90")
+    w[w == 0] = -0.0 * torch.randint(
+        0, 2, (int((w == 0).sum()),), generator=torch.Generator().manual_seed(0)
+    )
+    path = save_compressed({"w": w}, tmp_path / "neg.sparse.safetensors")
+
+    def widen(meta, entries, stored):
+        assert entries["w"]["layout"] == "bitmask" and entries["w"]["negzero"]
+        stored["w:negzero"] = stored["w:negzero"].to(dtype)
+        entries["w"]["crc32"]["negzero"] = sc._crc(stored["w:negzero"])
+
+    _rewrite(path, widen)
+    _expect_error(path, f"negzero is {dtype}.*expected a uint8 bit stream")
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fnuz", "complex64"])
+def test_sparse_layout_of_a_dtype_that_has_none(good_file, dtype):
+    _rewrite(good_file, lambda m, entries, s: entries["w"].update(dtype=dtype))
+    _expect_error(good_file, f"dtype {dtype} has no bitmask layout")
+
+
 def test_missing_and_extra_parts(good_file, tmp_path):
     _rewrite(good_file, lambda m, e, stored: stored.pop("w:values"))
     _expect_error(good_file, "'w:values' is missing")
