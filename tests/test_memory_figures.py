@@ -74,6 +74,11 @@ CASES = {
             "num_grads": 64,
         },
     ),
+    "SharedFisher (one block a layer)": (
+        "FastCAPruningModifier",
+        [(64, 1), (64, 2)],
+        {"fisher_block_size": 4096, "num_grads": 64},  # B = the whole layer: factoring dominates
+    ),
     "FullFisher": ("WoodFisherPruningModifier", [(768, 1), (768, 2)], {"num_grads": 64}),
     "MFACFisher": (
         "MFACPruningModifier",

@@ -27,14 +27,19 @@ def inverse_factor(F: torch.Tensor, num_grads: int, damp: float) -> torch.Tensor
         raise NumericalError("FastCAP Fisher holds NaN/Inf")
     if mean <= 0:  # no curvature information at all: fall back to magnitude scores
         Fd, mean = torch.eye(Fd.shape[0], dtype=Fd.dtype, device=Fd.device), 1.0
-    # Dead coordinates (F_jj = 0) keep only the damping, i.e. they are cheap to remove.
-    eye = torch.eye(Fd.shape[0], dtype=Fd.dtype, device=Fd.device)
+    # Dead coordinates (F_jj = 0) keep only the damping, i.e. they are cheap to remove. Two
+    # B x B at most besides F: Fd, and one buffer factored, inverted and factored in place.
+    info = torch.empty((), dtype=torch.int32, device=Fd.device)
     for extra in (0.0, 1e-2):
-        L, info = torch.linalg.cholesky_ex(Fd + (damp + extra) * mean * eye)
+        A = Fd.clone()
+        A.diagonal().add_((damp + extra) * mean)
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            torch.cholesky_inverse(A, out=A)
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
             if info == 0:
-                return U
+                return A
+        del A
     raise NumericalError(f"FastCAP Fisher is not positive definite even with damp={damp}+1e-2")
 
 

@@ -144,13 +144,15 @@ def sweep_bytes(mod, blocks: list[int]) -> int:
     with ``sweeps`` above 1 (the previous sweep's weights, which the next copies); the loss
     curves' copies of up to CURVE_ROWS rows (one per group at least) six times (also each
     copy's scores, sort order and masks); plus the inverse factors, every layer's at once
-    under a global allocation (each layer's are kept from the allocation to its prune)."""
+    under a global allocation (each layer's are kept from the allocation to its prune), and
+    the two B x B float64 working copies of factoring one Fisher (`inverse_factor`)."""
     rows = [-(-r.param.numel() // b) for r, b in zip(mod.refs, blocks)]
     groups = [group_count(n, k) for n, k in zip(rows, mod.estimator().group_rows(mod, blocks))]
     extra = mod.fisher_rows is not None
     again = mod.sweeps > 1  # a later sweep starts from the previous one's result
     U = [g * b * b * 8 for g, b in zip(groups, blocks)]
     held = sum(U) if mod.selector_kind == "global" else max(U, default=0)
+    held += 2 * 8 * max(blocks, default=0) ** 2  # factoring: the scaled Fisher and its factor
     sweep = max(((3 + extra + again) * 8 * n * b for n, b in zip(rows, blocks)), default=0)
     if mod.selector_kind != "global" or mod.global_allocation != "losses":
         return sweep + held
