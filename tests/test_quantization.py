@@ -442,3 +442,16 @@ def test_caps_own_qat_recipe_file_runs_unchanged() -> None:
     assert bits == {name: {"weight_bits": 8, "activation_bits": 8} for name in ("0", "2")}
     assert bool((model[0].weight.detach()[:, :3] == 0).all())
     assert float(model[0].weight.detach()[:, 3:].abs().min()) > 0
+
+
+def test_misspelt_excluded_type_is_warned_with_the_close_names(caplog) -> None:
+    """``Conv2D`` / ``linear`` match nothing: the layers they meant stay quantized, so say so."""
+    manager = ScheduledModifierManager.from_yaml(
+        "!QuantizationModifier\n  start_epoch: 0\n  exclude_module_types: [Conv2D, linear, ReLU]\n"
+    )
+    model = convnet()
+    with caplog.at_level("WARNING"):
+        manager.modify(model, torch.optim.SGD(model.parameters(), lr=0.1), 1)
+    text = caplog.text
+    assert "'Conv2D' (did you mean: Conv2d" in text and "'linear' (did you mean: Linear" in text
+    assert "'ReLU'" not in text  # a class the model has: no warning even if never quantized

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from sparseml import dist
-from sparseml.errors import RecipeError
+from sparseml.errors import RecipeError, close_matches
 from sparseml.kernels import quant as qk
 from sparseml.params import unwrap
 
@@ -57,10 +57,12 @@ def select_layers(model: nn.Module, mod: Any) -> tuple[list[QuantLayer], list[nn
     layers: dict[str, QuantLayer] = {}
     norms: dict[str, nn.Module] = {}
     embeddings = False
+    types: set[str] = set()
     for start in _submodule_roots(root, mod.submodules, owner):
         prefix = f"{start}." if start else ""
         for sub, module in root.get_submodule(start).named_modules():
             name = f"{prefix}{sub}" if sub else start
+            types.add(type(module).__name__)
             if isinstance(module, _BN):
                 norms.setdefault(name, module)
             embeddings |= isinstance(module, nn.Embedding)
@@ -79,6 +81,13 @@ def select_layers(model: nn.Module, mod: Any) -> tuple[list[QuantLayer], list[nn
     if not layers:
         raise RecipeError(f"{owner}: submodules {mod.submodules} hold no Linear or Conv layer")
     notes = []
+    unmatched = sorted(excluded - types)
+    if unmatched:  # a misspelt class name (Conv2D, linear) would quantize what it meant to keep
+        named = ", ".join(f"{n!r}{close_matches(n, sorted(types))}" for n in unmatched)
+        notes.append(
+            f"exclude_module_types {named} match no layer of the model (class names, "
+            "case-sensitive): nothing is excluded for them"
+        )
     if norms and (mod.model_fuse_fn_name or "").lower() != "no_fuse":
         notes.append(
             f"BatchNorm layers are not fused into the convolutions (model_fuse_fn_name="
