@@ -268,6 +268,12 @@ def build_loaders(args, model, device, needs_grads: bool) -> tuple[dict, dict]:
     if args.bn_recalibration_batches:  # training images as evaluated: no augmentation
         bn = osd.open_dataset(name, root, args.train_split, False, **shard)
         loaders["bn"] = create_loader(bn, batch_size=args.batch_size, is_training=False, **options)
+        if len(loaders["bn"]) < args.bn_recalibration_batches:  # else fewer, recorded as more
+            raise SetupError(
+                f"--bn-recalibration-batches {args.bn_recalibration_batches} exceeds the "
+                f"{len(loaders['bn'])} batches of -b {args.batch_size} in --train-split "
+                f"{args.train_split!r}; allowed: 1 to {len(loaders['bn'])}"
+            )
     if needs_grads:
         train = osd.open_dataset(name, root, args.train_split, True, **shard)
         loaders["gs"] = osd.GradSamplerData(

@@ -104,3 +104,12 @@ def test_bad_batch_count_is_one_line(value, tmp_path, small_digits):
     else:
         with pytest.raises(SystemExit):
             osp_script.main(argv)
+
+
+def test_more_batches_than_the_split_holds_is_one_line(tmp_path, small_digits):
+    """The rows would record batches that were never read."""
+    recipe = tmp_path / "gm.yaml"
+    recipe.write_text(RECIPE)
+    argv = args(small_digits, tmp_path, recipe, "--bn-recalibration-batches", "1000")
+    with pytest.raises(SetupError, match=r"--bn-recalibration-batches 1000 exceeds the \d+ batch"):
+        osp_script.main(argv)
