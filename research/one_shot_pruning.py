@@ -58,12 +58,7 @@ from utils.checkpoint import (  # noqa: E402
     save_state_dict,
 )
 from utils.class_map import check_class_map, class_names  # noqa: E402
-from utils.data import (  # noqa: E402
-    check_split_options,
-    configure_grad_sampler,
-    loader_kwargs,
-    resolve_data_dir,
-)
+from utils.data import configure_grad_sampler, loader_kwargs, resolve_data_dir  # noqa: E402
 from utils.distributed import (  # noqa: E402
     broadcast_model,
     cleanup,
@@ -90,8 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     pruner = check_recipe(args)
     needs_grads = osp.needs_gradients(pruner)
-    resolve_data_dir(args.dataset, args.data_dir)  # missing data: fail before the model loads
-    check_split_options(args)  # again: a digits tree written just now is checked only here
+    osd.check_data(args)  # missing data or splits: fail before the model loads
     device = init_distributed(args)
     quiet_other_ranks(args)
     # No `finally`: after a failure on this rank, a barrier here would wait for peers that sit
@@ -268,12 +262,7 @@ def build_loaders(args, model, device, needs_grads: bool) -> tuple[dict, dict]:
     if args.bn_recalibration_batches:  # training images as evaluated: no augmentation
         bn = osd.open_dataset(name, root, args.train_split, False, **shard)
         loaders["bn"] = create_loader(bn, batch_size=args.batch_size, is_training=False, **options)
-        if len(loaders["bn"]) < args.bn_recalibration_batches:  # else fewer, recorded as more
-            raise SetupError(
-                f"--bn-recalibration-batches {args.bn_recalibration_batches} exceeds the "
-                f"{len(loaders['bn'])} batches of -b {args.batch_size} in --train-split "
-                f"{args.train_split!r}; allowed: 1 to {len(loaders['bn'])}"
-            )
+        osd.check_bn_batches(loaders["bn"], args)
     if needs_grads:
         train = osd.open_dataset(name, root, args.train_split, True, **shard)
         loaders["gs"] = osd.GradSamplerData(

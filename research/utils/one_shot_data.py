@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from timm.data import create_loader
 
-from .data import check_batch_fits, open_split
+from .data import check_batch_fits, check_split_options, open_split, resolve_data_dir
 from .errors import SetupError
 
 
@@ -110,3 +110,21 @@ class EndlessBatches:
                 yield [inputs.to(self.device)], {}, target.to(self.device)
             if empty:  # an endless loop over nothing would hang the run
                 raise SetupError("the grad sampler loader yields no batch; lower -gb")
+
+
+def check_data(args: Any) -> None:
+    """The data set is there (the digits tree written if needed) and each split names a folder
+    of it (checked again here: a digits tree written just now could not be checked earlier)."""
+    resolve_data_dir(args.dataset, args.data_dir)
+    check_split_options(args)
+
+
+def check_bn_batches(loader: Any, args: Any) -> None:
+    """``--bn-recalibration-batches`` within the batches the training split holds (else fewer
+    would be read while the rows record the number asked)."""
+    if len(loader) < args.bn_recalibration_batches:
+        raise SetupError(
+            f"--bn-recalibration-batches {args.bn_recalibration_batches} exceeds the "
+            f"{len(loader)} batches of -b {args.batch_size} in --train-split "
+            f"{args.train_split!r}; allowed: 1 to {len(loader)}"
+        )

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from sparseml.errors import RecipeError
 from sparseml.modifiers.base import Modifier
+from sparseml.modifiers.training import check_param_groups
 from sparseml.params import unwrap
 from sparseml.recipe import dump_modifiers, load_modifiers
 from sparseml.serialization import atomic_write_text
@@ -169,26 +170,12 @@ class ScheduledModifierManager:
             epoch = self.epoch
         if not allow_parallel_module:
             module = unwrap(module)
-        self._check_param_groups(optimizer)
+        check_param_groups(self._modifiers, optimizer)
         if not self.initialized:
             self.initialize(module, epoch, **kwargs)
         return RecipeManagerStepWrapper(
             wrap_optim or optimizer, optimizer, module, self, epoch, steps_per_epoch
         )
-
-    def _check_param_groups(self, optimizer: Any) -> None:
-        """Every ``param_groups`` index of the recipe names a group of ``optimizer`` (checked
-        before training, not at the modifier's first step)."""
-        count = len(getattr(optimizer, "param_groups", ()))
-        for mod in self._modifiers:
-            indices = getattr(mod, "param_groups", None)
-            bad = [i for i in indices or () if not 0 <= i < count]
-            if bad:
-                raise mod.field_error(
-                    "param_groups",
-                    f"names groups {bad}: the optimizer has {count} param groups "
-                    f"(indices 0..{count - 1}, or null for all)",
-                )
 
     def update(self, module: nn.Module, optimizer: Any, epoch: float, steps_per_epoch: int) -> None:
         for mod in self._active():

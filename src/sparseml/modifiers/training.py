@@ -56,6 +56,20 @@ def _groups(optimizer: Any, indices: list[int] | None) -> list[dict]:
     return [groups[i] for i in indices]
 
 
+def check_param_groups(modifiers: list, optimizer: Any) -> None:
+    """Every ``param_groups`` index of ``modifiers`` names a group of ``optimizer`` (checked
+    before training, not at the modifier's first step)."""
+    count = len(getattr(optimizer, "param_groups", ()))
+    for mod in modifiers:
+        bad = [i for i in getattr(mod, "param_groups", None) or () if not 0 <= i < count]
+        if bad:
+            raise mod.field_error(
+                "param_groups",
+                f"names groups {bad}: the optimizer has {count} param groups "
+                f"(indices 0..{count - 1}, or null for all)",
+            )
+
+
 @register_modifier
 class EpochRangeModifier(Modifier):
     """Sets the training length: the manager's ``max_epochs`` covers ``end_epoch``."""
