@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from sparseml import dist as sparseml_dist
 
+from . import faults
 from .errors import SetupError
 
 
@@ -65,13 +66,18 @@ def cleanup(args: argparse.Namespace) -> None:
     """Leave the process group at the end of a successful run (never after a failure).
 
     After an exception a peer may sit in another collective, so a barrier would hang: the
-    scripts then leave through ``faults.run_main`` without touching the group. The barrier first
-    matters here: gloo's worker threads free finished work (and the Python tensors
-    it holds) after the caller has moved on; if the group is torn down while the main thread
-    holds the GIL and a worker still waits for it, the process hangs at exit.
+    scripts then leave through ``faults.run_main`` without touching the group. Here, after a
+    barrier (every rank is done), a script's rank exits at once (``faults.leave(0)``: output
+    flushed, no destructor): gloo's worker threads free finished work (and the Python tensors
+    it holds) after the caller has moved on, so tearing the group down (or DDP's reducer, which
+    holds it) while the main thread holds the GIL and a worker waits for it hung the rank at
+    exit now and then (seen in CI: ``~ProcessGroupGloo`` joining a worker stuck in
+    ``decref_pyobject``). Callers of a script's ``main`` in-process destroy the group.
     """
     if getattr(args, "distributed", False) and dist.is_initialized():
         dist.barrier()
+        if faults.in_script():
+            faults.leave(0)
         dist.destroy_process_group()
 
 

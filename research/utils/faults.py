@@ -181,6 +181,12 @@ def describe(err: BaseException) -> tuple[int, str | None]:
     return EXIT_FAILED, None
 
 
+def in_script() -> bool:
+    """Whether this process runs a script through :func:`run_main` (not a test calling a
+    script's ``main`` in-process)."""
+    return _installed
+
+
 def run_main(main: Callable[[], object]) -> None:
     """Run a script's ``main`` with signal handling; on failure report and exit (never hang)."""
     install_signal_handlers()
