@@ -4,13 +4,12 @@ is imported; the pruners live in `sparseml.pruning` (`sparseml.pruning.methods`)
 one's own registers the same way: define it in any module and import that module.
 """
 
-from sparseml.modifiers import quantization, training  # noqa: F401  (registrations)
+from sparseml.modifiers import learning_rate, quantization, training  # noqa: F401  (registrations)
 from sparseml.modifiers.base import Modifier
+from sparseml.modifiers.learning_rate import LearningRateFunctionModifier, LearningRateModifier
 from sparseml.modifiers.quantization import QuantizationModifier
 from sparseml.modifiers.training import (
     EpochRangeModifier,
-    LearningRateFunctionModifier,
-    LearningRateModifier,
     SetLearningRateModifier,
     SetWeightDecayModifier,
 )

@@ -27,16 +27,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from sparseml.errors import RecipeError
 from sparseml.fields import Check
 from sparseml.grad_sampler import GradSampler
 from sparseml.kernels import native
 from sparseml.kernels.precision import work_dtype
-from sparseml.masks import MaskEnforcer, MaskSpec, check_groupable, parse_mask_type
+from sparseml.masks import MaskEnforcer, MaskSpec, parse_mask_type
 from sparseml.modifiers.base import Modifier
-from sparseml.params import ParamRef, assign_targets, select_params
+from sparseml.params import ParamRef
 from sparseml.pruning import sampling
-from sparseml.pruning.fields import FROM_PARAM, SCHEDULE, SCHEDULE_CHECKS, recompute_num_spelling
+from sparseml.pruning.fields import SCHEDULE, SCHEDULE_CHECKS, recompute_num_spelling
 from sparseml.pruning.flops_plan import FlopsPlan
 from sparseml.pruning.selectors import (
     KINDS,
@@ -48,8 +47,10 @@ from sparseml.pruning.selectors import (
     unsupported,
     unsupported_field,
 )
+from sparseml.pruning.state import check_saved_masks, pruner_state, restore_pruner_state
+from sparseml.pruning.targets import resolve_targets, round_plans, run_length_problem
 from sparseml.pruning.updates import Scored
-from sparseml.schedules import interpolate, recomputation_targets, shortfall
+from sparseml.schedules import interpolate
 
 
 class PruningModifier(Modifier):
@@ -204,23 +205,8 @@ class PruningModifier(Modifier):
         return (epoch - start) % freq == 0 or epoch == end
 
     def run_length_problem(self, num_epochs: int, steps_per_epoch: int | None) -> str | None:
-        """Why a run of ``num_epochs`` epochs would stop this schedule short of its target
-        (None when it reaches it; `sparseml.schedules.shortfall`)."""
-        target = self.final_target()
-        if target is None:
-            return None
-        init = self.init_sparsity if isinstance(self.init_sparsity, float) else 0.0
-        reached, need = shortfall(
-            self.start_epoch, self.end_epoch, self.update_frequency, init, target,
-            self.inter_func, num_epochs, steps_per_epoch,
-        )  # fmt: skip
-        if need is None:
-            return None
-        return (
-            f"{type(self).__name__} ends at epoch {self.end_epoch:g} but the run has {num_epochs} "
-            f"epochs: it would reach about {reached:.2%} sparsity instead of {target:.2%}; run at "
-            f"least {need} epochs or end the modifier earlier"
-        )
+        """Why a run of ``num_epochs`` epochs would stop this schedule short of its target."""
+        return run_length_problem(self, num_epochs, steps_per_epoch)
 
     def named_masks(self) -> dict[str, Tensor]:
         """Parameter name -> boolean keep-mask."""
@@ -247,25 +233,7 @@ class PruningModifier(Modifier):
         self, module: nn.Module, epoch: float = 0.0, loggers: Any = None, **kwargs: Any
     ) -> None:
         self.validate()
-        owner = type(self).__name__
-        final = self._values.get("final_sparsity", 0.0)
-        if isinstance(final, dict):
-            self.refs, self.final_targets = assign_targets(
-                final, lambda patterns: select_params(module, patterns, owner), owner
-            )
-        else:
-            self.refs = select_params(module, self.params, owner)
-            self.final_targets = [final] * len(self.refs)
-        spec = self.mask_spec
-        for ref in self.refs:
-            try:
-                check_groupable(ref.name, ref.param.shape, spec)
-            except RecipeError as err:
-                raise self.field_error("mask_type", str(err)) from None
-        if self._values.get("init_sparsity", 0.0) == FROM_PARAM:
-            self.init_targets = [float((r.param == 0).float().mean()) for r in self.refs]
-        else:
-            self.init_targets = [self._values.get("init_sparsity", 0.0)] * len(self.refs)
+        self.refs, self.final_targets, self.init_targets = resolve_targets(self, module)
         masks = [torch.ones_like(r.param, dtype=torch.bool) for r in self.refs]
         self.enforcer = MaskEnforcer(self.refs, masks)
         self.on_initialize(module, **kwargs)
@@ -320,18 +288,11 @@ class PruningModifier(Modifier):
     # ----- the step skeleton ----------------------------------------------------------------------
     def prune(self, module: nn.Module, targets: list[float]) -> None:
         """Reach ``targets`` in ``num_recomputations`` rounds of estimate -> method."""
-        rounds = self._values.get("num_recomputations", 1)
-        plans = [
-            recomputation_targets(
-                c, t, rounds, self._values.get("recomputation_inter_func", "linear"),
-                self._values.get("recompute_degree"),
-            )
-            for c, t in zip(self.schedule_levels(), targets)
-        ]  # fmt: skip
+        plans = round_plans(self, self.schedule_levels(), targets)
         if self.needs_gradients:
             native.warm_up()  # loading the compiled kernels is not part of any phase
         timings = sampling.Timings(self.grad_sampler)
-        for step in range(rounds):
+        for step in range(self._values.get("num_recomputations", 1)):
             self.prune_once(module, [plan[step] for plan in plans], timings)
             self.enforcer.apply()
         self.timings = timings.seconds
@@ -413,36 +374,12 @@ class PruningModifier(Modifier):
 
     # ----- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["applied_sparsity"] = self.applied_sparsity
-        state["masks"] = {r.name: m.detach().cpu().clone() for r, m in zip(self.refs, self.masks)}
-        if self.grad_sampler is not None:  # the sample stream's position, for exact resume
-            state["grad_sampler"] = self.grad_sampler.state_dict()
-        if self.flops is not None:
-            state.update(self.flops.state_dict())
-        return state
+        return pruner_state(self, super().state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.enforcer is None:
-            raise RuntimeError(f"{type(self).__name__}: initialize before load_state_dict")
-        masks = state.get("masks", {})
-        names = [r.name for r in self.refs]
-        if sorted(masks) != sorted(names):
-            raise RecipeError(
-                f"{type(self).__name__}: saved masks are for {sorted(masks)}, "
-                f"but the recipe selects {sorted(names)}"
-            )
+        check_saved_masks(self, state)
         super().load_state_dict(state)
-        self.applied_sparsity = state.get("applied_sparsity")
-        self.enforcer.set_masks([masks[n].to(torch.bool) for n in names])
-        if self.started and (self._values.get("leave_enabled", False) or not self.ended):
-            self.enforcer.enable()
-        else:
-            self.enforcer.disable()
-        if self.grad_sampler is not None and state.get("grad_sampler"):
-            self.grad_sampler.load_state_dict(state["grad_sampler"])
-        if self.flops is not None:
-            self.flops.load_state_dict(state)
+        restore_pruner_state(self, state)
 
     @property
     def flops_reached(self) -> float | None:
