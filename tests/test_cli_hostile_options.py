@@ -222,3 +222,15 @@ def test_every_shipped_config_passes_the_checks(small, tmp_path, config):
     args = parse_args([str(small), "--dataset", "", "--config", str(config), "--output",
                        str(tmp_path)])  # fmt: skip
     assert args.model
+
+
+def test_keyword_timm_refuses_by_assert_is_one_setup_error(small, tmp_path):
+    """timm checks ``global_pool`` and other keywords with ``assert``: a value the type hint
+    allows (ResNet takes any ``str``) but the model family lacks is one error naming the
+    options and timm's reason, not a traceback."""
+    from utils.models import build_model
+
+    args = parse_args(train_argv(small, tmp_path, "--model", "resnet_digits", "--gp", "bogus"))
+    args.model_kwargs = {}
+    with pytest.raises(SetupError, match=r"cannot build model .*global_pool='bogus'.*pool type"):
+        build_model(args)

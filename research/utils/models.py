@@ -153,6 +153,11 @@ def build_model(args: Any, checkpoint_option: str = "--initial-checkpoint") -> n
         kwargs.update(pretrained_kwargs(args.model, checkpoint_option))
     try:
         model = create_model(args.model, pretrained=pretrained, **kwargs)
+    except AssertionError as err:  # timm checks its keywords by assert (e.g. a --gp it lacks)
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if v is not None)
+        raise SetupError(
+            f"cannot build model {args.model!r}: timm refused the options given ({given}): {err}"
+        ) from err
     except (RuntimeError, OSError, ValueError, TypeError) as err:
         user_error = pretrained or "Unknown model" in str(err) or isinstance(err, ValueError)
         if not user_error and not (isinstance(err, TypeError) and "argument" in str(err)):

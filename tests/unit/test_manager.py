@@ -1,6 +1,7 @@
 """Manager and mask lifecycle: timing, enforcement through optimizers/AMP, finalize, resume."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -258,3 +259,49 @@ def test_nm_on_a_layer_whose_rows_do_not_tile_names_modifier_and_param():
         RecipeError, match=r"GMPruningModifier.*mask_type.*weight.*not divisible by"
     ):
         ScheduledModifierManager.from_yaml(recipe).apply(nn.Linear(3, 2))
+
+
+COARSE = """
+modifiers:
+  - !GMPruningModifier
+    params: {params}
+    init_sparsity: 0.5
+    final_sparsity: 0.5
+    start_epoch: 0
+    end_epoch: 1
+    mask_type: {mask}
+    global_sparsity: {glob}
+"""
+
+
+@pytest.mark.parametrize(
+    ("params", "mask", "glob", "warned"),
+    [
+        (
+            "['tiny.weight']",
+            "block4",
+            "false",
+            "final_sparsity 0.50 rounds to 0.00 on tiny.weight (1 block4 group of 4 entries)",
+        ),
+        ("['tiny.weight']", "unstructured", "false", None),  # 2 of 4 entries: exact
+        ("['re:.*weight']", "block4", "false", "on tiny.weight (1 block4 group"),
+        ("['re:.*weight']", "block4", "true", None),  # 1 + 64 groups: 0.49 of them
+        ("['big.weight']", "block4", "false", None),
+    ],
+)
+def test_targets_whole_groups_cannot_reach_are_warned(caplog, params, mask, glob, warned):
+    """A selector prunes round(s x groups) groups: on a parameter of one block4 group a
+    sparsity of 0.5 prunes nothing, and that is said once at initialize, naming the parameter."""
+    model = nn.Module()
+    model.tiny, model.big = nn.Linear(4, 1), nn.Linear(16, 16)
+    recipe = COARSE.format(params=params, mask=mask, glob=glob)
+    with caplog.at_level(logging.WARNING, logger="sparseml.pruning.targets"):
+        ScheduledModifierManager.from_yaml(recipe).apply(model)
+    said = [r.getMessage() for r in caplog.records if r.name == "sparseml.pruning.targets"]
+    if warned is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and warned in said[0], said
+        assert said[0].startswith("GMPruningModifier: ")
+    if mask == "block4" and glob == "false" and "tiny" in params:
+        assert bool((model.tiny.weight != 0).all())  # what the warning says: nothing pruned

@@ -6,6 +6,7 @@ lifecycle; the schedule math itself is `sparseml.schedules`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
@@ -15,6 +16,11 @@ from sparseml.masks import check_groupable
 from sparseml.params import ParamRef, assign_targets, select_params
 from sparseml.pruning.fields import FROM_PARAM
 from sparseml.schedules import recomputation_targets, shortfall
+
+LOG = logging.getLogger(__name__)
+# A final sparsity that whole mask groups miss by more than this is reported (a parameter of
+# fewer than 1 / (2 x this) groups can miss it).
+COARSE_TOLERANCE = 0.02
 
 
 def resolve_targets(pruner: Any, module: nn.Module) -> tuple[list[ParamRef], list, list[float]]:
@@ -43,7 +49,32 @@ def resolve_targets(pruner: Any, module: nn.Module) -> tuple[list[ParamRef], lis
         inits = [float((r.param == 0).float().mean()) for r in refs]
     else:
         inits = [init] * len(refs)
+    warn_coarse_targets(pruner, refs, finals)
     return refs, finals, inits
+
+
+def warn_coarse_targets(pruner: Any, refs: list[ParamRef], finals: list) -> None:
+    """Warn where whole mask groups cannot come near a final sparsity: a selector prunes
+    round(s x groups) groups (over all parameters with ``global_sparsity``), so ``block4`` at
+    0.5 on a parameter of 4 entries prunes nothing."""
+    spec = pruner.mask_spec
+    if spec.kind == "nm" or not all(isinstance(f, float) for f in finals):
+        return  # N:M prunes n of every m exactly; a FLOPs target is not a sparsity
+    groups = [r.param.numel() // spec.group for r in refs]
+    if pruner._values.get("global_sparsity", False) and len(refs) > 1:
+        named = [(f"the {len(refs)} parameters together", sum(groups), finals[0])]
+    else:
+        named = [(r.name, g, f) for r, g, f in zip(refs, groups, finals)]
+    for name, count, target in named:
+        reached = min(round(count * target), count) / max(count, 1)
+        if abs(reached - target) > COARSE_TOLERANCE:
+            noun = "entr" + ("y" if count == 1 else "ies")
+            if spec.group > 1:
+                noun = f"{spec} group{'' if count == 1 else 's'} of {spec.group} entries"
+            LOG.warning(
+                "%s: final_sparsity %.2f rounds to %.2f on %s (%d %s)",
+                type(pruner).__name__, target, reached, name, count, noun,
+            )  # fmt: skip
 
 
 def round_plans(pruner: Any, levels: list[float], targets: list[float]) -> list[list[float]]:
