@@ -14,6 +14,7 @@ from conftest import RESEARCH, ensure_research
 ensure_research()
 sys.path.insert(0, str(RESEARCH / "bench"))
 import bench_inference as bi  # noqa: E402
+import inference_backends  # noqa: E402  (BusyGuard reads the load there)
 
 pytest.importorskip("onnxruntime")
 
@@ -36,8 +37,8 @@ def pruned_checkpoint(tmp_path_factory):
 
 
 def run(argv, monkeypatch, capsys, load: float) -> str:
-    monkeypatch.setattr(bi, "load_1min", lambda: load)
-    monkeypatch.setattr(bi, "usable_cores", lambda: 2)
+    monkeypatch.setattr(inference_backends, "load_1min", lambda: load)
+    monkeypatch.setattr(inference_backends, "usable_cores", lambda: 2)
     assert bi.main(argv) == 0
     return capsys.readouterr().out
 

@@ -54,315 +54,44 @@ time (user time 2 min 7 s here; 1-2 min wall on 2 free cores, 6 min at load aver
 ``--quick`` (batch-1 GEMMs and a batch-16 model, 50% and 90%) about a fifth of that.
 """
 
+# This file: the command line, the printed tables and what they say about the machine. What is
+# timed: inference_cases.py; the contenders (dense, CSR, ONNX Runtime) and the clock:
+# inference_backends.py.
+
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # research/: utils
+if str(HERE) not in sys.path:  # the inference_* modules, also when this file is loaded by path
+    sys.path.append(str(HERE))
+
+from inference_backends import (  # noqa: E402
+    BusyGuard,
+    CSRLinear,
+    csr_model,
+    prune_,  # noqa: F401  (tests/test_export.py reads bench_inference.prune_)
+)
+from inference_cases import (  # noqa: E402
+    GEMMS,
+    SPARSITIES,
+    bench_cuda,
+    bench_gemms,
+    bench_model,
+    bench_user_batches,
+    build_user_model,
+    linear_sparsity,
+)
 
 from utils.options import ParseKwargs  # noqa: E402  (no torch or timm import there)
-
-SPARSITIES = (0.5, 0.7, 0.9, 0.95)
-TOKENS = 197  # DeiT at 224 px: 196 patches + the class token
-# name -> (rows per image, in features, out features); weight (out, in), input (rows, in)
-GEMMS = {
-    "DeiT-Tiny fc1 192->768": (TOKENS, 192, 768),
-    "DeiT-Small qkv 384->1152": (TOKENS, 384, 1152),
-    "DeiT-Small fc2 1536->384": (TOKENS, 1536, 384),
-    "ResNet-50 l2 3x3 128 (28x28)": (28 * 28, 128 * 9, 128),
-    "ResNet-50 l3 1x1 1024->256 (14x14)": (14 * 14, 1024, 256),
-    "ResNet-50 l4 3x3 512 (7x7)": (7 * 7, 512 * 9, 512),
-}
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def load_1min() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return None
-
-
-class BusyGuard:
-    """Whether speedups may be printed: not while the load exceeded the cores.
-
-    ``check()`` is called before and after each timed row; a row whose timing saw the machine
-    busier than its cores gets no speedup (its times are kept: they say how slow it was).
-    """
-
-    def __init__(self) -> None:
-        self.cores = usable_cores()
-        self.worst: float | None = None
-        self.refused = 0
-
-    def busy(self) -> bool:
-        load = load_1min()
-        if load is None:
-            return False
-        self.worst = load if self.worst is None else max(self.worst, load)
-        return load > self.cores
-
-    def speedup(self, busy: bool, base: float, other: float) -> str:
-        if busy:
-            self.refused += 1
-            return "busy"
-        return f"{base / other:.2f}x"
-
-    def summary(self) -> str:
-        if not self.refused:
-            return ""
-        return (
-            f"No speedup printed for {self.refused} cell(s) marked 'busy': the machine was busier "
-            f"than its {self.cores} cores (1-minute load average up to {self.worst:.2f}) while "
-            "they were timed, which makes ratios meaningless. Rerun on an idle machine."
-        )
-
-
-def compare(fns: dict[str, Callable[[], object]], budget: float,
-            sync: Callable[[], None] = lambda: None) -> dict[str, float]:  # fmt: skip
-    """Median seconds per call of each function, timed in turns (one call each per round) so
-    that a change in the machine's load hits all of them alike: one warm-up round, then rounds
-    until each had ``budget`` seconds and at least 2 calls."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    sync()
-    while min(sum(t) for t in times.values()) < budget or len(times[next(iter(fns))]) < 2:
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(t) for k, t in times.items()}
-
-
-def prune_(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Zero the ``sparsity`` share of smallest-magnitude entries (in place)."""
-    k = round(sparsity * weight.numel())
-    if k:
-        threshold = weight.abs().reshape(-1).kthvalue(k).values
-        weight[weight.abs() <= threshold] = 0.0
-    return weight
-
-
-class CSRLinear(nn.Module):
-    """A Linear layer whose weight is a CSR sparse matrix: y = (W_csr @ x^T)^T + b."""
-
-    def __init__(self, layer: nn.Linear) -> None:
-        super().__init__()
-        self.weight = layer.weight.detach().to_sparse_csr()
-        self.bias = None if layer.bias is None else layer.bias.detach()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.sparse.mm(self.weight, flat.t()).t()
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-def csr_model(model: nn.Module, min_sparsity: float | None = None) -> nn.Module:
-    """A copy of ``model`` with Linear layers as :class:`CSRLinear`: every block Linear layer
-    (``min_sparsity`` None, the built-in ViT case), else every Linear layer with at least that
-    share of zero weights."""
-    import copy
-
-    out = copy.deepcopy(model)
-    for name, layer in list(out.named_modules()):
-        if not isinstance(layer, nn.Linear):
-            continue
-        if min_sparsity is None:
-            chosen = name.startswith("blocks.")
-        else:
-            zeros = float((layer.weight == 0).float().mean())
-            chosen = zeros > 0 and zeros >= min_sparsity
-        if chosen:
-            parent, _, child = name.rpartition(".")
-            setattr(out.get_submodule(parent), child, CSRLinear(layer))
-    return out
-
-
-def ort_runner(module: nn.Module, x: torch.Tensor, folder: Path, threads: int):  # noqa: ANN201
-    """A function running ``module`` exported to ONNX on ``x`` with ONNX Runtime."""
-    from utils import onnx_io
-
-    path = onnx_io.export_onnx(module, x, folder / "m.onnx")
-    sess = onnx_io.session(path, threads)
-    return lambda: onnx_io.run(sess, x)
-
-
-def bench_model(rows: list[list[str]], batches, sparsities, threads: int, budget: float,
-                guard: BusyGuard) -> None:  # fmt: skip
-    from utils.compat import ensure_torchvision
-
-    ensure_torchvision()
-    import timm
-
-    from utils import models  # noqa: F401  (registers vit_digits)
-
-    torch.manual_seed(0)
-    dense = timm.create_model("vit_digits").eval()
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        for batch in batches:
-            x = torch.randn(batch, 3, 32, 32)
-            for s in sparsities:
-                pruned = timm.create_model("vit_digits").eval()
-                pruned.load_state_dict(dense.state_dict())
-                for name, layer in pruned.named_modules():
-                    if isinstance(layer, nn.Linear) and name.startswith("blocks."):
-                        prune_(layer.weight.data, s)
-                sparse = csr_model(pruned)
-                fns = {
-                    "dense": lambda m=pruned, x=x: m(x),
-                    "csr": lambda m=sparse, x=x: m(x),
-                    "ort": ort_runner(pruned, x, Path(tmp), threads),
-                }
-                busy = guard.busy()
-                times = compare(fns, budget)
-                busy = guard.busy() or busy
-                rows.append(cpu_row("vit_digits (whole model)", batch, s, times, guard, busy))
-
-
-def bench_gemms(rows: list[list[str]], gemms, batches, sparsities, threads: int, budget: float,
-                guard: BusyGuard) -> None:  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        for name, (per_image, k, n) in gemms.items():
-            torch.manual_seed(0)
-            layer = nn.Linear(k, n, bias=False)
-            weight = layer.weight.detach().clone()
-            for batch in batches:
-                x = torch.randn(per_image * batch, k)
-                for s in sparsities:
-                    layer.weight.data = prune_(weight.clone(), s)
-                    w = layer.weight.detach().to_sparse_csr()
-                    fns = {
-                        "dense": lambda lay=layer, x=x: lay(x),
-                        "csr": lambda w=w, x=x: torch.sparse.mm(w, x.t()),
-                        "ort": ort_runner(layer, x, Path(tmp), threads),
-                    }
-                    busy = guard.busy()
-                    times = compare(fns, budget)
-                    busy = guard.busy() or busy
-                    rows.append(cpu_row(name, batch, s, times, guard, busy))
-
-
-def cpu_row(name: str, batch: int, s: float, t: dict[str, float], guard: BusyGuard,
-            busy: bool) -> list[str]:  # fmt: skip
-    dense, csr, ort = t["dense"], t["csr"], t["ort"]
-    return [name, str(batch), f"{100 * s:.0f}%", f"{1e3 * dense:.2f}", f"{1e3 * csr:.2f}",
-            guard.speedup(busy, dense, csr), f"{1e3 * ort:.2f}",
-            guard.speedup(busy, dense, ort)]  # fmt: skip
-
-
-def build_user_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, ...]]:
-    """The ``--model`` (timm name, or one registered in ``utils.models``) with its weights, in
-    eval mode, and its input shape (C, H, W)."""
-    from utils.compat import ensure_torchvision
-
-    ensure_torchvision()
-    import timm
-    from timm.data import resolve_data_config
-
-    from utils import models
-
-    models.check_model_name(args.model)
-    kwargs = models.model_kwargs(args)
-    if args.num_classes is not None:
-        kwargs["num_classes"] = args.num_classes
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, **kwargs).eval()
-    if args.initial_checkpoint:
-        models.load_weights(model, args.initial_checkpoint, "--initial-checkpoint")
-    if args.prune:
-        with torch.no_grad():
-            for layer in model.modules():
-                if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                    prune_(layer.weight.data, args.prune)
-    cfg = resolve_data_config({"img_size": args.img_size}, model=model)
-    return model, tuple(cfg["input_size"])
-
-
-def linear_sparsity(model: nn.Module) -> tuple[float, float]:
-    """(zeros in Linear weights, zeros in Linear and Conv weights), as fractions."""
-    lin = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    conv = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
-
-    def share(ws: list[torch.Tensor]) -> float:
-        total = sum(w.numel() for w in ws)
-        return sum(int((w == 0).sum()) for w in ws) / total if total else 0.0
-
-    return share(lin), share(lin + conv)
-
-
-def bench_user_model(args: argparse.Namespace, guard: BusyGuard, budget: float) -> None:
-    model, shape = build_user_model(args)
-    lin, both = linear_sparsity(model)
-    sparse = csr_model(model, args.csr_min_sparsity)
-    converted = sum(isinstance(m, CSRLinear) for m in sparse.modules())
-    print(
-        f"{args.model}{' from ' + args.initial_checkpoint if args.initial_checkpoint else ''}: "
-        f"input {'x'.join(map(str, shape))}, zeros {100 * lin:.1f}% of Linear weights, "
-        f"{100 * both:.1f}% of Linear+Conv weights; {converted} Linear layers with >= "
-        f"{100 * args.csr_min_sparsity:.0f}% zeros run as CSR (convolutions stay dense)"
-    )
-    print("\nCPU, float32 (ms per call; speedup = dense PyTorch time / this time)")
-    rows = Table(["batch", "dense", "CSR", "CSR speedup", "ORT", "ORT speedup"])
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        for batch in args.batch_sizes:
-            x = torch.randn(batch, *shape)
-            fns = {
-                "dense": lambda x=x: model(x),
-                "csr": lambda x=x: sparse(x),
-                "ort": ort_runner(model, x, Path(tmp), args.threads),
-            }
-            busy = guard.busy()
-            t = compare(fns, budget)
-            busy = guard.busy() or busy
-            rows.append([str(batch), f"{1e3 * t['dense']:.2f}", f"{1e3 * t['csr']:.2f}",
-                         guard.speedup(busy, t["dense"], t["csr"]), f"{1e3 * t['ort']:.2f}",
-                         guard.speedup(busy, t["dense"], t["ort"])])  # fmt: skip
-
-
-def bench_cuda(rows: list[list[str]], gemms, batches, budget: float) -> None:
-    from torch.sparse import to_sparse_semi_structured
-
-    sync = torch.cuda.synchronize
-    for name, (per_image, k, n) in gemms.items():
-        torch.manual_seed(0)
-        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        w24 = w.view(-1, 4).scatter(1, w.abs().view(-1, 4).argsort(dim=1)[:, :2], 0).view(n, k)
-        try:
-            sparse = to_sparse_semi_structured(w24)
-        except (RuntimeError, ValueError) as err:
-            rows.append([name, "-", "2:4", "-", f"not convertible: {str(err)[:60]}", "-"])
-            continue
-        for batch in batches:
-            x = torch.randn(per_image * batch, k, device="cuda", dtype=torch.float16)
-            with torch.inference_mode():
-                t = compare({"dense": lambda x=x, w=w24: torch.nn.functional.linear(x, w),
-                             "2:4": lambda x=x, w=sparse: torch.nn.functional.linear(x, w)},
-                            budget, sync)  # fmt: skip
-                t_dense, t_24 = t["dense"], t["2:4"]
-            rows.append([name, str(batch), "2:4", f"{1e3 * t_dense:.3f}", f"{1e3 * t_24:.3f}",
-                         f"{t_dense / t_24:.2f}x"])  # fmt: skip
 
 
 class Table(list):
@@ -395,6 +124,23 @@ def load_average() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "unknown"
+
+
+def bench_user_model(args: argparse.Namespace, guard: BusyGuard, budget: float) -> None:
+    """Time the ``--model``: a line on its zeros and CSR layers, then one row per batch size."""
+    model, shape = build_user_model(args)
+    lin, both = linear_sparsity(model)
+    sparse = csr_model(model, args.csr_min_sparsity)
+    converted = sum(isinstance(m, CSRLinear) for m in sparse.modules())
+    print(
+        f"{args.model}{' from ' + args.initial_checkpoint if args.initial_checkpoint else ''}: "
+        f"input {'x'.join(map(str, shape))}, zeros {100 * lin:.1f}% of Linear weights, "
+        f"{100 * both:.1f}% of Linear+Conv weights; {converted} Linear layers with >= "
+        f"{100 * args.csr_min_sparsity:.0f}% zeros run as CSR (convolutions stay dense)"
+    )
+    print("\nCPU, float32 (ms per call; speedup = dense PyTorch time / this time)")
+    rows = Table(["batch", "dense", "CSR", "CSR speedup", "ORT", "ORT speedup"])
+    bench_user_batches(rows, model, sparse, shape, args.batch_sizes, args.threads, budget, guard)
 
 
 def main(argv: list[str] | None = None) -> int:
