@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from utils.cli import SCHEDULERS, parse_args, parse_one_shot_args  # noqa: E402
 from utils.data import check_splits, create_datasets  # noqa: E402
 from utils.engine import validate  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
+from utils.training import build_scheduler  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "research/recipes/one_shot/gm_digits.yaml"
 
@@ -161,6 +163,31 @@ def test_every_listed_scheduler_is_one_timm_builds(small, tmp_path):
     for name in SCHEDULERS:
         args = parse_args(train_argv(small, tmp_path, "--sched", name, "--epochs", "300"))
         create_scheduler_v2(opt, **scheduler_kwargs(args), updates_per_epoch=1)
+        build_scheduler(args, opt, 1)
+
+
+def test_decay_phase_defaults_follow_the_scheduler(small, tmp_path):
+    """--decay-epochs left out: step decays every 90 epochs, wsd over the last 20% of the
+    schedule after the warmup (a fixed 90 made wsd and rsqrt fail below 95 epochs)."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    step, _ = build_scheduler(parse_args(train_argv(small, tmp_path, "--sched", "step")), opt, 1)
+    assert step.decay_t == 90
+    args = parse_args(train_argv(small, tmp_path, "--sched", "wsd", "--epochs", "30"))
+    wsd, epochs = build_scheduler(args, opt, 1)
+    assert (wsd.decay_t, epochs) == (5, 30)  # 20% of the 25 epochs after the 5 of warmup
+
+
+@pytest.mark.parametrize("sched", ["wsd", "rsqrt"])
+@pytest.mark.parametrize(
+    ("extra", "shown"),
+    [(["--epochs", "1"], "--decay-epochs 0.2 (the default)"),
+     (["--epochs", "20", "--decay-epochs", "40"], "--decay-epochs 40")],
+)  # fmt: skip
+def test_decay_phase_that_does_not_fit_is_one_setup_error(small, tmp_path, sched, extra, shown):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    args = parse_args(train_argv(small, tmp_path, "--sched", sched, *extra))
+    with pytest.raises(SetupError, match=rf"--sched {sched} with .*{re.escape(shown)} is not allowed"):
+        build_scheduler(args, opt, 1)
 
 
 def test_eval_metrics_are_those_validate_reports(small, tmp_path):

@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--epoch-repeats", type=float, default=0.0, help="repeat each epoch's data")
     a("--start-epoch", type=int, default=None, help="first epoch (default: 0 or --resume's)")
     a("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], help="multistep")
-    a("--decay-epochs", type=float, default=90, help="step schedule period")
+    a("--decay-epochs", type=float, default=None,
+      help="step: the period (default 90); wsd / rsqrt: the decay phase, epochs or a fraction "
+           "in (0, 1) of the schedule (default 0.2)")  # fmt: skip
     a("--warmup-epochs", type=int, default=5, help="warmup epochs")
     a("--warmup-prefix", action="store_true", help="warmup outside the schedule")
     a("--cooldown-epochs", type=int, default=0, help="epochs at --min-lr after the schedule")

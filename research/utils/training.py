@@ -257,11 +257,7 @@ def build_training(
     mixup_active = mixup_fn is not None or getattr(loader_train, "mixup_enabled", False)
     train_loss, eval_loss = build_losses(args, mixup_active)
     updates_per_epoch = math.ceil(len(loader_train) / args.grad_accum_steps)
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer,
-        **scheduler_kwargs(args, decreasing_metric="loss" in args.eval_metric),
-        updates_per_epoch=updates_per_epoch,
-    )
+    lr_scheduler, num_epochs = build_scheduler(args, optimizer, updates_per_epoch)
     return dict(
         model=model,
         train_model=train_model,
@@ -280,3 +276,26 @@ def build_training(
         num_epochs=num_epochs,
         updates_per_epoch=updates_per_epoch,
     )
+
+
+def build_scheduler(args: Any, optimizer: Any, updates_per_epoch: int) -> tuple[Any, int]:
+    """timm's LR scheduler and the epochs it runs. wsd and rsqrt fit their decay phase into
+    the epochs after the warmup, and timm refuses one that does not fit (a ValueError naming
+    its own arguments): that is a bad command line, said in the options' names."""
+    try:
+        return create_scheduler_v2(
+            optimizer,
+            **scheduler_kwargs(args, decreasing_metric="loss" in args.eval_metric),
+            updates_per_epoch=updates_per_epoch,
+        )
+    except ValueError as err:
+        if args.sched not in ("wsd", "rsqrt"):
+            raise
+        room = "--epochs" if args.warmup_prefix else "--epochs minus --warmup-epochs"
+        decay = "0.2 (the default)" if args.decay_epochs is None else f"{args.decay_epochs:g}"
+        raise SetupError(
+            f"--sched {args.sched} with --epochs {args.epochs}, --warmup-epochs "
+            f"{args.warmup_epochs} and --decay-epochs {decay} is not allowed: the decay phase "
+            f"(epochs, or a fraction in (0, 1) of the schedule) must round to at least one "
+            f"epoch and fit in {room}; timm says: {err}"
+        ) from None
