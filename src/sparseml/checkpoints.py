@@ -1,7 +1,8 @@
 """SparseML-style checkpoint helpers (``save_model``, ``load_model``, ``load_optimizer``,
 ``load_epoch``, re-exported by ``sparseml.pytorch.utils``) and ``read_checkpoint``, the safe
-loader behind them: every file is written by :func:`sparseml.serialization.atomic_save` and read
-with ``torch.load(weights_only=True)``, and a missing, corrupt or mismatched checkpoint is a
+loader behind them: every file is written by :func:`sparseml.serialization.atomic_save` with a
+content checksum (`sparseml.checksum`) and read with ``torch.load(weights_only=True)``, the
+checksum verified where the file has one; a missing, corrupt or mismatched checkpoint is a
 `CheckpointError` naming the file.
 """
 
@@ -13,13 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparseml.checksum import CHECKSUM_KEY, checksum_problem, content_checksum
 from sparseml.errors import CheckpointError
 from sparseml.params import unwrap
 from sparseml.serialization import atomic_save
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; a clear error if missing or corrupt."""
+    """Load a checkpoint with ``weights_only=True``, its checksum verified where it has one
+    (the training script's and `save_model`'s files); a clear error if missing or corrupt."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -29,6 +32,12 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         raise CheckpointError(
             f"checkpoint {path} cannot be read (corrupt or not a torch file): {err}"
         ) from None
+    problem = checksum_problem(data)
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: {problem} (bytes changed on disk or in a copy, or "
+            "the file was edited)"
+        )
     return data if isinstance(data, dict) else {"state_dict": data}
 
 
@@ -54,6 +63,7 @@ def save_model(
         state["epoch"] = epoch
     if arch_key is not None:
         state["arch_key"] = arch_key
+    state[CHECKSUM_KEY] = content_checksum(state)
     atomic_save(state, path)
 
 

@@ -33,7 +33,7 @@ def test_save_model_with_manager_state_loads_weights_only(tmp_path):
     path = tmp_path / "ckpt" / "model.pth"
     save_model(path, nn.DataParallel(model), opt, epoch=3, include_modifiers=True)
     data = torch.load(path, weights_only=True)
-    assert set(data) == {"state_dict", "optimizer", "epoch", "manager"}
+    assert set(data) == {"state_dict", "optimizer", "epoch", "manager", "checksum"}
     assert not any(k.startswith("module.") for k in data["state_dict"])
     (masks,) = [v["masks"] for v in data["manager"].values()]
     assert sorted(masks) == ["0.weight", "1.weight"]
@@ -58,3 +58,29 @@ def test_corrupt_missing_and_mismatched_checkpoints(tmp_path):
     save_model(good, nn.Linear(2, 2))
     with pytest.raises(CheckpointError, match="does not match"):
         load_model(good, nn.Linear(3, 2), strict=True)
+
+
+@pytest.mark.parametrize("damage", ["tensor byte", "epoch"])
+def test_save_model_files_carry_a_checksum_every_reader_verifies(tmp_path, damage):
+    """A byte changed inside a tensor's storage, or an entry edited, loads silently with
+    torch.load; the SparseML-style readers refuse it, naming the file and the entry."""
+    model = nn.Linear(4, 4)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    path = tmp_path / "m.pth"
+    save_model(path, model, epoch=3)
+    if damage == "epoch":
+        data = torch.load(path, weights_only=True)
+        data["epoch"] = 30  # the checksum entry kept as it was
+        torch.save(data, path)
+        entry = "'epoch'"
+    else:
+        raw = bytearray(path.read_bytes())
+        at = raw.find(bytes.fromhex("0000803f") * 16)  # the weight's 1.0s
+        raw[at + 1] ^= 0x01
+        path.write_bytes(bytes(raw))
+        assert torch.load(path, weights_only=True)["state_dict"]["weight"].ne(1.0).sum() == 1
+        entry = "'state_dict'"
+    for read in (lambda: load_model(path, nn.Linear(4, 4)), lambda: load_epoch(path)):
+        with pytest.raises(CheckpointError, match=rf"m.pth is corrupt: its {entry} entry"):
+            read()
