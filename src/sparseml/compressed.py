@@ -352,8 +352,10 @@ def _decode(
                 path, f"tensor {_short(name)}: stored {t.dtype} {tuple(t.shape)} but the header says "
                 f"{dtype} {shape}"
             )  # fmt: skip
-        return t
     try:
+        if layout == "dense":
+            cf.check_bools(t, "the dense tensor")
+            return t
         if layout == "bitmask":
             return cf.decode_bitmask(parts, shape, dtype)
         return cf.decode_nm(parts, shape, dtype, entry["n"], entry["m"])

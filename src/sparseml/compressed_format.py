@@ -125,6 +125,25 @@ def unpack_bits(packed: Tensor, count: int, start: int = 0) -> Tensor:
     return bits.reshape(-1)[offset : offset + count].bool()
 
 
+def check_padding(packed: Tensor, count: int, what: str) -> None:
+    """The bits past the ``count`` a :func:`pack_bits` stream holds are 0, as written (a set
+    one is a file this writer never produces: damaged or crafted)."""
+    used = count % 8
+    if used and packed.numel() and int(packed.reshape(-1)[-1]) >> used:
+        raise LayoutError(
+            f"{what}: bits past its {count} entries are set (not written by this format)"
+        )
+
+
+def check_bools(values: Tensor, what: str) -> None:
+    """Stored bool bytes are 0 or 1 (torch treats other bytes inconsistently: 2 prints as True
+    yet compares unequal to it)."""
+    if values.dtype == torch.bool and values.numel() and int(values.view(torch.uint8).max()) > 1:
+        raise LayoutError(
+            f"{what} holds bool bytes other than 0 and 1 (not written by this format)"
+        )
+
+
 def bits_for(m: int) -> int:
     """Bits per in-group position for groups of ``m`` (2 for 2:4, 3 for 4:8)."""
     return max(1, math.ceil(math.log2(m)))
@@ -240,6 +259,8 @@ class _Signs:
                 f"negzero has {self.packed.numel()} bytes, {unstored} unstored entries need "
                 f"{math.ceil(unstored / 8)}"
             )
+        if self.packed is not None:
+            check_padding(self.packed, unstored, "negzero")
         self.sign = _sign_bit(dtype) if self.packed is not None else 0
         self.done = 0
 
@@ -265,6 +286,8 @@ def decode_bitmask(parts: dict[str, Tensor], shape: tuple[int, ...], dtype: torc
         )
     if values.dim() != 1 or values.dtype != dtype:
         raise LayoutError(f"values are {values.dtype} {list(values.shape)}, not 1-D {dtype}")
+    check_padding(mask, numel, "bitmask")
+    check_bools(values, "values")
     vals = bits_view(values)
     out = torch.zeros(numel, dtype=vals.dtype)
     signs = _Signs(parts, dtype, numel - values.numel())
@@ -303,6 +326,8 @@ def decode_nm(
     need = math.ceil(groups * keep * width / 8)
     if indices.dtype != torch.uint8 or indices.numel() != need:
         raise LayoutError(f"N:M indices have {indices.numel()} bytes, {need} expected")
+    check_padding(indices, groups * keep * width, "N:M indices")
+    check_bools(values, "values")
     vals = bits_view(values).view(groups, keep)
     out = torch.zeros(groups, m, dtype=vals.dtype)
     signs = _Signs(parts, dtype, numel - values.numel())

@@ -320,3 +320,57 @@ def test_name_clash_is_refused(tmp_path):
     state = {"w": pruned((16, 64), "unstructured90"), "w:values": torch.randn(3)}
     with pytest.raises(ValueError, match="taken twice"):
         save_compressed(state, tmp_path / "x.sparse.safetensors")
+
+
+def _set_last_byte_bit(key: str, bit: int):
+    def edit(meta, entries, stored):
+        name, part = key.split(":")
+        stream = stored[key].clone()
+        stream[-1] |= 1 << bit
+        stored[key] = stream
+        entries[name]["crc32"][part] = sc._crc(stream)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("key", "bit", "words"),
+    [("w:bitmask", 7, "bitmask: bits past its 3969 entries are set"),
+     ("w:negzero", 7, "negzero: bits past its 3563 entries are set"),
+     ("n:indices", 6, "N:M indices: bits past its 252 entries are set")],
+)  # fmt: skip
+def test_set_padding_bits_are_refused(tmp_path, key, bit, words):
+    """Streams end in whole bytes; the bits past their count are written 0. A file with one set
+    (its checksums made to match) decodes to the same tensors, but no writer of this format
+    made it: it is refused, naming the stream."""
+    w = pruned((63, 63), "unstructured90")
+    w[0, w[0] == 0] = -0.0
+    w[-1, (w[-1] != 0).nonzero()[:3, 0]] = 0.0
+    assert int((w == 0).sum()) == 3563  # 3563 % 8 = 3: bit 7 of the last byte is padding
+    n = pruned((63, 4), "2:4")
+    path = save_compressed({"w": w, "n": n}, tmp_path / "pad.sparse.safetensors")
+    entries = file_metadata(path)
+    assert entries["w"]["layout"] == "bitmask" and entries["w"]["negzero"]
+    assert entries["n"]["layout"] == "nm"
+    _rewrite(path, _set_last_byte_bit(key, bit))
+    _expect_error(path, words)
+
+
+@pytest.mark.parametrize("name", ["dense", "sparse"])
+def test_bool_bytes_other_than_0_and_1_are_refused(tmp_path, name):
+    """torch keeps a bool byte of 2 as it is: it prints True yet ``== True`` is False."""
+    flags = torch.zeros(4001, dtype=torch.bool)
+    flags[::9] = True
+    state = {"dense": torch.ones(8, dtype=torch.bool), "sparse": flags}
+    path = save_compressed(state, tmp_path / "bool.sparse.safetensors")
+    key = "dense" if name == "dense" else "sparse:values"
+
+    def two(meta, entries, stored):
+        raw = stored[key].view(torch.uint8).clone()
+        raw[0] = 2
+        stored[key] = raw.view(torch.bool)
+        entries[name]["crc32"]["" if name == "dense" else "values"] = sc._crc(stored[key])
+
+    assert file_metadata(path)["sparse"]["layout"] == "bitmask"
+    _rewrite(path, two)
+    _expect_error(path, f"tensor {name}: .*bool bytes other than 0 and 1")
