@@ -69,12 +69,19 @@ ensure_torchvision()
 import torch  # noqa: E402
 from timm.models import safe_model_name  # noqa: E402
 
-from sparseml.compressed import SUFFIX, load_compressed, save_compressed  # noqa: E402
+from sparseml.compressed import (  # noqa: E402
+    SUFFIX,
+    file_notes,
+    is_compressed,
+    load_compressed,
+    save_compressed,
+)
 from sparseml.modifiers.quantization import quant_bits_by_layer  # noqa: E402
 from sparseml.serialization import atomic_write_text, replaced_folder  # noqa: E402
 from utils import faults, onnx_io, onnx_qdq  # noqa: E402
 from utils import models as _models  # noqa: E402  (registers vit_digits, resnet_digits)
 from utils import semi_structured as semi  # noqa: E402
+from utils.checkpoint import QUANTIZED_NOTE  # noqa: E402
 from utils.errors import CheckpointError, SetupError  # noqa: E402
 from utils.sparsity_table import sparsity_report  # noqa: E402
 from utils.weights import read_class_map, read_manager_state, read_payload  # noqa: E402
@@ -130,6 +137,15 @@ def quantize_like_training(model: torch.nn.Module, args: argparse.Namespace) -> 
         saved = read_manager_state(args.initial_checkpoint, "--initial-checkpoint")
     if not args.sparseml_recipe:
         bits = quant_bits_by_layer(saved)
+        noted = quantized_note(args.initial_checkpoint)
+        if noted:
+            print(
+                f"warning: --initial-checkpoint {args.initial_checkpoint} holds the weights of a "
+                f"quantization-aware run ({noted} quantized layers) but not its quantization "
+                "ranges: this export is float; for the int8 (QDQ) form export the run's .pth "
+                "checkpoint with --sparseml-recipe <its training recipe>",
+                file=sys.stderr,
+            )
         if bits:
             raise SetupError(
                 f"--initial-checkpoint {args.initial_checkpoint} is quantization-aware trained "
@@ -139,6 +155,14 @@ def quantize_like_training(model: torch.nn.Module, args: argparse.Namespace) -> 
         return {}
     manager = onnx_qdq.restore_quantization(model, args.sparseml_recipe, saved)
     return quant_bits_by_layer(manager)
+
+
+def quantized_note(path: str) -> int:
+    """Quantized layers a compressed file notes (`utils.checkpoint.QUANTIZED_NOTE`), else 0."""
+    if not path or not is_compressed(Path(path)):
+        return 0
+    note = file_notes(path).get(QUANTIZED_NOTE, "0")
+    return int(note) if note.isdigit() else 0
 
 
 def input_size(model: torch.nn.Module, args: argparse.Namespace) -> tuple[int, int, int]:

@@ -43,6 +43,7 @@ from timm.utils import random_seed  # noqa: E402
 
 from sparseml.compressed import SUFFIX  # noqa: E402
 from sparseml.errors import RecipeError  # noqa: E402
+from sparseml.modifiers.quantization import quant_bits_by_layer  # noqa: E402
 from sparseml.progress import Progress  # noqa: E402
 from sparseml.sparsity import ModuleSparsificationInfo  # noqa: E402
 from utils import evaluation as ev  # noqa: E402
@@ -164,27 +165,6 @@ def plan_sweep(args, dense_settings: dict, method_settings: dict) -> dict[str, A
     return plan
 
 
-def make_row(
-    args, method: str, modifier: str, sparsity: float, metrics: dict, **extra: Any
-) -> dict:
-    metrics = osp.finite_or_none(metrics, f"{method} @ {sparsity:g}")
-    return {
-        "method": method,
-        "modifier": modifier,
-        "sparsity": sparsity,
-        "accuracy": metrics["accuracy"],
-        "top5": metrics["top5"],
-        "loss": metrics["loss"],
-        "samples": metrics["samples"],
-        "model": args.model,
-        "recipe": args.sparseml_recipe if method != res.DENSE else "",
-        "device": args.device,
-        "world_size": args.world_size,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **extra,
-    }
-
-
 def prune_one(args, dense, sparsity: float, device, loaders: dict, cache) -> dict[str, Any]:
     """Prune a copy of ``dense`` to ``sparsity``; evaluate it; return the row (and the model)."""
     random_seed(args.seed, args.rank)  # same gradient batches for every sparsity
@@ -218,7 +198,7 @@ def prune_one(args, dense, sparsity: float, device, loaders: dict, cache) -> dic
     metrics = ev.evaluate(model, loaders["val"], device)
     per_layer, measured = ev.layer_sparsity(model, [r.name for r in pruner.refs])
     summary = ModuleSparsificationInfo(model).params_summary
-    row = make_row(
+    row = osp.make_row(
         args,
         args.method,
         type(pruner).__name__,
@@ -234,7 +214,7 @@ def prune_one(args, dense, sparsity: float, device, loaders: dict, cache) -> dic
         phase_seconds=dict(getattr(pruner, "timings", None) or {}),
         **extra,
     )
-    return {"row": row, "model": model}
+    return {"row": row, "model": model, "quantized_layers": len(quant_bits_by_layer(manager))}
 
 
 def build_loaders(args, model, device, needs_grads: bool) -> tuple[dict, dict]:
@@ -333,7 +313,7 @@ def evaluate_dense(args, dense, loaders: dict, device, out_dir: Path, settings: 
     """The dense model's row (sparsity 0), appended at once."""
     start = time.perf_counter()
     metrics = ev.evaluate(dense, loaders["val"], device)
-    row = make_row(args, res.DENSE, "", 0.0, metrics, eval_seconds=time.perf_counter() - start)
+    row = osp.make_row(args, res.DENSE, "", 0.0, metrics, eval_seconds=time.perf_counter() - start)
     row.update(measured_sparsity=0.0, seconds=0.0, settings=settings)
     if is_primary(args):
         res.append_row(out_dir, row)
@@ -378,7 +358,8 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
             if args.save_model:
                 save_state_dict(done["model"], out_dir / f"{stem}.pth")
             if args.save_compressed:
-                save_compressed_weights(done["model"], out_dir / f"{stem}{SUFFIX}")
+                path = out_dir / f"{stem}{SUFFIX}"
+                save_compressed_weights(done["model"], path, done["quantized_layers"])
             res.append_row(out_dir, row)
             if wandb is not None:
                 keys = ("accuracy", "top5", "loss", "measured_sparsity", "seconds")

@@ -186,7 +186,9 @@ def test_decay_phase_defaults_follow_the_scheduler(small, tmp_path):
 def test_decay_phase_that_does_not_fit_is_one_setup_error(small, tmp_path, sched, extra, shown):
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     args = parse_args(train_argv(small, tmp_path, "--sched", sched, *extra))
-    with pytest.raises(SetupError, match=rf"--sched {sched} with .*{re.escape(shown)} is not allowed"):
+    with pytest.raises(
+        SetupError, match=rf"--sched {sched} with .*{re.escape(shown)} is not allowed"
+    ):
         build_scheduler(args, opt, 1)
 
 

@@ -497,7 +497,7 @@ def test_result_rows_hold_null_instead_of_nan():
     args = osp_script.parse_args(["--sparseml_recipe", str(GM_ONE_SHOT)])
     args.device, args.world_size = "cpu", 1
     metrics = {"accuracy": 10.0, "top5": float("nan"), "loss": float("inf"), "samples": 4}
-    row = osp_script.make_row(args, "gm", "GM", 0.9, metrics)
+    row = osp_script.osp.make_row(args, "gm", "GM", 0.9, metrics)
     assert (row["top5"], row["loss"], row["accuracy"]) == (None, None, 10.0)
     json.loads(json.dumps(row, allow_nan=False))
 

@@ -19,6 +19,7 @@ import export  # noqa: E402
 import inspect_sparsity  # noqa: E402
 import one_shot_pruning  # noqa: E402
 import sparse_training  # noqa: E402
+from sparseml.compressed import SUFFIX, file_notes  # noqa: E402
 from sparseml.modifiers import quantization as quant_mod  # noqa: E402
 from sparseml.modifiers.quantization import quant_bits_by_layer  # noqa: E402
 from sparseml.pytorch.optim import ScheduledModifierManager  # noqa: E402
@@ -165,7 +166,7 @@ def test_qat_with_amp_and_ema(pruned, tmp_path) -> None:
 
 
 def test_one_shot_sweep_calibrates_a_quantization_modifier(
-    digits_dir, tmp_path, monkeypatch
+    digits_dir, tmp_path, monkeypatch, capsys
 ) -> None:
     seen = []
     real = quant_mod.calibrate
@@ -181,12 +182,22 @@ def test_one_shot_sweep_calibrates_a_quantization_modifier(
         "--data-dir", str(data),
         "--initial-checkpoint", str(ckpt), "--sparseml-recipe", str(recipe),
         "--sparsities", "0.5", "--output-dir", str(tmp_path / "out"), "-vb", "20",
-        "--workers", "0", "--save-model", "--no-report",
+        "--workers", "0", "--save-model", "--save-compressed", "--no-report",
     ])  # fmt: skip
     row = next(r for r in rows if r["method"] != "dense")
     assert row["settings"]["quantization"]["weight_bits"] == 8
     assert row["measured_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert seen == [2]  # num_calibration_steps of the 3 batches of 20 training images
+    # the compressed weights say they come from a quantization-aware recipe, and exporting
+    # them (which holds no ranges) says that its ONNX is float
+    (compressed,) = (tmp_path / "out").rglob(f"*{SUFFIX}")
+    layers = int(file_notes(compressed)["quantized_layers"])
+    assert layers > 0
+    capsys.readouterr()
+    export.main(["--model", "vit_digits", "--model-kwargs", "depth=1", "--initial-checkpoint",
+                 str(compressed), "--output", str(tmp_path / "export")])  # fmt: skip
+    said = capsys.readouterr().err
+    assert f"quantization-aware run ({layers} quantized layers)" in said and "float" in said
 
 
 @pytest.mark.parametrize("name", ["vit_digits", "resnet_digits"])

@@ -31,11 +31,18 @@ import numpy as np
 import torch
 
 from sparseml.compressed import save_compressed
+from sparseml.modifiers.quantization import quant_bits_by_layer
 from sparseml.serialization import atomic_save
 
 from . import models as _models
 from .errors import CheckpointError
-from .weights import CHECKSUM_KEY, content_checksum, read_payload, read_state_dict
+from .weights import (
+    CHECKSUM_KEY,
+    content_checksum,
+    read_manager_state,
+    read_payload,
+    read_state_dict,
+)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -191,9 +198,20 @@ def save_state_dict(model: torch.nn.Module, path: Path) -> None:
     atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
 
 
-def save_compressed_weights(model: torch.nn.Module, path: Path) -> None:
-    """The model's CPU state dict as a compressed sparse checkpoint, atomically."""
-    save_compressed({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+# The note of a compressed file whose weights come from a quantization-aware run: how many
+# layers were fake-quantized (the ranges themselves are only in the run's .pth checkpoints).
+QUANTIZED_NOTE = "quantized_layers"
+
+
+def quantization_notes(quantized_layers: int) -> dict[str, str]:
+    return {QUANTIZED_NOTE: str(quantized_layers)} if quantized_layers else {}
+
+
+def save_compressed_weights(model: torch.nn.Module, path: Path, quantized_layers: int = 0) -> None:
+    """The model's CPU state dict as a compressed sparse checkpoint, atomically (noting the
+    layers a quantization-aware recipe fake-quantized, if any)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_compressed(state, path, quantization_notes(quantized_layers))
 
 
 def mirror_compressed(checkpoint: Path, target: Path) -> None:
@@ -203,5 +221,8 @@ def mirror_compressed(checkpoint: Path, target: Path) -> None:
     stat = checkpoint.stat()
     if target.is_file() and target.stat().st_mtime_ns == stat.st_mtime_ns:
         return
-    save_compressed(read_state_dict(checkpoint, "checkpoint"), target)
+    bits = quant_bits_by_layer(read_manager_state(checkpoint, "checkpoint"))
+    save_compressed(
+        read_state_dict(checkpoint, "checkpoint"), target, quantization_notes(len(bits))
+    )
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from typing import Any
 
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from sparseml.pruning import PruningModifier
 from sparseml.pytorch.optim import ScheduledModifierManager
 
 from .errors import SetupError
+from .results import DENSE
 
 _logger = logging.getLogger("one_shot")
 
@@ -125,3 +127,25 @@ def check_sparsities(values: list[float]) -> list[float]:
     if bad:
         raise SetupError(f"--sparsities {bad} outside [0, 1); give fractions such as 0.5 0.9")
     return list(dict.fromkeys(float(v) for v in values))
+
+
+def make_row(
+    args, method: str, modifier: str, sparsity: float, metrics: dict, **extra: Any
+) -> dict:
+    """The results row of one pruned (or the dense) model: metrics, run facts, ``extra``."""
+    metrics = finite_or_none(metrics, f"{method} @ {sparsity:g}")
+    return {
+        "method": method,
+        "modifier": modifier,
+        "sparsity": sparsity,
+        "accuracy": metrics["accuracy"],
+        "top5": metrics["top5"],
+        "loss": metrics["loss"],
+        "samples": metrics["samples"],
+        "model": args.model,
+        "recipe": args.sparseml_recipe if method != DENSE else "",
+        "device": args.device,
+        "world_size": args.world_size,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }

@@ -140,9 +140,20 @@ def _decode_parts(layout: str, entry: dict, parts: dict[str, Tensor], like: Tens
     return cf.decode_nm(parts, shape, like.dtype, entry["n"], entry["m"])
 
 
-def save_compressed(state_dict: Mapping[str, Tensor], path: str | Path) -> Path:
-    """Write ``state_dict`` compressed to ``path`` atomically; returns the path."""
+# The metadata keys of the format itself; a writer's notes take other names.
+_FORMAT_KEYS = ("format", "format_version", "tensors")
+
+
+def save_compressed(
+    state_dict: Mapping[str, Tensor], path: str | Path, notes: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``state_dict`` compressed to ``path`` atomically; returns the path. ``notes``:
+    string metadata stored beside the format's own (:func:`file_notes` reads them back)."""
     from safetensors.torch import save
+
+    notes = dict(notes or {})
+    if any(k in _FORMAT_KEYS or not isinstance(v, str) for k, v in notes.items()):
+        raise ValueError(f"save_compressed: notes are strings not named {_FORMAT_KEYS}: {notes}")
 
     entries: dict[str, Any] = {}
     stored: dict[str, Tensor] = {}
@@ -157,6 +168,7 @@ def save_compressed(state_dict: Mapping[str, Tensor], path: str | Path) -> Path:
             stored[key] = value
         entries[name] = entry
     metadata = {
+        **notes,
         "format": FORMAT,
         "format_version": str(VERSION),
         "tensors": json.dumps(entries, separators=(",", ":")),
@@ -238,6 +250,15 @@ def file_metadata(path: str | Path, data: bytes | None = None) -> dict[str, dict
         if problem:
             raise _error(path, f"tensor {_short(name)}: {problem}")
     return entries
+
+
+def file_notes(path: str | Path) -> dict[str, str]:
+    """The notes ``save_compressed`` stored in a compressed file (format checked first)."""
+    path = Path(path)
+    data = _read_bytes(path)
+    file_metadata(path, data)
+    meta = read_header(path, data)["__metadata__"]
+    return {k: v for k, v in meta.items() if k not in _FORMAT_KEYS and isinstance(v, str)}
 
 
 def decoded_bytes(entries: dict[str, dict[str, Any]]) -> int:
