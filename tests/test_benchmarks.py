@@ -407,3 +407,16 @@ def test_cost_repeats_record_the_run_of_median_ratio(tmp_path: Path, monkeypatch
     )
     with pytest.raises(SystemExit):
         bench_cost.parse_args([*args, "--repeats", "0"])
+
+
+def test_fisher_phases_prints_each_phase_and_refuses_the_sample_space_case(capsys) -> None:
+    sys.path.insert(0, str(ROOT / "research" / "bench"))
+    import bench_fisher_phases as phases
+
+    phases.main(["--d", "3000", "--block-size", "16", "--num-grads", "80", "--threads", "1"])
+    out = capsys.readouterr().out
+    names = ["chunk 1 add", "chunk 2 add", "inversion", "CAP elimination", "total"]
+    assert [line.split("  ")[0].strip() for line in out.splitlines()[2:]] == names, out
+    with pytest.raises(SystemExit) as info:
+        phases.parse_args(["--block-size", "192", "--num-grads", "64"])
+    assert info.value.code == 2
