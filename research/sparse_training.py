@@ -13,7 +13,6 @@ continues with identical masks and schedule. Without ``--sparseml-recipe`` it tr
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -34,7 +33,6 @@ import torch  # noqa: E402
 from timm.models import safe_model_name  # noqa: E402
 from timm.utils import distribute_bn, random_seed  # noqa: E402
 
-from sparseml.compressed import SUFFIX  # noqa: E402
 from sparseml.errors import RecipeError  # noqa: E402
 from sparseml.sparsity import ModuleSparsificationInfo  # noqa: E402
 from utils import checkpoint as ckpt_io  # noqa: E402
@@ -55,6 +53,13 @@ from utils.errors import SetupError  # noqa: E402
 from utils.models import check_model_name  # noqa: E402
 from utils.plots import PLOT_TRAINING, dataset_label, plot_training  # noqa: E402
 from utils.run_dir import claim_training_dir  # noqa: E402
+from utils.run_end import (  # noqa: E402
+    COMPLETE,
+    mark_complete,
+    report_finished,
+    report_stop,
+    settle_files,
+)
 from utils.summary import read_summary, summary_row, write_summary_row  # noqa: E402
 
 _logger = logging.getLogger("sparse_training")
@@ -226,53 +231,15 @@ def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> 
         rank_state=[g[2] for g in gathered],
         class_map=state.get("classes"),
     )
+    # _last.pth is written after every file its history lists: a kill or a full disk before it
+    # leaves the previous epoch's _last.pth, whose history still holds, and the epoch is redone
     if args.checkpoint_freq > 0 and epoch % args.checkpoint_freq == 0:
         ckpt_io.save_checkpoint(out_dir / f"{name}_epoch={epoch}.pth", **save)
-    if args.save_last:
-        ckpt_io.save_checkpoint(out_dir / f"{name}_last.pth", **save)
     if best_path is not None:
         ckpt_io.save_checkpoint(best_path, **save)
-    state["hist"].commit()
-    if args.save_compressed:  # each mirrors the .pth beside it (the best one may be older)
-        for kind, kept in (("last", args.save_last), ("best", args.checkpoint_hist > 0)):
-            source = out_dir / f"{name}_{kind}.pth"
-            if kept and source.is_file():
-                ckpt_io.mirror_compressed(source, out_dir / f"{name}_{kind}{SUFFIX}")
-
-
-COMPLETE = "training_complete.json"
-
-
-def mark_complete(args, out_dir: Path | None, num_epochs: int, eval_metrics: dict) -> None:
-    """Rank 0 writes the marker last: launchers use a run's weights only when it is there."""
-    if not is_primary(args):
-        return
-    text = json.dumps({"epochs": num_epochs, "eval": eval_metrics}, allow_nan=False)
-    tmp = out_dir / f".{COMPLETE}.tmp"
-    tmp.write_text(text + "\n")
-    tmp.replace(out_dir / COMPLETE)
-
-
-def report_stop(args, out_dir: Path | None, epoch: int, argv: list[str]) -> None:
-    """Rank 0: where the run stopped, its latest checkpoint and the command that resumes it.
-
-    Checkpoints are written (atomically) at the end of an epoch; an interrupt never writes a
-    mid-epoch one: it could not be resumed exactly, and under torchrun the other ranks may
-    already be gone.
-    """
-    if not is_primary(args):
-        return
-    found = faults.latest_checkpoint(out_dir, args.resume, last_every_epoch=args.save_last)
-    if found is None:
-        print(
-            f"Stopped in epoch {epoch} before any checkpoint was written (checkpoints are "
-            "written at the end of an epoch); rerun the same command to start over (a run "
-            f"folder without a finished epoch is reused: {out_dir})",
-            file=sys.stderr,
-        )
-        return
-    command = faults.resume_command(argv, found, out_dir)
-    print(f"Stopped in epoch {epoch}. To resume from {found}:\n  {command}", file=sys.stderr)
+    if args.save_last:
+        ckpt_io.save_checkpoint(out_dir / f"{name}_last.pth", **save)
+    settle_files(args, out_dir, state["hist"])
 
 
 def wire_recipe(args, run: dict, train_ds, device: torch.device, start_epoch: int) -> None:
@@ -294,20 +261,6 @@ def wire_recipe(args, run: dict, train_ds, device: torch.device, start_epoch: in
     run.update(optimizer=optimizer, num_epochs=num_epochs)
     if not timm_lr:
         run["lr_scheduler"] = None
-
-
-def report_finished(args, point: resume.ResumePoint, num_epochs: int) -> dict[str, Any]:
-    """A resumed run with no epoch left: say so and change no file (exit status 0)."""
-    folder = point.path.parent
-    if is_primary(args):
-        print(
-            f"--resume {point.path}: the run already finished its {num_epochs} epochs "
-            f"(last epoch {point.start_epoch - 1}); nothing to do, {folder} is unchanged. To "
-            "train longer, start a new run from it with --initial-checkpoint or raise --epochs",
-            file=sys.stderr,
-        )
-    cleanup(args)
-    return {"out_dir": folder, "train": {}, "eval": resume.last_metrics(folder)}
 
 
 def start_run_folder(args, run: dict, point: resume.ResumePoint | None) -> None:

@@ -32,6 +32,7 @@ ensure_research()
 import one_shot_pruning as osp_script  # noqa: E402
 import sparse_training  # noqa: E402
 from sparseml import errors as sparseml_errors  # noqa: E402
+from sparseml.compressed import load_compressed  # noqa: E402
 from utils import faults, training  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.errors import CheckpointError, SetupError  # noqa: E402
@@ -592,3 +593,67 @@ def test_interrupt_during_bookkeeping_is_raised_after_it():
         done.append(True)  # the block is never cut short
     assert done == [True]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ----- a kill -9 between the files of one epoch -----------------------------------------------
+def _kill_between_files(tmp_path: Path, small_digits: Path, count: int, *extra: str) -> Path:
+    """Train 3 epochs, SIGKILLed right after the ``count``-th ``_last.pth``; the run folder."""
+    args = train_args(small_digits, tmp_path, "run", "--epochs", "3", "--save-last",
+                      "--checkpoint-hist", "2", *extra)  # fmt: skip
+    env = _env(FAULT="kill_after_save", FAULT_MATCH="_last.pth", FAULT_COUNT=str(count))
+    cmd = [sys.executable, str(ROOT / "tests" / "fault_inject.py"), str(TRAIN), *args]
+    done = run_bounded(cmd, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    run = tmp_path / "run"
+    last = load_checkpoint(run / "vit_digits_last.pth")
+    assert last["epoch"] == count - 1
+    listed = [e["file"] for e in last["checkpoint_hist"]]
+    assert listed and all((run / f).is_file() for f in listed), (listed, sorted(os.listdir(run)))
+    return run
+
+
+def _resume(run: Path, tmp_path: Path, small_digits: Path, *extra: str) -> str:
+    args = train_args(small_digits, tmp_path, "run", "--epochs", "3", "--save-last",
+                      "--checkpoint-hist", "2", *extra, "--resume", str(run / "vit_digits_last.pth"))  # fmt: skip
+    done = run_bounded([sys.executable, str(TRAIN), *args], cwd=tmp_path, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def _best_is_the_top_of_the_history(run: Path) -> None:
+    hist = load_checkpoint(run / "vit_digits_last.pth")["checkpoint_hist"]
+    top = run / hist[0]["file"]
+    assert (run / "vit_digits_best.pth").read_bytes() == top.read_bytes()
+    kept = {p.name for p in run.glob("vit_digits_best_sparsity=*.pth")}
+    assert kept == {e["file"] for e in hist}
+
+
+@pytest.mark.slow
+def test_a_kill_between_an_epochs_files_loses_no_best_checkpoint(small_digits, tmp_path):
+    """The best-history files an epoch's _last.pth lists are written before it: a kill -9 (or
+    a full disk) between them leaves the previous _last.pth, never one naming a missing file."""
+    run = _kill_between_files(tmp_path, small_digits, 1)
+    _resume(run, tmp_path, small_digits)
+    assert load_checkpoint(run / "vit_digits_last.pth")["epoch"] == 2
+    assert (run / sparse_training.COMPLETE).is_file()
+    _best_is_the_top_of_the_history(run)
+
+
+@pytest.mark.slow
+def test_a_kill_after_the_last_epochs_checkpoint_is_settled_on_resume(small_digits, tmp_path):
+    """Killed after the final _last.pth, before the run's end: resuming finds nothing to
+    train, and settles what the kill cut off (the _best.pth copy, the compressed mirrors, the
+    completion marker launchers wait for) instead of leaving the folder unfinished for good."""
+    run = _kill_between_files(tmp_path, small_digits, 3, "--save-compressed")
+    assert not (run / sparse_training.COMPLETE).exists()
+    said = _resume(run, tmp_path, small_digits, "--save-compressed")
+    assert "already finished its 3 epochs" in said and "unchanged" not in said
+    marker = json.loads((run / sparse_training.COMPLETE).read_text())
+    assert marker["epochs"] == 3 and "top1" in marker["eval"]
+    _best_is_the_top_of_the_history(run)
+    for kind in ("last", "best"):
+        mirror = load_compressed(run / f"vit_digits_{kind}.sparse.safetensors")
+        weights = load_checkpoint(run / f"vit_digits_{kind}.pth")["state_dict"]
+        assert all(torch.equal(mirror[k], v) for k, v in weights.items())
+    again = _resume(run, tmp_path, small_digits, "--save-compressed")  # now nothing to settle
+    assert "unchanged" in again

@@ -228,7 +228,7 @@ def restore(point: ResumePoint | None, args: argparse.Namespace, run: dict[str, 
         else:  # a run without EMA resumed with --model-ema: the average starts here
             ema.set(model)
     _set_lr_position(run, point.start_epoch, args.sched_on_updates)
-    if run.get("hist") is not None and _continues_in_folder(args, run["out_dir"]):
+    if run.get("hist") is not None and continues_in_folder(args, run["out_dir"]):
         run["hist"].load_state_dict(state.get("checkpoint_hist"))  # the whole run's ranking
     rng = state.get("rng")
     if rng and len(rng) == args.world_size:
@@ -249,7 +249,8 @@ def _set_lr_position(run: dict[str, Any], start_epoch: int, on_updates: bool) ->
         scheduler.step(start_epoch)
 
 
-def _continues_in_folder(args: argparse.Namespace, out_dir: Path | None) -> bool:
+def continues_in_folder(args: argparse.Namespace, out_dir: Path | None) -> bool:
+    """The run goes on in ``out_dir`` (the folder of the checkpoint it resumes)."""
     from .run_dir import continues_in
 
     return continues_in(args, out_dir)
