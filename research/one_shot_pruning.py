@@ -143,6 +143,15 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     return model, digest
 
 
+def artifacts(args, sparsity: float) -> dict[str, Path]:
+    """The files ``--save-model`` and ``--save-compressed`` ask for at ``sparsity``."""
+    stem = (
+        Path(args.output_dir) / f"{safe_model_name(args.model)}_{args.method}_sparsity={sparsity:g}"
+    )
+    kinds = {"model": (args.save_model, ".pth"), "compressed": (args.save_compressed, SUFFIX)}
+    return {kind: Path(f"{stem}{suffix}") for kind, (asked, suffix) in kinds.items() if asked}
+
+
 def plan_sweep(args, dense_settings: dict, method_settings: dict) -> dict[str, Any]:
     """Rank 0 reads the results and decides what is left to do; every rank gets the plan."""
     plan: dict[str, Any] = {"error": None, "dense": True, "sparsities": []}
@@ -155,6 +164,7 @@ def plan_sweep(args, dense_settings: dict, method_settings: dict) -> dict[str, A
                     args.sparsities,
                     {res.DENSE: dense_settings, args.method: method_settings},
                     args.overwrite,
+                    files=lambda sparsity: list(artifacts(args, sparsity).values()),
                 )
             )
         except SetupError as err:
@@ -352,14 +362,14 @@ def sweep(args, pruner, needs_grads: bool, device: torch.device) -> list[dict[st
             row["seconds"],
         )
         if is_primary(args):
-            # Artifacts before the row: a rerun skips sparsities that have a row, so a row
-            # written before a failed save would leave that save never redone.
-            stem = f"{safe_model_name(args.model)}_{args.method}_sparsity={sparsity:g}"
-            if args.save_model:
-                save_state_dict(done["model"], out_dir / f"{stem}.pth")
-            if args.save_compressed:
-                path = out_dir / f"{stem}{SUFFIX}"
-                save_compressed_weights(done["model"], path, done["quantized_layers"])
+            # Artifacts before the row: a rerun redoes a sparsity without its row or files.
+            files = artifacts(args, sparsity)
+            if "model" in files:
+                save_state_dict(done["model"], files["model"])
+            if "compressed" in files:
+                save_compressed_weights(
+                    done["model"], files["compressed"], done["quantized_layers"]
+                )
             res.append_row(out_dir, row)
             if wandb is not None:
                 keys = ("accuracy", "top5", "loss", "measured_sparsity", "seconds")

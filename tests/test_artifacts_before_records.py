@@ -93,7 +93,7 @@ def test_failed_save_is_redone_on_rerun(tmp_path, digits_dir, monkeypatch):
             "--model-kwargs", "depth=1", "--sparsities", "0.5", "--save-compressed", "--no-report"]  # fmt: skip
     calls = []
 
-    def full_disk(model, path):
+    def full_disk(model, path, *_):
         calls.append(path)
         raise FileWriteError(f"cannot write {path}: no space left on device")
 

@@ -8,6 +8,7 @@ diagonal-Fisher pruner registered here, so these tests do not depend on OBS/CAP 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -22,6 +23,7 @@ from conftest import copy_digits_subset, ensure_research
 
 ensure_research()
 import one_shot_pruning as osp_script  # noqa: E402
+from sparseml.compressed import SUFFIX  # noqa: E402
 from sparseml.manager import ScheduledModifierManager  # noqa: E402
 from sparseml.pruning import PruningModifier  # noqa: E402
 from sparseml.pruning.estimators import Estimator  # noqa: E402
@@ -212,6 +214,30 @@ def test_partial_sweep_resumes_and_layerwise_gm(tmp_path, small_digits, monkeypa
     assert sorted(layer) == [0.6, 0.7]
     for s, row in layer.items():  # per-layer thresholds: every layer at the target
         assert all(v == pytest.approx(s, abs=1e-3) for v in row["layer_sparsity"].values())
+
+
+def test_rerun_redoes_the_sparsities_whose_files_are_asked_for_and_missing(
+    tmp_path, small_digits, monkeypatch, caplog
+):
+    """A row is done only with the files the run asks for: --save-compressed added on a rerun,
+    or a saved model deleted since, prunes those sparsities again and writes them."""
+    out, recipe = tmp_path / "out", RECIPES / "gm_layer_digits.yaml"
+    osp_script.main(base_args(small_digits, out, recipe, "--sparsities", "0.6", "0.7"))
+    counter = ApplyCounter(monkeypatch)
+    extra = ("--sparsities", "0.6", "0.7", "--save-compressed")
+    with caplog.at_level(logging.INFO):
+        osp_script.main(base_args(small_digits, out, recipe, *extra))
+    assert counter.calls == 2
+    assert "have rows but not the files asked for" in caplog.text
+    files = sorted(p.name for p in out.glob(f"*{SUFFIX}"))
+    assert files == [f"vit_digits_gm_layer_sparsity={s}{SUFFIX}" for s in ("0.6", "0.7")]
+    (out / files[0]).unlink()
+    osp_script.main(base_args(small_digits, out, recipe, *extra))
+    assert counter.calls == 3 and (out / files[0]).is_file()  # only 0.6 again
+    osp_script.main(base_args(small_digits, out, recipe, *extra))
+    assert counter.calls == 3  # all there: nothing to do
+    kept = res.latest_rows(res.read_rows(out))
+    assert sorted(s for m, s in kept if m == "gm_layer") == [0.6, 0.7]
 
 
 def test_gradients_are_reused_across_sparsities(sweep, small_digits, monkeypatch):

@@ -20,7 +20,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -193,8 +193,11 @@ def plan_resume(
     sparsities: list[float],
     settings: dict[str, dict[str, Any]],
     overwrite: bool = False,
+    files: Callable[[float], list[Path]] | None = None,
 ) -> dict[str, Any]:
-    """What is left to compute: ``{"dense": bool, "sparsities": [...]}``.
+    """What is left to compute: ``{"dense": bool, "sparsities": [...]}``: the sparsities
+    without a row, or with a row but without one of the ``files(sparsity)`` the run asks for
+    (``--save-model``, ``--save-compressed``: asked for now, or deleted since).
 
     ``settings`` holds the settings of the dense row (key ``dense``) and of ``method``. A row is
     stale when it was made with other settings of its own method, or (any method) from another
@@ -226,13 +229,21 @@ def plan_resume(
         _logger.info("Dropped earlier rows of %s (--overwrite)", ", ".join(sorted(stale)))
     done = latest_rows(rows)
     todo = [s for s in sparsities if row_key(method, s) not in done]
-    if len(todo) < len(sparsities):
+    lacking = [s for s in sparsities if s not in todo and files and not all(
+        p.is_file() for p in files(s))]  # fmt: skip
+    if len(todo) + len(lacking) < len(sparsities):
         _logger.info(
             "%d of %d sparsities already in %s: skipped",
-            len(sparsities) - len(todo),
+            len(sparsities) - len(todo) - len(lacking),
             len(sparsities),
             out,
         )
+    if lacking:
+        _logger.info(
+            "Sparsities %s have rows but not the files asked for: computed again",
+            ", ".join(f"{s:g}" for s in lacking),
+        )
+        todo = [s for s in sparsities if s in todo or s in lacking]
     return {"dense": row_key(DENSE, 0.0) not in done, "sparsities": todo}
 
 
