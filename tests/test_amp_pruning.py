@@ -140,3 +140,23 @@ def test_half_precision_timm_model_one_shot(name: str, dtype: torch.dtype, resea
         )
         slack = units if name in OURS else 0
         assert abs(zeros - round(0.5 * total)) <= slack
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [(None, torch.bfloat16), ("bfloat16", torch.bfloat16), ("float16", torch.float16)],
+)
+def test_amp_dtype_on_cpu_is_the_one_asked_for(given, expected, research) -> None:
+    """--amp-dtype float16 on CPU used to run bfloat16 silently (with float16 recorded in
+    args.yaml); now it is what runs, loss-scaled, and the default is said in args.yaml."""
+    import argparse
+
+    from utils.training import setup_amp
+
+    args = argparse.Namespace(amp=True, amp_dtype=given)
+    autocast, scaler = setup_amp(args, torch.device("cpu"))
+    with autocast():
+        out = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert out.dtype == expected
+    assert (scaler is not None) == (expected == torch.float16)
+    assert args.amp_dtype == str(expected).removeprefix("torch.")

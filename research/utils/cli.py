@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(EMA when kept), compressed (sparseml.compressed)",
     )
     a("--amp", action="store_true", help="mixed precision")
-    a("--amp-dtype", default="float16", choices=["float16", "bfloat16"], help="AMP dtype")
+    a("--amp-dtype", default=None, choices=["float16", "bfloat16"],
+      help="AMP dtype (default: float16 on CUDA, bfloat16 on CPU)")  # fmt: skip
     a("--no-ddp-bb", action="store_true", help="DDP without broadcast_buffers")
     a("--eval-metric", default="top1", help="metric of the best checkpoints")
     a(

@@ -87,12 +87,13 @@ def create_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.
 def setup_amp(
     args: argparse.Namespace, device: torch.device
 ) -> tuple[Callable[[], Any], NativeScaler | None]:
-    """Autocast context factory and (for CUDA float16 only) a loss scaler."""
+    """Autocast context factory and (for float16) a loss scaler. ``--amp-dtype`` as given, by
+    default float16 on CUDA and bfloat16 elsewhere (CPUs compute it natively or faster)."""
     if not args.amp:
         return contextlib.nullcontext, None
-    dtype = (
-        torch.bfloat16 if args.amp_dtype == "bfloat16" or device.type != "cuda" else torch.float16
-    )
+    name = args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
+    args.amp_dtype = name  # args.yaml records what ran
+    dtype = getattr(torch, name)
     autocast = partial(torch.autocast, device_type=device.type, dtype=dtype)
     scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
     return autocast, scaler
