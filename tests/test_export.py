@@ -101,6 +101,23 @@ def test_export_resnet_from_plain_and_compressed_files(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_float64_checkpoint_is_said_to_be_rounded(tmp_path, caplog):
+    """Loading a float64 checkpoint into the float32 model rounds it: said with the largest
+    change (the export's checks compare against the rounded model and cannot show it)."""
+    torch.manual_seed(0)
+    state = {k: v.double() for k, v in timm.create_model("resnet_digits").state_dict().items()}
+    state["fc.weight"] = state["fc.weight"] + 1e-9  # not exact in float32
+    path = tmp_path / "f64.pth"
+    torch.save(state, path)
+    args = ["--model", "resnet_digits", "--batch-size", "2", "--formats", "compressed"]
+    with caplog.at_level("WARNING"):
+        export.main([*args, "--initial-checkpoint", str(path), "--output", str(tmp_path / "o")])
+    said = [r.getMessage() for r in caplog.records if "loading rounds them" in r.getMessage()]
+    assert len(said) == 1 and "torch.float64, the model holds torch.float32" in said[0], said
+    change = float(said[0].rsplit("largest change ", 1)[1].rstrip(")"))
+    assert 0 < change < 1e-6
+
+
 def test_usage_errors_exit_2_in_one_line(run_script, tmp_path):
     broken = tmp_path / "cut.sparse.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import typing
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from torch import nn
 from .errors import CheckpointError, SetupError
 from .pretrained import PRETRAINED_HINT, pretrained_kwargs
 from .weights import read_state_dict
+
+_logger = logging.getLogger(__name__)
 
 DIGITS_CFG = {
     "num_classes": 10,
@@ -263,7 +266,23 @@ def load_weights(model: nn.Module, path: str | Path, option: str) -> None:
     """Load the weights in ``path`` strictly; a mismatch names keys, shapes and the option."""
     state = read_state_dict(path, option)
     check_fits(model, state, option, path)
+    warn_rounding(model, state, option, path)
     model.load_state_dict(state, strict=True)
+
+
+def warn_rounding(model: nn.Module, state: dict[str, Any], option: str, path: str | Path) -> None:
+    """Loading copies each tensor into the model's dtype: say so when that rounds values (a
+    float64 checkpoint into a float32 model), with the largest change, instead of silently."""
+    own = model.state_dict()
+    rounded = [(k, v) for k, v in state.items() if v.is_floating_point() and k in own
+               and v.dtype.itemsize > own[k].dtype.itemsize]  # fmt: skip
+    if not rounded:
+        return
+    change = max(float((v - v.to(own[k].dtype).to(v.dtype)).abs().max()) for k, v in rounded)
+    _logger.warning(
+        "%s %s: %d tensors are %s, the model holds %s: loading rounds them (largest change %.3g)",
+        option, path, len(rounded), rounded[0][1].dtype, own[rounded[0][0]].dtype, change,
+    )  # fmt: skip
 
 
 def nonfinite_tensors(model: nn.Module) -> list[str]:
