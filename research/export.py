@@ -162,7 +162,7 @@ def quantized_note(path: str) -> int:
     if not path or not is_compressed(Path(path)):
         return 0
     note = file_notes(path).get(QUANTIZED_NOTE, "0")
-    return int(note) if note.isdigit() else 0
+    return int(note) if note.isascii() and note.isdigit() and len(note) < 10 else 0
 
 
 def input_size(model: torch.nn.Module, args: argparse.Namespace) -> tuple[int, int, int]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sparsities = osp.check_sparsities(args.sparsities)
     if args.method == res.DENSE:
         raise SetupError(f"--method {res.DENSE!r} is reserved for the dense model's row")
+    if not re.fullmatch(r"[A-Za-z0-9_.:+=-]*", args.method) or args.method.startswith("."):
+        raise SetupError(  # it names the saved files: no folder parts
+            f"--method {args.method!r} is not allowed: letters, digits and _ . : + = - only"
+        )
     return args
 
 
@@ -143,13 +148,13 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     return model, digest
 
 
-def artifacts(args, sparsity: float) -> dict[str, Path]:
-    """The files ``--save-model`` and ``--save-compressed`` ask for at ``sparsity``."""
-    stem = (
-        Path(args.output_dir) / f"{safe_model_name(args.model)}_{args.method}_sparsity={sparsity:g}"
-    )
+def artifacts(args, sparsity: float, every: bool = False) -> dict[str, Path]:
+    """The files ``--save-model`` and ``--save-compressed`` ask for at ``sparsity`` (``every``:
+    both kinds, asked for or not)."""
+    name = f"{safe_model_name(args.model)}_{args.method}_sparsity={sparsity:g}"
+    stem = Path(args.output_dir) / name
     kinds = {"model": (args.save_model, ".pth"), "compressed": (args.save_compressed, SUFFIX)}
-    return {kind: Path(f"{stem}{suffix}") for kind, (asked, suffix) in kinds.items() if asked}
+    return {k: Path(f"{stem}{ext}") for k, (asked, ext) in kinds.items() if asked or every}
 
 
 def plan_sweep(args, dense_settings: dict, method_settings: dict) -> dict[str, Any]:
@@ -164,7 +169,7 @@ def plan_sweep(args, dense_settings: dict, method_settings: dict) -> dict[str, A
                     args.sparsities,
                     {res.DENSE: dense_settings, args.method: method_settings},
                     args.overwrite,
-                    files=lambda sparsity: list(artifacts(args, sparsity).values()),
+                    files=lambda sparsity, every: list(artifacts(args, sparsity, every).values()),
                 )
             )
         except SetupError as err:

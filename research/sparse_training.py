@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run["out_dir"], run_lock = claim_training_dir(args, run["cfg"]["input_size"][-1])
     start_run_folder(args, run, point)
     resume.restore(point, args, run)
+    if run["hist"] is not None and point is not None:  # what a kill after its files cut off
+        settle_files(args, run["out_dir"], run["hist"])
 
     train_metrics, eval_metrics = train(args, run, start_epoch, argv)
     if manager is not None:
@@ -231,12 +233,12 @@ def end_of_epoch(args, state: dict, epoch: int, train_metrics, eval_metrics) -> 
         rank_state=[g[2] for g in gathered],
         class_map=state.get("classes"),
     )
-    # _last.pth is written after every file its history lists: a kill or a full disk before it
-    # leaves the previous epoch's _last.pth, whose history still holds, and the epoch is redone
-    if args.checkpoint_freq > 0 and epoch % args.checkpoint_freq == 0:
-        ckpt_io.save_checkpoint(out_dir / f"{name}_epoch={epoch}.pth", **save)
+    # The best-history file first: every other checkpoint lists it, so a kill or a full disk
+    # before one of them leaves the previous epoch's files, whose history still holds.
     if best_path is not None:
         ckpt_io.save_checkpoint(best_path, **save)
+    if args.checkpoint_freq > 0 and epoch % args.checkpoint_freq == 0:
+        ckpt_io.save_checkpoint(out_dir / f"{name}_epoch={epoch}.pth", **save)
     if args.save_last:
         ckpt_io.save_checkpoint(out_dir / f"{name}_last.pth", **save)
     settle_files(args, out_dir, state["hist"])

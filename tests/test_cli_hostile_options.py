@@ -263,3 +263,13 @@ def test_keyword_timm_refuses_by_assert_is_one_setup_error(small, tmp_path):
     args.model_kwargs = {}
     with pytest.raises(SetupError, match=r"cannot build model .*global_pool='bogus'.*pool type"):
         build_model(args)
+
+
+@pytest.mark.parametrize("sched", ["step", "wsd"])
+@pytest.mark.parametrize("decay", ["0", "-1"])
+def test_a_decay_period_that_is_not_positive_is_refused(small, tmp_path, sched, decay):
+    """step with --decay-epochs 0 divided by zero, and with -1 grew the LR 10x an epoch."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    args = parse_args(train_argv(small, tmp_path, "--sched", sched, "--decay-epochs", decay))
+    with pytest.raises(SetupError, match=rf"--decay-epochs {decay} is not allowed .* must be > 0"):
+        build_scheduler(args, opt, 1)

@@ -596,32 +596,35 @@ def test_interrupt_during_bookkeeping_is_raised_after_it():
 
 
 # ----- a kill -9 between the files of one epoch -----------------------------------------------
-def _kill_between_files(tmp_path: Path, small_digits: Path, count: int, *extra: str) -> Path:
-    """Train 3 epochs, SIGKILLed right after the ``count``-th ``_last.pth``; the run folder."""
-    args = train_args(small_digits, tmp_path, "run", "--epochs", "3", "--save-last",
-                      "--checkpoint-hist", "2", *extra)  # fmt: skip
-    env = _env(FAULT="kill_after_save", FAULT_MATCH="_last.pth", FAULT_COUNT=str(count))
+def _kill_between_files(
+    tmp_path: Path, small_digits: Path, count: int, *extra: str, match: str = "_last.pth"
+) -> Path:
+    """Train 3 epochs, SIGKILLed right after the ``count``-th checkpoint named ``*match``;
+    that file lists only best-history files that exist. Returns the run folder."""
+    args = train_args(small_digits, tmp_path, "run", "--epochs", "3", "--checkpoint-hist", "2",
+                      *extra)  # fmt: skip
+    env = _env(FAULT="kill_after_save", FAULT_MATCH=match, FAULT_COUNT=str(count))
     cmd = [sys.executable, str(ROOT / "tests" / "fault_inject.py"), str(TRAIN), *args]
     done = run_bounded(cmd, cwd=tmp_path, env=env, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     run = tmp_path / "run"
-    last = load_checkpoint(run / "vit_digits_last.pth")
-    assert last["epoch"] == count - 1
-    listed = [e["file"] for e in last["checkpoint_hist"]]
+    (killed,) = run.glob(f"*{match}")
+    state = load_checkpoint(killed)
+    listed = [e["file"] for e in state["checkpoint_hist"]]
     assert listed and all((run / f).is_file() for f in listed), (listed, sorted(os.listdir(run)))
     return run
 
 
-def _resume(run: Path, tmp_path: Path, small_digits: Path, *extra: str) -> str:
-    args = train_args(small_digits, tmp_path, "run", "--epochs", "3", "--save-last",
-                      "--checkpoint-hist", "2", *extra, "--resume", str(run / "vit_digits_last.pth"))  # fmt: skip
+def _resume(run: Path, tmp_path: Path, small_digits: Path, *extra: str, name="last") -> str:
+    args = train_args(small_digits, tmp_path, "run", "--epochs", "3", "--checkpoint-hist", "2",
+                      *extra, "--resume", str(run / f"vit_digits_{name}.pth"))  # fmt: skip
     done = run_bounded([sys.executable, str(TRAIN), *args], cwd=tmp_path, env=_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr
 
 
-def _best_is_the_top_of_the_history(run: Path) -> None:
-    hist = load_checkpoint(run / "vit_digits_last.pth")["checkpoint_hist"]
+def _best_is_the_top_of_the_history(run: Path, name: str = "last") -> None:
+    hist = load_checkpoint(run / f"vit_digits_{name}.pth")["checkpoint_hist"]
     top = run / hist[0]["file"]
     assert (run / "vit_digits_best.pth").read_bytes() == top.read_bytes()
     kept = {p.name for p in run.glob("vit_digits_best_sparsity=*.pth")}
@@ -632,8 +635,8 @@ def _best_is_the_top_of_the_history(run: Path) -> None:
 def test_a_kill_between_an_epochs_files_loses_no_best_checkpoint(small_digits, tmp_path):
     """The best-history files an epoch's _last.pth lists are written before it: a kill -9 (or
     a full disk) between them leaves the previous _last.pth, never one naming a missing file."""
-    run = _kill_between_files(tmp_path, small_digits, 1)
-    _resume(run, tmp_path, small_digits)
+    run = _kill_between_files(tmp_path, small_digits, 1, "--save-last")
+    _resume(run, tmp_path, small_digits, "--save-last")
     assert load_checkpoint(run / "vit_digits_last.pth")["epoch"] == 2
     assert (run / sparse_training.COMPLETE).is_file()
     _best_is_the_top_of_the_history(run)
@@ -644,9 +647,9 @@ def test_a_kill_after_the_last_epochs_checkpoint_is_settled_on_resume(small_digi
     """Killed after the final _last.pth, before the run's end: resuming finds nothing to
     train, and settles what the kill cut off (the _best.pth copy, the compressed mirrors, the
     completion marker launchers wait for) instead of leaving the folder unfinished for good."""
-    run = _kill_between_files(tmp_path, small_digits, 3, "--save-compressed")
+    run = _kill_between_files(tmp_path, small_digits, 3, "--save-last", "--save-compressed")
     assert not (run / sparse_training.COMPLETE).exists()
-    said = _resume(run, tmp_path, small_digits, "--save-compressed")
+    said = _resume(run, tmp_path, small_digits, "--save-last", "--save-compressed")
     assert "already finished its 3 epochs" in said and "unchanged" not in said
     marker = json.loads((run / sparse_training.COMPLETE).read_text())
     assert marker["epochs"] == 3 and "top1" in marker["eval"]
@@ -655,5 +658,61 @@ def test_a_kill_after_the_last_epochs_checkpoint_is_settled_on_resume(small_digi
         mirror = load_compressed(run / f"vit_digits_{kind}.sparse.safetensors")
         weights = load_checkpoint(run / f"vit_digits_{kind}.pth")["state_dict"]
         assert all(torch.equal(mirror[k], v) for k, v in weights.items())
-    again = _resume(run, tmp_path, small_digits, "--save-compressed")  # now nothing to settle
-    assert "unchanged" in again
+    again = _resume(run, tmp_path, small_digits, "--save-last", "--save-compressed")
+    assert "unchanged" in again  # now nothing to settle
+
+
+@pytest.mark.slow
+def test_a_kill_after_an_epoch_file_loses_no_best_checkpoint(small_digits, tmp_path):
+    """--checkpoint-freq without --save-last: the epoch file is the one a resume finds, and it
+    lists the epoch's best file, which is written before it."""
+    keep_all = ("--checkpoint-freq", "1", "--checkpoint-hist", "5")  # every epoch is kept
+    run = _kill_between_files(tmp_path, small_digits, 1, *keep_all, match="digits_epoch=2.pth")
+    _resume(run, tmp_path, small_digits, *keep_all, name="epoch=2")
+    assert (run / sparse_training.COMPLETE).is_file()
+    _best_is_the_top_of_the_history(run, "epoch=2")
+
+
+@pytest.mark.slow
+def test_a_resume_that_skips_epochs_or_leaves_the_folder_settles_nothing(small_digits, tmp_path):
+    """Only the run of the checkpoint's folder, resumed at its final epoch, is settled: not one
+    whose --start-epoch jumps past the end, nor one whose --experiment names another folder."""
+    run = _kill_between_files(tmp_path, small_digits, 1, "--save-last")
+    said = _resume(run, tmp_path, small_digits, "--save-last", "--start-epoch", "9")
+    assert "unchanged" in said and not (run / sparse_training.COMPLETE).exists()
+    args = train_args(small_digits, tmp_path, "elsewhere", "--epochs", "1", "--save-last",
+                      "--resume", str(run / "vit_digits_last.pth"))  # fmt: skip
+    done = run_bounded([sys.executable, str(TRAIN), *args], cwd=tmp_path, env=_env(), timeout=300)
+    assert done.returncode == 0 and "unchanged" in done.stderr, done.stderr[-3000:]
+    assert not (run / sparse_training.COMPLETE).exists()
+
+
+@pytest.mark.slow
+def test_a_resume_settles_the_files_before_its_first_epoch(small_digits, tmp_path):
+    """Killed between _last.pth and its compressed mirror; a resume that stops before an
+    epoch ends (--stop-epoch) still leaves the mirror equal to _last.pth."""
+    run = _kill_between_files(tmp_path, small_digits, 1, "--save-last", "--save-compressed")
+    mirror = run / "vit_digits_last.sparse.safetensors"
+    assert not mirror.exists()
+    _resume(run, tmp_path, small_digits, "--save-last", "--save-compressed", "--stop-epoch", "1")
+    weights = load_checkpoint(run / "vit_digits_last.pth")["state_dict"]
+    assert all(torch.equal(load_compressed(mirror)[k], v) for k, v in weights.items())
+
+
+def test_settling_a_finished_run_waits_for_no_lock_it_cannot_take(small_digits, tmp_path):
+    """A run holding the folder's lock (still training there) makes the settling resume a
+    one-line refusal naming it, instead of a completion marker written beside it."""
+    from utils import run_end
+    from utils.resume import ResumePoint
+    from utils.run_dir import lock_folder
+
+    folder = tmp_path / "run"
+    held = lock_folder(folder, "--experiment")
+    try:
+        args = sparse_training.parse_args(train_args(small_digits, tmp_path, "run"))
+        point = ResumePoint(folder / "vit_digits_last.pth", {"epoch": 2}, 3)
+        with pytest.raises(SetupError, match="--resume"):
+            run_end.finish_files(args, folder, point, 3)
+    finally:
+        held.release()
+    assert not (folder / sparse_training.COMPLETE).exists()

@@ -240,6 +240,29 @@ def test_rerun_redoes_the_sparsities_whose_files_are_asked_for_and_missing(
     assert sorted(s for m, s in kept if m == "gm_layer") == [0.6, 0.7]
 
 
+def test_overwrite_drops_the_files_of_the_rows_it_drops(tmp_path, small_digits, monkeypatch):
+    """Rows made with other settings and dropped by --overwrite take their saved models with
+    them: a later --save-model rerun must not find the old model's file and skip."""
+    out, recipe = tmp_path / "out", RECIPES / "gm_layer_digits.yaml"
+    osp_script.main(base_args(small_digits, out, recipe, "--sparsities", "0.6", "--save-model"))
+    saved = out / "vit_digits_gm_layer_sparsity=0.6.pth"
+    assert saved.is_file()
+    other = ("--sparsities", "0.6", "--seed", "7", "--overwrite")
+    osp_script.main(base_args(small_digits, out, recipe, *other))
+    assert not saved.exists()
+    counter = ApplyCounter(monkeypatch)
+    osp_script.main(base_args(small_digits, out, recipe, *other[:4], "--save-model"))
+    assert counter.calls == 1 and saved.is_file()
+
+
+@pytest.mark.parametrize("method", ["../up", "a/b", ".hidden", "x y"])
+def test_method_names_that_are_no_plain_file_name_are_refused(method):
+    with pytest.raises(SetupError, match="--method .* letters, digits"):
+        osp_script.parse_args(
+            ["--sparseml_recipe", str(RECIPES / "gm_digits.yaml"), "--method", method]
+        )
+
+
 def test_gradients_are_reused_across_sparsities(sweep, small_digits, monkeypatch):
     calls = []
     original = osd.GradSamplerData.__call__

@@ -19,7 +19,7 @@ import export  # noqa: E402
 import inspect_sparsity  # noqa: E402
 import one_shot_pruning  # noqa: E402
 import sparse_training  # noqa: E402
-from sparseml.compressed import SUFFIX, file_notes  # noqa: E402
+from sparseml.compressed import SUFFIX, file_notes, load_compressed, save_compressed  # noqa: E402
 from sparseml.modifiers import quantization as quant_mod  # noqa: E402
 from sparseml.modifiers.quantization import quant_bits_by_layer  # noqa: E402
 from sparseml.pytorch.optim import ScheduledModifierManager  # noqa: E402
@@ -198,6 +198,9 @@ def test_one_shot_sweep_calibrates_a_quantization_modifier(
                  str(compressed), "--output", str(tmp_path / "export")])  # fmt: skip
     said = capsys.readouterr().err
     assert f"quantization-aware run ({layers} quantized layers)" in said and "float" in said
+    for hostile in ("\u00b2", "9" * 5000):  # a crafted note is no number of layers
+        save_compressed(load_compressed(compressed), compressed, {"quantized_layers": hostile})
+        assert export.quantized_note(str(compressed)) == 0
 
 
 @pytest.mark.parametrize("name", ["vit_digits", "resnet_digits"])

@@ -71,7 +71,8 @@ class CheckpointHistory:
         self._refresh_best()
 
     def _refresh_best(self) -> None:
-        if not self.entries:
+        if not self.entries:  # a copy of no kept checkpoint would be a stale one
+            self.best_path.unlink(missing_ok=True)
             return
         top = self.out_dir / self.entries[0]["file"]
         if self.best_path.is_file() and self.best_path.stat().st_mtime_ns == top.stat().st_mtime_ns:

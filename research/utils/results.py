@@ -193,11 +193,12 @@ def plan_resume(
     sparsities: list[float],
     settings: dict[str, dict[str, Any]],
     overwrite: bool = False,
-    files: Callable[[float], list[Path]] | None = None,
+    files: Callable[[float, bool], list[Path]] | None = None,
 ) -> dict[str, Any]:
     """What is left to compute: ``{"dense": bool, "sparsities": [...]}``: the sparsities
-    without a row, or with a row but without one of the ``files(sparsity)`` the run asks for
-    (``--save-model``, ``--save-compressed``: asked for now, or deleted since).
+    without a row, or with a row but without one of the ``files(sparsity, False)`` the run asks
+    for (``--save-model``, ``--save-compressed``: asked for now, or deleted since).
+    ``files(sparsity, True)``, every kind, go with the rows ``overwrite`` drops.
 
     ``settings`` holds the settings of the dense row (key ``dense``) and of ``method``. A row is
     stale when it was made with other settings of its own method, or (any method) from another
@@ -224,13 +225,17 @@ def plan_resume(
             "--overwrite to recompute them"
         )
     if stale:
+        for row in rows:  # their saved models go too: a later rerun would take them as done
+            if row["method"] == method and method in stale and files:
+                for path in files(row["sparsity"], True):
+                    path.unlink(missing_ok=True)
         rows = [r for r in rows if r["method"] not in stale]
         rewrite_rows(out, rows)
         _logger.info("Dropped earlier rows of %s (--overwrite)", ", ".join(sorted(stale)))
     done = latest_rows(rows)
     todo = [s for s in sparsities if row_key(method, s) not in done]
     lacking = [s for s in sparsities if s not in todo and files and not all(
-        p.is_file() for p in files(s))]  # fmt: skip
+        p.is_file() for p in files(s, False))]  # fmt: skip
     if len(todo) + len(lacking) < len(sparsities):
         _logger.info(
             "%d of %d sparsities already in %s: skipped",

@@ -20,6 +20,7 @@ from . import checkpoint as ckpt_io
 from . import faults, resume
 from .checkpoint_hist import CheckpointHistory
 from .distributed import cleanup, is_primary
+from .run_dir import lock_folder
 from .summary import read_summary
 
 
@@ -77,7 +78,7 @@ def report_finished(args, point: resume.ResumePoint, num_epochs: int) -> dict[st
     checkpoint but before the run's end left its files unsettled: they are settled now."""
     folder = point.path.parent
     if is_primary(args):
-        settled = resume.continues_in_folder(args, folder) and finish_files(
+        settled = settles_in(args, folder, point, num_epochs) and finish_files(
             args, folder, point, num_epochs
         )
         print(
@@ -92,16 +93,34 @@ def report_finished(args, point: resume.ResumePoint, num_epochs: int) -> dict[st
     return {"out_dir": folder, "train": {}, "eval": resume.last_metrics(folder)}
 
 
+def settles_in(args, folder: Path, point: resume.ResumePoint, num_epochs: int) -> bool:
+    """Whether this resume is the run of ``folder`` going on (its --experiment names that
+    folder, its epoch count resumed) and the checkpoint is of the run's final epoch (not an
+    earlier one skipped past with --start-epoch)."""
+    if not args.experiment or not resume.continues_in_folder(args, folder):
+        return False
+    own = Path(args.output or "./output/train") / args.experiment
+    epoch = point.state.get("epoch")
+    return own.resolve() == folder.resolve() and isinstance(epoch, int) and epoch + 1 >= num_epochs
+
+
 def finish_files(args, folder: Path, point: resume.ResumePoint, num_epochs: int) -> bool:
     """The best-checkpoint history, mirrors and completion marker of a finished run whose end
-    a kill cut off; True when any was missing (and is written now)."""
+    a kill cut off, written holding the folder's lock (refused while a run holds it); True
+    when any was missing (and is written now)."""
     if (folder / COMPLETE).is_file():
         return False
-    hist = CheckpointHistory(folder, safe_model_name(args.model), args.checkpoint_hist,
-                             "loss" in args.eval_metric)  # fmt: skip
-    hist.load_state_dict(point.state.get("checkpoint_hist"))
-    settle_files(args, folder, hist)
-    mark_complete(args, folder, num_epochs, final_metrics(folder))
+    lock = lock_folder(folder, "--resume")
+    try:
+        saved = point.state.get("checkpoint_hist") or []
+        hist = CheckpointHistory(folder, safe_model_name(args.model),
+                                 max(args.checkpoint_hist, len(saved)),
+                                 "loss" in args.eval_metric)  # fmt: skip
+        hist.load_state_dict(saved)
+        settle_files(args, folder, hist)
+        mark_complete(args, folder, num_epochs, final_metrics(folder))
+    finally:
+        lock.release()
     return True
 
 

@@ -283,6 +283,12 @@ def build_scheduler(args: Any, optimizer: Any, updates_per_epoch: int) -> tuple[
     """timm's LR scheduler and the epochs it runs. wsd and rsqrt fit their decay phase into
     the epochs after the warmup, and timm refuses one that does not fit (a ValueError naming
     its own arguments): that is a bad command line, said in the options' names."""
+    decay = args.decay_epochs
+    if args.sched in ("step", "wsd", "rsqrt") and decay is not None and not decay > 0:
+        raise SetupError(  # step divides by it
+            f"--decay-epochs {decay:g} is not allowed with --sched {args.sched}: the decay "
+            "period (or phase) must be > 0"
+        )
     try:
         return create_scheduler_v2(
             optimizer,

@@ -76,12 +76,19 @@ def load_model(
 ) -> None:
     data = read_checkpoint(path)
     state = data.get("state_dict", data)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} holds no state dict of tensors")
     if fix_data_parallel:
         state = _strip_module(state)
     try:
-        unwrap(model).load_state_dict(state, strict=strict)
+        result = unwrap(model).load_state_dict(state, strict=strict)
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {path} does not match the model: {err}") from None
+    if state and len(result.unexpected_keys) == len(state):  # strict=False loaded nothing
+        raise CheckpointError(
+            f"checkpoint {path} shares no parameter name with the model (e.g. "
+            f"{next(iter(state))!r}): nothing would be loaded"
+        )
 
 
 def load_optimizer(path: str | Path, optimizer: Any, map_location: Any = "cpu") -> None:

@@ -84,3 +84,14 @@ def test_save_model_files_carry_a_checksum_every_reader_verifies(tmp_path, damag
     for read in (lambda: load_model(path, nn.Linear(4, 4)), lambda: load_epoch(path)):
         with pytest.raises(CheckpointError, match=rf"m.pth is corrupt: its {entry} entry"):
             read()
+
+
+@pytest.mark.parametrize("content", ["list", "tensor", "foreign"])
+def test_load_model_refuses_files_that_would_load_nothing(tmp_path, content):
+    """Not a state dict (an AttributeError before), or one sharing no name with the model
+    (strict=False loaded nothing, silently)."""
+    path = tmp_path / "x.pth"
+    data = {"list": [1, 2], "tensor": torch.zeros(3), "foreign": {"other.w": torch.zeros(2)}}
+    torch.save(data[content], path)
+    with pytest.raises(CheckpointError, match="no state dict of tensors|shares no parameter name"):
+        load_model(path, nn.Linear(2, 2))
