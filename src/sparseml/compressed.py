@@ -46,28 +46,12 @@ MAX_DIMS = 16
 MAX_NUMEL = 1 << 48
 _ENTRY_KEYS = {"layout", "dtype", "shape", "sparsity", "crc32", "negzero", "n", "m"}
 # dtypes safetensors stores, by the names the writer records (torch's, without "torch.")
+_DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
+                "float8_e4m3fnuz", "float8_e5m2fnuz", "int64", "int32", "int16", "int8", "uint64",
+                "uint32", "uint16", "uint8", "bool", "complex64")  # fmt: skip
 _DTYPES = {
     name: getattr(torch, name)
-    for name in (
-        "float64",
-        "float32",
-        "float16",
-        "bfloat16",
-        "float8_e4m3fn",
-        "float8_e5m2",
-        "float8_e4m3fnuz",
-        "float8_e5m2fnuz",
-        "int64",
-        "int32",
-        "int16",
-        "int8",
-        "uint64",
-        "uint32",
-        "uint16",
-        "uint8",
-        "bool",
-        "complex64",
-    )
+    for name in _DTYPE_NAMES
     if isinstance(getattr(torch, name, None), torch.dtype)
 }
 _logger = logging.getLogger(__name__)
