@@ -103,9 +103,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sparsities = osp.check_sparsities(args.sparsities)
     if args.method == res.DENSE:
         raise SetupError(f"--method {res.DENSE!r} is reserved for the dense model's row")
-    if not re.fullmatch(r"[A-Za-z0-9_.:+=-]*", args.method) or args.method.startswith("."):
+    if re.search(r"[/\\\s\x00]", args.method) or args.method.startswith("."):
         raise SetupError(  # it names the saved files: no folder parts
-            f"--method {args.method!r} is not allowed: letters, digits and _ . : + = - only"
+            f"--method {args.method!r} is not allowed: it names the saved files, so no '/', "
+            "'\\', whitespace or leading '.'"
         )
     return args
 
